@@ -1,0 +1,335 @@
+"""General helpers: attribute dicts, logging, name lookup, URL access with a cache,
+integer-range parsing and atomic file writes.
+
+Everything here is free of torch so that the CLIs can report bad input before
+paying for the torch import.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib
+import io
+import os
+import re
+import sys
+import tempfile
+import time
+import types
+import urllib.parse
+import urllib.request
+from typing import Any, Iterator, Optional
+
+# ----------------------------------------------------------------------------
+# Attribute-style dictionary.
+
+
+class EasyDict(dict):
+    """A dict whose keys can also be read and written as attributes."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        self[name] = value
+
+    def __delattr__(self, name: str) -> None:
+        try:
+            del self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+# ----------------------------------------------------------------------------
+# Console logging that also lands in a file.
+
+
+class Logger:
+    """Duplicates everything written to stdout/stderr into a log file.
+
+    Used as a context manager by the training loop so that ``log.txt`` holds
+    exactly what the user saw on the console.
+    """
+
+    def __init__(self, file_name: Optional[str] = None, file_mode: str = 'a', should_flush: bool = True):
+        self.file = open(file_name, file_mode, encoding='utf-8') if file_name is not None else None
+        self.should_flush = should_flush
+        self.stdout = sys.stdout
+        self.stderr = sys.stderr
+        sys.stdout = self
+        sys.stderr = self
+
+    def __enter__(self) -> 'Logger':
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def write(self, text: str) -> None:
+        if not text:
+            return
+        if self.file is not None:
+            self.file.write(text)
+        self.stdout.write(text)
+        if self.should_flush:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.file is not None:
+            self.file.flush()
+        self.stdout.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        self.flush()
+        # Restore the streams only if they still point at us (nested loggers).
+        if sys.stdout is self:
+            sys.stdout = self.stdout
+        if sys.stderr is self:
+            sys.stderr = self.stderr
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+# ----------------------------------------------------------------------------
+# Formatting and parsing.
+
+
+def format_time(seconds: float) -> str:
+    """Human-readable duration: ``42s``, ``3m 05s``, ``2h 07m 09s``, ``1d 04h 10m``."""
+    s = int(round(seconds))
+    if s < 60:
+        return f'{s}s'
+    if s < 3600:
+        return f'{s // 60}m {s % 60:02d}s'
+    if s < 86400:
+        return f'{s // 3600}h {(s // 60) % 60:02d}m {s % 60:02d}s'
+    return f'{s // 86400}d {(s // 3600) % 24:02d}h {(s // 60) % 60:02d}m'
+
+
+_RANGE_ITEM = re.compile(r'^\s*(-?\d+)\s*(?:-\s*(-?\d+)\s*)?$')
+
+
+def parse_int_list(text: Any, name: str = 'value') -> list[int]:
+    """Parse ``'0-63,100,200-210'`` into a list of integers (ranges inclusive).
+
+    Lists and ints pass through. ``name`` is used in the error message, so a CLI
+    can say which flag was malformed.
+    """
+    if isinstance(text, int):
+        return [text]
+    if isinstance(text, (list, tuple)):
+        return [int(v) for v in text]
+    result: list[int] = []
+    for item in str(text).split(','):
+        if not item.strip():
+            continue
+        m = _RANGE_ITEM.match(item)
+        if m is None:
+            raise ValueError(f'{name}: cannot parse {item.strip()!r}; expected integers or ranges like "0-63,100"')
+        lo = int(m.group(1))
+        hi = int(m.group(2)) if m.group(2) is not None else lo
+        if hi < lo:
+            raise ValueError(f'{name}: range {item.strip()!r} is empty; write the smaller number first')
+        result.extend(range(lo, hi + 1))
+    if not result:
+        raise ValueError(f'{name}: no integers given')
+    return result
+
+
+# ----------------------------------------------------------------------------
+# Looking up objects by dotted name.
+
+
+def get_module_from_obj_name(obj_name: str) -> tuple[types.ModuleType, str]:
+    """Split ``'pkg.mod.Class.attr'`` into the longest importable module and the rest."""
+    parts = obj_name.split('.')
+    for cut in range(len(parts), 0, -1):
+        module_name = '.'.join(parts[:cut])
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as err:
+            # Only swallow "this prefix is not a module"; a real import error inside it must surface.
+            if err.name is None or not module_name.startswith(err.name):
+                raise
+            continue
+        rest = '.'.join(parts[cut:])
+        try:
+            get_obj_from_module(module, rest)
+        except AttributeError:
+            continue
+        return module, rest
+    raise ImportError(f'cannot find an object named {obj_name!r}')
+
+
+def get_obj_from_module(module: types.ModuleType, obj_name: str) -> Any:
+    obj: Any = module
+    for part in filter(None, obj_name.split('.')):
+        obj = getattr(obj, part)
+    return obj
+
+
+def get_obj_by_name(name: str) -> Any:
+    module, rest = get_module_from_obj_name(name)
+    return get_obj_from_module(module, rest)
+
+
+def call_func_by_name(*args: Any, func_name: Optional[str] = None, **kwargs: Any) -> Any:
+    if func_name is None:
+        raise ValueError('call_func_by_name needs func_name')
+    func = get_obj_by_name(func_name)
+    if not callable(func):
+        raise TypeError(f'{func_name} is not callable')
+    return func(*args, **kwargs)
+
+
+def construct_class_by_name(*args: Any, class_name: Optional[str] = None, **kwargs: Any) -> Any:
+    """Instantiate ``class_name`` (a dotted path) with the remaining arguments."""
+    return call_func_by_name(*args, func_name=class_name, **kwargs)
+
+
+# ----------------------------------------------------------------------------
+# Atomic writes.
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = 'wb') -> Iterator[Any]:
+    """Open a temporary file next to ``path`` and rename it over ``path`` on success.
+
+    A crash or exception inside the block leaves ``path`` untouched and removes the
+    temporary file, so readers never see a truncated file under the final name.
+    """
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=directory)
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+# ----------------------------------------------------------------------------
+# URL access with a download cache.
+
+_cache_dir: Optional[str] = None
+
+
+def set_cache_dir(path: Optional[str]) -> None:
+    global _cache_dir
+    _cache_dir = path
+
+
+def make_cache_dir_path(*paths: str) -> str:
+    """Location of dnnlib's download cache: DNNLIB_CACHE_DIR, else ~/.cache/dnnlib."""
+    if _cache_dir is not None:
+        return os.path.join(_cache_dir, *paths)
+    if 'DNNLIB_CACHE_DIR' in os.environ:
+        return os.path.join(os.environ['DNNLIB_CACHE_DIR'], *paths)
+    home = os.environ.get('HOME') or os.environ.get('USERPROFILE') or tempfile.gettempdir()
+    return os.path.join(home, '.cache', 'dnnlib', *paths)
+
+
+def is_url(obj: Any, allow_file_urls: bool = False) -> bool:
+    if not isinstance(obj, str) or '://' not in obj:
+        return False
+    if allow_file_urls and obj.startswith('file://'):
+        return True
+    try:
+        parsed = urllib.parse.urlparse(obj)
+    except ValueError:
+        return False
+    return parsed.scheme in ('http', 'https') and bool(parsed.netloc)
+
+
+def _file_url_to_path(url: str) -> str:
+    parsed = urllib.parse.urlparse(url)
+    path = urllib.request.url2pathname(parsed.path)
+    if parsed.netloc and parsed.netloc != 'localhost':
+        path = '//' + parsed.netloc + path
+    return path
+
+
+def open_url(url: str, cache_dir: Optional[str] = None, num_attempts: int = 3, verbose: bool = True,
+             return_filename: bool = False, cache: bool = True, timeout: float = 30.0) -> Any:
+    """Open a local path, a ``file://`` URL or an ``http(s)://`` URL as a binary file.
+
+    Downloads are cached under :func:`make_cache_dir_path` ('downloads'), written to a
+    temporary name first. Failure raises ``OSError`` naming the URL and the cause.
+    """
+    if not is_url(url, allow_file_urls=True):
+        path = os.fspath(url)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f'{path}: no such file')
+        return path if return_filename else open(path, 'rb')
+    if url.startswith('file://'):
+        path = _file_url_to_path(url)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f'{url}: no such file ({path})')
+        return path if return_filename else open(path, 'rb')
+    if return_filename and not cache:
+        raise ValueError('open_url: return_filename needs cache=True for remote URLs')
+
+    if cache_dir is None:
+        cache_dir = make_cache_dir_path('downloads')
+    url_md5 = hashlib.md5(url.encode('utf-8')).hexdigest()
+    if cache:
+        hits = [name for name in (os.listdir(cache_dir) if os.path.isdir(cache_dir) else [])
+                if name.startswith(url_md5 + '_') and not name.endswith('.tmp')]
+        if hits:
+            path = os.path.join(cache_dir, hits[0])
+            return path if return_filename else open(path, 'rb')
+
+    data = None
+    last_error: Optional[BaseException] = None
+    for attempt in range(num_attempts):
+        if verbose:
+            print(f'Downloading {url} ...', end='', file=sys.stderr, flush=True)
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as response:
+                data = response.read()
+            if verbose:
+                print(' done', file=sys.stderr, flush=True)
+            break
+        except (OSError, ValueError) as err:  # URLError and socket errors are OSErrors
+            last_error = err
+            if verbose:
+                print(' failed', file=sys.stderr, flush=True)
+            if attempt + 1 < num_attempts:
+                time.sleep(min(2 ** attempt, 5))
+    if data is None:
+        raise OSError(f'{url}: download failed after {num_attempts} attempt(s): {last_error}')
+
+    if cache:
+        name = os.path.basename(urllib.parse.urlparse(url).path) or 'download'
+        name = re.sub(r'[^0-9a-zA-Z._-]+', '_', name)
+        os.makedirs(cache_dir, exist_ok=True)
+        path = os.path.join(cache_dir, f'{url_md5}_{name}')
+        with atomic_write(path) as f:
+            f.write(data)
+        if return_filename:
+            return path
+    return io.BytesIO(data)
+
+
+def check_writable_dir(path: str, flag: str = '--outdir') -> None:
+    """Create ``path`` if needed and fail with a one-line message if it cannot be written."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=path, prefix='.probe-', delete=True)
+        probe.close()
+    except OSError as err:
+        raise OSError(f'{flag} {path}: directory is not writable ({err.strerror or err})') from None
+

@@ -1,0 +1,45 @@
+"""Shared test fixtures: where the golden files live and how to run this repo's code in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+GOLDEN_DIR = Path(os.environ.get('PFGMPP_GOLDEN', REPO_ROOT.parent / 'shared' / 'golden'))
+
+# Tests run on small CPUs; keep intra-op threads predictable.
+os.environ.setdefault('OMP_NUM_THREADS', '2')
+
+
+@pytest.fixture(scope='session')
+def golden_dir() -> Path:
+    if not GOLDEN_DIR.is_dir():
+        pytest.fail(f'golden directory not found at {GOLDEN_DIR} (set PFGMPP_GOLDEN)')
+    return GOLDEN_DIR
+
+
+@pytest.fixture(scope='session')
+def golden_manifest(golden_dir: Path) -> dict:
+    return json.loads((golden_dir / 'MANIFEST.json').read_text())
+
+
+def run_python(args: list[str], cwd: Path | None = None, env: dict | None = None, timeout: float = 600,
+               check: bool = True) -> subprocess.CompletedProcess:
+    """Run ``python ARGS`` with this repository (and nothing else of ours) importable."""
+    full_env = dict(os.environ)
+    full_env['PYTHONPATH'] = str(REPO_ROOT)
+    full_env.setdefault('OMP_NUM_THREADS', '2')
+    if env:
+        full_env.update(env)
+    proc = subprocess.run([sys.executable, *args], cwd=cwd or REPO_ROOT, env=full_env, capture_output=True,
+                          text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f'python {" ".join(args)} failed with {proc.returncode}:\n'
+                             f'--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-4000:]}')
+    return proc

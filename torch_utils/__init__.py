@@ -1,0 +1,1 @@
+"""PyTorch helpers: persistence, distributed plumbing, misc and training statistics."""
