@@ -1,0 +1,128 @@
+"""One code path for one or many processes.
+
+``torchrun`` exports RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT;
+:func:`init` joins that process group (nccl on CUDA, gloo on CPU). Without those
+variables the program is a plain single process and every collective below is a
+no-op, so library code never needs to ask which case it is in.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Iterable, Optional
+
+import torch
+import torch.distributed as dist
+
+_device: Optional[torch.device] = None
+
+
+def launched_by_torchrun() -> bool:
+    return all(k in os.environ for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK'))
+
+
+def init(device: Optional[str] = None, backend: Optional[str] = None) -> torch.device:
+    """Join torchrun's process group if there is one and pick this rank's device.
+
+    ``device`` may be 'cpu', 'cuda' or None (CUDA when available). Returns the
+    device this rank should use; calling again returns the same answer.
+    """
+    global _device
+    if _device is not None:
+        return _device
+    want_cuda = torch.cuda.is_available() if device is None else str(device).startswith('cuda')
+    if want_cuda and not torch.cuda.is_available():
+        raise RuntimeError('--device cuda was requested but CUDA is not available')
+    local_rank = int(os.environ.get('LOCAL_RANK', '0'))
+    if want_cuda:
+        _device = torch.device('cuda', local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(_device)
+    else:
+        _device = torch.device('cpu')
+
+    if launched_by_torchrun() and int(os.environ['WORLD_SIZE']) > 1 and not dist.is_initialized():
+        backend = backend or ('nccl' if want_cuda else 'gloo')
+        kwargs: dict[str, Any] = dict(backend=backend, init_method='env://')
+        if backend == 'nccl':
+            kwargs['device_id'] = _device
+        dist.init_process_group(**kwargs)
+    return _device
+
+
+def get_device() -> torch.device:
+    return _device if _device is not None else torch.device('cpu')
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main() -> bool:
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    if is_distributed():
+        if dist.get_backend() == 'nccl':
+            dist.barrier(device_ids=[get_device().index])
+        else:
+            dist.barrier()
+
+
+def all_reduce(tensor: torch.Tensor, op: str = 'sum') -> torch.Tensor:
+    """In-place all-reduce; returns ``tensor`` for convenience. No-op for one process."""
+    if is_distributed():
+        dist.all_reduce(tensor, op={'sum': dist.ReduceOp.SUM, 'max': dist.ReduceOp.MAX,
+                                    'min': dist.ReduceOp.MIN}[op])
+    return tensor
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Send a picklable object from rank ``src`` to every rank."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def shard(items: Iterable[Any]) -> list[Any]:
+    """The items this rank handles: every world_size-th item starting at its rank."""
+    return list(items)[get_rank()::get_world_size()]
+
+
+def print0(*args: Any, **kwargs: Any) -> None:
+    """print() on rank 0 only."""
+    if is_main():
+        print(*args, **kwargs)
+
+
+def progress(iterable: Iterable[Any], **tqdm_kwargs: Any) -> Iterable[Any]:
+    """A tqdm progress bar on rank 0 (to stderr, only when it is a terminal or forced); plain iteration elsewhere."""
+    if not is_main():
+        return iterable
+    from tqdm import tqdm
+    tqdm_kwargs.setdefault('file', sys.stderr)
+    tqdm_kwargs.setdefault('dynamic_ncols', True)
+    tqdm_kwargs.setdefault('mininterval', 1.0)
+    return tqdm(iterable, **tqdm_kwargs)
+
+
+def shutdown() -> None:
+    """Leave the process group cleanly (safe to call when none was joined)."""
+    global _device
+    if is_distributed():
+        try:
+            barrier()
+        finally:
+            dist.destroy_process_group()
+    _device = None

@@ -1,0 +1,1 @@
+"""Networks, losses, the PFGM++ kernel, samplers, augmentation, datasets and the training loop."""
