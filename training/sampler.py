@@ -1,0 +1,540 @@
+"""Samplers for EDM-style denoisers and PFGM++ networks.
+
+Every sampler takes any callable ``net(x, sigma, class_labels)`` that returns the
+denoised estimate D(x; sigma) and exposes the attributes of DESIGN section 2:
+``img_resolution``, ``img_channels``, ``label_dim``, ``sigma_min``, ``sigma_max``
+and ``round_sigma(sigma)``. The preconditioned networks of ``training.networks``
+qualify, and so does any user-written denoiser with those attributes.
+
+* :func:`edm_sampler` -- the EDM sampler (Karras et al. 2022, Algorithm 2):
+  rho-spaced noise levels, Heun's method except on the final step, optional churn.
+  With ``pfgmpp=True`` it integrates the same ODE from PFGM++ prior latents.
+* :func:`ablation_sampler` -- the generalised sampler of the EDM paper's
+  ablations (solver, discretisation, noise schedule and signal scaling).
+* :class:`PerSeedRandom` and :func:`generate_images` -- per-seed randomness and the
+  seeds -> latents -> sampler -> uint8 pipeline shared by ``generate.py`` and ``fid.py``.
+
+Sampler state is float64 throughout; the network is evaluated in whatever dtype it
+casts its input to. All randomness comes from per-sample generators, so an image
+depends only on its seed.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterator, Optional, Protocol, Sequence, Union
+
+import torch
+
+# ----------------------------------------------------------------------------
+# Interfaces and constants.
+
+
+class Denoiser(Protocol):
+    """What a sampler needs from a network (DESIGN section 2)."""
+
+    img_resolution: int
+    img_channels: int
+    label_dim: int
+    sigma_min: float
+    sigma_max: float
+
+    def round_sigma(self, sigma: Any) -> torch.Tensor: ...
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor,
+                 class_labels: Optional[torch.Tensor] = None) -> torch.Tensor: ...
+
+
+NoiseFn = Callable[[torch.Tensor], torch.Tensor]
+
+# Churn never inflates the noise level by more than this factor minus one (EDM, Algorithm 2).
+MAX_CHURN_GAMMA = math.sqrt(2.0) - 1.0
+
+# Seeds wrap into torch.Generator's 32-bit seed space, as in the reference.
+SEED_MODULUS = 1 << 32
+
+# PFGM++ prior: the reference pins the prior radius to sigma_max = 80 for images
+# with fewer values than 256x256x3 (DESIGN section 3); larger images use the
+# sampler's sigma_max.
+PFGMPP_FIXED_PRIOR_LIMIT = 256 * 256 * 3
+PFGMPP_FIXED_PRIOR_SIGMA = 80.0
+
+# Noise range of the EDM sampler when the caller does not restate it.
+EDM_SIGMA_MIN = 0.002
+EDM_SIGMA_MAX = 80.0
+
+# Ablation sampler: default noise range for each time step discretisation. The VP
+# defaults evaluate the VP schedule with the DDPM++ constants of the EDM paper
+# (beta_d = 19.9, beta_min = 0.1) at t = epsilon_s and t = 1.
+VP_PAPER_BETA_D = 19.9
+VP_PAPER_BETA_MIN = 0.1
+VE_DEFAULT_RANGE = (0.02, 100.0)
+IDDPM_DEFAULT_RANGE = (0.002, 81.0)
+EDM_DEFAULT_RANGE = (EDM_SIGMA_MIN, EDM_SIGMA_MAX)
+
+SOLVERS = ('euler', 'heun')
+DISCRETIZATIONS = ('vp', 've', 'iddpm', 'edm')
+SCHEDULES = ('vp', 've', 'linear')
+SCALINGS = ('vp', 'none')
+
+
+def _float_sigma(value: Any) -> float:
+    return float(value.item() if torch.is_tensor(value) else value)
+
+
+# ----------------------------------------------------------------------------
+# Per-seed randomness.
+
+
+class PerSeedRandom:
+    """One ``torch.Generator`` per sample, so each sample's draws depend on its seed alone.
+
+    Every draw asks each generator for that sample's slice in turn and stacks the
+    slices; the result is therefore the same whatever the batch composition.
+    Generators live on the sampling device (a CUDA generator yields other numbers
+    than a CPU one, as in the reference).
+    """
+
+    def __init__(self, seeds: Sequence[int], device: Union[str, torch.device] = 'cpu'):
+        self.device = torch.device(device)
+        self.seeds = [int(s) for s in seeds]
+        self.generators = [torch.Generator(self.device).manual_seed(s % SEED_MODULUS) for s in self.seeds]
+
+    def __len__(self) -> int:
+        return len(self.generators)
+
+    def randn(self, sample_shape: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Standard normal draws of shape ``[len(seeds), *sample_shape]``."""
+        slices = [torch.randn(list(sample_shape), generator=g, dtype=dtype, device=self.device)
+                  for g in self.generators]
+        return torch.stack(slices)
+
+    def randn_like(self, x: torch.Tensor) -> torch.Tensor:
+        """Like ``torch.randn_like`` (drawn directly in ``x``'s dtype), one slice per generator."""
+        if x.shape[0] != len(self.generators):
+            raise ValueError(f'batch of {x.shape[0]} samples but {len(self.generators)} generators')
+        return self.randn(x.shape[1:], dtype=x.dtype).to(x.device)
+
+    def randint(self, high: int) -> torch.Tensor:
+        """One integer in ``[0, high)`` per sample (int64, shape ``[len(seeds)]``)."""
+        draws = [torch.randint(high, size=[], generator=g, device=self.device) for g in self.generators]
+        return torch.stack(draws)
+
+
+# ----------------------------------------------------------------------------
+# EDM sampler.
+
+
+def edm_noise_levels(num_steps: int, sigma_min: float, sigma_max: float, rho: float,
+                     device: Union[str, torch.device] = 'cpu') -> torch.Tensor:
+    """``num_steps`` noise levels from sigma_max down to sigma_min, evenly spaced in sigma**(1/rho).
+
+    float64. A single step starts at sigma_max (the reference formula divides 0 by 0 there).
+    """
+    index = torch.arange(num_steps, dtype=torch.float64, device=device)
+    fraction = index / (num_steps - 1) if num_steps > 1 else torch.zeros_like(index)
+    top = sigma_max ** (1.0 / rho)
+    bottom = sigma_min ** (1.0 / rho)
+    return (top + fraction * (bottom - top)) ** rho
+
+
+def edm_time_steps(net: Denoiser, num_steps: int = 18, sigma_min: float = EDM_SIGMA_MIN,
+                   sigma_max: float = EDM_SIGMA_MAX, rho: float = 7.0,
+                   device: Union[str, torch.device] = 'cpu') -> torch.Tensor:
+    """The EDM sampler's noise levels: clamped to the network's range, rounded by it, then a final 0."""
+    lo = max(sigma_min, net.sigma_min)
+    hi = min(sigma_max, net.sigma_max)
+    levels = net.round_sigma(edm_noise_levels(num_steps, lo, hi, rho, device))
+    levels = torch.as_tensor(levels, dtype=torch.float64, device=device)
+    return torch.cat([levels, levels.new_zeros(1)])
+
+
+def _check_steps(num_steps: int) -> None:
+    if int(num_steps) != num_steps or num_steps < 1:
+        raise ValueError(f'num_steps must be a positive integer, got {num_steps!r}')
+
+
+def edm_sampler(
+    net: Denoiser,
+    latents: torch.Tensor,
+    class_labels: Optional[torch.Tensor] = None,
+    randn_like: NoiseFn = torch.randn_like,
+    num_steps: int = 18,
+    sigma_min: float = EDM_SIGMA_MIN,
+    sigma_max: float = EDM_SIGMA_MAX,
+    rho: float = 7.0,
+    S_churn: float = 0.0,
+    S_min: float = 0.0,
+    S_max: float = float('inf'),
+    S_noise: float = 1.0,
+    pfgmpp: bool = False,
+    noise_injection: float = 0.0,
+    return_trajectory: bool = False,
+) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """EDM sampler (Algorithm 2 of Karras et al. 2022); returns float64 samples.
+
+    ``latents`` are unit-variance Gaussian draws for diffusion networks (scaled
+    here by the first noise level) or, with ``pfgmpp=True``, PFGM++ prior samples
+    that already carry their radius and are used as the starting point unchanged.
+
+    ``randn_like`` supplies the churn noise and the injected noise; pass
+    :meth:`PerSeedRandom.randn_like` for seed-determined results. Churn noise is
+    drawn at every step whenever any step churns (as the reference does, so the
+    stochastic sequence matches it) and not at all otherwise.
+
+    ``noise_injection`` (alpha of the PFGM++ robustness study) adds
+    ``alpha * t_i * randn`` to the state at the start of every step i, drawn just
+    before that step's churn noise.
+
+    With ``return_trajectory`` also returns the state after each step, ``[num_steps, *latents.shape]``.
+    """
+    _check_steps(num_steps)
+    t_steps = edm_time_steps(net, num_steps, sigma_min, sigma_max, rho, device=latents.device)
+    churn = min(S_churn / num_steps, MAX_CHURN_GAMMA)
+    gammas = [churn if S_min <= t <= S_max else 0.0 for t in t_steps[:-1].tolist()]
+    draw_churn_noise = any(g > 0 for g in gammas)
+
+    x = latents.to(torch.float64)
+    if not pfgmpp:
+        x = x * t_steps[0]
+    trajectory = x.new_zeros((num_steps, *x.shape)) if return_trajectory else None
+
+    for i, (sigma_cur, sigma_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
+        if noise_injection:
+            x = x + noise_injection * sigma_cur * randn_like(x)
+
+        # Churn: raise the noise level to sigma_hat by adding fresh noise.
+        sigma_hat = torch.as_tensor(net.round_sigma(sigma_cur + gammas[i] * sigma_cur), dtype=torch.float64,
+                                    device=x.device)
+        x_hat = x
+        if draw_churn_noise:
+            extra_std = (sigma_hat ** 2 - sigma_cur ** 2).sqrt() * S_noise
+            x_hat = x + extra_std * randn_like(x)
+
+        # Euler step from sigma_hat to sigma_next.
+        slope = (x_hat - net(x_hat, sigma_hat, class_labels).to(torch.float64)) / sigma_hat
+        step = sigma_next - sigma_hat
+        x = x_hat + step * slope
+
+        # Heun correction, skipped on the last step where sigma_next = 0.
+        if i < num_steps - 1:
+            slope_next = (x - net(x, sigma_next, class_labels).to(torch.float64)) / sigma_next
+            x = x_hat + step * (0.5 * slope + 0.5 * slope_next)
+
+        if trajectory is not None:
+            trajectory[i] = x
+
+    return (x, trajectory) if trajectory is not None else x
+
+
+# ----------------------------------------------------------------------------
+# Generalised ablation sampler.
+
+
+class _Schedule:
+    """A noise schedule sigma(t) with its derivative and inverse, and a signal scaling s(t)."""
+
+    def __init__(self, schedule: str, scaling: str, vp_beta_d: float, vp_beta_min: float):
+        self.schedule, self.scaling = schedule, scaling
+        self.beta_d, self.beta_min = vp_beta_d, vp_beta_min
+
+    # sigma(t), sigma'(t), sigma^-1(sigma) ----------------------------------
+    def sigma(self, t: torch.Tensor) -> torch.Tensor:
+        if self.schedule == 'vp':
+            return vp_sigma(t, self.beta_d, self.beta_min)
+        if self.schedule == 've':
+            return t.sqrt()
+        return t
+
+    def sigma_deriv(self, t: torch.Tensor) -> torch.Tensor:
+        if self.schedule == 'vp':
+            sig = self.sigma(t)
+            return 0.5 * (self.beta_min + self.beta_d * t) * (sig + 1.0 / sig)
+        if self.schedule == 've':
+            return 0.5 / t.sqrt()
+        return torch.ones_like(t)
+
+    def sigma_inv(self, sigma: torch.Tensor) -> torch.Tensor:
+        if self.schedule == 'vp':
+            inner = self.beta_min ** 2 + 2.0 * self.beta_d * (sigma ** 2 + 1.0).log()
+            return (inner.sqrt() - self.beta_min) / self.beta_d
+        if self.schedule == 've':
+            return sigma ** 2
+        return sigma
+
+    # s(t), s'(t) -------------------------------------------------------------
+    def scale(self, t: torch.Tensor) -> torch.Tensor:
+        if self.scaling == 'vp':
+            return 1.0 / (1.0 + self.sigma(t) ** 2).sqrt()
+        return torch.ones_like(t)
+
+    def scale_deriv(self, t: torch.Tensor) -> torch.Tensor:
+        if self.scaling == 'vp':
+            return -self.sigma(t) * self.sigma_deriv(t) * self.scale(t) ** 3
+        return torch.zeros_like(t)
+
+    def ode_slope(self, x: torch.Tensor, t: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor:
+        """dx/dt of the probability-flow ODE (EDM paper, eq. 4) given D(x/s; sigma)."""
+        sig, dsig = self.sigma(t), self.sigma_deriv(t)
+        s, ds = self.scale(t), self.scale_deriv(t)
+        return (dsig / sig + ds / s) * x - dsig * s / sig * denoised
+
+
+def vp_sigma(t: Any, beta_d: float, beta_min: float) -> Any:
+    """VP noise level sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1)."""
+    exponent = 0.5 * beta_d * t ** 2 + beta_min * t
+    if torch.is_tensor(exponent):
+        return exponent.expm1().sqrt()
+    return math.sqrt(math.expm1(exponent))
+
+
+def iddpm_noise_levels(M: int, C_1: float, C_2: float, device: Union[str, torch.device] = 'cpu') -> torch.Tensor:
+    """The M + 1 noise levels u_0 > ... > u_M = 0 of improved DDPM's cosine schedule (float64)."""
+    def alpha_bar(j: int) -> float:
+        return math.sin(0.5 * math.pi * j / M / (C_2 + 1)) ** 2
+
+    # The recursion runs from u_M = 0 upwards, one level at a time.
+    levels = [0.0] * (M + 1)
+    for j in range(M, 0, -1):
+        ratio = max(alpha_bar(j - 1) / alpha_bar(j), C_1)
+        levels[j - 1] = math.sqrt((levels[j] ** 2 + 1) / ratio - 1)
+    return torch.tensor(levels, dtype=torch.float64, device=device)
+
+
+def ablation_sampler(
+    net: Denoiser,
+    latents: torch.Tensor,
+    class_labels: Optional[torch.Tensor] = None,
+    randn_like: NoiseFn = torch.randn_like,
+    num_steps: int = 18,
+    sigma_min: Optional[float] = None,
+    sigma_max: Optional[float] = None,
+    rho: float = 7.0,
+    solver: str = 'heun',
+    discretization: str = 'edm',
+    schedule: str = 'linear',
+    scaling: str = 'none',
+    epsilon_s: float = 1e-3,
+    C_1: float = 0.001,
+    C_2: float = 0.008,
+    M: int = 1000,
+    alpha: float = 1.0,
+    S_churn: float = 0.0,
+    S_min: float = 0.0,
+    S_max: float = float('inf'),
+    S_noise: float = 1.0,
+    noise_injection: float = 0.0,
+) -> torch.Tensor:
+    """The EDM paper's generalised sampler (its Algorithm 1 and the ablations of its section 3).
+
+    ``solver`` euler|heun (``alpha`` places Heun's intermediate point, 1 = classic
+    Heun), ``discretization`` vp|ve|iddpm|edm picks the noise levels, ``schedule``
+    vp|ve|linear the function sigma(t) and ``scaling`` vp|none the signal scale
+    s(t). Default noise ranges and constants are the EDM paper's (VP:
+    beta_d = 19.9, beta_min = 0.1). Returns float64 samples.
+
+    As in :func:`edm_sampler`, churn noise is drawn at every step whenever any
+    step churns, and ``noise_injection`` adds ``alpha_inj * sigma(t_i) * s(t_i) * randn``
+    before each step.
+    """
+    for name, value, allowed in (('solver', solver, SOLVERS), ('discretization', discretization, DISCRETIZATIONS),
+                                 ('schedule', schedule, SCHEDULES), ('scaling', scaling, SCALINGS)):
+        if value not in allowed:
+            raise ValueError(f'{name} must be one of {"|".join(allowed)}, got {value!r}')
+    _check_steps(num_steps)
+    if not alpha > 0:
+        raise ValueError(f'alpha must be positive, got {alpha!r}')
+    device = latents.device
+
+    # Default range per discretisation, then the network's own limits.
+    if sigma_min is None:
+        sigma_min = {'vp': vp_sigma(epsilon_s, VP_PAPER_BETA_D, VP_PAPER_BETA_MIN), 've': VE_DEFAULT_RANGE[0],
+                     'iddpm': IDDPM_DEFAULT_RANGE[0], 'edm': EDM_DEFAULT_RANGE[0]}[discretization]
+    if sigma_max is None:
+        sigma_max = {'vp': vp_sigma(1.0, VP_PAPER_BETA_D, VP_PAPER_BETA_MIN), 've': VE_DEFAULT_RANGE[1],
+                     'iddpm': IDDPM_DEFAULT_RANGE[1], 'edm': EDM_DEFAULT_RANGE[1]}[discretization]
+    sigma_min = max(sigma_min, net.sigma_min)
+    sigma_max = min(sigma_max, net.sigma_max)
+
+    # VP constants that make sigma(epsilon_s) = sigma_min and sigma(1) = sigma_max.
+    log_top = math.log(sigma_max ** 2 + 1)
+    vp_beta_d = 2 * (math.log(sigma_min ** 2 + 1) / epsilon_s - log_top) / (epsilon_s - 1)
+    vp_beta_min = log_top - 0.5 * vp_beta_d
+
+    # Noise levels of the chosen discretisation.
+    index = torch.arange(num_steps, dtype=torch.float64, device=device)
+    fraction = index / (num_steps - 1) if num_steps > 1 else torch.zeros_like(index)
+    if discretization == 'vp':
+        sigma_steps = vp_sigma(1 + fraction * (epsilon_s - 1), vp_beta_d, vp_beta_min)
+    elif discretization == 've':
+        sigma_steps = (sigma_max ** 2 * (sigma_min ** 2 / sigma_max ** 2) ** fraction).sqrt()
+    elif discretization == 'iddpm':
+        u = iddpm_noise_levels(M, C_1, C_2, device)
+        in_range = u[(u >= sigma_min) & (u <= sigma_max)]
+        sigma_steps = in_range[((len(in_range) - 1) * fraction).round().to(torch.int64)]
+    else:
+        sigma_steps = edm_noise_levels(num_steps, sigma_min, sigma_max, rho, device)
+
+    sched = _Schedule(schedule, scaling, vp_beta_d, vp_beta_min)
+    rounded = torch.as_tensor(net.round_sigma(sigma_steps), dtype=torch.float64, device=device)
+    t_steps = torch.cat([sched.sigma_inv(rounded), rounded.new_zeros(1)])
+
+    churn = min(S_churn / num_steps, MAX_CHURN_GAMMA)
+    sigma_at = [sched.sigma(t) for t in t_steps[:-1]]
+    gammas = [churn if S_min <= float(sig) <= S_max else 0.0 for sig in sigma_at]
+    draw_churn_noise = any(g > 0 for g in gammas)
+
+    x = latents.to(torch.float64) * (sched.sigma(t_steps[0]) * sched.scale(t_steps[0]))
+    for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
+        sig_cur, s_cur = sigma_at[i], sched.scale(t_cur)
+        if noise_injection:
+            x = x + noise_injection * sig_cur * s_cur * randn_like(x)
+
+        # Churn in sigma space, mapped back to time.
+        sig_hat = torch.as_tensor(net.round_sigma(sig_cur + gammas[i] * sig_cur), dtype=torch.float64, device=device)
+        t_hat = sched.sigma_inv(sig_hat)
+        s_hat = sched.scale(t_hat)
+        x_hat = s_hat / s_cur * x
+        if draw_churn_noise:
+            extra_std = (sched.sigma(t_hat) ** 2 - sig_cur ** 2).clip(min=0).sqrt() * s_hat * S_noise
+            x_hat = x_hat + extra_std * randn_like(x)
+
+        # Euler step (to an intermediate point when alpha != 1).
+        h = t_next - t_hat
+        denoised = net(x_hat / s_hat, sched.sigma(t_hat), class_labels).to(torch.float64)
+        slope = sched.ode_slope(x_hat, t_hat, denoised)
+        if solver == 'euler' or i == num_steps - 1:
+            x = x_hat + h * slope
+            continue
+
+        # Heun: evaluate at x_hat + alpha h slope, then blend the two slopes.
+        t_mid = t_hat + alpha * h
+        x_mid = x_hat + alpha * h * slope
+        s_mid = sched.scale(t_mid)
+        denoised_mid = net(x_mid / s_mid, sched.sigma(t_mid), class_labels).to(torch.float64)
+        slope_mid = sched.ode_slope(x_mid, t_mid, denoised_mid)
+        weight_mid = 1.0 / (2.0 * alpha)
+        x = x_hat + h * ((1.0 - weight_mid) * slope + weight_mid * slope_mid)
+
+    return x
+
+
+ABLATION_OPTIONS = ('solver', 'discretization', 'schedule', 'scaling')
+
+
+def uses_ablation_sampler(sampler_kwargs: dict) -> bool:
+    """True when the options name any ablation axis (then :func:`ablation_sampler` is used, as in EDM's CLI)."""
+    return any(sampler_kwargs.get(key) is not None for key in ABLATION_OPTIONS)
+
+
+# ----------------------------------------------------------------------------
+# Seeds -> images.
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Map samples in [-1, 1] to uint8 like the reference: (x * 127.5 + 128) clipped, then truncated."""
+    return (images * 127.5 + 128).clip(0, 255).to(torch.uint8)
+
+
+def pfgmpp_prior_sigma(num_values: int, sigma_max: float) -> float:
+    """The noise level whose PFGM++ prior radius the reference samples from (DESIGN section 3)."""
+    return PFGMPP_FIXED_PRIOR_SIGMA if num_values < PFGMPP_FIXED_PRIOR_LIMIT else float(sigma_max)
+
+
+def draw_latents(net: Denoiser, seeds: Sequence[int], rnd: PerSeedRandom, pfgmpp: bool = False,
+                 D: Optional[int] = None, sigma_max: float = EDM_SIGMA_MAX) -> torch.Tensor:
+    """The starting latents for ``seeds``: unit Gaussians from ``rnd``, or the PFGM++ prior.
+
+    The PFGM++ prior is drawn by ``training.pfgmpp`` from generators of its own,
+    so ``rnd`` is left untouched for the labels and in-loop noise that follow.
+    """
+    shape = [net.img_channels, net.img_resolution, net.img_resolution]
+    if not pfgmpp:
+        return rnd.randn(shape)
+    if D is None:
+        raise ValueError('PFGM++ sampling needs D (the number of augmented dimensions)')
+    from training import pfgmpp as pfgmpp_lib  # imported here so diffusion-only use does not need it
+    num_values = shape[0] * shape[1] * shape[2]
+    prior_sigma = pfgmpp_prior_sigma(num_values, min(sigma_max, net.sigma_max))
+    latents = pfgmpp_lib.prior_latents(list(seeds), shape, D=D, sigma_max=prior_sigma, device=rnd.device)
+    return latents.to(rnd.device)
+
+
+def draw_class_labels(net: Denoiser, rnd: PerSeedRandom, class_idx: Optional[int] = None) -> Optional[torch.Tensor]:
+    """One-hot labels drawn from the per-seed generators (conditional networks only).
+
+    The random draw happens even when ``class_idx`` fixes the label, as in the
+    reference, so the generators advance identically either way.
+    """
+    if not net.label_dim:
+        if class_idx is not None:
+            raise ValueError(f'class_idx={class_idx} given, but the network is unconditional (label_dim = 0)')
+        return None
+    if class_idx is not None and not 0 <= class_idx < net.label_dim:
+        raise ValueError(f'class_idx={class_idx} is out of range; the network has {net.label_dim} classes')
+    eye = torch.eye(net.label_dim, device=rnd.device)
+    labels = eye[rnd.randint(net.label_dim)]
+    if class_idx is not None:
+        labels = eye[torch.full([len(rnd)], class_idx, device=rnd.device)]
+    return labels
+
+
+def sample_batch(net: Denoiser, seeds: Sequence[int], device: Union[str, torch.device] = 'cpu',
+                 class_idx: Optional[int] = None, pfgmpp: bool = False, D: Optional[int] = None,
+                 **sampler_kwargs: Any) -> torch.Tensor:
+    """Float64 samples for one batch of seeds, exactly as ``generate.py`` makes them.
+
+    ``sampler_kwargs`` go to :func:`edm_sampler`, or to :func:`ablation_sampler`
+    when any of solver/discretization/schedule/scaling is given. None values mean
+    "use the default" (as click passes unset options).
+    """
+    kwargs = {k: v for k, v in sampler_kwargs.items() if v is not None}
+    ablation = uses_ablation_sampler(kwargs)
+    if ablation and pfgmpp:
+        raise ValueError('the ablation sampler (solver/discretization/schedule/scaling) does not support PFGM++ '
+                         'networks; use the EDM sampler')
+    rnd = PerSeedRandom(seeds, device)
+    latents = draw_latents(net, seeds, rnd, pfgmpp=pfgmpp, D=D, sigma_max=kwargs.get('sigma_max', EDM_SIGMA_MAX))
+    labels = draw_class_labels(net, rnd, class_idx)
+    with torch.no_grad():
+        if ablation:
+            return ablation_sampler(net, latents, labels, randn_like=rnd.randn_like, **kwargs)
+        return edm_sampler(net, latents, labels, randn_like=rnd.randn_like, pfgmpp=pfgmpp, **kwargs)
+
+
+def split_batches(seeds: Sequence[int], max_batch_size: int, num_shards: int = 1) -> list[list[int]]:
+    """Split ``seeds`` into batches of at most ``max_batch_size``, with a multiple of ``num_shards`` batches.
+
+    Batch sizes differ by at most one, and every shard (rank) gets the same number of
+    batches (some possibly empty), so ranks stay in step.
+    """
+    if max_batch_size < 1 or num_shards < 1:
+        raise ValueError('max_batch_size and num_shards must be at least 1')
+    seeds = list(seeds)
+    rounds = max(1, math.ceil(len(seeds) / (max_batch_size * num_shards)))
+    count = rounds * num_shards
+    base, extra = divmod(len(seeds), count)
+    batches, start = [], 0
+    for b in range(count):
+        size = base + (1 if b < extra else 0)
+        batches.append(seeds[start:start + size])
+        start += size
+    return batches
+
+
+def generate_images(net: Denoiser, seeds: Sequence[int], batch_size: int = 64,
+                    device: Union[str, torch.device] = 'cpu', class_idx: Optional[int] = None,
+                    pfgmpp: bool = False, D: Optional[int] = None,
+                    **sampler_kwargs: Any) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """Yield ``(batch_seeds, images)`` with uint8 NCHW images on ``device``, batch by batch.
+
+    Each image depends only on its seed (not on the batch size or the order), and
+    the float -> uint8 conversion is the one ``generate.py`` writes to PNG. The
+    caller shards seeds across processes if it wants to.
+    """
+    for batch_seeds in split_batches(seeds, batch_size):
+        if not batch_seeds:
+            continue
+        images = sample_batch(net, batch_seeds, device=device, class_idx=class_idx, pfgmpp=pfgmpp, D=D,
+                              **sampler_kwargs)
+        yield batch_seeds, to_uint8(images)
