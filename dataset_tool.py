@@ -18,6 +18,7 @@ import os
 import pickle
 import re
 import shutil
+import sys
 import tarfile
 import tempfile
 import zipfile
@@ -276,7 +277,7 @@ def open_lsun(lmdb_dir: str, max_images: Optional[int]) -> Source:
                 try:
                     pixels = decode(value)
                 except (OSError, ValueError, SyntaxError) as err:
-                    tqdm.write(f'{lmdb_dir}: skipping record {bytes(key)!r}: cannot decode image ({err})')
+                    tqdm.write(f'{lmdb_dir}: skipping record {bytes(key)!r}: cannot decode image ({err})', file=sys.stderr)
                     continue
                 yield SourceImage(pixels, None)
     return Source(count, generate())
