@@ -194,9 +194,9 @@ def open_cifar10(tarball: str, max_images: Optional[int]) -> Source:
     """The 50,000 training images of the CIFAR-10 python tarball with their class labels."""
     batches, batch_labels = [], []
     try:
-        with tarfile.open(tarball, 'r:gz') as tar:
+        with tarfile.open(tarball, mode='r:gz') as archive:
             for member in CIFAR10_TRAIN_MEMBERS:
-                with tar.extractfile(member) as stream:
+                with archive.extractfile(member) as stream:
                     batch = _NumpyOnlyUnpickler(stream, encoding='latin1').load()
                 data = np.asarray(batch['data'])
                 if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != np.prod(CIFAR10_IMAGE_CHW):
@@ -315,8 +315,10 @@ def _as_rgb(pixels: np.ndarray) -> np.ndarray:
     return np.repeat(pixels[:, :, np.newaxis], 3, axis=2) if pixels.ndim == 2 else pixels
 
 
-def make_transform(kind: Optional[str], resolution: Optional[tuple[int, int]]
-                   ) -> Callable[[np.ndarray], Optional[np.ndarray]]:
+Transform = Callable[[np.ndarray], Optional[np.ndarray]]
+
+
+def make_transform(kind: Optional[str], resolution: Optional[tuple[int, int]]) -> Transform:
     """Image -> transformed image (or None to skip it) for --transform and --resolution."""
     if kind is None:
         def rescale(pixels: np.ndarray) -> np.ndarray:
