@@ -28,20 +28,18 @@ from typing import Any, Iterator, Optional
 class EasyDict(dict):
     """A dict whose keys can also be read and written as attributes."""
 
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(name) from None
+    def __getattr__(self, key: str) -> Any:
+        if key in self:
+            return self[key]
+        raise AttributeError(key)
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        self[name] = value
+    def __setattr__(self, key: str, value: Any) -> None:
+        self[key] = value
 
-    def __delattr__(self, name: str) -> None:
-        try:
-            del self[name]
-        except KeyError:
-            raise AttributeError(name) from None
+    def __delattr__(self, key: str) -> None:
+        if key not in self:
+            raise AttributeError(key)
+        del self[key]
 
 
 # ----------------------------------------------------------------------------
@@ -57,7 +55,7 @@ class Logger:
 
     def __init__(self, file_name: Optional[str] = None, file_mode: str = 'a', should_flush: bool = True):
         self.file = open(file_name, file_mode, encoding='utf-8') if file_name is not None else None
-        self.should_flush = should_flush
+        self.should_flush = bool(should_flush)
         self.stdout = sys.stdout
         self.stderr = sys.stderr
         sys.stdout = self
@@ -169,15 +167,17 @@ def get_module_from_obj_name(obj_name: str) -> tuple[types.ModuleType, str]:
     raise ImportError(f'cannot find an object named {obj_name!r}')
 
 
-def get_obj_from_module(module: types.ModuleType, obj_name: str) -> Any:
-    obj: Any = module
-    for part in filter(None, obj_name.split('.')):
-        obj = getattr(obj, part)
-    return obj
+def get_obj_from_module(module: types.ModuleType, attr_path: str) -> Any:
+    """Follow a dotted attribute path (possibly empty) starting at ``module``."""
+    target: Any = module
+    for part in filter(None, attr_path.split('.')):
+        target = getattr(target, part)
+    return target
 
 
-def get_obj_by_name(name: str) -> Any:
-    module, rest = get_module_from_obj_name(name)
+def get_obj_by_name(dotted_name: str) -> Any:
+    """Resolve ``'package.module.Object'`` to the object."""
+    module, rest = get_module_from_obj_name(dotted_name)
     return get_obj_from_module(module, rest)
 
 
@@ -192,7 +192,7 @@ def call_func_by_name(*args: Any, func_name: Optional[str] = None, **kwargs: Any
 
 def construct_class_by_name(*args: Any, class_name: Optional[str] = None, **kwargs: Any) -> Any:
     """Instantiate ``class_name`` (a dotted path) with the remaining arguments."""
-    return call_func_by_name(*args, func_name=class_name, **kwargs)
+    return call_func_by_name(*args, **kwargs, func_name=class_name)
 
 
 # ----------------------------------------------------------------------------
@@ -225,6 +225,7 @@ def atomic_write(path: str | os.PathLike, mode: str = 'wb') -> Iterator[Any]:
 # URL access with a download cache.
 
 _cache_dir: Optional[str] = None
+DOWNLOAD_SUBDIR = 'downloads'
 
 
 def set_cache_dir(path: Optional[str]) -> None:
@@ -232,23 +233,23 @@ def set_cache_dir(path: Optional[str]) -> None:
     _cache_dir = path
 
 
-def make_cache_dir_path(*paths: str) -> str:
-    """Location of dnnlib's download cache: DNNLIB_CACHE_DIR, else ~/.cache/dnnlib."""
-    if _cache_dir is not None:
-        return os.path.join(_cache_dir, *paths)
-    if 'DNNLIB_CACHE_DIR' in os.environ:
-        return os.path.join(os.environ['DNNLIB_CACHE_DIR'], *paths)
-    home = os.environ.get('HOME') or os.environ.get('USERPROFILE') or tempfile.gettempdir()
-    return os.path.join(home, '.cache', 'dnnlib', *paths)
+def make_cache_dir_path(*parts: str) -> str:
+    """Location of dnnlib's download cache: set_cache_dir(), else $DNNLIB_CACHE_DIR, else ~/.cache/dnnlib."""
+    root = _cache_dir or os.environ.get('DNNLIB_CACHE_DIR')
+    if not root:
+        home = os.environ.get('HOME') or os.environ.get('USERPROFILE') or tempfile.gettempdir()
+        root = os.path.join(home, '.cache', 'dnnlib')
+    return os.path.join(root, *parts)
 
 
-def is_url(obj: Any, allow_file_urls: bool = False) -> bool:
-    if not isinstance(obj, str) or '://' not in obj:
+def is_url(text: Any, allow_file_urls: bool = False) -> bool:
+    """True for http(s) URLs, and for file:// URLs when ``allow_file_urls``."""
+    if not isinstance(text, str) or '://' not in text:
         return False
-    if allow_file_urls and obj.startswith('file://'):
-        return True
+    if text.startswith('file://'):
+        return allow_file_urls
     try:
-        parsed = urllib.parse.urlparse(obj)
+        parsed = urllib.parse.urlparse(text)
     except ValueError:
         return False
     return parsed.scheme in ('http', 'https') and bool(parsed.netloc)
@@ -283,7 +284,7 @@ def open_url(url: str, cache_dir: Optional[str] = None, num_attempts: int = 3, v
         raise ValueError('open_url: return_filename needs cache=True for remote URLs')
 
     if cache_dir is None:
-        cache_dir = make_cache_dir_path('downloads')
+        cache_dir = make_cache_dir_path(DOWNLOAD_SUBDIR)
     url_md5 = hashlib.md5(url.encode('utf-8')).hexdigest()
     if cache:
         hits = [name for name in (os.listdir(cache_dir) if os.path.isdir(cache_dir) else [])
@@ -315,8 +316,8 @@ def open_url(url: str, cache_dir: Optional[str] = None, num_attempts: int = 3, v
     if cache:
         name = os.path.basename(urllib.parse.urlparse(url).path) or 'download'
         name = re.sub(r'[^0-9a-zA-Z._-]+', '_', name)
-        os.makedirs(cache_dir, exist_ok=True)
         path = os.path.join(cache_dir, f'{url_md5}_{name}')
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         with atomic_write(path) as f:
             f.write(data)
         if return_filename:

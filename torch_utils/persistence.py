@@ -48,27 +48,29 @@ def persistent_class(orig_class: type) -> type:
     if is_persistent(orig_class):
         return orig_class
 
-    defining_module = sys.modules[orig_class.__module__]
-    module_src = _module_to_src(defining_module)
+    class_name = orig_class.__name__
+    module_src = _module_to_src(sys.modules[orig_class.__module__])
 
     class Decorator(orig_class):  # type: ignore[misc, valid-type]
         _orig_module_src = module_src
-        _orig_class_name = orig_class.__name__
+        _orig_class_name = class_name
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
+            orig_class.__init__(self, *args, **kwargs)
             # Deep copies so that later mutation of the caller's lists cannot change the record.
-            self._init_args = copy.deepcopy(args)
-            self._init_kwargs = copy.deepcopy(kwargs)
-            _check_pickleable(self._init_args, self._init_kwargs, where=self._orig_class_name)
+            self._init_args, self._init_kwargs = copy.deepcopy((args, kwargs))
+            _check_pickleable(self._init_args, self._init_kwargs, where=class_name)
 
         @property
         def init_args(self) -> tuple:
-            return copy.deepcopy(self._init_args)
+            """Positional constructor arguments (a copy)."""
+            return tuple(copy.deepcopy(self._init_args))
 
         @property
         def init_kwargs(self) -> dnnlib.EasyDict:
-            return dnnlib.EasyDict(copy.deepcopy(self._init_kwargs))
+            """Keyword constructor arguments (a copy)."""
+            kwargs = copy.deepcopy(self._init_kwargs)
+            return dnnlib.EasyDict(kwargs)
 
         def __reduce__(self) -> tuple:
             parts = list(super().__reduce__())
@@ -81,10 +83,9 @@ def persistent_class(orig_class: type) -> type:
                 parts[2] = None
             return tuple(parts)
 
-    Decorator.__name__ = orig_class.__name__
-    Decorator.__qualname__ = orig_class.__qualname__
-    Decorator.__module__ = orig_class.__module__
-    Decorator.__doc__ = orig_class.__doc__
+    # Present the wrapper under the original's identity (repr, error messages, isinstance checks by name).
+    for attribute in ('__name__', '__qualname__', '__module__', '__doc__'):
+        setattr(Decorator, attribute, getattr(orig_class, attribute))
     _decorator_classes.add(Decorator)
     return Decorator
 
@@ -125,18 +126,15 @@ def _reconstruct_persistent_obj(meta: dict) -> Any:
         raise pickle.UnpicklingError(f'persistent object has format version {meta.get("version")!r}; '
                                      f'this code reads version {_version}')
 
-    module = _src_to_module(meta.module_src)
-    try:
-        orig_class = module.__dict__[meta.class_name]
-    except KeyError:
-        raise pickle.UnpicklingError(f'embedded source defines no class named {meta.class_name!r}') from None
-    cls = persistent_class(orig_class)
+    namespace = vars(_src_to_module(meta.module_src))
+    if meta.class_name not in namespace:
+        raise pickle.UnpicklingError(f'embedded source defines no class named {meta.class_name!r}')
+    cls = persistent_class(namespace[meta.class_name])
     obj = cls.__new__(cls)
-    setstate = getattr(obj, '__setstate__', None)
-    if callable(setstate):
-        setstate(meta.state)
+    if callable(getattr(obj, '__setstate__', None)):
+        obj.__setstate__(meta.state)
     elif meta.state is not None:
-        obj.__dict__.update(meta.state)
+        vars(obj).update(meta.state)
     return obj
 
 
@@ -173,7 +171,7 @@ def _src_to_module(module_src: str) -> types.ModuleType:
 def _check_pickleable(*objs: Any, where: str = 'object') -> None:
     """Fail early, at construction, if constructor arguments could not be pickled later."""
     def visit(obj: Any) -> Any:
-        if isinstance(obj, (list, tuple, set)):
+        if isinstance(obj, (tuple, list, set)):
             return [visit(x) for x in obj]
         if isinstance(obj, dict):
             return [[visit(k), visit(v)] for k, v in obj.items()]
