@@ -71,10 +71,11 @@ class InfiniteSampler(torch.utils.data.Sampler):
     """Endless index stream for a DataLoader: shuffled, seeded, split between ranks, resumable.
 
     All ranks walk the same *global* stream. With ``shuffle``, it starts from a seeded permutation, and after
-    visiting position ``i`` the element there is swapped with one drawn from the ``window`` positions before it
-    (``window = round(window_size * len(dataset))``). Each full pass over the positions is therefore a
-    permutation of the dataset, while consecutive passes differ. These are the semantics of the original
-    sampler, whose index sequence this one reproduces for ``block_size=1``.
+    visiting position ``i`` the element there is swapped with one drawn from the ``window`` positions up to and
+    including ``i`` (``window = round(window_size * len(dataset))``), as in the original sampler. Unlike the
+    original, the draw never wraps around to the end of the array (positions not yet visited in the current
+    pass), so every pass over the positions is an exact permutation of the dataset: one pass is one epoch, in
+    which each image is seen exactly once by exactly one rank. Consecutive passes still differ.
 
     Global index ``g`` belongs to rank ``(g // block_size) % num_replicas``. ``block_size=1`` interleaves the
     ranks; the training loop uses one block per rank per step, so that step ``s`` covers global indices
@@ -127,7 +128,7 @@ class InfiniteSampler(torch.utils.data.Sampler):
         """Apply the window swap that follows a visit of global index ``g``."""
         if self.window >= 2:
             i = g % self.dataset_size
-            j = (i - rnd.randint(self.window)) % self.dataset_size
+            j = i - rnd.randint(min(self.window, i + 1))
             order[i], order[j] = order[j], order[i]
 
     def _state_at(self, index: int) -> tuple[np.ndarray, Optional[np.random.RandomState]]:
@@ -174,6 +175,20 @@ class InfiniteSampler(torch.utils.data.Sampler):
                 self._remember_pass(g // size, order, rnd)
 
     # -- saving and restoring the position -------------------------------------
+
+    def restart_at(self, index: int, seed: int) -> None:
+        """Begin at global ``index`` with a fresh order drawn from ``seed``, without replaying the history.
+
+        For continuing a run whose data position was not recorded: the order differs from the original run's,
+        but the stream stays well shuffled and the cost is at most one pass of swaps.
+        """
+        rnd = np.random.RandomState(seed % (1 << 32))
+        order = np.arange(self.dataset_size)
+        if self.shuffle:
+            rnd.shuffle(order)
+        self.start_index = self.next_index = int(index)
+        self._loaded_pass = (int(index) // self.dataset_size, order, rnd.get_state() if self.shuffle else None)
+        self._passes.clear()
 
     def state_dict(self, index: Optional[int] = None) -> dict:
         """Everything needed to continue the global stream at ``index`` (default: where iteration stands).

@@ -25,7 +25,7 @@ from torch_utils import distributed as dist
 
 #: Moments kept per statistic: number of elements, their sum and the sum of their squares.
 NUM_MOMENTS = 3
-#: Accumulation dtype for the moments (float32 sums of squares lose precision over a long tick).
+#: Dtype of the moments and of the reductions that produce them (float32 sums lose digits on large tensors).
 MOMENT_DTYPE = torch.float64
 
 _pending: dict[str, dict[torch.device, torch.Tensor]] = {}  # name -> device -> moments since the last sync
@@ -38,8 +38,8 @@ def report(name: str, value: Any) -> Any:
     elems = torch.as_tensor(value).detach()
     if elems.numel() == 0:
         return value
-    elems = elems.flatten().to(torch.float32)
-    moments = torch.stack([torch.ones_like(elems).sum(), elems.sum(), elems.square().sum()]).to(MOMENT_DTYPE)
+    elems = elems.flatten().to(MOMENT_DTYPE)
+    moments = torch.stack([torch.ones_like(elems).sum(), elems.sum(), elems.square().sum()])
     slot = per_device.get(moments.device)
     if slot is None:
         per_device[moments.device] = moments
