@@ -26,6 +26,8 @@ from typing import Any, Callable, Iterator, Optional, Protocol, Sequence, Union
 
 import torch
 
+from training import pfgmpp as pfgmpp_lib
+
 # ----------------------------------------------------------------------------
 # Interfaces and constants.
 
@@ -49,15 +51,6 @@ NoiseFn = Callable[[torch.Tensor], torch.Tensor]
 
 # Churn never inflates the noise level by more than this factor minus one (EDM, Algorithm 2).
 MAX_CHURN_GAMMA = math.sqrt(2.0) - 1.0
-
-# Seeds wrap into torch.Generator's 32-bit seed space, as in the reference.
-SEED_MODULUS = 1 << 32
-
-# PFGM++ prior: the reference pins the prior radius to sigma_max = 80 for images
-# with fewer values than 256x256x3 (DESIGN section 3); larger images use the
-# sampler's sigma_max.
-PFGMPP_FIXED_PRIOR_LIMIT = 256 * 256 * 3
-PFGMPP_FIXED_PRIOR_SIGMA = 80.0
 
 # Noise range of the EDM sampler when the caller does not restate it.
 EDM_SIGMA_MIN = 0.002
@@ -98,7 +91,7 @@ class PerSeedRandom:
     def __init__(self, seeds: Sequence[int], device: Union[str, torch.device] = 'cpu'):
         self.device = torch.device(device)
         self.seeds = [int(s) for s in seeds]
-        self.generators = [torch.Generator(self.device).manual_seed(s % SEED_MODULUS) for s in self.seeds]
+        self.generators = pfgmpp_lib.seed_generators(self.seeds, self.device)
 
     def __len__(self) -> int:
         return len(self.generators)
@@ -436,28 +429,21 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return (images * 127.5 + 128).clip(0, 255).to(torch.uint8)
 
 
-def pfgmpp_prior_sigma(num_values: int, sigma_max: float) -> float:
-    """The noise level whose PFGM++ prior radius the reference samples from (DESIGN section 3)."""
-    return PFGMPP_FIXED_PRIOR_SIGMA if num_values < PFGMPP_FIXED_PRIOR_LIMIT else float(sigma_max)
-
-
 def draw_latents(net: Denoiser, seeds: Sequence[int], rnd: PerSeedRandom, pfgmpp: bool = False,
                  D: Optional[int] = None, sigma_max: float = EDM_SIGMA_MAX) -> torch.Tensor:
     """The starting latents for ``seeds``: unit Gaussians from ``rnd``, or the PFGM++ prior.
 
-    The PFGM++ prior is drawn by ``training.pfgmpp`` from generators of its own,
-    so ``rnd`` is left untouched for the labels and in-loop noise that follow.
+    The PFGM++ prior comes from ``training.pfgmpp`` (radius rule and bit-exact draws
+    of the reference), whose private generators leave ``rnd`` untouched for the
+    labels and in-loop noise that follow.
     """
     shape = [net.img_channels, net.img_resolution, net.img_resolution]
     if not pfgmpp:
         return rnd.randn(shape)
     if D is None:
         raise ValueError('PFGM++ sampling needs D (the number of augmented dimensions)')
-    from training import pfgmpp as pfgmpp_lib  # imported here so diffusion-only use does not need it
-    num_values = shape[0] * shape[1] * shape[2]
-    prior_sigma = pfgmpp_prior_sigma(num_values, min(sigma_max, net.sigma_max))
-    latents = pfgmpp_lib.prior_latents(list(seeds), shape, D=D, sigma_max=prior_sigma, device=rnd.device)
-    return latents.to(rnd.device)
+    prior_sigma = min(sigma_max, net.sigma_max)
+    return pfgmpp_lib.prior_latents(list(seeds), shape, D=D, sigma_max=prior_sigma, device=rnd.device)
 
 
 def draw_class_labels(net: Denoiser, rnd: PerSeedRandom, class_idx: Optional[int] = None) -> Optional[torch.Tensor]:

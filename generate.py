@@ -1,0 +1,504 @@
+"""Generate images with a trained EDM or PFGM++ network.
+
+A thin command line over ``training/sampler.py``: the flags of EDM's and PFGM++'s
+generate.py keep their names and meaning, plus resumable output (existing PNGs
+are skipped unless --force), a preview grid, and the robustness studies of the
+PFGM++ paper (noise injection, weight quantization, step-count sweeps).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import click
+import numpy as np
+import PIL.Image
+import torch
+from tqdm import tqdm
+
+import dnnlib
+from torch_utils import distributed as dist
+from training import pfgmpp as pfgmpp_lib
+from training import quantize
+from training import sampler as sampling
+from training.network_io import NetworkLoadError, load_network, network_summary
+
+SEED_LIMIT = 1 << 32            # seeds index 32-bit generator seeds; larger values would alias smaller ones
+IMAGES_PER_SUBDIR = 1000        # --subdirs groups seeds by thousands, as EDM does
+GRID_MAX_IMAGES = 256           # a preview grid shows at most this many images (the first seeds)
+DEFAULT_STEPS = 18
+MANIFEST_NAME = 'manifest.json'
+
+# Manifest entries that must agree before a sweep folder is resumed.
+RESUME_KEYS = ('network', 'sampler', 'sampler_kwargs', 'class_idx', 'pfgmpp', 'D', 'quantize_bits',
+               'quantize_scheme', 'subdirs')
+
+# ----------------------------------------------------------------------------
+# Flag parsing.
+
+
+class SeedList(click.ParamType):
+    """Comma-separated seeds and inclusive ranges, e.g. 0-63,100; each in 0..2**32-1."""
+
+    name = 'LIST'
+
+    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> list[int]:
+        if isinstance(value, list):
+            return value
+        try:
+            seeds = dnnlib.util.parse_int_list(value, name='--seeds')
+        except ValueError as err:
+            self.fail(str(err).removeprefix('--seeds: '), param, ctx)
+        bad = [s for s in seeds if not 0 <= s < SEED_LIMIT]
+        if bad:
+            self.fail(f'seed {bad[0]} is out of range; expected integers in 0..{SEED_LIMIT - 1}', param, ctx)
+        return list(dict.fromkeys(seeds))  # drop repeats, keep order
+
+
+class IntList(click.ParamType):
+    """Comma-separated integers or ranges (for the sweeps)."""
+
+    name = 'LIST'
+
+    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> list[int]:
+        if isinstance(value, list):
+            return value
+        try:
+            return list(dict.fromkeys(dnnlib.util.parse_int_list(value)))
+        except ValueError as err:
+            self.fail(str(err).removeprefix('value: '), param, ctx)
+
+
+class FloatList(click.ParamType):
+    """Comma-separated non-negative numbers (for --sweep-alpha)."""
+
+    name = 'LIST'
+
+    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> list[float]:
+        if isinstance(value, list):
+            return value
+        numbers = []
+        for item in str(value).split(','):
+            if not item.strip():
+                continue
+            try:
+                number = float(item)
+            except ValueError:
+                self.fail(f'cannot parse {item.strip()!r}; expected numbers like "0,0.05,0.1"', param, ctx)
+            if not (math.isfinite(number) and number >= 0):
+                self.fail(f'{item.strip()} is not a finite number >= 0', param, ctx)
+            numbers.append(number)
+        if not numbers:
+            self.fail('no numbers given', param, ctx)
+        return list(dict.fromkeys(numbers))
+
+
+class Failure(click.ClickException):
+    """A one-line error for the user (no traceback)."""
+
+
+# ----------------------------------------------------------------------------
+# One generation run (a sweep makes several).
+
+
+@dataclass
+class Run:
+    """Everything that decides the pixels of one output folder."""
+
+    outdir: str
+    num_steps: int
+    alpha: float
+    bits: Optional[int]
+    tag: str = ''                                  # sweep folder name, '' for a plain run
+    sweep: dict = field(default_factory=dict)      # swept values of this folder
+
+
+def plan_runs(outdir: str, steps: Optional[int], alpha: Optional[float], bits: Optional[int],
+              sweep_steps: Optional[list[int]], sweep_alpha: Optional[list[float]],
+              sweep_bits: Optional[list[int]]) -> list[Run]:
+    """One run for a plain command; the cartesian product of the sweep lists otherwise."""
+    steps_values = sweep_steps or [steps if steps is not None else DEFAULT_STEPS]
+    alpha_values = sweep_alpha or [alpha if alpha is not None else 0.0]
+    bits_values = sweep_bits or [bits]
+    if not (sweep_steps or sweep_alpha or sweep_bits):
+        return [Run(outdir, steps_values[0], alpha_values[0], bits_values[0])]
+    runs = []
+    for n in steps_values:
+        for a in alpha_values:
+            for b in bits_values:
+                parts, swept = [], {}
+                if sweep_steps:
+                    parts.append(f'steps{n:03d}')
+                    swept['steps'] = n
+                if sweep_alpha:
+                    parts.append(f'alpha{a:g}')
+                    swept['alpha'] = a
+                if sweep_bits:
+                    parts.append(f'bits{b:02d}')
+                    swept['bits'] = b
+                tag = '-'.join(parts)
+                runs.append(Run(os.path.join(outdir, tag), n, a, b, tag=tag, sweep=swept))
+    return runs
+
+
+def resolve_pfgmpp(net: Any, pfgmpp_flag: Optional[bool], aug_dim: Optional[int]) -> tuple[bool, Optional[int]]:
+    """PFGM++ settings from the network; the flags may restate them but never contradict them."""
+    declared = getattr(net, 'pfgmpp', None)
+    if declared is not None:
+        declared = bool(declared)
+        net_D = getattr(net, 'D', None)
+        if pfgmpp_flag is not None and pfgmpp_flag != declared:
+            raise click.BadParameter(f'--pfgmpp={pfgmpp_flag} contradicts the network, which was trained with '
+                                     f'pfgmpp={declared}; drop the flag', param_hint='--pfgmpp')
+        if aug_dim is not None and not declared:
+            raise click.BadParameter(f'--aug_dim={aug_dim} given, but the network is a diffusion model '
+                                     f'(pfgmpp=False); drop the flag', param_hint='--aug_dim')
+        if aug_dim is not None and net_D is not None and aug_dim != net_D:
+            raise click.BadParameter(f'--aug_dim={aug_dim} contradicts the network, which was trained with '
+                                     f'D={net_D}; drop the flag', param_hint='--aug_dim')
+        if declared and net_D is None and aug_dim is None:
+            raise click.BadParameter('the network is a PFGM++ model but does not record D; give --aug_dim',
+                                     param_hint='--aug_dim')
+        return declared, (int(net_D if net_D is not None else aug_dim) if declared else None)
+    # Networks from the original EDM code record neither: the flags decide.
+    if pfgmpp_flag:
+        if aug_dim is None:
+            raise click.BadParameter('--pfgmpp=True needs --aug_dim: this network does not record its D',
+                                     param_hint='--aug_dim')
+        return True, aug_dim
+    if aug_dim is not None:
+        raise click.BadParameter(f'--aug_dim={aug_dim} only applies to PFGM++ sampling; add --pfgmpp=True',
+                                 param_hint='--aug_dim')
+    return False, None
+
+
+def image_path(outdir: str, seed: int, subdirs: bool) -> str:
+    folder = os.path.join(outdir, f'{seed // IMAGES_PER_SUBDIR * IMAGES_PER_SUBDIR:06d}') if subdirs else outdir
+    return os.path.join(folder, f'{seed:06d}.png')
+
+
+def to_pil(image_hwc: np.ndarray) -> PIL.Image.Image:
+    """uint8 HWC array -> PIL image (1 channel as 'L', 3 as 'RGB')."""
+    channels = image_hwc.shape[2]
+    if channels == 1:
+        return PIL.Image.fromarray(image_hwc[:, :, 0], 'L')
+    if channels == 3:
+        return PIL.Image.fromarray(image_hwc, 'RGB')
+    raise Failure(f'cannot write {channels}-channel images as PNG; expected 1 or 3 channels')
+
+
+def save_png(image: PIL.Image.Image, path: str) -> None:
+    """Write a PNG under a temporary name and rename it, so a crash never leaves a truncated image."""
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    with dnnlib.util.atomic_write(path, 'wb') as f:
+        image.save(f, format='PNG')
+
+
+def write_grid(paths: Sequence[str], grid_path: str) -> None:
+    """Tile the given PNGs (all the same size) into one nearly square PNG."""
+    images = [np.asarray(PIL.Image.open(p)) for p in paths]
+    images = [im[:, :, None] if im.ndim == 2 else im for im in images]
+    height, width, channels = images[0].shape
+    cols = math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    canvas = np.zeros([rows * height, cols * width, channels], dtype=np.uint8)
+    for i, im in enumerate(images):
+        r, c = divmod(i, cols)
+        canvas[r * height:(r + 1) * height, c * width:(c + 1) * width] = im
+    save_png(to_pil(canvas), grid_path)
+
+
+def grid_path_for(grid: str, run: Run) -> str:
+    if not run.tag:
+        return grid
+    stem, ext = os.path.splitext(grid)
+    return f'{stem}-{run.tag}{ext or ".png"}'
+
+
+def compact_seeds(seeds: Sequence[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2,5' (manifests stay small for 50k seeds)."""
+    parts, start, prev = [], None, None
+    for s in seeds:
+        if start is not None and s == prev + 1:
+            prev = s
+            continue
+        if start is not None:
+            parts.append(f'{start}-{prev}' if prev != start else f'{start}')
+        start = prev = s
+    if start is not None:
+        parts.append(f'{start}-{prev}' if prev != start else f'{start}')
+    return ','.join(parts)
+
+
+def jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    return value
+
+
+def network_evaluations(num_steps: int, sampler_kwargs: dict) -> int:
+    """Network calls per image: Heun costs two per step except the last."""
+    if sampler_kwargs.get('solver') == 'euler':
+        return num_steps
+    return 2 * num_steps - 1
+
+
+# ----------------------------------------------------------------------------
+# The command.
+
+
+@click.command(context_settings=dict(max_content_width=120))
+@click.option('--network', 'network_pkl', help='Network snapshot .pkl, training state .pt, path or URL', metavar='PATH|URL', type=str, required=True)
+@click.option('--outdir', help='Where to save the output images', metavar='DIR', type=str, required=True)
+@click.option('--seeds', help='Random seeds (e.g. 1,2,5-10)', metavar='LIST', type=SeedList(), default='0-63', show_default=True)
+@click.option('--subdirs', help='Create a subdirectory for every 1000 seeds', is_flag=True)
+@click.option('--class', 'class_idx', help='Class label  [default: random]', metavar='INT', type=click.IntRange(min=0), default=None)
+@click.option('--batch', 'max_batch_size', help='Maximum batch size', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
+@click.option('--steps', 'num_steps', help=f'Number of sampling steps  [default: {DEFAULT_STEPS}]', metavar='INT', type=click.IntRange(min=1), default=None)
+@click.option('--sigma_min', help='Lowest noise level  [default: varies]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
+@click.option('--sigma_max', help='Highest noise level  [default: varies]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
+@click.option('--rho', help='Time step exponent', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=7, show_default=True)
+@click.option('--S_churn', 'S_churn', help='Stochasticity strength', metavar='FLOAT', type=click.FloatRange(min=0), default=0, show_default=True)
+@click.option('--S_min', 'S_min', help='Stoch. min noise level', metavar='FLOAT', type=click.FloatRange(min=0), default=0, show_default=True)
+@click.option('--S_max', 'S_max', help='Stoch. max noise level', metavar='FLOAT', type=click.FloatRange(min=0), default='inf', show_default=True)
+@click.option('--S_noise', 'S_noise', help='Stoch. noise inflation', metavar='FLOAT', type=float, default=1, show_default=True)
+@click.option('--solver', help='Ablate ODE solver', metavar='euler|heun', type=click.Choice(sampling.SOLVERS))
+@click.option('--disc', 'discretization', help='Ablate time step discretization {t_i}', metavar='vp|ve|iddpm|edm', type=click.Choice(sampling.DISCRETIZATIONS))
+@click.option('--schedule', help='Ablate noise schedule sigma(t)', metavar='vp|ve|linear', type=click.Choice(sampling.SCHEDULES))
+@click.option('--scaling', help='Ablate signal scaling s(t)', metavar='vp|none', type=click.Choice(sampling.SCALINGS))
+@click.option('--pfgmpp', help='PFGM++ network (restates the network; default: from the network)', metavar='BOOL', type=bool, default=None)
+@click.option('--aug_dim', help='PFGM++ augmented dimensions D (restates the network)', metavar='INT', type=click.IntRange(min=1), default=None)
+@click.option('--alpha', help='Noise injection strength: x += alpha*t_i*randn at every step  [default: 0]', metavar='FLOAT', type=click.FloatRange(min=0), default=None)
+@click.option('--quantize-bits', 'quantize_bits', help='Quantize conv/linear weights to K bits first', metavar='K', type=int, default=None)
+@click.option('--quantize-scheme', 'quantize_scheme', help='Weight quantizer', type=click.Choice(quantize.SCHEMES), default='symmetric', show_default=True)
+@click.option('--sweep-steps', 'sweep_steps', help='Sweep step counts, one folder each (e.g. 5,10,18)', metavar='LIST', type=IntList(), default=None)
+@click.option('--sweep-alpha', 'sweep_alpha', help='Sweep noise injection strengths (e.g. 0,0.1,0.2)', metavar='LIST', type=FloatList(), default=None)
+@click.option('--sweep-bits', 'sweep_bits', help='Sweep quantization bit widths (e.g. 4,6,8)', metavar='LIST', type=IntList(), default=None)
+@click.option('--force', help='Regenerate images that already exist', is_flag=True)
+@click.option('--grid', 'grid', help=f'Also write a PNG grid of the first {GRID_MAX_IMAGES} images', metavar='PATH', type=str, default=None)
+@click.option('--device', help='cpu, cuda  [default: cuda when available]', metavar='DEV', type=str, default=None)
+def main(network_pkl: str, outdir: str, seeds: list[int], subdirs: bool, class_idx: Optional[int],
+         max_batch_size: int, pfgmpp: Optional[bool], aug_dim: Optional[int], alpha: Optional[float],
+         quantize_bits: Optional[int], quantize_scheme: str, sweep_steps: Optional[list[int]],
+         sweep_alpha: Optional[list[float]], sweep_bits: Optional[list[int]], force: bool, grid: Optional[str],
+         device: Optional[str], num_steps: Optional[int], **sampler_kwargs: Any) -> None:
+    """Generate images with a trained EDM or PFGM++ network.
+
+    Each image depends only on its seed: batch size, number of processes and
+    order do not change its bytes. Images already present are skipped unless
+    --force, so an interrupted run continues where it stopped.
+
+    \b
+    # 64 images of a CIFAR-10 network into out/, plus a preview grid
+    python generate.py --outdir=out --seeds=0-63 --network=network-snapshot.pkl --grid=out.png
+
+    \b
+    # 50k images on 2 GPUs, grouped into subfolders of 1000
+    torchrun --standalone --nproc_per_node=2 generate.py --outdir=out --seeds=0-49999 --subdirs \\
+        --network=training-state-200000.pt
+
+    \b
+    # Robustness of PFGM++: step counts, noise injection, 4..8-bit weights
+    python generate.py --outdir=sweep --seeds=0-9999 --network=net.pkl --sweep-steps=5,10,18
+    python generate.py --outdir=sweep --seeds=0-9999 --network=net.pkl --sweep-alpha=0,0.1,0.2
+    python generate.py --outdir=sweep --seeds=0-9999 --network=net.pkl --sweep-bits=4,6,8
+    """
+    # Flags that can be checked before anything is loaded.
+    for single, single_name, sweep, sweep_name in ((num_steps, '--steps', sweep_steps, '--sweep-steps'),
+                                                   (alpha, '--alpha', sweep_alpha, '--sweep-alpha'),
+                                                   (quantize_bits, '--quantize-bits', sweep_bits, '--sweep-bits')):
+        if single is not None and sweep:
+            raise click.UsageError(f'{single_name} and {sweep_name} both given; use one of them')
+    if sweep_steps and min(sweep_steps) < 1:
+        raise click.BadParameter(f'step counts must be >= 1, got {min(sweep_steps)}', param_hint='--sweep-steps')
+    for bits in ([quantize_bits] if quantize_bits is not None else []) + list(sweep_bits or []):
+        try:
+            quantize.check_bits(bits, quantize_scheme)
+        except ValueError as err:
+            raise click.BadParameter(str(err), param_hint='--sweep-bits' if sweep_bits else '--quantize-bits')
+    if sampler_kwargs['sigma_min'] is not None and sampler_kwargs['sigma_max'] is not None \
+            and not sampler_kwargs['sigma_min'] < sampler_kwargs['sigma_max']:
+        raise click.BadParameter(f'--sigma_min={sampler_kwargs["sigma_min"]} must be below '
+                                 f'--sigma_max={sampler_kwargs["sigma_max"]}', param_hint='--sigma_min')
+    if device is not None and not (device == 'cpu' or device.startswith('cuda')):
+        raise click.BadParameter(f'{device!r}: expected cpu or cuda', param_hint='--device')
+
+    try:
+        dev = dist.init(device)
+    except RuntimeError as err:
+        raise Failure(str(err)) from None
+    try:
+        _generate(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, pfgmpp, aug_dim, quantize_scheme,
+                  force, grid, dev, plan_runs(outdir, num_steps, alpha, quantize_bits, sweep_steps, sweep_alpha,
+                                               sweep_bits), sampler_kwargs)
+    finally:
+        dist.shutdown()
+
+
+def _generate(network_pkl: str, outdir: str, seeds: list[int], subdirs: bool, class_idx: Optional[int],
+              max_batch_size: int, pfgmpp_flag: Optional[bool], aug_dim: Optional[int], quantize_scheme: str,
+              force: bool, grid: Optional[str], device: torch.device, runs: list[Run], cli_kwargs: dict) -> None:
+    def check_output_dirs() -> None:
+        try:
+            dnnlib.util.check_writable_dir(outdir, '--outdir')
+            if grid:
+                dnnlib.util.check_writable_dir(os.path.dirname(os.path.abspath(grid)), '--grid')
+        except OSError as err:
+            raise Failure(str(err)) from None
+    on_main_rank(check_output_dirs)
+
+    # Rank 0 loads first so that a URL is downloaded to the cache once.
+    if not dist.is_main():
+        dist.barrier()
+    dist.print0(f'Loading network from "{network_pkl}"...')
+    try:
+        net = load_network(network_pkl, device)
+    except NetworkLoadError as err:
+        raise click.BadParameter(str(err), param_hint='--network') from None
+    finally:
+        if dist.is_main():
+            dist.barrier()
+
+    use_pfgmpp, D = resolve_pfgmpp(net, pfgmpp_flag, aug_dim)
+    if class_idx is not None and not net.label_dim:
+        raise click.BadParameter(f'{class_idx}: the network is unconditional (label_dim=0)', param_hint='--class')
+    if class_idx is not None and class_idx >= net.label_dim:
+        raise click.BadParameter(f'{class_idx} is out of range; expected 0..{net.label_dim - 1} '
+                                 f'(the network has {net.label_dim} classes)', param_hint='--class')
+    base_kwargs = {k: v for k, v in cli_kwargs.items() if v is not None}
+    ablation = sampling.uses_ablation_sampler(base_kwargs)
+    if ablation and use_pfgmpp:
+        raise click.UsageError('--solver/--disc/--schedule/--scaling select the ablation sampler, which does not '
+                               'support PFGM++ networks; drop them')
+    if use_pfgmpp:
+        N = net.img_channels * net.img_resolution * net.img_resolution
+        requested = min(base_kwargs.get('sigma_max', sampling.EDM_SIGMA_MAX), net.sigma_max)
+        used = pfgmpp_lib.prior_sigma_max(N, requested)
+        if used != requested:
+            dist.print0(f'Note: the PFGM++ prior starts at sigma={used:g} for images of fewer than 256x256x3 values '
+                        f'(reference behaviour); --sigma_max only moves the time steps.')
+
+    quantized_cache: dict[int, torch.nn.Module] = {}
+    for run in runs:
+        run_net = net
+        if run.bits is not None:
+            if run.bits not in quantized_cache:
+                quantized_cache[run.bits] = quantize.quantize_network(net, run.bits, quantize_scheme)
+            run_net = quantized_cache[run.bits]
+        kwargs = dict(base_kwargs, num_steps=run.num_steps)
+        if run.alpha:
+            kwargs['noise_injection'] = run.alpha
+        manifest = None
+        if run.tag:
+            manifest = dict(
+                network=network_pkl, network_summary=network_summary(net), sweep=run.sweep,
+                sampler='ablation' if ablation else 'edm', sampler_kwargs=kwargs,
+                nfe_per_image=network_evaluations(run.num_steps, kwargs), class_idx=class_idx,
+                pfgmpp=use_pfgmpp, D=D, noise_injection_alpha=run.alpha, quantize_bits=run.bits,
+                quantize_scheme=quantize_scheme if run.bits is not None else None,
+                quantized_weights=(len(quantize.quantized_weight_names(net)) if run.bits is not None else 0),
+                subdirs=subdirs, seeds=compact_seeds(seeds), num_images=len(seeds),
+            )
+        _generate_run(run_net, run, seeds, subdirs, class_idx, max_batch_size, use_pfgmpp, D, kwargs, force, device,
+                      manifest)
+        if grid and dist.is_main():
+            paths = [image_path(run.outdir, s, subdirs) for s in seeds[:GRID_MAX_IMAGES]]
+            write_grid(paths, grid_path_for(grid, run))
+            print(f'Wrote grid of {len(paths)} images to "{grid_path_for(grid, run)}"')
+        dist.barrier()
+    dist.print0('Done.')
+
+
+def on_main_rank(task: Callable[[], Any]) -> Any:
+    """Run ``task`` on rank 0 and hand its result, or its error, to every rank.
+
+    Every rank then raises the same one-line error instead of waiting forever for a rank that stopped.
+    """
+    outcome: tuple[Any, Optional[str]] = (None, None)
+    if dist.is_main():
+        try:
+            outcome = (task(), None)
+        except click.ClickException as err:
+            outcome = (None, err.format_message())
+    result, error = dist.broadcast_object(outcome)
+    if error is not None:
+        raise Failure(error)
+    return result
+
+
+def _check_resume(run: Run, manifest: dict, force: bool) -> None:
+    """Refuse to add images to a sweep folder that was made with other settings (unless --force)."""
+    path = os.path.join(run.outdir, MANIFEST_NAME)
+    if force or not os.path.isfile(path):
+        return
+    try:
+        with open(path) as f:
+            previous = json.load(f)
+    except (OSError, ValueError):
+        return
+    wanted = jsonable(manifest)
+    changed = [key for key in RESUME_KEYS if previous.get(key) != wanted.get(key)]
+    if changed:
+        raise Failure(f'{run.outdir} holds images made with other settings ({", ".join(changed)} differ); '
+                      f'use --force to overwrite them or choose another --outdir')
+
+
+def _write_manifest(run: Run, manifest: dict) -> None:
+    os.makedirs(run.outdir, exist_ok=True)
+    with dnnlib.util.atomic_write(os.path.join(run.outdir, MANIFEST_NAME), 'w') as f:
+        json.dump(jsonable(manifest), f, indent=2)
+        f.write('\n')
+
+
+def _generate_run(net: Any, run: Run, seeds: list[int], subdirs: bool, class_idx: Optional[int], max_batch_size: int,
+                  use_pfgmpp: bool, D: Optional[int], sampler_kwargs: dict, force: bool, device: torch.device,
+                  manifest: Optional[dict]) -> None:
+    # Rank 0 decides what is missing and tells the others, so all ranks split the same list.
+    def missing_seeds() -> list[int]:
+        if manifest is not None:
+            _check_resume(run, manifest, force)
+            _write_manifest(run, dict(manifest, complete=False))
+        return seeds if force else [s for s in seeds if not os.path.isfile(image_path(run.outdir, s, subdirs))]
+    todo = on_main_rank(missing_seeds)
+    skipped = len(seeds) - len(todo)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    my_batches = sampling.split_batches(todo, max_batch_size, world)[rank::world]
+
+    dist.print0(f'Generating {len(todo)} images to "{run.outdir}"' + (f' ({skipped} already there)' if skipped else '')
+                + f', {network_evaluations(run.num_steps, sampler_kwargs)} network evaluations each...')
+    bar = tqdm(total=len(todo), unit='img', file=sys.stderr, mininterval=1.0, dynamic_ncols=True,
+               disable=not dist.is_main() or not todo)
+    start = time.time()
+    for batch_seeds in my_batches:
+        if not batch_seeds:
+            continue
+        try:
+            images = sampling.sample_batch(net, batch_seeds, device=device, class_idx=class_idx, pfgmpp=use_pfgmpp,
+                                           D=D, **sampler_kwargs)
+        except ValueError as err:
+            raise Failure(str(err)) from None
+        images_np = sampling.to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()
+        for seed, image_np in zip(batch_seeds, images_np):
+            save_png(to_pil(image_np), image_path(run.outdir, seed, subdirs))
+        bar.update(min(len(batch_seeds) * world, bar.total - bar.n))  # other ranks move at the same pace
+    bar.close()
+    dist.barrier()
+    elapsed = time.time() - start
+    if todo:
+        dist.print0(f'{len(todo)} images in {elapsed:.1f} s ({len(todo) / max(elapsed, 1e-9):.2f} images/s)')
+    if manifest is not None and dist.is_main():
+        _write_manifest(run, dict(manifest, complete=True, seconds=round(elapsed, 3)))
+
+
+if __name__ == '__main__':
+    main()

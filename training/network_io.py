@@ -1,0 +1,115 @@
+"""Loading trained networks for generation and evaluation.
+
+:func:`load_network` accepts, by local path, ``file://`` or ``http(s)://`` URL
+(downloads are cached by ``dnnlib.util.open_url``):
+
+* a network snapshot ``network-snapshot-*.pkl`` -- a pickle of a dict whose
+  ``ema`` entry is the network (EDM, PFGM++ and this project write them);
+* a training state ``training-state-*.pt`` -- a ``torch.save`` dict with an
+  ``ema`` module (the PFGM++ code and our training loop write them);
+* a pickled module on its own.
+
+Both formats execute code while loading (pickle, ``torch.load(weights_only=False)``):
+only load files you trust.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import zipfile
+from typing import Any, Optional, Union
+
+import torch
+
+import dnnlib
+
+EXPECTED_FORMATS = 'a network snapshot (.pkl with an "ema" network) or a training state (.pt with an "ema" network)'
+PICKLE_PROTOCOL_MARK = 0x80  # first byte of pickles written with protocol 2 or later
+
+
+class NetworkLoadError(ValueError):
+    """A network file that cannot be used; the message names the file and what was expected."""
+
+
+def _read_source(source: str) -> bytes:
+    try:
+        with dnnlib.util.open_url(source, verbose=False) as f:
+            return f.read()
+    except FileNotFoundError:
+        raise NetworkLoadError(f'{source}: no such file; expected {EXPECTED_FORMATS}') from None
+    except IsADirectoryError:
+        raise NetworkLoadError(f'{source}: is a directory; expected {EXPECTED_FORMATS}') from None
+    except OSError as err:
+        raise NetworkLoadError(f'{source}: cannot read it ({err}); expected {EXPECTED_FORMATS}') from None
+
+
+def _unpickle(source: str, data: bytes) -> Any:
+    """Decode a torch.save archive or a plain pickle, with errors that name ``source``."""
+    if not data:
+        raise NetworkLoadError(f'{source}: file is empty (0 bytes); expected {EXPECTED_FORMATS}')
+    if zipfile.is_zipfile(io.BytesIO(data)):
+        try:
+            return torch.load(io.BytesIO(data), map_location='cpu', weights_only=False)
+        except Exception as err:  # a ZIP that is not a torch archive (dataset, .npz) lands here
+            raise NetworkLoadError(f'{source}: ZIP archive that torch.load cannot read ({type(err).__name__}: '
+                                   f'{str(err).splitlines()[0] if str(err) else ""}); expected {EXPECTED_FORMATS}'
+                                   ) from None
+    if data[0] != PICKLE_PROTOCOL_MARK:
+        raise NetworkLoadError(f'{source}: not a pickle or torch archive; expected {EXPECTED_FORMATS}')
+    try:
+        obj = pickle.loads(data)
+        if isinstance(obj, int):
+            # torch.save's legacy (pre-1.6, non-ZIP) format opens with a pickled magic number.
+            obj = torch.load(io.BytesIO(data), map_location='cpu', weights_only=False)
+        return obj
+    except Exception as err:
+        first_line = str(err).splitlines()[0] if str(err) else ''
+        raise NetworkLoadError(f'{source}: cannot unpickle ({type(err).__name__}: {first_line}); '
+                               f'expected {EXPECTED_FORMATS}') from None
+
+
+def _pick_network(source: str, obj: Any) -> torch.nn.Module:
+    if isinstance(obj, torch.nn.Module):
+        return obj
+    if isinstance(obj, dict):
+        net = obj.get('ema')
+        if isinstance(net, torch.nn.Module):
+            return net
+        keys = ', '.join(sorted(map(str, obj.keys()))[:8]) or 'none'
+        raise NetworkLoadError(f'{source}: holds a dict without an "ema" network (keys: {keys}); '
+                               f'expected {EXPECTED_FORMATS}')
+    raise NetworkLoadError(f'{source}: holds a {type(obj).__name__}, not a network; expected {EXPECTED_FORMATS}')
+
+
+def load_network(path_or_url: Union[str, os.PathLike], device: Optional[Union[str, torch.device]] = 'cpu',
+                 eval_mode: bool = True) -> torch.nn.Module:
+    """Load the (EMA) network from a snapshot, a training state or a pickled module.
+
+    Returns the module on ``device``, in eval mode and without gradients (unless
+    ``eval_mode=False``). Raises :class:`NetworkLoadError` with a one-line message
+    naming the file for anything that is not such a file.
+    """
+    source = os.fspath(path_or_url)
+    net = _pick_network(source, _unpickle(source, _read_source(source)))
+    if device is not None:
+        net = net.to(device)
+    if eval_mode:
+        net.eval().requires_grad_(False)
+    return net
+
+
+def network_summary(net: Any) -> dict[str, Any]:
+    """The attributes generation relies on, as plain values (for manifests and messages)."""
+    fields = ('img_resolution', 'img_channels', 'label_dim', 'sigma_min', 'sigma_max', 'pfgmpp', 'D')
+    summary = {}
+    for name in fields:
+        value = getattr(net, name, None)
+        if isinstance(value, torch.Tensor):
+            value = value.item()
+        if isinstance(value, float) and value == float('inf'):
+            value = 'inf'
+        summary[name] = value
+    summary['class'] = type(net).__name__
+    return summary
