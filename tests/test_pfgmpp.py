@@ -238,6 +238,21 @@ def test_devices_agree_in_distribution(D: float | None) -> None:
     assert torch.equal(on_gpu, again)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
+def test_no_host_synchronisation_on_cuda() -> None:
+    gen = torch.Generator('cuda').manual_seed(0)
+    sigma = torch.rand([64, 1, 1, 1], device='cuda') + 0.1
+    reference = torch.rand([300, 3, 16, 16], device='cuda')
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode('error')
+    try:
+        noise = pfgmpp.sample_perturbation((64, 3, 16, 16), sigma, D=128, generator=gen,
+                                           clip_beta=pfgmpp.TRAINING_BETA_CLIP)
+        pfgmpp.stable_target_field(reference[:64] + noise, sigma, reference, D=128, chunk_size=128)
+    finally:
+        torch.cuda.set_sync_debug_mode('default')
+
+
 def test_bad_arguments() -> None:
     for bad_D in (0, 0.5, -3, math.nan):
         with pytest.raises(ValueError):
