@@ -1,0 +1,681 @@
+"""Frechet Inception Distance (FID): dataset reference statistics, FID of a folder or ZIP of images, and FID of a
+network computed from images generated in memory.
+
+Statistics are the mean and the unbiased covariance of detector features, accumulated in float64 and summed over
+torchrun ranks. Statistics files are ``.npz`` archives holding ``mu`` [D] and ``sigma`` [D, D] (float64), the format
+of NVIDIA's published reference files, so those can be passed to ``--ref`` by path or URL.
+
+The library half (``load_detector``, ``load_ref_stats``, ``calculate_inception_stats``,
+``calculate_stats_for_network``, ``calculate_fid_from_inception_stats``) is importable; the click commands below are
+a thin layer over it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import sys
+import time
+import warnings
+import zipfile
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+
+import click
+import numpy as np
+import scipy.linalg
+import torch
+
+import dnnlib
+from torch_utils import distributed as dist
+from training import sampler as sampling
+from training.dataset import DatasetError, ImageFolderDataset
+
+#: NVIDIA's PyTorch translation of the TensorFlow Inception-v3 graph used by every FID paper.
+DETECTOR_URL = ('https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/'
+                'inception-2015-12-05.pkl')
+
+#: Environment knobs for fetching the detector and remote reference files; tests use them to fail fast offline.
+ENV_DOWNLOAD_ATTEMPTS = 'PFGMPP_DOWNLOAD_ATTEMPTS'
+ENV_DOWNLOAD_TIMEOUT = 'PFGMPP_DOWNLOAD_TIMEOUT'
+
+#: Imaginary parts of sqrtm(sigma @ sigma_ref) above this fraction of its largest real entry are reported.
+SQRTM_IMAG_TOLERANCE = 1e-6
+
+
+# ----------------------------------------------------------------------------
+# Small helpers.
+
+
+def _download_kwargs() -> dict[str, Any]:
+    return dict(num_attempts=max(int(os.environ.get(ENV_DOWNLOAD_ATTEMPTS, '3')), 1),
+                timeout=float(os.environ.get(ENV_DOWNLOAD_TIMEOUT, '30')))
+
+
+def _rank0_first(work: Callable[[], Any]) -> Any:
+    """Run ``work`` on rank 0 before the other ranks, so that a download lands in the cache only once."""
+    if not dist.is_main():
+        dist.barrier()
+    result = work()
+    if dist.is_main():
+        dist.barrier()
+    return result
+
+
+def _rank_batches(items: Sequence[Any], max_batch_size: int) -> list[list[Any]]:
+    """This rank's batches of ``items``: near-equal consecutive batches of at most ``max_batch_size``, dealt out
+    round-robin.
+
+    The split depends on the item count only, never on the number of ranks: every image meets the detector in
+    the same batch whatever the world size, so sharded statistics differ from single-process ones only by the
+    order of the float64 additions. With one process it is generate.py's split, so ``gen`` draws every image in
+    the batch generate.py would have drawn it in.
+    """
+    return dist.shard(sampling.split_batches(list(items), max_batch_size))
+
+
+def _append_json_line(path: str, record: dict[str, Any]) -> None:
+    """Append one JSON line; the file is rewritten under a temporary name and renamed, never left half-written."""
+    old = b''
+    if os.path.exists(path):
+        with open(path, 'rb') as f:
+            old = f.read()
+        if old and not old.endswith(b'\n'):
+            old += b'\n'
+    if os.path.dirname(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    with dnnlib.util.atomic_write(path) as f:
+        f.write(old + (json.dumps(record) + '\n').encode('utf-8'))
+
+
+def save_stats(path: str, mu: np.ndarray, sigma: np.ndarray) -> str:
+    """Write ``mu``/``sigma`` the way NVIDIA's files are written (uncompressed ``np.savez``); returns the path used.
+
+    Like ``np.savez`` given a file name, a missing ``.npz`` suffix is added.
+    """
+    if not path.endswith('.npz'):
+        path += '.npz'
+    if os.path.dirname(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    with dnnlib.util.atomic_write(path) as f:
+        np.savez(f, mu=mu, sigma=sigma)
+    return path
+
+
+# ----------------------------------------------------------------------------
+# Detector and reference statistics.
+
+
+def load_detector(path_or_url: Optional[str] = None, device: torch.device | str = 'cpu',
+                  verbose: bool = True) -> torch.nn.Module:
+    """Load a feature detector pickle (default: NVIDIA's Inception-v3 from :data:`DETECTOR_URL`).
+
+    URLs go through dnnlib's download cache (``DNNLIB_CACHE_DIR``), so the detector is fetched once per machine.
+    The pickle is a ``torch_utils.persistence`` object; unpickling runs code stored in it, so use trusted files.
+    """
+    source = path_or_url or DETECTOR_URL
+    if dnnlib.util.is_url(source):
+        try:
+            stream = dnnlib.util.open_url(source, cache=True, verbose=verbose, **_download_kwargs())
+        except OSError as err:
+            cause = str(err).removeprefix(f'{source}: ')
+            raise click.ClickException(
+                f'cannot fetch the FID detector from {source} ({cause}). Without network access, download that file '
+                f'elsewhere and pass it with --detector=PATH (or copy it into {dnnlib.make_cache_dir_path("downloads")})'
+            ) from None
+    else:
+        if not os.path.isfile(source):
+            raise click.ClickException(f'--detector {source}: no such file')
+        stream = open(source, 'rb')
+    with stream:
+        try:
+            detector = pickle.load(stream)
+        except Exception as err:  # a truncated or foreign file can fail in many ways; all mean the same here
+            raise click.ClickException(f'--detector {source}: not a loadable detector pickle ({type(err).__name__}: '
+                                       f'{err})') from None
+    if not isinstance(detector, torch.nn.Module):
+        raise click.ClickException(f'--detector {source}: expected a pickled torch.nn.Module, '
+                                   f'found {type(detector).__name__}')
+    return detector.eval().requires_grad_(False).to(device)
+
+
+def load_ref_stats(path_or_url: str) -> tuple[np.ndarray, np.ndarray]:
+    """Read and validate reference statistics: an ``.npz`` with ``mu`` [D] and ``sigma`` [D, D], all finite."""
+    label = f'--ref {path_or_url}'
+    try:
+        stream = dnnlib.util.open_url(path_or_url, cache=True, verbose=dist.is_main(), **_download_kwargs())
+    except OSError as err:
+        raise click.ClickException(f'{label}: cannot open ({err})') from None
+    with stream:
+        try:
+            archive = np.load(stream, allow_pickle=False)
+            if not isinstance(archive, np.lib.npyio.NpzFile):
+                raise ValueError('a bare .npy array, not an .npz archive')
+            with archive:
+                missing = {'mu', 'sigma'} - set(archive.files)
+                if missing:
+                    raise ValueError(f'missing {", ".join(sorted(missing))}; found keys {sorted(archive.files)}')
+                mu, sigma = archive['mu'], archive['sigma']
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
+            raise click.ClickException(f'{label}: expected an .npz with arrays mu [D] and sigma [D, D]: {err}') \
+                from None
+    for name, array in (('mu', mu), ('sigma', sigma)):
+        if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
+            raise click.ClickException(f'{label}: {name} has dtype {array.dtype}; expected floating point')
+    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]) or mu.shape[0] == 0:
+        raise click.ClickException(f'{label}: mu has shape {list(mu.shape)} and sigma {list(sigma.shape)}; '
+                                   f'expected [D] and [D, D]')
+    mu, sigma = mu.astype(np.float64), sigma.astype(np.float64)
+    for name, array in (('mu', mu), ('sigma', sigma)):
+        bad = int(np.count_nonzero(~np.isfinite(array)))
+        if bad:
+            raise click.ClickException(f'{label}: {name} holds {bad} NaN/inf value(s)')
+    return mu, sigma
+
+
+# ----------------------------------------------------------------------------
+# Feature statistics.
+
+
+def extract_features(detector: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Detector features in float64 for a uint8 NCHW batch; grayscale is repeated to RGB as the detector expects."""
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise click.ClickException(f'images of shape {list(images.shape[1:])} (CHW); the detector needs 1 or 3 '
+                                   f'channels')
+    if images.shape[1] == 1:
+        images = images.repeat(1, 3, 1, 1)
+    with torch.no_grad():
+        features = detector(images, return_features=True)
+    if not isinstance(features, torch.Tensor) or features.ndim != 2 or features.shape[0] != images.shape[0]:
+        shape = list(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
+        raise click.ClickException(f'the detector returned {shape} for {images.shape[0]} images; expected '
+                                   f'[{images.shape[0]}, feature_dim] (is --detector a feature network?)')
+    return features.to(torch.float64)
+
+
+class FeatureStats:
+    """Running float64 sums of features and of their outer products, from which mean and covariance follow.
+
+    Each rank adds its own batches; :meth:`compute` sums the totals over ranks (a collective: every rank calls it).
+    """
+
+    def __init__(self, device: torch.device | str = 'cpu'):
+        self.device = torch.device(device)
+        self.count = 0
+        self.total: Optional[torch.Tensor] = None   # sum of f, [D]
+        self.gram: Optional[torch.Tensor] = None    # sum of f^T f, [D, D]
+
+    @property
+    def feature_dim(self) -> int:
+        return 0 if self.total is None else self.total.shape[0]
+
+    def _allocate(self, dim: int) -> None:
+        self.total = torch.zeros([dim], dtype=torch.float64, device=self.device)
+        self.gram = torch.zeros([dim, dim], dtype=torch.float64, device=self.device)
+
+    def add(self, features: torch.Tensor) -> None:
+        features = features.to(self.device, torch.float64)
+        if self.total is None:
+            self._allocate(features.shape[1])
+        elif features.shape[1] != self.feature_dim:
+            raise click.ClickException(f'the detector returned {features.shape[1]} features after returning '
+                                       f'{self.feature_dim} before; expected a fixed feature_dim')
+        self.total += features.sum(dim=0)
+        self.gram += features.T @ features
+        self.count += features.shape[0]
+
+    def compute(self) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and unbiased covariance over all ranks' features, as float64 numpy arrays."""
+        # A rank that received no batch learns the feature size from the others.
+        dim = int(dist.all_reduce(torch.tensor([self.feature_dim], device=self.device), op='max').item())
+        count = int(dist.all_reduce(torch.tensor([self.count], device=self.device)).item())
+        if self.total is None and dim:
+            self._allocate(dim)
+        if count < 2 or self.total is None:
+            raise click.ClickException(f'{count} image(s) reached the detector; need at least 2 for a covariance')
+        total = dist.all_reduce(self.total.clone())
+        gram = dist.all_reduce(self.gram.clone())
+        mu = total / count
+        sigma = (gram - torch.outer(mu, mu) * count) / (count - 1)
+        return mu.cpu().numpy(), sigma.cpu().numpy()
+
+
+class _ImageReadError:
+    """Stands in for an image that could not be read, so the error reaches the main process as one clear line
+    (an exception raised inside a DataLoader worker comes back wrapped in a traceback dump)."""
+
+    def __init__(self, message: str):
+        self.message = message
+
+
+class _CheckedImages(torch.utils.data.Dataset):
+    """Wraps an ImageFolderDataset: yields bare uint8 CHW arrays, and read errors as :class:`_ImageReadError`."""
+
+    def __init__(self, dataset: Any, source: str):
+        self.dataset = dataset
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        try:
+            return self.dataset[index][0]
+        except DatasetError as err:  # names the file and says what was expected (size, format)
+            return _ImageReadError(str(err))
+        except Exception as err:  # anything else from a decoder still means "this image cannot be used"
+            return _ImageReadError(f'{self.source}: cannot read image number {index} ({type(err).__name__}: {err})')
+
+
+def _collate_images(items: list[Any]) -> Any:
+    for item in items:
+        if isinstance(item, _ImageReadError):
+            return item
+    return torch.from_numpy(np.stack(items))
+
+
+def open_image_dataset(image_path: str, num_expected: Optional[int] = None, seed: int = 0,
+                       flag: str = '--images') -> Any:
+    """Open a folder or ZIP of images; with ``num_expected``, exactly that many (a seeded subset if there are more).
+
+    Fewer images than ``num_expected`` is an error: an FID over fewer images is biased and not comparable.
+    """
+    try:
+        dataset = ImageFolderDataset(path=image_path, max_size=num_expected, random_seed=seed)
+    except Exception as err:  # missing path, no images, unreadable archive, ...
+        raise click.ClickException(f'{flag} {image_path}: {err}') from None
+    if num_expected is not None and len(dataset) < num_expected:
+        raise click.ClickException(f'{flag} {image_path}: found {len(dataset)} images, but --num asks for '
+                                   f'{num_expected}')
+    if len(dataset) < 2:
+        raise click.ClickException(f'{flag} {image_path}: found {len(dataset)} image(s); need at least 2')
+    if int(dataset.num_channels) not in (1, 3):
+        raise click.ClickException(f'{flag} {image_path}: images have {dataset.num_channels} channels; expected 1 '
+                                   f'(grayscale) or 3 (RGB)')
+    return dataset
+
+
+def calculate_inception_stats(image_path: str, num_expected: Optional[int] = None, seed: int = 0,
+                              max_batch_size: int = 64, num_workers: int = 3, prefetch_factor: int = 2,
+                              device: Optional[torch.device | str] = None,
+                              detector: Optional[torch.nn.Module | str] = None,
+                              flag: str = '--images') -> tuple[np.ndarray, np.ndarray]:
+    """Feature mean and covariance of the images in a folder or ZIP, sharded over the torchrun ranks.
+
+    ``detector`` is a loaded module or a path/URL for :func:`load_detector` (None: the Inception URL).
+    ``num_expected``/``seed`` select exactly that many images as ``fid.py calc --num/--seed`` do.
+    """
+    device = torch.device(device) if device is not None else dist.get_device()
+    dist.print0(f'Loading images from "{image_path}"...')
+    dataset = open_image_dataset(image_path, num_expected=num_expected, seed=seed, flag=flag)
+    images = _CheckedImages(dataset, source=f'{flag} {image_path}')
+    if not isinstance(detector, torch.nn.Module):
+        dist.print0('Loading the feature detector...')
+        detector = _rank0_first(lambda: load_detector(detector, device=device, verbose=dist.is_main()))
+
+    rank_batches = _rank_batches(range(len(images)), max_batch_size)
+    loader = torch.utils.data.DataLoader(
+        images, batch_sampler=rank_batches, collate_fn=_collate_images, num_workers=num_workers,
+        prefetch_factor=(prefetch_factor if num_workers > 0 else None), pin_memory=(device.type == 'cuda'))
+
+    dist.print0(f'Calculating statistics for {len(images)} images...')
+    stats = FeatureStats(device)
+    for batch in dist.progress(loader, unit='batch', total=len(rank_batches)):
+        if isinstance(batch, _ImageReadError):
+            raise click.ClickException(batch.message)
+        stats.add(extract_features(detector, batch.to(device, non_blocking=True)))
+    return stats.compute()
+
+
+def calculate_stats_for_network(net: torch.nn.Module, seeds: Sequence[int], max_batch_size: int = 64,
+                                device: Optional[torch.device | str] = None,
+                                detector: Optional[torch.nn.Module | str] = None, class_idx: Optional[int] = None,
+                                pfgmpp: bool = False, D: Optional[int] = None,
+                                **sampler_kwargs: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Feature statistics of the images ``net`` generates for ``seeds``, made in memory and never written out.
+
+    The images are the uint8 ones generate.py writes as PNGs (same sampler, same per-seed randomness, same
+    quantization), taken in file-name order and batched as ``calc`` batches them, so the result equals running
+    generate.py and then ``fid.py calc`` on its folder. ``sampler_kwargs`` are those of
+    ``training.sampler.sample_batch`` (None means the default).
+    """
+    ordered = sorted(int(s) for s in seeds)
+    repeated = sorted({s for s, t in zip(ordered, ordered[1:]) if s == t})
+    if repeated:
+        raise click.ClickException(f'--seeds lists seed {repeated[0]} more than once; each image is counted once')
+    if len(ordered) < 2:
+        raise click.ClickException(f'--seeds gives {len(ordered)} image(s); need at least 2 for a covariance')
+    device = torch.device(device) if device is not None else dist.get_device()
+    if not isinstance(detector, torch.nn.Module):
+        dist.print0('Loading the feature detector...')
+        detector = _rank0_first(lambda: load_detector(detector, device=device, verbose=dist.is_main()))
+
+    rank_batches = _rank_batches(ordered, max_batch_size)
+    dist.print0(f'Generating {len(ordered)} images in memory and calculating their statistics...')
+    stats = FeatureStats(device)
+    for batch_seeds in dist.progress(rank_batches, unit='batch', total=len(rank_batches)):
+        try:
+            samples = sampling.sample_batch(net, batch_seeds, device=device, class_idx=class_idx, pfgmpp=pfgmpp,
+                                            D=D, **sampler_kwargs)
+        except ValueError as err:  # sampler settings the network cannot honour
+            raise click.ClickException(str(err)) from None
+        stats.add(extract_features(detector, sampling.to_uint8(samples)))
+    return stats.compute()
+
+
+def calculate_fid_from_inception_stats(mu: np.ndarray, sigma: np.ndarray, mu_ref: np.ndarray,
+                                       sigma_ref: np.ndarray) -> float:
+    """Frechet distance between two Gaussians: |mu - mu_ref|^2 + tr(S + S_ref - 2 sqrtm(S S_ref)), real part.
+
+    sqrtm of a product of covariances can pick up imaginary round-off; only the real part is used, with a warning
+    giving the magnitude when it is more than round-off.
+    """
+    if mu.shape != mu_ref.shape or sigma.shape != sigma_ref.shape:
+        raise click.ClickException(f'statistics have {mu.shape[0]} features but the reference has {mu_ref.shape[0]}; '
+                                   f'the reference must come from the same detector')
+    mean_term = np.square(mu - mu_ref).sum()
+    root = scipy.linalg.sqrtm(sigma @ sigma_ref)
+    if isinstance(root, tuple):  # SciPy versions that still return (root, error estimate)
+        root = root[0]
+    if not np.all(np.isfinite(root)):
+        raise click.ClickException('sqrtm(sigma @ sigma_ref) is not finite; the statistics are degenerate')
+    if np.iscomplexobj(root):
+        imag = float(np.abs(root.imag).max())
+        scale = max(float(np.abs(root.real).max()), np.finfo(np.float64).tiny)
+        if imag > SQRTM_IMAG_TOLERANCE * scale:
+            warnings.warn(f'FID: sqrtm(sigma @ sigma_ref) has imaginary parts up to {imag:.3g} (largest real entry '
+                          f'{scale:.3g}); using the real part', RuntimeWarning, stacklevel=2)
+        root = root.real
+    return float(mean_term + np.trace(sigma) + np.trace(sigma_ref) - 2 * np.trace(root))
+
+
+# ----------------------------------------------------------------------------
+# Command line.
+
+
+def _detector_options(fn: Callable) -> Callable:
+    """Options shared by every command that runs the detector."""
+    fn = click.option('--device', help='Device  [default: cuda when available]', metavar='cpu|cuda',
+                      type=click.Choice(['cpu', 'cuda']), default=None)(fn)
+    fn = click.option('--detector', 'detector_path', help='Feature detector pickle  [default: Inception-v3 URL]',
+                      metavar='PATH|URL', type=str, default=None)(fn)
+    return fn
+
+
+def _workers_option(fn: Callable) -> Callable:
+    return click.option('--workers', 'num_workers', help='DataLoader worker processes', metavar='INT',
+                        type=click.IntRange(min=0), default=3, show_default=True)(fn)
+
+
+def _report_options(fn: Callable) -> Callable:
+    """Options shared by the commands that compute an FID."""
+    fn = click.option('--jsonl', 'jsonl_path', help='Append one JSON line per result to this file', metavar='FILE',
+                      type=str, default=None)(fn)
+    fn = click.option('--save-stats', 'stats_path', help='Also write the statistics (mu, sigma) of the images',
+                      metavar='NPZ', type=str, default=None)(fn)
+    fn = click.option('--repeat', help='Evaluate this many times and report each and the minimum', metavar='INT',
+                      type=click.IntRange(min=1), default=1, show_default=True)(fn)
+    return fn
+
+
+@click.group()
+def main() -> None:
+    """Frechet Inception Distance (FID) of generated images against dataset reference statistics.
+
+    Examples:
+
+    \b
+    # Reference statistics of a dataset
+    python fid.py ref --data=datasets/cifar10-32x32.zip --dest=fid-refs/cifar10-32x32.npz
+
+    \b
+    # FID of 50,000 generated PNGs (e.g. from generate.py --seeds=0-49999 --subdirs)
+    torchrun --standalone --nproc_per_node=1 fid.py calc --images=fid-tmp \\
+        --ref=https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/cifar10-32x32.npz
+
+    \b
+    # FID straight from a network, three seed ranges, minimum reported (no PNGs written)
+    torchrun --standalone --nproc_per_node=1 fid.py gen --network=run/network-snapshot-200000.pkl \\
+        --ref=fid-refs/cifar10-32x32.npz --seeds=0-49999 --repeat=3 --steps=18
+    """
+
+
+def _start(device: Optional[str]) -> torch.device:
+    try:
+        return dist.init(device)
+    except RuntimeError as err:
+        raise click.ClickException(str(err)) from None
+
+
+def _load_ref_on_main(ref_path: Optional[str]) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    if ref_path is None or not dist.is_main():
+        return None
+    dist.print0(f'Loading dataset reference statistics from "{ref_path}"...')
+    return load_ref_stats(ref_path)
+
+
+def _finish_run(ref: Optional[tuple[np.ndarray, np.ndarray]], mu: np.ndarray, sigma: np.ndarray,
+                stats_path: Optional[str], record: dict[str, Any], started: float) -> Optional[float]:
+    """Rank 0: save statistics if asked and compute the FID; returns it (None without --ref or off rank 0)."""
+    if not dist.is_main():
+        return None
+    if stats_path is not None:
+        written = save_stats(stats_path, mu, sigma)
+        print(f'Saved statistics to "{written}"')
+    if ref is None:
+        return None
+    fid = calculate_fid_from_inception_stats(mu, sigma, *ref)
+    record.update(fid=fid, elapsed_s=round(time.time() - started, 3))
+    return fid
+
+
+def _report(fids: list[float], records: list[dict[str, Any]], jsonl_path: Optional[str], label: str) -> None:
+    """Print the FIDs (the last stdout line is always the reported figure) and append the JSON lines."""
+    if not dist.is_main() or not fids:
+        return
+    if len(fids) > 1:
+        for record in records:
+            print(f'FID {record["fid"]:g}  ({label} {record[label]})')
+        print(f'Minimum over {len(fids)} repeats:')
+    print(f'{min(fids):g}')
+    if jsonl_path is not None:
+        for record in records:
+            _append_json_line(jsonl_path, record)
+        if len(fids) > 1:
+            summary = {k: v for k, v in records[0].items() if k not in ('fid', 'elapsed_s', 'repeat', label)}
+            summary.update(fid_min=min(fids), fids=fids, repeats=len(fids), **{label: [r[label] for r in records]},
+                           elapsed_s=round(sum(r['elapsed_s'] for r in records), 3))
+            _append_json_line(jsonl_path, summary)
+
+
+def _numbered_stats_path(stats_path: Optional[str], index: int, repeats: int) -> Optional[str]:
+    if stats_path is None or repeats == 1:
+        return stats_path
+    stem = stats_path[:-4] if stats_path.endswith('.npz') else stats_path
+    return f'{stem}-{index}.npz'
+
+
+@main.command()
+@click.option('--images', 'image_path', help='Images to evaluate', metavar='PATH|ZIP', type=str, required=True)
+@click.option('--ref', 'ref_path', help='Dataset reference statistics', metavar='NPZ|URL', type=str)
+@click.option('--num', 'num_expected', help='Number of images to use', metavar='INT', type=click.IntRange(min=2),
+              default=50000, show_default=True)
+@click.option('--seed', help='Random seed for selecting the images', metavar='INT', type=int, default=0,
+              show_default=True)
+@click.option('--batch', help='Maximum batch size', metavar='INT', type=click.IntRange(min=1), default=64,
+              show_default=True)
+@_report_options
+@_workers_option
+@_detector_options
+def calc(image_path: str, ref_path: Optional[str], num_expected: int, seed: int, batch: int, repeat: int,
+         stats_path: Optional[str], jsonl_path: Optional[str], detector_path: Optional[str], num_workers: int,
+         device: Optional[str]) -> None:
+    """FID of a folder or ZIP of images.
+
+    Exactly --num images are used: a --seed-selected subset when there are more, an error when there are fewer.
+    With --repeat=K the subset seeds are --seed, --seed+1, ..., which needs more images than --num.
+    """
+    if ref_path is None and stats_path is None:
+        raise click.UsageError('give --ref to compute an FID, --save-stats to keep the statistics, or both')
+    device_obj = _start(device)
+    ref = _load_ref_on_main(ref_path)
+    open_image_dataset(image_path, num_expected=num_expected)  # look at the images before a long detector download
+    if repeat > 1:
+        available = len(open_image_dataset(image_path))
+        if available <= num_expected:
+            raise click.ClickException(f'--images {image_path}: --repeat={repeat} draws different subsets of '
+                                       f'--num={num_expected} images, but there are only {available}')
+    detector = _rank0_first(lambda: load_detector(detector_path, device=device_obj, verbose=dist.is_main()))
+    fids, records = [], []
+    for index in range(repeat):
+        started = time.time()
+        mu, sigma = calculate_inception_stats(image_path, num_expected=num_expected, seed=seed + index,
+                                              max_batch_size=batch, num_workers=num_workers, device=device_obj,
+                                              detector=detector)
+        record = dict(command='calc', images=image_path, num_images=num_expected, ref=ref_path,
+                      detector=detector_path or DETECTOR_URL, seed=seed + index, repeat=index)
+        fid = _finish_run(ref, mu, sigma, _numbered_stats_path(stats_path, index, repeat), record, started)
+        if fid is not None:
+            fids.append(fid)
+            records.append(record)
+    _report(fids, records, jsonl_path, label='seed')
+    dist.shutdown()
+
+
+@main.command()
+@click.option('--data', 'dataset_path', help='Dataset to describe', metavar='PATH|ZIP', type=str, required=True)
+@click.option('--dest', 'dest_path', help='Destination .npz file', metavar='NPZ', type=str, required=True)
+@click.option('--batch', help='Maximum batch size', metavar='INT', type=click.IntRange(min=1), default=64,
+              show_default=True)
+@_workers_option
+@_detector_options
+def ref(dataset_path: str, dest_path: str, batch: int, detector_path: Optional[str], num_workers: int,
+        device: Optional[str]) -> None:
+    """Reference statistics of a dataset (all of its images), for calc --ref."""
+    device_obj = _start(device)
+    mu, sigma = calculate_inception_stats(dataset_path, max_batch_size=batch, num_workers=num_workers,
+                                          device=device_obj, detector=detector_path, flag='--data')
+    if dist.is_main():
+        written = save_stats(dest_path, mu, sigma)
+        print(f'Saved dataset reference statistics to "{written}"')
+    dist.shutdown()
+
+
+def _sampler_options(fn: Callable) -> Callable:
+    """generate.py's sampler flags, with the same names, defaults and meaning."""
+    options = [
+        click.option('--steps', 'num_steps', help='Number of sampling steps', metavar='INT',
+                     type=click.IntRange(min=1), default=18, show_default=True),
+        click.option('--sigma_min', help='Lowest noise level  [default: varies]', metavar='FLOAT',
+                     type=click.FloatRange(min=0, min_open=True)),
+        click.option('--sigma_max', help='Highest noise level  [default: varies]', metavar='FLOAT',
+                     type=click.FloatRange(min=0, min_open=True)),
+        click.option('--rho', help='Time step exponent', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True),
+                     default=7, show_default=True),
+        click.option('--S_churn', 'S_churn', help='Stochasticity strength', metavar='FLOAT',
+                     type=click.FloatRange(min=0), default=0, show_default=True),
+        click.option('--S_min', 'S_min', help='Stoch. min noise level', metavar='FLOAT', type=click.FloatRange(min=0),
+                     default=0, show_default=True),
+        click.option('--S_max', 'S_max', help='Stoch. max noise level', metavar='FLOAT', type=click.FloatRange(min=0),
+                     default='inf', show_default=True),
+        click.option('--S_noise', 'S_noise', help='Stoch. noise inflation', metavar='FLOAT', type=float, default=1,
+                     show_default=True),
+        click.option('--solver', help='Ablate ODE solver', metavar='euler|heun', type=click.Choice(sampling.SOLVERS)),
+        click.option('--disc', 'discretization', help='Ablate time step discretization {t_i}',
+                     metavar='vp|ve|iddpm|edm', type=click.Choice(sampling.DISCRETIZATIONS)),
+        click.option('--schedule', help='Ablate noise schedule sigma(t)', metavar='vp|ve|linear',
+                     type=click.Choice(sampling.SCHEDULES)),
+        click.option('--scaling', help='Ablate signal scaling s(t)', metavar='vp|none',
+                     type=click.Choice(sampling.SCALINGS)),
+        click.option('--pfgmpp', help='PFGM++ network  [default: from the network]', metavar='BOOL', type=bool,
+                     default=None),
+        click.option('--aug_dim', help='PFGM++ augmented dimensions D  [default: from the network]', metavar='INT',
+                     type=click.IntRange(min=1), default=None),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _repeated_seed_ranges(seeds: list[int], repeat: int) -> list[list[int]]:
+    """--repeat=K: the seeds, then the same pattern shifted past them K-1 times (0-49999, 50000-99999, ...)."""
+    span = max(seeds) - min(seeds) + 1
+    ranges = [[s + index * span for s in seeds] for index in range(repeat)]
+    if max(ranges[-1]) >= sampling.SEED_MODULUS:
+        raise click.BadParameter(f'--repeat={repeat} would need seeds up to {max(ranges[-1])}; seeds must stay below '
+                                 f'2**32', param_hint='--repeat')
+    return ranges
+
+
+@main.command()
+@click.option('--network', 'network_pkl', help='Network snapshot .pkl, training state .pt, path or URL',
+              metavar='PATH|URL', type=str, required=True)
+@click.option('--ref', 'ref_path', help='Dataset reference statistics', metavar='NPZ|URL', type=str)
+@click.option('--seeds', help='Random seeds, one image each (e.g. 0-49999)', metavar='LIST', type=str,
+              default='0-49999', show_default=True)
+@click.option('--class', 'class_idx', help='Class label  [default: random]', metavar='INT',
+              type=click.IntRange(min=0), default=None)
+@click.option('--batch', 'max_batch_size', help='Maximum batch size', metavar='INT', type=click.IntRange(min=1),
+              default=64, show_default=True)
+@_sampler_options
+@_report_options
+@_detector_options
+def gen(network_pkl: str, ref_path: Optional[str], seeds: str, class_idx: Optional[int], max_batch_size: int,
+        pfgmpp: Optional[bool], aug_dim: Optional[int], repeat: int, stats_path: Optional[str],
+        jsonl_path: Optional[str], detector_path: Optional[str], device: Optional[str], **sampler_kwargs: Any) -> None:
+    """FID of a network, from images generated in memory (no PNGs are written).
+
+    The statistics equal those of generate.py with the same flags followed by calc on its folder (same
+    images, same uint8 quantization). With --repeat=K the seed list is shifted past itself K-1 times and the
+    minimum FID is reported last, the protocol of the EDM and PFGM++ papers.
+    """
+    import generate  # imported here: calc and ref do not need the generation stack
+    from training.network_io import NetworkLoadError, load_network
+
+    if ref_path is None and stats_path is None:
+        raise click.UsageError('give --ref to compute an FID, --save-stats to keep the statistics, or both')
+    try:
+        seed_list = generate.SeedList().convert(seeds, None, None)
+    except click.BadParameter as err:
+        err.param_hint = '--seeds'
+        raise
+    if sampler_kwargs['sigma_min'] is not None and sampler_kwargs['sigma_max'] is not None \
+            and not sampler_kwargs['sigma_min'] < sampler_kwargs['sigma_max']:
+        raise click.BadParameter(f'--sigma_min={sampler_kwargs["sigma_min"]} must be below '
+                                 f'--sigma_max={sampler_kwargs["sigma_max"]}', param_hint='--sigma_min')
+    seed_ranges = _repeated_seed_ranges(sorted(seed_list), repeat)
+    device_obj = _start(device)
+    ref = _load_ref_on_main(ref_path)
+
+    def load() -> torch.nn.Module:
+        dist.print0(f'Loading network from "{network_pkl}"...')
+        try:
+            return load_network(network_pkl, device_obj)
+        except NetworkLoadError as err:
+            raise click.ClickException(f'--network {err}') from None
+    net = _rank0_first(load)
+    use_pfgmpp, D = generate.resolve_pfgmpp(net, pfgmpp, aug_dim)
+    kwargs = {key: value for key, value in sampler_kwargs.items() if value is not None}
+    detector = _rank0_first(lambda: load_detector(detector_path, device=device_obj, verbose=dist.is_main()))
+
+    fids, records = [], []
+    for index, run_seeds in enumerate(seed_ranges):
+        started = time.time()
+        mu, sigma = calculate_stats_for_network(net, run_seeds, max_batch_size=max_batch_size, device=device_obj,
+                                                detector=detector, class_idx=class_idx, pfgmpp=use_pfgmpp, D=D,
+                                                **kwargs)
+        record = dict(command='gen', network=network_pkl, num_images=len(run_seeds), ref=ref_path,
+                      detector=detector_path or DETECTOR_URL, seeds=generate.compact_seeds(run_seeds),
+                      repeat=index, class_idx=class_idx, pfgmpp=use_pfgmpp, D=D,
+                      sampler_kwargs=generate.jsonable(kwargs))
+        fid = _finish_run(ref, mu, sigma, _numbered_stats_path(stats_path, index, repeat), record, started)
+        if fid is not None:
+            fids.append(fid)
+            records.append(record)
+    _report(fids, records, jsonl_path, label='seeds')
+    dist.shutdown()
+
+
+if __name__ == '__main__':
+    main()

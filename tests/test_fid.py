@@ -1,0 +1,390 @@
+"""fid.py: golden statistics and FID, sharding, subset selection, the in-memory network path, and bad input.
+
+Most tests use the golden stand-in detector. Where only the pipeline matters, a copy narrowed to its 32 non-zero
+features keeps sqrtm cheap (a 2048x2048 sqrtm takes seconds on these CPUs).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import click
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+import fid
+from tests.conftest import REPO_ROOT, run_python
+
+STANDIN = 'fid/detector-standin.pkl'
+FID_SCRIPT = str(REPO_ROOT / 'fid.py')
+
+
+def _last_line(text: str) -> str:
+    return text.strip().splitlines()[-1]
+
+
+def _assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> str:
+    """The command failed with a single 'Error: ...' line naming what was wrong, and no traceback."""
+    assert proc.returncode != 0, proc.stdout
+    assert 'Traceback' not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith('Error:')]
+    assert len(errors) == 1, proc.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    return errors[0]
+
+
+@pytest.fixture(scope='module')
+def generated_dir(golden_dir, tmp_path_factory) -> Path:
+    """The golden generated PNGs (000000.png ... 000063.png, 16x16 RGB) extracted to a folder."""
+    out = tmp_path_factory.mktemp('generated')
+    with zipfile.ZipFile(golden_dir / 'fid' / 'generated_images.zip') as z:
+        z.extractall(out)
+    return out
+
+
+@pytest.fixture(scope='module')
+def narrow_detector(golden_dir, tmp_path_factory) -> Path:
+    """The stand-in detector returning only its 32 active features (same values, same persistence pickle path)."""
+    with open(golden_dir / STANDIN, 'rb') as f:
+        detector = pickle.load(f)
+    detector.feature_dim = detector.num_active
+    path = tmp_path_factory.mktemp('detector') / 'narrow.pkl'
+    with open(path, 'wb') as f:
+        pickle.dump(detector, f)
+    return path
+
+
+@pytest.fixture(scope='module')
+def narrow_ref(golden_dir, tmp_path_factory) -> Path:
+    """Golden reference statistics restricted to the 32 active features, matching ``narrow_detector``."""
+    ref = np.load(golden_dir / 'fid' / 'ref_stats.npz')
+    path = tmp_path_factory.mktemp('ref') / 'narrow-ref.npz'
+    np.savez(path, mu=ref['mu'][:32], sigma=ref['sigma'][:32, :32])
+    return path
+
+
+# ----------------------------------------------------------------------------
+# Golden reproduction through the command line.
+
+
+def test_golden_ref_and_calc(golden_dir, generated_dir, tmp_path):
+    expected = json.loads((golden_dir / 'fid' / 'expected.json').read_text())
+    detector = str(golden_dir / STANDIN)
+
+    ref_path = tmp_path / 'ref.npz'
+    run_python([FID_SCRIPT, 'ref', f'--data={golden_dir / "fid" / "ref_dataset.zip"}', f'--dest={ref_path}',
+                f'--detector={detector}', '--workers=0', '--device=cpu'])
+    golden_ref = np.load(golden_dir / 'fid' / 'ref_stats.npz')
+    ours = np.load(ref_path)
+    assert sorted(ours.files) == ['mu', 'sigma']
+    assert ours['mu'].dtype == np.float64 and ours['sigma'].shape == (2048, 2048)
+    np.testing.assert_allclose(ours['mu'], golden_ref['mu'], rtol=0, atol=1e-9)
+    np.testing.assert_allclose(ours['sigma'], golden_ref['sigma'], rtol=0, atol=1e-9)
+    # Written like the original: uncompressed np.savez, hence the same size (the zip timestamps differ).
+    assert ref_path.stat().st_size == expected['ref_npz_exact_size_bytes']
+
+    stats_path, jsonl = tmp_path / 'gen.npz', tmp_path / 'results.jsonl'
+    proc = run_python([FID_SCRIPT, 'calc', f'--images={generated_dir}', f'--ref={ref_path}', '--num=64', '--seed=0',
+                       f'--detector={detector}', '--workers=2', '--device=cpu', f'--save-stats={stats_path}',
+                       f'--jsonl={jsonl}'])
+    assert _last_line(proc.stdout) == expected['fid_printed_by_calc']
+    golden_gen = np.load(golden_dir / 'fid' / 'gen_stats.npz')
+    gen = np.load(stats_path)
+    np.testing.assert_allclose(gen['mu'], golden_gen['mu'], rtol=0, atol=1e-9)
+    np.testing.assert_allclose(gen['sigma'], golden_gen['sigma'], rtol=0, atol=1e-9)
+    (record,) = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert record['fid'] == pytest.approx(expected['fid'], rel=1e-6)
+    assert record['num_images'] == 64 and record['ref'] == str(ref_path) and record['detector'] == detector
+    assert record['seed'] == 0 and record['elapsed_s'] > 0
+
+
+def test_fid_formula_on_golden_block(golden_dir):
+    """The FID restricted to the non-zero 32x32 block equals the golden block-only value."""
+    expected = json.loads((golden_dir / 'fid' / 'expected.json').read_text())
+    ref, gen = np.load(golden_dir / 'fid' / 'ref_stats.npz'), np.load(golden_dir / 'fid' / 'gen_stats.npz')
+    value = fid.calculate_fid_from_inception_stats(gen['mu'][:32], gen['sigma'][:32, :32], ref['mu'][:32],
+                                                   ref['sigma'][:32, :32])
+    assert value == pytest.approx(expected['fid_block_only'], rel=1e-6)
+
+
+def test_fid_formula_closed_form():
+    """For commuting (diagonal) covariances sqrtm is elementwise: FID = |dmu|^2 + sum (sqrt a - sqrt b)^2."""
+    rng = np.random.default_rng(0)
+    a, b = rng.uniform(0.1, 2, 6), rng.uniform(0.1, 2, 6)
+    mu, mu_ref = rng.normal(size=6), rng.normal(size=6)
+    expected = np.square(mu - mu_ref).sum() + np.square(np.sqrt(a) - np.sqrt(b)).sum()
+    assert fid.calculate_fid_from_inception_stats(mu, np.diag(a), mu_ref, np.diag(b)) == pytest.approx(expected,
+                                                                                                     rel=1e-12)
+    assert fid.calculate_fid_from_inception_stats(mu, np.diag(a), mu, np.diag(a)) == pytest.approx(0, abs=1e-12)
+
+
+def test_sqrtm_imaginary_part_warns_with_magnitude():
+    sigma = np.diag([1.0, -4.0])  # not a covariance: sqrtm of the product is diag(1, 2i)
+    with pytest.warns(RuntimeWarning, match=r'imaginary parts up to 2 '):
+        value = fid.calculate_fid_from_inception_stats(np.zeros(2), sigma, np.zeros(2), np.eye(2))
+    assert value == pytest.approx(1 - 4 + 2 - 2 * 1)
+
+
+def test_fid_rejects_mismatched_dimensions():
+    with pytest.raises(click.ClickException, match='same detector'):
+        fid.calculate_fid_from_inception_stats(np.zeros(3), np.eye(3), np.zeros(2), np.eye(2))
+
+
+# ----------------------------------------------------------------------------
+# Statistics: formula, subset selection, sharding.
+
+
+def test_feature_stats_match_numpy():
+    rng = np.random.default_rng(1)
+    features = rng.normal(size=(37, 5)) * [1, 2, 3, 4, 5] + 10
+    stats = fid.FeatureStats('cpu')
+    for chunk in np.array_split(features, [3, 4, 20]):
+        stats.add(torch.from_numpy(chunk))
+    mu, sigma = stats.compute()
+    np.testing.assert_allclose(mu, features.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(sigma, np.cov(features, rowvar=False), rtol=1e-10)
+
+
+def test_batches_do_not_depend_on_world_size(monkeypatch):
+    """Ranks deal out the single-process batches round-robin; no batch is re-cut for another world size."""
+    single = fid._rank_batches(range(10), 4)
+    assert single == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    monkeypatch.setattr(fid.dist, 'get_world_size', lambda: 2)
+    dealt = []
+    for rank in (0, 1):
+        monkeypatch.setattr(fid.dist, 'get_rank', lambda: rank)
+        dealt.append(fid._rank_batches(range(10), 4))
+    assert dealt == [[single[0], single[2]], [single[1]]]
+
+
+def test_subset_selection_and_formula_independently(golden_dir, generated_dir):
+    """--num/--seed keep a RandomState(seed)-shuffled subset, sorted; stats equal numpy mean/cov of its features."""
+    with open(golden_dir / STANDIN, 'rb') as f:
+        detector = pickle.load(f)
+    mu, sigma = fid.calculate_inception_stats(str(generated_dir), num_expected=50, seed=3, max_batch_size=16,
+                                              num_workers=0, device='cpu', detector=detector)
+    order = np.arange(64)
+    np.random.RandomState(3).shuffle(order)
+    chosen = np.sort(order[:50])
+    images = np.stack([np.asarray(PIL.Image.open(generated_dir / f'{i:06d}.png')) for i in chosen])
+    with torch.no_grad():
+        features = detector(torch.from_numpy(images).permute(0, 3, 1, 2), return_features=True).double().numpy()
+    np.testing.assert_allclose(mu, features.mean(0), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(sigma, np.cov(features, rowvar=False), rtol=0, atol=1e-12)
+
+
+def test_two_process_stats_equal_single_process(golden_dir, generated_dir, tmp_path):
+    """torchrun with 2 gloo ranks: 7 batches of <= 10 images split 4/3; stats equal single-process within 1e-10."""
+    common = ['calc', f'--images={generated_dir}', '--num=64', '--batch=10', '--workers=0', '--device=cpu',
+              f'--detector={golden_dir / STANDIN}']
+    single, sharded = tmp_path / 'single.npz', tmp_path / 'sharded.npz'
+    run_python([FID_SCRIPT, *common, f'--save-stats={single}'], env=dict(OMP_NUM_THREADS='1'))  # same kernels as ranks
+    # torchrun's own parser rejects '--num=64' as an ambiguous abbreviation of its --numa-binding, so the
+    # arguments reach fid.py through a file.
+    args_file, driver = tmp_path / 'args.json', tmp_path / 'driver.py'
+    args_file.write_text(json.dumps([*common, f'--save-stats={sharded}']))
+    driver.write_text('import json, sys\nimport fid\nfid.main(json.load(open(sys.argv[1])), prog_name="fid.py")\n')
+    proc = run_python(['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(driver),
+                       str(args_file)], env=dict(OMP_NUM_THREADS='1'))
+    assert proc.stdout.count('Saved statistics') == 1  # rank 0 alone writes
+    a, b = np.load(single), np.load(sharded)
+    for key in ('mu', 'sigma'):
+        scale = np.abs(a[key]).max()
+        assert np.abs(a[key] - b[key]).max() <= 1e-10 * scale, key
+    golden_gen = np.load(golden_dir / 'fid' / 'gen_stats.npz')
+    np.testing.assert_allclose(b['sigma'], golden_gen['sigma'], rtol=0, atol=1e-9)
+
+
+def test_grayscale_is_repeated_to_rgb(golden_dir, tmp_path):
+    """A 1-channel folder gives the statistics of the same images stored as RGB."""
+    rng = np.random.default_rng(5)
+    gray_dir, rgb_dir = tmp_path / 'gray', tmp_path / 'rgb'
+    gray_dir.mkdir(), rgb_dir.mkdir()
+    for i in range(6):
+        pixels = rng.integers(0, 256, size=(16, 16), dtype=np.uint8)
+        PIL.Image.fromarray(pixels, 'L').save(gray_dir / f'{i:06d}.png')
+        PIL.Image.fromarray(np.repeat(pixels[:, :, None], 3, axis=2), 'RGB').save(rgb_dir / f'{i:06d}.png')
+    with open(golden_dir / STANDIN, 'rb') as f:
+        detector = pickle.load(f)
+    kwargs = dict(num_expected=6, num_workers=0, device='cpu', detector=detector)
+    gray, rgb = fid.calculate_inception_stats(str(gray_dir), **kwargs), fid.calculate_inception_stats(str(rgb_dir),
+                                                                                                      **kwargs)
+    np.testing.assert_array_equal(gray[0], rgb[0])
+    np.testing.assert_array_equal(gray[1], rgb[1])
+
+
+# ----------------------------------------------------------------------------
+# Reporting: --repeat, JSON lines.
+
+
+def test_repeat_reports_each_and_minimum(generated_dir, narrow_detector, narrow_ref, tmp_path):
+    jsonl, stats = tmp_path / 'out' / 'fid.jsonl', tmp_path / 'stats.npz'
+    jsonl.parent.mkdir()
+    jsonl.write_text('{"earlier": true}\n')  # appended to, not replaced
+    proc = run_python([FID_SCRIPT, 'calc', f'--images={generated_dir}', f'--ref={narrow_ref}', '--num=40', '--seed=7',
+                       '--repeat=3', f'--detector={narrow_detector}', '--workers=0', '--device=cpu',
+                       f'--jsonl={jsonl}', f'--save-stats={stats}'])
+    lines = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert lines[0] == {'earlier': True}
+    runs, summary = lines[1:4], lines[4]
+    assert [r['seed'] for r in runs] == [7, 8, 9] and [r['repeat'] for r in runs] == [0, 1, 2]
+    ref_mu, ref_sigma = fid.load_ref_stats(str(narrow_ref))
+    for index, record in enumerate(runs):
+        saved = np.load(tmp_path / f'stats-{index}.npz')
+        assert record['fid'] == pytest.approx(
+            fid.calculate_fid_from_inception_stats(saved['mu'], saved['sigma'], ref_mu, ref_sigma), rel=1e-12)
+    fids = [r['fid'] for r in runs]
+    assert len(set(fids)) == 3  # three different subsets
+    assert summary['fid_min'] == min(fids) and summary['fids'] == fids and summary['seed'] == [7, 8, 9]
+    assert _last_line(proc.stdout) == f'{min(fids):g}'
+    for value in fids:
+        assert f'FID {value:g}' in proc.stdout
+
+
+# ----------------------------------------------------------------------------
+# Detector loading.
+
+
+def test_detector_comes_from_the_download_cache(golden_dir, monkeypatch, tmp_path):
+    """Without --detector the Inception URL is looked up in dnnlib's cache; a cached copy needs no network."""
+    monkeypatch.setenv('DNNLIB_CACHE_DIR', str(tmp_path))
+    downloads = tmp_path / 'downloads'
+    downloads.mkdir()
+    name = hashlib.md5(fid.DETECTOR_URL.encode()).hexdigest() + '_inception-2015-12-05.pkl'
+    shutil.copy(golden_dir / STANDIN, downloads / name)
+    detector = fid.load_detector(None, device='cpu', verbose=False)
+    assert type(detector).__name__ == 'StandinDetector'
+
+
+def test_offline_without_detector_copy_is_one_clear_error(generated_dir, tmp_path):
+    env = dict(DNNLIB_CACHE_DIR=str(tmp_path / 'cache'), PFGMPP_DOWNLOAD_ATTEMPTS='1', PFGMPP_DOWNLOAD_TIMEOUT='2')
+    url = 'http://127.0.0.1:9/inception.pkl'
+    proc = run_python([FID_SCRIPT, 'calc', f'--images={generated_dir}', '--save-stats=unused.npz', '--num=64',
+                       f'--detector={url}', '--workers=0', '--device=cpu'], env=env, cwd=tmp_path, check=False)
+    _assert_one_line_error(proc, url, '--detector=PATH')
+    assert not (tmp_path / 'unused.npz').exists()
+
+
+def test_default_detector_offline_names_url_and_option(monkeypatch, tmp_path):
+    monkeypatch.setenv('DNNLIB_CACHE_DIR', str(tmp_path))
+    monkeypatch.setattr(fid, 'DETECTOR_URL', 'http://127.0.0.1:9/metrics/inception-2015-12-05.pkl')
+    monkeypatch.setenv('PFGMPP_DOWNLOAD_ATTEMPTS', '1')
+    with pytest.raises(click.ClickException) as info:
+        fid.load_detector(None, verbose=False)
+    assert fid.DETECTOR_URL in info.value.message and '--detector=PATH' in info.value.message
+
+
+def test_detector_file_errors(tmp_path):
+    with pytest.raises(click.ClickException, match='no such file'):
+        fid.load_detector(str(tmp_path / 'missing.pkl'))
+    junk = tmp_path / 'junk.pkl'
+    junk.write_bytes(b'not a pickle')
+    with pytest.raises(click.ClickException, match='not a loadable detector pickle'):
+        fid.load_detector(str(junk))
+    plain = tmp_path / 'dict.pkl'
+    plain.write_bytes(pickle.dumps({'a': 1}))
+    with pytest.raises(click.ClickException, match='expected a pickled torch.nn.Module'):
+        fid.load_detector(str(plain))
+
+
+class _BadDetector(torch.nn.Module):
+    """Returns pooled maps [N, 8, 1, 1] instead of flat features."""
+
+    def forward(self, x, return_features=False):
+        return torch.zeros([x.shape[0], 8, 1, 1])
+
+
+def test_detector_output_of_wrong_shape(generated_dir):
+    with pytest.raises(click.ClickException, match=r'returned \[16, 8, 1, 1\] for 16 images; expected \[16'):
+        fid.calculate_inception_stats(str(generated_dir), num_expected=16, max_batch_size=16, num_workers=0,
+                                      device='cpu', detector=_BadDetector())
+
+
+# ----------------------------------------------------------------------------
+# Bad input.
+
+
+@pytest.mark.parametrize('case', ['missing-key', 'mu-shape', 'sigma-shape', 'nan', 'not-npz', 'npy', 'text-dtype'])
+def test_malformed_ref(tmp_path, case):
+    path = tmp_path / 'ref.npz'
+    good = dict(mu=np.zeros(4), sigma=np.eye(4))
+    if case == 'missing-key':
+        np.savez(path, mu=good['mu'], cov=good['sigma'])
+        pattern = r'missing sigma; found keys \[.cov., .mu.\]'
+    elif case == 'mu-shape':
+        np.savez(path, mu=np.zeros((4, 1)), sigma=good['sigma'])
+        pattern = r'mu has shape \[4, 1\] and sigma \[4, 4\]; expected \[D\] and \[D, D\]'
+    elif case == 'sigma-shape':
+        np.savez(path, mu=good['mu'], sigma=np.eye(3))
+        pattern = 'expected \\[D\\] and \\[D, D\\]'
+    elif case == 'nan':
+        sigma = np.eye(4)
+        sigma[1, 2] = np.nan
+        np.savez(path, mu=good['mu'], sigma=sigma)
+        pattern = 'sigma holds 1 NaN/inf'
+    elif case == 'not-npz':
+        path.write_text('hello')
+        pattern = 'expected an .npz'
+    elif case == 'npy':
+        with open(path, 'wb') as f:
+            np.save(f, np.zeros(4))
+        pattern = 'bare .npy'
+    else:
+        np.savez(path, mu=np.array(['a', 'b']), sigma=good['sigma'])
+        pattern = 'mu has dtype'
+    with pytest.raises(click.ClickException, match=pattern) as info:
+        fid.load_ref_stats(str(path))
+    assert str(path) in info.value.message
+
+
+def test_missing_ref_on_the_command_line(generated_dir, tmp_path):
+    proc = run_python([FID_SCRIPT, 'calc', f'--images={generated_dir}', f'--ref={tmp_path / "nope.npz"}'], check=False)
+    _assert_one_line_error(proc, '--ref', 'nope.npz')
+
+
+def test_fewer_images_than_num(golden_dir, generated_dir):
+    proc = run_python([FID_SCRIPT, 'calc', f'--images={generated_dir}', '--save-stats=x.npz', '--num=65',
+                       f'--detector={golden_dir / STANDIN}', '--workers=0', '--device=cpu'], check=False)
+    _assert_one_line_error(proc, str(generated_dir), 'found 64 images', '--num asks for 65')
+
+
+def _write_pngs(folder: Path, sizes: list[int]) -> None:
+    folder.mkdir()
+    for i, size in enumerate(sizes):
+        PIL.Image.fromarray(np.full((size, size, 3), 40 * i, np.uint8), 'RGB').save(folder / f'{i:06d}.png')
+
+
+@pytest.mark.parametrize('workers', [0, 2])
+def test_mixed_sizes_and_broken_files(golden_dir, tmp_path, workers):
+    """The error names the offending file, also when a DataLoader worker process met it."""
+    with open(golden_dir / STANDIN, 'rb') as f:
+        detector = pickle.load(f)
+    kwargs = dict(num_expected=4, max_batch_size=2, num_workers=workers, device='cpu', detector=detector)
+    mixed = tmp_path / 'mixed'
+    _write_pngs(mixed, [16, 16, 8, 16])
+    with pytest.raises(click.ClickException, match=r'000002.png: image is 3x8x8 \(CxHxW\) but .* 3x16x16') as info:
+        fid.calculate_inception_stats(str(mixed), **kwargs)
+    assert '\n' not in info.value.message and 'Traceback' not in info.value.message
+
+    broken = tmp_path / 'broken'
+    _write_pngs(broken, [16, 16, 16])
+    (broken / '000003.png').write_text('this is not a PNG')
+    with pytest.raises(click.ClickException, match='000003.png: cannot read image') as info:
+        fid.calculate_inception_stats(str(broken), **kwargs)
+    assert '\n' not in info.value.message and 'Traceback' not in info.value.message
+
+
+def test_calc_needs_ref_or_save_stats(generated_dir):
+    proc = run_python([FID_SCRIPT, 'calc', f'--images={generated_dir}'], check=False)
+    assert proc.returncode == 2 and '--ref' in proc.stderr and 'Traceback' not in proc.stderr
