@@ -231,11 +231,13 @@ def open_mnist(images_gz: str, max_images: Optional[int]) -> Source:
     labels_gz = images_gz[:-len(MNIST_IMAGES_SUFFIX)] + MNIST_LABELS_SUFFIX
     if not os.path.isfile(labels_gz):
         raise click.ClickException(f'--source {images_gz}: the labels file {labels_gz} is missing')
-    (num, rows, cols), pixels = _read_idx_file(images_gz, MNIST_IMAGES_MAGIC, 4)
-    (num_labels,), labels = _read_idx_file(labels_gz, MNIST_LABELS_MAGIC, 2)
-    if pixels.size != num * rows * cols or labels.size != num_labels or num_labels != num:
-        raise click.ClickException(f'--source {images_gz}: header says {num} images of {rows}x{cols} and '
-                                   f'{num_labels} labels, but the files hold {pixels.size} pixels and {labels.size} labels')
+    # Counts come from the payload sizes, as in the original, which never read the headers' counts.
+    (_, rows, cols), pixels = _read_idx_file(images_gz, MNIST_IMAGES_MAGIC, 4)
+    _, labels = _read_idx_file(labels_gz, MNIST_LABELS_MAGIC, 2)
+    num = labels.size
+    if rows * cols == 0 or pixels.size != num * rows * cols:
+        raise click.ClickException(f'--source {images_gz}: {pixels.size} pixels do not make {num} images of '
+                                   f'{rows}x{cols} (one per label in {labels_gz})')
     border = ((0, 0), (MNIST_BORDER, MNIST_BORDER), (MNIST_BORDER, MNIST_BORDER))
     images = np.pad(pixels.reshape(num, rows, cols), border, mode='constant', constant_values=0)
     count = _limit(num, max_images)

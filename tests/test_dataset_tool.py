@@ -182,7 +182,8 @@ def _write_idx(path: Path, magic: int, dims: list[int], payload: np.ndarray) -> 
 
 def test_mnist_is_padded_to_32(tmp_path: Path) -> None:
     digits = np.random.default_rng(5).integers(0, 256, size=(4, 28, 28), dtype=np.uint8)
-    _write_idx(tmp_path / 'train-images-idx3-ubyte.gz', 0x803, [4, 28, 28], digits)
+    # The header keeps the real file's count: like the original, counts come from the data itself.
+    _write_idx(tmp_path / 'train-images-idx3-ubyte.gz', 0x803, [60000, 28, 28], digits)
     _write_idx(tmp_path / 'train-labels-idx1-ubyte.gz', 0x801, [4], np.array([3, 1, 4, 1]))
     assert convert([f'--source={tmp_path / "train-images-idx3-ubyte.gz"}', f'--dest={tmp_path / "m.zip"}']).exit_code == 0
     _, labels, images = read_dataset(tmp_path / 'm.zip')
@@ -190,6 +191,13 @@ def test_mnist_is_padded_to_32(tmp_path: Path) -> None:
     for k in range(4):
         np.testing.assert_array_equal(images[f'00000/img{k:08d}.png'], np.pad(digits[k], 2))
 
+    _write_idx(tmp_path / 'train-labels-idx1-ubyte.gz', 0x801, [3], np.array([3, 1, 4]))
+    fails_with([f'--source={tmp_path / "train-images-idx3-ubyte.gz"}', f'--dest={tmp_path / "m2.zip"}'],
+               'pixels do not make 3 images of 28x28')
+    _write_idx(tmp_path / 't10k-images-idx3-ubyte.gz', 0x801, [4, 28, 28], digits)
+    _write_idx(tmp_path / 't10k-labels-idx1-ubyte.gz', 0x801, [4], np.array([3, 1, 4, 1]))
+    fails_with([f'--source={tmp_path / "t10k-images-idx3-ubyte.gz"}', f'--dest={tmp_path / "m2.zip"}'],
+               r't10k-images-idx3-ubyte.gz: not an MNIST idx file \(expected magic number 0x00000803\)')
     (tmp_path / 'train-labels-idx1-ubyte.gz').unlink()
     fails_with([f'--source={tmp_path / "train-images-idx3-ubyte.gz"}', f'--dest={tmp_path / "m2.zip"}'],
                'labels file .*train-labels-idx1-ubyte.gz is missing')

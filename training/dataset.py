@@ -11,6 +11,7 @@ share without reopening or locking anything.
 
 from __future__ import annotations
 
+import array
 import io
 import json
 import os
@@ -27,7 +28,7 @@ import dnnlib
 
 LABELS_FILE = 'dataset.json'
 SUBSET_SEED_MODULUS = 1 << 31  # max_size seeds wrap like this so that any integer seed is accepted
-NO_LABEL = object()
+_NO_LABEL = object()
 
 
 class DatasetError(ValueError):
@@ -45,7 +46,7 @@ _LOCAL_HEADER = struct.Struct('<4s5H3L2H')      # local file header before its n
 _EOCD_SIG, _ZIP64_LOCATOR_SIG, _ZIP64_EOCD_SIG = b'PK\x05\x06', b'PK\x06\x07', b'PK\x06\x06'
 _CENTRAL_SIG, _LOCAL_SIG = b'PK\x01\x02', b'PK\x03\x04'
 _MAX_COMMENT = 0xFFFF
-_ZIP64_MARKER_32, _ZIP64_MARKER_16 = 0xFFFFFFFF, 0xFFFF
+_ZIP64_MARKER_32 = 0xFFFFFFFF  # a 32-bit field whose value is in the zip64 extra field
 _ZIP64_EXTRA_ID = 0x0001
 _FLAG_ENCRYPTED, _FLAG_UTF8 = 0x1, 0x800
 _STORED, _DEFLATED = 0, 8
@@ -131,7 +132,8 @@ class ZipMembers:
         return usize, csize, offset
 
     def _parse(self, directory: bytes) -> None:
-        names, offsets, sizes, methods, flags = [], [], [], [], []
+        # array.array rather than lists: no Python int object per value while a large directory is parsed.
+        names, offsets, sizes, methods, flags = [], array.array('q'), array.array('q'), array.array('H'), array.array('H')
         pos = 0
         while pos < len(directory):
             (sig, _made_by, _needed, flag, method, _time, _date, _crc, csize, usize, name_len, extra_len,
@@ -152,10 +154,10 @@ class ZipMembers:
             flags.append(flag)
             pos = extra_start + extra_len + comment_len
         self.names = np.array(names, dtype=bytes) if names else np.zeros(0, dtype='S1')
-        self._offsets = np.array(offsets, dtype=np.int64) + self._shift
-        self._sizes = np.array(sizes, dtype=np.int64)
-        self._methods = np.array(methods, dtype=np.uint16)
-        self._flags = np.array(flags, dtype=np.uint16)
+        self._offsets = np.frombuffer(offsets, dtype=np.int64) + self._shift
+        self._sizes = np.frombuffer(sizes, dtype=np.int64).copy()
+        self._methods = np.frombuffer(methods, dtype=np.uint16).copy()
+        self._flags = np.frombuffer(flags, dtype=np.uint16).copy()
 
     def keep(self, members: np.ndarray) -> None:
         """Restrict (and reorder) the table to ``members``; later reads use the new positions."""
@@ -227,7 +229,7 @@ class ZipMembers:
 # Indexing, subsets, mirroring, labels and caching, independent of where images are stored.
 
 
-class Dataset(torch.utils.data.Dataset):
+class ImageDataset(torch.utils.data.Dataset):
     """Base class: subclasses provide ``_load_raw_image(raw_idx)`` (CHW uint8), ``_load_raw_labels()`` and
     ``_describe(raw_idx)`` (a name for error messages) and call this constructor once they can load images."""
 
@@ -247,27 +249,29 @@ class Dataset(torch.utils.data.Dataset):
         num_raw = self._raw_shape[0]
 
         # max_size keeps a seeded random subset, listed in storage order.
-        self._raw_idx = np.arange(num_raw, dtype=np.int64)
+        order = np.arange(num_raw, dtype=np.int64)
         if max_size is not None:
             if max_size < 0:
                 raise ValueError(f'max_size must be >= 0, got {max_size}')
             if num_raw > max_size:
-                np.random.RandomState(random_seed % SUBSET_SEED_MODULUS).shuffle(self._raw_idx)
-                self._raw_idx = np.sort(self._raw_idx[:max_size])
+                np.random.RandomState(random_seed % SUBSET_SEED_MODULUS).shuffle(order)
+                order = np.sort(order[:max_size])
 
         # xflip appends the whole list once more, mirrored.
-        self._xflip = np.zeros(self._raw_idx.size, dtype=np.uint8)
+        mirrored = np.zeros(order.size, dtype=np.uint8)
         if xflip:
-            self._raw_idx = np.concatenate([self._raw_idx, self._raw_idx])
-            self._xflip = np.concatenate([self._xflip, np.ones_like(self._xflip)])
+            order = np.concatenate([order, order])
+            mirrored = np.concatenate([mirrored, mirrored + 1])
+        self._raw_idx, self._xflip = order, mirrored
 
-        self._raw_labels = self._load_raw_labels() if use_labels else None
-        if self._raw_labels is None:
-            self._raw_labels = np.zeros([num_raw, 0], dtype=np.float32)
-        if self._raw_labels.dtype == np.int64:
-            self._label_shape = [int(self._raw_labels.max()) + 1 if self._raw_labels.size else 0]
+        labels = self._load_raw_labels() if use_labels else None
+        if labels is None:
+            labels = np.zeros([num_raw, 0], dtype=np.float32)
+        if labels.dtype != np.int64:
+            self._label_shape = list(labels.shape[1:])
         else:
-            self._label_shape = list(self._raw_labels.shape[1:])
+            self._label_shape = [int(labels.max()) + 1 if labels.size else 0]
+        self._raw_labels = labels
 
         # The cache holds one row per distinct stored image in use, filled on first access.
         self._cache_rows = np.unique(self._raw_idx) if cache else None
@@ -292,11 +296,11 @@ class Dataset(torch.utils.data.Dataset):
     # Images ----------------------------------------------------------------
 
     def _load_checked(self, raw_idx: int) -> np.ndarray:
-        image = self._load_raw_image(raw_idx)
-        if list(image.shape) != self.image_shape:
-            raise DatasetError(f'{self._describe(raw_idx)}: image is {"x".join(map(str, image.shape))} (CxHxW) but '
+        pixels = self._load_raw_image(raw_idx)
+        if list(pixels.shape) != self.image_shape:
+            raise DatasetError(f'{self._describe(raw_idx)}: image is {"x".join(map(str, pixels.shape))} (CxHxW) but '
                                f'the dataset\'s images are {"x".join(map(str, self.image_shape))}')
-        return image
+        return pixels
 
     def _stored_image(self, idx: int) -> np.ndarray:
         """CHW image of item ``idx`` before mirroring; a view into the cache when caching, so do not modify."""
@@ -317,10 +321,10 @@ class Dataset(torch.utils.data.Dataset):
         return self._raw_idx.size
 
     def __getitem__(self, idx: int) -> tuple[np.ndarray, np.ndarray]:
-        image = self._stored_image(idx)
-        if self._xflip[idx]:
-            image = image[:, :, ::-1]
-        return image.copy(), self.get_label(idx)
+        stored = self._stored_image(idx)
+        # Always a fresh contiguous array: callers may modify it, and cached pixels must stay intact.
+        pixels = (stored[:, :, ::-1] if self._xflip[idx] else stored).copy()
+        return pixels, self.get_label(idx)
 
     def get_batch(self, indices: Sequence[int] | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Images (uint8 [B, C, H, W]) and labels (float32 [B, label_dim]) of many items at once.
@@ -369,7 +373,7 @@ class Dataset(torch.utils.data.Dataset):
 
     @property
     def image_shape(self) -> list[int]:
-        return list(self._raw_shape[1:])
+        return self._raw_shape[1:]  # a new list each time
 
     @property
     def num_channels(self) -> int:
@@ -426,7 +430,10 @@ def _pixels_of(image: PIL.Image.Image) -> np.ndarray:
     return np.asarray(image)
 
 
-class ImageFolderDataset(Dataset):
+Dataset = ImageDataset  # the original's name for the base class
+
+
+class ImageFolderDataset(ImageDataset):
     """Images (any format PIL reads, found recursively, in sorted name order) of a directory or ZIP archive,
     with labels from ``dataset.json`` at its root when ``use_labels`` is set."""
 
@@ -462,8 +469,9 @@ class ImageFolderDataset(Dataset):
             self._zip = ZipMembers(self._path)
             has_labels_file = self._zip.find(LABELS_FILE) is not None
             self._labels_blob = self._zip.read(self._zip.find(LABELS_FILE)) if has_labels_file and use_labels else None
-            members = np.array([k for k, name in enumerate(self._zip.names.tolist()) if is_image(name)], dtype=np.int64)
-            members = members[np.argsort(self._zip.names[members], kind='stable')] if members.size else members
+            image_mask = np.fromiter(map(is_image, self._zip.names.tolist()), dtype=bool, count=self._zip.names.size)
+            members = np.flatnonzero(image_mask)
+            members = members[np.argsort(self._zip.names[members], kind='stable')]
             self._zip.keep(members)
             names = self._zip.names
         elif not os.path.exists(self._path):
@@ -529,8 +537,8 @@ class ImageFolderDataset(Dataset):
 
         labels = []
         for raw_idx in range(self._image_names.size):
-            label = table.pop(self._image_name(raw_idx), NO_LABEL)
-            if label is NO_LABEL:
+            label = table.pop(self._image_name(raw_idx), _NO_LABEL)
+            if label is _NO_LABEL:
                 raise DatasetError(f'{where}: no label for image {self._image_name(raw_idx)}')
             labels.append(label)
         if table:
