@@ -117,7 +117,7 @@ class _NoiseLevelLoss:
                  augment_pipe: Optional[Callable] = None, generator: Optional[torch.Generator] = None,
                  reference_images: Optional[torch.Tensor] = None) -> torch.Tensor:
         sigma = self.sample_sigma(images.shape[0], images.device, generator, ndim=images.ndim)
-        y, augment_labels = augment_pipe(images) if augment_pipe is not None else (images, None)
+        y, augment_labels = (images, None) if augment_pipe is None else augment_pipe(images)
         noise = self.perturbation(y, sigma, generator)
         target = None
         if reference_images is not None:

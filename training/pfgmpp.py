@@ -109,7 +109,9 @@ def sample_radius_ratio(batch_size: int, N: int, D: float, generator: Optional[t
 
     B / (1 - B) is computed as the ratio G1 / G2 of the two Gamma variables that define B, which avoids the
     cancellation in 1 - B when B is close to 1 (large N, small D) and stays finite for N and D in the millions.
-    ``clip_beta=eps`` restricts B to [eps, 1 - eps] as the reference does during training.
+    ``clip_beta=eps`` restricts B to [eps, 1 - eps] as the reference does during training. (The reference also
+    adds 1e-8 inside the ratio and inside the square root; with the clip on, that moves the radius by less than
+    1e-5 relative, and it is left out here so that the law stays exact.)
     """
     concentration = torch.empty([batch_size, 2], dtype=torch.float64, device=device)
     concentration[:, 0] = N / 2
