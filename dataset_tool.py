@@ -532,7 +532,7 @@ class _ConvertWhenNoCommand(click.Group):
 
 @click.group(cls=_ConvertWhenNoCommand)
 def main() -> None:
-    """Make and convert datasets for training (run `dataset_tool.py convert --help`)."""
+    """Make datasets for training. `dataset_tool.py --source=... --dest=...` means `convert` (see convert --help)."""
 
 
 @main.command()

@@ -448,6 +448,7 @@ class ImageFolderDataset(ImageDataset):
     ):
         self._path = os.fspath(path)
         self._zip: Optional[ZipMembers] = None
+        self._labels_blob: Optional[bytes] = None  # a ZIP's dataset.json, read before its table keeps only images
         PIL.Image.init()
         extensions = {ext.encode() for ext in PIL.Image.EXTENSION}
 
@@ -494,7 +495,7 @@ class ImageFolderDataset(ImageDataset):
         name = os.path.splitext(os.path.basename(os.path.normpath(self._path)))[0]
         super().__init__(name=name, raw_shape=[names.size, *first.shape], max_size=max_size, use_labels=use_labels,
                          xflip=xflip, random_seed=random_seed, cache=cache)
-        self._labels_blob = None
+        self._labels_blob = None  # parsed by now
 
     def _image_name(self, raw_idx: int) -> str:
         return os.fsdecode(self._image_names[raw_idx]) if self._type == 'dir' else self._image_names[raw_idx].decode('utf8')
