@@ -244,7 +244,6 @@ class ImageDataset(torch.utils.data.Dataset):
     ):
         self._name = name
         self._raw_shape = [int(x) for x in raw_shape]
-        self._use_labels = use_labels
         self._cache = cache
         num_raw = self._raw_shape[0]
 
