@@ -1,0 +1,330 @@
+"""train.py and training/training_loop.py end to end on CPU: tiny networks on 8x8 images, a few steps each.
+
+Covers: a two-process torchrun run (outputs load, losses finite), equal updates for 1 vs 2 processes with gradient
+accumulation, bit-exact resume after kill -9 and after SIGTERM, --transfer, resuming the original PFGM++ training
+state (golden), the one-line validation errors, --dry-run and the NaN-loss stop.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from tests._train_data import make_dataset_zip, tiny_train_args
+from tests.conftest import REPO_ROOT, run_python
+
+STEP_IMAGES = 4                      # --batch of the single-process runs
+LONG_MIMG = 60 * STEP_IMAGES / 1e6   # 60 steps: long enough to be killed half-way
+SINGLE_THREAD = {'OMP_NUM_THREADS': '1', 'MKL_NUM_THREADS': '1'}
+
+
+@pytest.fixture(scope='module')
+def data_zip(tmp_path_factory) -> Path:
+    return make_dataset_zip(tmp_path_factory.mktemp('data') / 'tiny.zip', count=16, resolution=8)
+
+
+def _train(args: list[str], check: bool = True) -> subprocess.CompletedProcess:
+    return run_python(['train.py', *args], env=SINGLE_THREAD, check=check, timeout=300)
+
+
+def _state(path: Path) -> dict:
+    return torch.load(path, map_location='cpu', weights_only=False)
+
+
+def _only(pattern: str, directory: Path) -> Path:
+    found = sorted(directory.glob(pattern))
+    assert len(found) == 1, (pattern, found)
+    return found[0]
+
+
+def _assert_modules_equal(a: torch.nn.Module, b: torch.nn.Module, atol: float = 0.0) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for name in sa:
+        if atol == 0:
+            assert torch.equal(sa[name], sb[name]), name
+        else:
+            torch.testing.assert_close(sa[name], sb[name], atol=atol, rtol=0, msg=name)
+
+
+# ----------------------------------------------------------------------------
+# Two processes.
+
+DDP_ARGS = dict(batch=8, batch_gpu=2, duration=4 * 8 / 1e6, tick=2 * 8 / 1e3, lr_rampup=0)  # 4 steps, 2 rounds each
+
+
+@pytest.fixture(scope='module')
+def ddp_run(data_zip, tmp_path_factory) -> Path:
+    outdir = tmp_path_factory.mktemp('ddp')
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), **SINGLE_THREAD)
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+           str(REPO_ROOT / 'train.py'), *tiny_train_args(data_zip, outdir, **DDP_ARGS)]
+    proc = subprocess.run(cmd, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return _only('00000-*', outdir)
+
+
+def test_two_process_run_writes_loadable_outputs(ddp_run: Path):
+    from training.network_io import load_network
+
+    assert ddp_run.name == '00000-tiny-uncond-ddpmpp-edm-gpus2-batch8-fp32'
+    options = json.loads((ddp_run / 'training_options.json').read_text())
+    assert options['batch_size'] == 8 and options['batch_gpu'] == 2 and options['pfgmpp'] and options['D'] == 128
+    log = (ddp_run / 'log.txt').read_text()
+    status = [line for line in log.splitlines() if line.startswith('tick ')]
+    assert len(status) == 3  # ticks after steps 1, 3 and 4
+    for field in ('kimg', 'time', 'sec/tick', 'sec/kimg', 'maintenance', 'cpumem', 'gpumem'):
+        assert f' {field} ' in status[0]
+
+    stats = [json.loads(line) for line in (ddp_run / 'stats.jsonl').read_text().splitlines()]
+    assert len(stats) == 3
+    for tick in stats:
+        loss = tick['Loss/loss']
+        assert loss['num'] > 0 and torch.isfinite(torch.tensor([loss['mean'], loss['std']])).all()
+    assert stats[-1]['Progress/kimg']['mean'] == pytest.approx(0.032)
+
+    with open(_only('network-snapshot-*.pkl', ddp_run), 'rb') as f:
+        snapshot = pickle.load(f)
+    assert set(snapshot) == {'ema', 'loss_fn', 'augment_pipe', 'dataset_kwargs'}
+    assert not snapshot['ema'].training and snapshot['augment_pipe'].label_dim == 9
+    net = load_network(str(_only('network-snapshot-*.pkl', ddp_run)))
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.isfinite(net(x, torch.tensor([1.0, 5.0]))).all()
+
+    state = _state(_only('training-state-*.pt', ddp_run))
+    assert state['step'] == 32 and state['world_size'] == 2 and len(state['rng']) == 2
+    assert state['cur_tick'] == 3 and state['format'] == 'pfgmpp-training-state'
+    _assert_modules_equal(state['ema'].eval(), net)
+    assert state['optimizer_state']['state'][0]['step'] == 4
+
+
+def test_one_and_two_processes_with_accumulation_agree(ddp_run: Path, data_zip: Path, tmp_path: Path):
+    # 1 process x 4 rounds of 2 images vs 2 processes x 2 rounds of 2 images: the same micro-batches, so the same
+    # data, noise, dropout and augmentation; only the order of the floating-point gradient sums differs.
+    _train(tiny_train_args(data_zip, tmp_path, **DDP_ARGS))
+    run = _only('0*', tmp_path)
+    single, double = _state(_only('training-state-*.pt', run)), _state(_only('training-state-*.pt', ddp_run))
+    assert single['step'] == double['step'] == 32
+
+    # The gradients (Adam's running moments over the 4 steps) agree to float32 reduction noise.
+    names = [name for name, _ in single['net'].named_parameters()]
+    for index, name in enumerate(names):
+        for moment in ('exp_avg', 'exp_avg_sq'):
+            a = single['optimizer_state']['state'][index][moment]
+            b = double['optimizer_state']['state'][index][moment]
+            assert (a - b).abs().max() <= 1e-4 * a.abs().max() + 1e-12, (name, moment)
+
+    # So do the per-tick losses and the weights. Adam turns rounding noise in a gradient that is zero in exact
+    # arithmetic (the attention key bias: softmax ignores it) into steps of up to +-lr, so the weights are
+    # compared at 10% of one step: a real difference (other data or noise) moves nearly every weight by ~lr.
+    losses = [[json.loads(line)['Loss/loss']['mean'] for line in (d / 'stats.jsonl').read_text().splitlines()]
+              for d in (run, ddp_run)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    lr = 0.01
+    _assert_modules_equal(single['net'], double['net'], atol=0.1 * lr)
+    _assert_modules_equal(single['ema'], double['ema'], atol=0.1 * lr)
+    moved = max((a - b).abs().max().item() for a, b in zip(single['net'].parameters(), single['ema'].parameters()))
+    assert moved > 0  # the check is not vacuous: training changed the weights
+
+
+# ----------------------------------------------------------------------------
+# Exact resume.
+
+RESUME_ARGS = dict(duration=LONG_MIMG, tick=4 * STEP_IMAGES / 1e3, snap=5, dump=1, lr_rampup=0, nosubdir=True)
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(data_zip, tmp_path_factory) -> Path:
+    outdir = tmp_path_factory.mktemp('uninterrupted')
+    _train(tiny_train_args(data_zip, outdir, **RESUME_ARGS))
+    return outdir
+
+
+def _start(args: list[str]) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), **SINGLE_THREAD)
+    return subprocess.Popen([sys.executable, 'train.py', *args], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def _wait_for_state(proc: subprocess.Popen, outdir: Path, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not list(outdir.glob('training-state-*.pt')):
+        if proc.poll() is not None:
+            raise AssertionError(f'run ended before writing a training state:\n{proc.stdout.read()[-3000:]}')
+        if time.time() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise AssertionError('no training state appeared')
+        time.sleep(0.01)
+
+
+def _assert_same_final_result(a: Path, b: Path) -> None:
+    sa, sb = _state(_only('training-state-*.pt', a)), _state(_only('training-state-*.pt', b))
+    assert sa['step'] == sb['step'] == 60 * STEP_IMAGES
+    _assert_modules_equal(sa['net'], sb['net'])
+    _assert_modules_equal(sa['ema'], sb['ema'])
+    for key in ('state', 'param_groups'):
+        assert repr(sa['optimizer_state'][key]) == repr(sb['optimizer_state'][key])
+    with open(_only('network-snapshot-*.pkl', a), 'rb') as f:
+        ema_a = pickle.load(f)['ema']
+    with open(_only('network-snapshot-*.pkl', b), 'rb') as f:
+        ema_b = pickle.load(f)['ema']
+    _assert_modules_equal(ema_a, ema_b)
+
+
+def test_kill_9_and_resume_is_bit_exact(uninterrupted: Path, data_zip: Path, tmp_path: Path):
+    args = tiny_train_args(data_zip, tmp_path, resume='auto', **RESUME_ARGS)
+    proc = _start(args)
+    _wait_for_state(proc, tmp_path)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    interrupted_at = _state(_only('training-state-*.pt', tmp_path))['step']
+    assert interrupted_at < 60 * STEP_IMAGES  # really killed half-way
+    assert not list(tmp_path.glob('*.tmp'))
+
+    resumed = _train(args)
+    assert 'Loading training state' in resumed.stdout
+    assert f'Resume:                  {tmp_path}' in resumed.stdout
+    _assert_same_final_result(uninterrupted, tmp_path)
+    ticks = [json.loads(line)['Progress/tick']['mean'] for line in (tmp_path / 'stats.jsonl').read_text().splitlines()]
+    # Tick numbering continues across the restart (a tick logged after the last state may appear twice).
+    assert ticks[-1] == 15 and set(ticks) == set(range(16))
+
+
+def test_sigterm_finishes_the_step_saves_and_resumes_exactly(uninterrupted: Path, data_zip: Path, tmp_path: Path):
+    args = tiny_train_args(data_zip, tmp_path, resume='auto', **RESUME_ARGS)
+    proc = _start(args)
+    _wait_for_state(proc, tmp_path)
+    os.kill(proc.pid, signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output[-3000:]
+    assert 'Stop requested: saving and exiting' in output and 'Exiting...' in output
+    saved = _state(_only('training-state-*.pt', tmp_path))
+    assert 0 < saved['step'] < 60 * STEP_IMAGES and saved['step'] % STEP_IMAGES == 0
+
+    _train(args)
+    _assert_same_final_result(uninterrupted, tmp_path)
+
+
+def test_transfer_starts_from_the_snapshot_weights(ddp_run: Path, data_zip: Path, tmp_path: Path):
+    snapshot = _only('network-snapshot-*.pkl', ddp_run)
+    # One step at lr 0 (the warm-up starts at 0): the weights must be exactly the snapshot's.
+    _train(tiny_train_args(data_zip, tmp_path, transfer=snapshot, duration=STEP_IMAGES / 1e6, lr_rampup=10000))
+    with open(snapshot, 'rb') as f:
+        source = pickle.load(f)['ema']
+    state = _state(_only('*/training-state-*.pt', tmp_path))
+    _assert_modules_equal(state['net'].eval(), source)
+    _assert_modules_equal(state['ema'], source)
+
+
+# ----------------------------------------------------------------------------
+# The original PFGM++ training state (golden).
+
+GOLDEN_STATE = 'snapshots/training-state-000000.pt'
+
+
+def test_original_training_state_loads_into_our_network(golden_dir: Path):
+    from training import networks
+    from training.training_loop import load_training_state
+
+    expected = torch.load(golden_dir / 'snapshots/training-state-000000.expected.pt', weights_only=True)
+    data = torch.load(golden_dir / GOLDEN_STATE, map_location='cpu', weights_only=False)
+    torch.manual_seed(0)
+    net = networks.EDMPrecond(**expected['ema_init_kwargs'])
+    ema = networks.EDMPrecond(**expected['ema_init_kwargs'])
+    optimizer = torch.optim.Adam(net.parameters(), lr=0.01, betas=(0.9, 0.999), eps=1e-8)
+    load_training_state(data, net, ema, optimizer, source=GOLDEN_STATE)
+    for name, value in expected['ema_state_dict'].items():
+        assert torch.equal(ema.state_dict()[name], value), name
+    for name, value in expected['net_state_dict'].items():
+        assert torch.equal(net.state_dict()[name], value), name
+    assert optimizer.state_dict()['state'][0]['step'] == expected['optimizer_state']['state'][0]['step']
+    assert torch.equal(optimizer.state_dict()['state'][5]['exp_avg_sq'],
+                       expected['optimizer_state']['state'][5]['exp_avg_sq'])
+    inputs = expected['inputs']
+    with torch.no_grad():
+        for module, key in ((ema.eval(), 'ema_output'), (net.eval(), 'net_output')):
+            out = module(inputs['x'], inputs['sigma'], inputs['class_labels'])
+            scale = max(1.0, expected[key].abs().max().item())
+            assert (out - expected[key]).abs().max().item() <= 2e-5 * scale, key
+
+
+def test_resume_of_the_original_training_state(golden_dir: Path, tmp_path: Path):
+    # The flags that rebuild the network of the golden run (tiny DDPM++, PFGM++ D=128, no augmentation).
+    args = tiny_train_args(golden_dir / 'snapshots/training-state-000000.train-data.zip', tmp_path,
+                           resume=golden_dir / GOLDEN_STATE, augment=0, batch=4, duration=12 / 1e6, tick=1,
+                           lr_rampup=0, ema=4 / 1e6, seed=0)
+    proc = _train(args)
+    assert 'written by the original code' in proc.stdout and 'data order cannot be restored' in proc.stdout
+    state = _state(_only('*/training-state-*.pt', tmp_path))
+    assert state['step'] == 12  # the golden state's 8 images plus one step of 4
+    assert state['optimizer_state']['state'][0]['step'] == 3
+    golden = torch.load(golden_dir / GOLDEN_STATE, map_location='cpu', weights_only=False)
+    moved = [(a - b).abs().max().item() for a, b in zip(state['net'].parameters(), golden['net'].parameters())]
+    assert 0 < max(moved) < 0.1  # continued from the golden weights (one Adam step of lr 0.01)
+
+
+# ----------------------------------------------------------------------------
+# Validation: one clear line, before anything is written.
+
+
+def _invoke(args: list) -> tuple[int, str]:
+    import train
+    result = CliRunner().invoke(train.main, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+@pytest.mark.parametrize('case', ['missing-data', 'cond-without-labels', 'batch-split', 'aug-dim', 'resume-missing',
+                                  'resume-name', 'transfer-and-resume', 'transfer-missing', 'precision'])
+def test_bad_input_fails_with_one_line(case: str, data_zip: Path, tmp_path: Path):
+    outdir = tmp_path / 'runs'
+    overrides = {
+        'missing-data': dict(data=tmp_path / 'nope.zip'),
+        'cond-without-labels': dict(cond=1),
+        'batch-split': dict(batch=6, batch_gpu=4),
+        'aug-dim': dict(aug_dim=0),
+        'resume-missing': dict(resume=tmp_path / 'training-state-000010.pt'),
+        'resume-name': dict(resume=data_zip),
+        'transfer-and-resume': dict(transfer=data_zip, resume='auto'),
+        'transfer-missing': dict(transfer=tmp_path / 'network-snapshot-000000.pkl'),
+        'precision': dict(fp16=1, precision='bf16'),
+    }[case]
+    expected = {
+        'missing-data': '--data', 'cond-without-labels': '--cond', 'batch-split': '--batch-gpu',
+        'aug-dim': '--aug_dim', 'resume-missing': 'no such file', 'resume-name': 'training-state-<kimg>.pt',
+        'transfer-and-resume': '--transfer and --resume', 'transfer-missing': '--transfer',
+        'precision': '--precision',
+    }[case]
+    args = tiny_train_args(overrides.pop('data', data_zip), outdir, **overrides)
+    code, output = _invoke(args)
+    assert code != 0
+    error_lines = [line for line in output.splitlines() if line.startswith('Error:')]
+    assert len(error_lines) == 1 and expected in error_lines[0], output
+    assert 'Traceback' not in output
+    assert not outdir.exists() or not any(outdir.iterdir())
+
+
+def test_dry_run_prints_options_and_writes_nothing(data_zip: Path, tmp_path: Path):
+    code, output = _invoke(tiny_train_args(data_zip, tmp_path / 'runs', dry_run=True))
+    assert code == 0, output
+    assert '"total_kimg": 0.016' in output and 'Dry run; exiting.' in output
+    assert 'tiny-uncond-ddpmpp-edm-gpus1-batch4-fp32' in output
+    assert not (tmp_path / 'runs').exists()
+
+
+def test_diverging_loss_stops_with_one_line(data_zip: Path, tmp_path: Path):
+    proc = _train(tiny_train_args(data_zip, tmp_path, lr=1e30, lr_rampup=0, duration=5 * STEP_IMAGES / 1e6,
+                                  tick=STEP_IMAGES / 1e3), check=False)
+    assert proc.returncode == 1
+    assert 'Error: the training loss became' in proc.stderr and 'lower --lr' in proc.stderr
+    assert 'Traceback' not in proc.stderr

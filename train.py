@@ -1,0 +1,395 @@
+"""Train a diffusion model (EDM, VP, VE) or a PFGM++ model.
+
+The flags are those of NVIDIA's EDM ``train.py`` with the same meanings and defaults, plus PFGM++'s
+``--pfgmpp --aug_dim --stf --rbatch --lsun --nblock --name``, and a few of our own (``--device --precision
+--channels-last --compile``, ``--resume=auto``). The options become one configuration dict, saved as
+``training_options.json`` in the run directory and passed to ``training.training_loop.training_loop``.
+
+Examples::
+
+    # PFGM++ (D=128) on CIFAR-10 with the DDPM++ network, 8 GPUs
+    torchrun --standalone --nproc_per_node=8 train.py --outdir=training-runs \\
+        --data=datasets/cifar10-32x32.zip --cond=0 --arch=ddpmpp --pfgmpp=1 --aug_dim=128
+
+    # Continue the newest training state of the matching run in training-runs (or start one)
+    python train.py --outdir=training-runs --data=... --resume=auto
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import warnings
+from typing import Any, Optional
+
+import click
+
+import dnnlib
+
+# DDP on recent PyTorch warns about bucket view strides for channels-last parameters; the warning is harmless.
+warnings.filterwarnings('ignore', 'Grad strides do not match bucket view strides')
+
+#: Network presets of ``--arch`` (EDM's train.py).
+ARCH_PRESETS: dict[str, dict[str, Any]] = {
+    'ddpmpp': dict(model_type='SongUNet', embedding_type='positional', encoder_type='standard',
+                   decoder_type='standard', channel_mult_noise=1, resample_filter=[1, 1], model_channels=128,
+                   channel_mult=[2, 2, 2]),
+    'ncsnpp': dict(model_type='SongUNet', embedding_type='fourier', encoder_type='residual',
+                   decoder_type='standard', channel_mult_noise=2, resample_filter=[1, 3, 3, 1], model_channels=128,
+                   channel_mult=[2, 2, 2]),
+    'adm': dict(model_type='DhariwalUNet', model_channels=192, channel_mult=[1, 2, 3, 4]),
+}
+#: ``--precond`` -> (preconditioner, loss).
+PRECOND_CLASSES = {
+    'vp': ('training.networks.VPPrecond', 'training.loss.VPLoss'),
+    've': ('training.networks.VEPrecond', 'training.loss.VELoss'),
+    'edm': ('training.networks.EDMPrecond', 'training.loss.EDMLoss'),
+}
+#: Augmentation probability multipliers that ``--augment`` turns on (9 augmentation labels).
+AUGMENT_SETTINGS = dict(xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1)
+AUGMENT_LABEL_DIM = 9
+#: Sigma scale of the PFGM++ code for LSUN 256x256 (--lsun); equals training.loss.LSUN_SIGMA_SCALE.
+LSUN_SIGMA_SCALE = 380.0 / 80.0
+
+STATE_PATTERN = re.compile(r'training-state-(\d+)\.pt')
+
+
+def _int_list(value: Any) -> Optional[list[int]]:
+    if value is None:
+        return None
+    try:
+        return dnnlib.util.parse_int_list(value, name='--cres')
+    except ValueError as err:
+        raise click.BadParameter(str(err)) from None
+
+
+# ----------------------------------------------------------------------------
+# Run directories and resume files.
+
+
+def _newest_state(run_dir: str) -> Optional[str]:
+    """The training state with the highest kimg in ``run_dir`` (ties: the most recently written)."""
+    candidates = []
+    for path in glob.glob(os.path.join(glob.escape(run_dir), 'training-state-*.pt')):
+        match = STATE_PATTERN.fullmatch(os.path.basename(path))
+        if match and os.path.isfile(path):
+            candidates.append((int(match.group(1)), os.path.getmtime(path), path))
+    return max(candidates)[2] if candidates else None
+
+
+def _run_dirs(outdir: str, desc: str) -> list[tuple[int, str]]:
+    """Existing run directories ``{id:05d}-{desc}`` under ``outdir``, as (id, path)."""
+    found = []
+    if os.path.isdir(outdir):
+        for name in os.listdir(outdir):
+            match = re.fullmatch(r'(\d+)-(.*)', name)
+            if match and match.group(2) == desc and os.path.isdir(os.path.join(outdir, name)):
+                found.append((int(match.group(1)), os.path.join(outdir, name)))
+    return sorted(found)
+
+
+def _next_run_dir(outdir: str, desc: str) -> str:
+    ids = []
+    if os.path.isdir(outdir):
+        for name in os.listdir(outdir):
+            match = re.match(r'\d+', name)
+            if match and os.path.isdir(os.path.join(outdir, name)):
+                ids.append(int(match.group()))
+    return os.path.join(outdir, f'{max(ids, default=-1) + 1:05d}-{desc}')
+
+
+def _choose_run_dir(opts: dnnlib.EasyDict, desc: str) -> tuple[str, Optional[str]]:
+    """(run directory, training state to resume or None) following --outdir/--nosubdir/--name/--resume."""
+    if opts.nosubdir:
+        fixed = opts.outdir
+    elif opts.name:
+        fixed = os.path.join(opts.outdir, opts.name)
+    else:
+        fixed = None
+    if opts.resume != 'auto':
+        return fixed or _next_run_dir(opts.outdir, desc), opts.resume
+    candidates = [fixed] if fixed else [path for _id, path in reversed(_run_dirs(opts.outdir, desc))]
+    for run_dir in candidates:
+        state = _newest_state(run_dir) if os.path.isdir(run_dir) else None
+        if state is not None:
+            return run_dir, state
+    return fixed or _next_run_dir(opts.outdir, desc), None
+
+
+# ----------------------------------------------------------------------------
+# Options -> configuration.
+
+
+def _check_options(opts: dnnlib.EasyDict) -> None:
+    """Checks that need no dataset and no process group; each failure is one line naming the flag."""
+    if opts.aug_dim < 1:
+        raise click.UsageError(f'--aug_dim must be an integer >= 1 (the number of PFGM++ augmented dimensions D), '
+                               f'got {opts.aug_dim}')
+    if opts.transfer is not None and opts.resume is not None:
+        raise click.UsageError('--transfer and --resume cannot be used together (resume continues a run, '
+                               'transfer starts a new one from a snapshot)')
+    if opts.precision is not None and opts.fp16 and opts.precision != 'fp16':
+        raise click.UsageError(f'--fp16=1 contradicts --precision={opts.precision}; give only one of them')
+    if opts.lsun and opts.precond != 'edm':
+        raise click.UsageError('--lsun rescales the EDM noise levels and needs --precond=edm')
+    if opts.stf and opts.batch_gpu is not None:
+        raise click.UsageError('--stf loads the whole --rbatch per process and cannot be combined with --batch-gpu')
+    if opts.stf and opts.rbatch < opts.batch:
+        raise click.UsageError(f'--rbatch ({opts.rbatch}) must be at least --batch ({opts.batch}) with --stf')
+    if opts.resume is not None and opts.resume != 'auto':
+        if not STATE_PATTERN.fullmatch(os.path.basename(opts.resume)):
+            raise click.UsageError(f'--resume {opts.resume}: expected a training-state-<kimg>.pt file from a '
+                                   f'previous run, or "auto"')
+        if not os.path.isfile(opts.resume):
+            raise click.UsageError(f'--resume {opts.resume}: no such file')
+    if opts.transfer is not None and not dnnlib.util.is_url(opts.transfer) and not os.path.isfile(opts.transfer):
+        raise click.UsageError(f'--transfer {opts.transfer}: no such file (expected a network-snapshot .pkl)')
+
+
+def _describe_dataset(c: dnnlib.EasyDict, opts: dnnlib.EasyDict) -> str:
+    """Open the dataset once to validate it and pin its resolution and size; returns its name."""
+    from training.dataset import DatasetError
+    try:
+        dataset = dnnlib.util.construct_class_by_name(**dict(c.dataset_kwargs, use_labels=False))
+        name, size, resolution = dataset.name, len(dataset), dataset.resolution
+        del dataset
+    except (OSError, DatasetError) as err:
+        raise click.ClickException(f'--data: {err}') from None
+    if size == 0:
+        raise click.ClickException(f'--data {opts.data}: the dataset contains no images')
+    if opts.cond:
+        try:
+            labelled = dnnlib.util.construct_class_by_name(**c.dataset_kwargs)
+            has_labels = labelled.has_labels
+            del labelled
+        except DatasetError as err:
+            raise click.ClickException(f'--cond=1 needs class labels in dataset.json ({err})') from None
+        if not has_labels:
+            raise click.ClickException(f'--cond=1 needs class labels, but {opts.data} has none in dataset.json')
+    c.dataset_kwargs.resolution = resolution
+    c.dataset_kwargs.max_size = size
+    return name
+
+
+def _check_batch(opts: dnnlib.EasyDict, world: int) -> None:
+    if opts.batch % world != 0:
+        raise click.UsageError(f'--batch {opts.batch} must be divisible by the number of processes ({world})')
+    per_rank = opts.batch // world
+    if opts.batch_gpu is not None and opts.batch_gpu < per_rank and per_rank % opts.batch_gpu != 0:
+        raise click.UsageError(f'--batch {opts.batch} must be divisible by processes ({world}) x --batch-gpu '
+                               f'({opts.batch_gpu}) = {world * opts.batch_gpu}')
+
+
+def build_config(opts: dnnlib.EasyDict, world: int) -> tuple[dnnlib.EasyDict, str]:
+    """The training-loop configuration and the run description ``{dataset}-{cond}-{arch}-...``."""
+    c = dnnlib.EasyDict()
+    c.dataset_kwargs = dnnlib.EasyDict(class_name='training.dataset.ImageFolderDataset', path=opts.data,
+                                       use_labels=opts.cond, xflip=opts.xflip, cache=opts.cache)
+    c.data_loader_kwargs = dnnlib.EasyDict(pin_memory=True, num_workers=opts.workers)
+    if opts.workers > 0:
+        # Workers are spawned, not forked: forking a process that has touched CUDA is unsafe.
+        c.data_loader_kwargs.update(prefetch_factor=2, multiprocessing_context='spawn')
+    net_class, loss_class = PRECOND_CLASSES[opts.precond]
+    c.network_kwargs = dnnlib.EasyDict(ARCH_PRESETS[opts.arch], class_name=net_class)
+    c.loss_kwargs = dnnlib.EasyDict(class_name=loss_class)
+    if opts.lsun:
+        c.loss_kwargs.sigma_scale = LSUN_SIGMA_SCALE
+    c.optimizer_kwargs = dnnlib.EasyDict(class_name='torch.optim.Adam', lr=opts.lr, betas=[0.9, 0.999], eps=1e-8)
+
+    dataset_name = _describe_dataset(c, opts)
+
+    if opts.cbase is not None:
+        c.network_kwargs.model_channels = opts.cbase
+    if opts.cres is not None:
+        c.network_kwargs.channel_mult = opts.cres
+    if opts.nblock is not None:
+        c.network_kwargs.num_blocks = opts.nblock
+    if opts.augment:
+        c.augment_kwargs = dnnlib.EasyDict(class_name='training.augment.AugmentPipe', p=opts.augment,
+                                           **AUGMENT_SETTINGS)
+        c.network_kwargs.augment_dim = AUGMENT_LABEL_DIM
+    precision = opts.precision or ('fp16' if opts.fp16 else 'fp32')
+    c.network_kwargs.update(dropout=opts.dropout, use_fp16=precision == 'fp16')
+    if precision == 'bf16':
+        c.network_kwargs.use_bf16 = True
+
+    c.total_kimg = opts.duration * 1000
+    c.lr_rampup_kimg = opts.lr_rampup
+    c.ema_halflife_kimg = opts.ema * 1000
+    c.update(pfgmpp=opts.pfgmpp, D=opts.aug_dim, stf=opts.stf, rbatch=opts.rbatch)
+    c.update(batch_size=opts.batch, batch_gpu=opts.batch_gpu)
+    c.update(loss_scaling=opts.ls, cudnn_benchmark=opts.bench)
+    c.update(kimg_per_tick=opts.tick, snapshot_ticks=opts.snap, state_dump_ticks=opts.dump)
+    c.update(channels_last=opts.channels_last, compile=opts.compile)
+    if opts.transfer is not None:
+        c.resume_pkl = opts.transfer
+        c.ema_rampup_ratio = None
+
+    cond = 'cond' if opts.cond else 'uncond'
+    desc = f'{dataset_name}-{cond}-{opts.arch}-{opts.precond}-gpus{world}-batch{opts.batch}-{precision}'
+    if opts.desc is not None:
+        desc += f'-{opts.desc}'
+    return c, desc
+
+
+# ----------------------------------------------------------------------------
+
+
+@click.command()
+# Main options.
+@click.option('--outdir', help='Where to save the results', metavar='DIR', type=str, required=True)
+@click.option('--data', help='Path to the dataset', metavar='ZIP|DIR', type=str, required=True)
+@click.option('--cond', help='Train class-conditional model', metavar='BOOL', type=bool, default=False,
+              show_default=True)
+@click.option('--arch', help='Network architecture', type=click.Choice(list(ARCH_PRESETS)), default='ddpmpp',
+              show_default=True)
+@click.option('--precond', help='Preconditioning & loss function', type=click.Choice(list(PRECOND_CLASSES)),
+              default='edm', show_default=True)
+@click.option('--pfgmpp', help='Train PFGM++ instead of a diffusion model', metavar='BOOL', type=bool,
+              default=False, show_default=True)
+@click.option('--aug_dim', help='PFGM++ augmented dimensions D', metavar='INT', type=int, default=128,
+              show_default=True)
+@click.option('--stf', help='Stable target field (reference-batch targets)', metavar='BOOL', type=bool,
+              default=False, show_default=True)
+@click.option('--rbatch', help='STF reference batch per process', metavar='INT', type=click.IntRange(min=1),
+              default=4096, show_default=True)
+@click.option('--lsun', help='Scale noise levels for LSUN 256x256 (PFGM++)', metavar='BOOL', type=bool,
+              default=False, show_default=True)
+# Hyperparameters.
+@click.option('--duration', help='Training duration', metavar='MIMG', type=click.FloatRange(min=0, min_open=True),
+              default=200, show_default=True)
+@click.option('--batch', help='Total batch size', metavar='INT', type=click.IntRange(min=1), default=512,
+              show_default=True)
+@click.option('--batch-gpu', help='Limit batch size per process', metavar='INT', type=click.IntRange(min=1))
+@click.option('--cbase', help='Channel multiplier  [default: varies]', metavar='INT', type=click.IntRange(min=1))
+@click.option('--cres', help='Channels per resolution  [default: varies]', metavar='LIST',
+              callback=lambda _ctx, _param, value: _int_list(value))
+@click.option('--nblock', help='Residual blocks per resolution  [default: varies]', metavar='INT',
+              type=click.IntRange(min=1))
+@click.option('--lr', help='Learning rate', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True),
+              default=10e-4, show_default=True)
+@click.option('--lr-rampup', help='Learning-rate warm-up length', metavar='KIMG', type=click.FloatRange(min=0),
+              default=10000, show_default=True)
+@click.option('--ema', help='EMA half-life', metavar='MIMG', type=click.FloatRange(min=0), default=0.5,
+              show_default=True)
+@click.option('--dropout', help='Dropout probability', metavar='FLOAT', type=click.FloatRange(min=0, max=1),
+              default=0.13, show_default=True)
+@click.option('--augment', help='Augment probability', metavar='FLOAT', type=click.FloatRange(min=0, max=1),
+              default=0.12, show_default=True)
+@click.option('--xflip', help='Enable dataset x-flips', metavar='BOOL', type=bool, default=False,
+              show_default=True)
+# Performance-related.
+@click.option('--fp16', help='Enable mixed-precision training', metavar='BOOL', type=bool, default=False,
+              show_default=True)
+@click.option('--precision', help='U-Net precision (fp16 = --fp16=1)  [default: fp32]',
+              type=click.Choice(['fp32', 'fp16', 'bf16']))
+@click.option('--ls', help='Loss scaling', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=1,
+              show_default=True)
+@click.option('--bench', help='Enable cuDNN benchmarking', metavar='BOOL', type=bool, default=True,
+              show_default=True)
+@click.option('--cache', help='Cache dataset in CPU memory', metavar='BOOL', type=bool, default=True,
+              show_default=True)
+@click.option('--workers', help='DataLoader worker processes (0 = load in the main process)', metavar='INT',
+              type=click.IntRange(min=0), default=1, show_default=True)
+@click.option('--device', help='Training device  [default: cuda if available]', type=click.Choice(['cpu', 'cuda']))
+@click.option('--channels-last', help='Channels-last memory layout', metavar='BOOL', type=bool, default=False,
+              show_default=True)
+@click.option('--compile', help='torch.compile the network', metavar='BOOL', type=bool, default=False,
+              show_default=True)
+# I/O-related.
+@click.option('--desc', help='String to include in result dir name', metavar='STR', type=str)
+@click.option('--nosubdir', help='Do not create a subdirectory for results', is_flag=True)
+@click.option('--name', help='Run directory name under --outdir (instead of a numbered one)', metavar='STR',
+              type=str)
+@click.option('--tick', help='How often to print progress', metavar='KIMG',
+              type=click.FloatRange(min=0, min_open=True), default=50, show_default=True)
+@click.option('--snap', help='How often to save snapshots', metavar='TICKS', type=click.IntRange(min=1), default=50,
+              show_default=True)
+@click.option('--dump', help='How often to dump state', metavar='TICKS', type=click.IntRange(min=1), default=500,
+              show_default=True)
+@click.option('--seed', help='Random seed  [default: random]', metavar='INT', type=int)
+@click.option('--transfer', help='Transfer learning from network pickle', metavar='PKL|URL', type=str)
+@click.option('--resume', help='Resume from previous training state ("auto": newest in the run dir)',
+              metavar='PT|auto', type=str)
+@click.option('-n', '--dry-run', help='Print training options and exit', is_flag=True)
+def main(**kwargs: Any) -> None:
+    """Train a diffusion-based or PFGM++ generative model.
+
+    \b
+    # DDPM++ with PFGM++ (D=128) on CIFAR-10, 8 GPUs:
+    torchrun --standalone --nproc_per_node=8 train.py --outdir=training-runs \\
+        --data=datasets/cifar10-32x32.zip --arch=ddpmpp --pfgmpp=1 --aug_dim=128
+    """
+    opts = dnnlib.EasyDict(kwargs)
+    _check_options(opts)
+
+    from torch_utils import distributed as dist
+    from training import training_loop
+
+    try:
+        device = dist.init(opts.device)
+    except RuntimeError as err:
+        raise click.UsageError(f'--device: {err}') from None
+    try:
+        world = dist.get_world_size()
+        _check_batch(opts, world)
+        c, desc = build_config(opts, world)
+
+        if opts.seed is not None:
+            c.seed = opts.seed
+        else:
+            c.seed = dist.broadcast_object(int.from_bytes(os.urandom(4), 'little') % (1 << 31))
+
+        run_dir, state = _choose_run_dir(opts, desc) if dist.is_main() else (None, None)
+        run_dir, state = dist.broadcast_object((run_dir, state))
+        c.run_dir = run_dir
+        if state is not None:
+            match = STATE_PATTERN.fullmatch(os.path.basename(state))
+            c.resume_state_dump = state
+            c.resume_kimg = int(match.group(1)) if match else 0
+
+        dist.print0()
+        dist.print0('Training options:')
+        dist.print0(json.dumps(c, indent=2))
+        dist.print0()
+        dist.print0(f'Output directory:        {c.run_dir}')
+        dist.print0(f'Dataset path:            {c.dataset_kwargs.path}')
+        dist.print0(f'Class-conditional:       {c.dataset_kwargs.use_labels}')
+        dist.print0(f'Network architecture:    {opts.arch}')
+        dist.print0(f'Preconditioning & loss:  {opts.precond}')
+        dist.print0(f'PFGM++:                  {f"D={opts.aug_dim}" if opts.pfgmpp else "off (diffusion)"}')
+        dist.print0(f'Number of processes:     {world} ({device.type})')
+        dist.print0(f'Batch size:              {c.batch_size}')
+        dist.print0(f'Precision:               {opts.precision or ("fp16" if opts.fp16 else "fp32")}')
+        if opts.resume == 'auto':
+            dist.print0(f'Resume:                  {state or "nothing to resume, starting a new run"}')
+        dist.print0()
+        if opts.dry_run:
+            dist.print0('Dry run; exiting.')
+            return
+
+        dist.print0('Creating output directory...')
+        logger = None
+        if dist.is_main():
+            try:
+                dnnlib.util.check_writable_dir(c.run_dir, flag='--outdir')
+            except OSError as err:
+                raise click.ClickException(str(err)) from None
+            with dnnlib.util.atomic_write(os.path.join(c.run_dir, 'training_options.json'), 'w') as f:
+                json.dump(c, f, indent=2)
+            logger = dnnlib.util.Logger(file_name=os.path.join(c.run_dir, 'log.txt'), file_mode='a')
+        try:
+            training_loop.training_loop(**c, device=device)
+        except training_loop.TrainingError as err:
+            raise click.ClickException(str(err)) from None
+        finally:
+            if logger is not None:
+                logger.close()
+    finally:
+        dist.shutdown()
+
+
+if __name__ == '__main__':
+    main()
