@@ -7,10 +7,14 @@
   ``ema`` entry is the network (EDM, PFGM++ and this project write them);
 * a training state ``training-state-*.pt`` -- a ``torch.save`` dict with an
   ``ema`` module (the PFGM++ code and our training loop write them);
-* a pickled module on its own.
+* a pickled module on its own;
+* a weights-only file ``*.weights.pt`` written by ``python -m training.export``
+  (recognised by its content, loaded with ``torch.load(weights_only=True)``).
 
-Both formats execute code while loading (pickle, ``torch.load(weights_only=False)``):
-only load files you trust.
+Pickles and training states execute code while loading (pickle,
+``torch.load(weights_only=False)``): only load files you trust. Weights-only files run
+no code, and a local ``X.weights.pt`` beside a requested ``X.pkl`` / ``X.pt`` is loaded
+in its place (one line says so).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from typing import Any, Optional, Union
 import torch
 
 import dnnlib
+from torch_utils.distributed import print0
 
 EXPECTED_FORMATS = 'a network snapshot (.pkl with an "ema" network) or a training state (.pt with an "ema" network)'
 PICKLE_PROTOCOL_MARK = 0x80  # first byte of pickles written with protocol 2 or later
@@ -84,15 +89,26 @@ def _pick_network(source: str, obj: Any) -> torch.nn.Module:
 
 
 def load_network(path_or_url: Union[str, os.PathLike], device: Optional[Union[str, torch.device]] = 'cpu',
-                 eval_mode: bool = True) -> torch.nn.Module:
-    """Load the (EMA) network from a snapshot, a training state or a pickled module.
+                 eval_mode: bool = True, prefer_weights: bool = True) -> torch.nn.Module:
+    """Load the (EMA) network from a snapshot, a training state, a pickled module or a weights-only file.
 
     Returns the module on ``device``, in eval mode and without gradients (unless
     ``eval_mode=False``). Raises :class:`NetworkLoadError` with a one-line message
-    naming the file for anything that is not such a file.
+    naming the file for anything that is not such a file. With ``prefer_weights``, a
+    weights-only sibling (``X.weights.pt`` for ``X.pkl``) is loaded instead.
     """
+    from training import export  # late: export imports this module
     source = os.fspath(path_or_url)
-    net = _pick_network(source, _unpickle(source, _read_source(source)))
+    sibling = export.preferred_sibling(source) if prefer_weights else None
+    if sibling is not None:
+        print0(f'Using the weights-only file "{sibling}" found beside "{source}".')
+        source = sibling
+    data = _read_source(source)
+    if export.looks_like_weights_file(data):
+        # Never falls back to unpickling: a file that claims to be weights-only is read as nothing else.
+        net = export.load_weights_bytes(data, source)
+    else:
+        net = _pick_network(source, _unpickle(source, data))
     if device is not None:
         net = net.to(device)
     if eval_mode:
