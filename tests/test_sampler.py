@@ -142,11 +142,30 @@ def test_sampler_matches_golden(case, golden_dir, golden_manifest, golden_nets, 
     _assert_uint8_close(sampling.to_uint8(images).permute(0, 2, 3, 1), gold['images_uint8_nhwc'], 'uint8 images')
 
     if 'trajectory' in gold:
-        rnd = sampling.PerSeedRandom(seeds)
-        with torch.no_grad():
-            _, trajectory = sampling.edm_sampler(net, latents_seen[0], None, randn_like=rnd.randn_like,
-                                                 pfgmpp=pfgmpp, return_trajectory=True, **sampler_kwargs)
+        if not draws:
+            # Without churn each step starts where the previous one ended: the trajectory is the
+            # input of every step's first call, then the result.
+            trajectory = torch.stack([recorder.inputs[2 * i] for i in range(1, len(gold['trajectory']))] + [images])
+        else:
+            rnd = sampling.PerSeedRandom(seeds)
+            with torch.no_grad():
+                _, trajectory = sampling.edm_sampler(net, latents_seen[0], recorder.labels, randn_like=rnd.randn_like,
+                                                     pfgmpp=pfgmpp, return_trajectory=True, **sampler_kwargs)
         _assert_close(trajectory, gold['trajectory'], 'trajectory')
+
+
+def test_trajectory_is_the_state_after_each_step(tiny_net):
+    seeds = [1, 2]
+    rnd = sampling.PerSeedRandom(seeds)
+    latents = sampling.draw_latents(tiny_net, seeds, rnd)
+    kwargs = dict(num_steps=3, S_churn=5)
+    final, trajectory = sampling.edm_sampler(tiny_net, latents, randn_like=rnd.randn_like, return_trajectory=True,
+                                             **kwargs)
+    assert trajectory.shape == (3, *latents.shape) and torch.equal(trajectory[-1], final)
+    rnd = sampling.PerSeedRandom(seeds)
+    again = sampling.edm_sampler(tiny_net, sampling.draw_latents(tiny_net, seeds, rnd), randn_like=rnd.randn_like,
+                                 **kwargs)
+    assert torch.equal(again, final)
 
 
 # ----------------------------------------------------------------------------
@@ -206,6 +225,10 @@ def test_images_depend_only_on_seed(tiny_net, options):
     for s in seeds:
         assert torch.equal(a[s], b[s]) and torch.equal(a[s], c[s]), f'seed {s} depends on batching'
     assert not torch.equal(a[5], a[0])
+    # Bit-identical float64 samples, batches of one included (those are padded to keep the batched kernels).
+    together = sampling.sample_batch(tiny_net, seeds, **options)
+    for i, s in enumerate(seeds):
+        assert torch.equal(sampling.sample_batch(tiny_net, [s], **options)[0], together[i])
 
 
 def test_class_labels_random_and_fixed(tiny_cond_net):

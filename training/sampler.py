@@ -465,6 +465,39 @@ def draw_class_labels(net: Denoiser, rnd: PerSeedRandom, class_idx: Optional[int
     return labels
 
 
+# CPU kernels (oneDNN convolutions, GEMV instead of GEMM) take another code path for a single
+# sample, whose float32 results differ in the last bits from any batched call; an image made in a
+# batch of one could then differ from the same seed made in a larger batch. Padding such calls to
+# this size keeps every image on the batched kernels.
+MIN_NETWORK_BATCH = 2
+
+
+class _PadSmallBatches:
+    """Forwards to ``net``, padding calls with fewer than MIN_NETWORK_BATCH samples by repeating the last one."""
+
+    def __init__(self, net: Denoiser):
+        self._net = net
+
+    def __getattr__(self, name: str) -> Any:
+        if name == '_net':  # not set yet (e.g. during copying): avoid endless recursion
+            raise AttributeError(name)
+        return getattr(self._net, name)
+
+    def __call__(self, x: torch.Tensor, sigma: Any, class_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        count = x.shape[0]
+        if count >= MIN_NETWORK_BATCH:
+            return self._net(x, sigma, class_labels)
+        pad = MIN_NETWORK_BATCH - count
+
+        def padded(t: torch.Tensor) -> torch.Tensor:
+            return torch.cat([t, t[-1:].expand(pad, *t.shape[1:])])
+        labels = padded(class_labels) if class_labels is not None and class_labels.shape[0] == count else class_labels
+        sigma_t = torch.as_tensor(sigma)
+        if sigma_t.ndim > 0 and sigma_t.shape[0] == count and count > 1:
+            sigma = padded(sigma_t)
+        return self._net(padded(x), sigma, labels)[:count]
+
+
 def sample_batch(net: Denoiser, seeds: Sequence[int], device: Union[str, torch.device] = 'cpu',
                  class_idx: Optional[int] = None, pfgmpp: bool = False, D: Optional[int] = None,
                  **sampler_kwargs: Any) -> torch.Tensor:
@@ -480,6 +513,7 @@ def sample_batch(net: Denoiser, seeds: Sequence[int], device: Union[str, torch.d
         raise ValueError('the ablation sampler (solver/discretization/schedule/scaling) does not support PFGM++ '
                          'networks; use the EDM sampler')
     rnd = PerSeedRandom(seeds, device)
+    net = _PadSmallBatches(net)
     latents = draw_latents(net, seeds, rnd, pfgmpp=pfgmpp, D=D, sigma_max=kwargs.get('sigma_max', EDM_SIGMA_MAX))
     labels = draw_class_labels(net, rnd, class_idx)
     with torch.no_grad():

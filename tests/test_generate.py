@@ -1,0 +1,327 @@
+"""generate.py and training/network_io.py: goldens through the CLI, invariances, resumption, sweeps, errors."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from click.testing import CliRunner
+
+import generate
+from tests._sampler_nets import make_tiny_net, save_snapshot, save_training_state
+from tests.conftest import REPO_ROOT, run_python
+from training import quantize
+from training import sampler as sampling
+from training.network_io import NetworkLoadError, load_network
+
+GOLDEN_SNAPSHOT = 'snapshots/network-snapshot-000000.pkl'  # same weights as networks/edm_ddpmpp_aug.pt
+
+
+def cli(*args: str, expect_ok: bool = True):
+    """Run generate.py's command in this process (much faster than a subprocess)."""
+    result = CliRunner().invoke(generate.main, [str(a) for a in args], catch_exceptions=True)
+    if expect_ok:
+        assert result.exit_code == 0, f'exit {result.exit_code}: {result.output}\n{result.exception!r}'
+    return result
+
+
+def assert_clean_error(result, *fragments: str) -> None:
+    """Non-zero exit, one 'Error:' line naming what was wrong, and no traceback."""
+    assert result.exit_code != 0, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert 'Traceback' not in result.output
+    error_lines = [line for line in result.output.splitlines() if line.startswith('Error')]
+    assert len(error_lines) == 1, result.output
+    for fragment in fragments:
+        assert fragment in result.output, f'{fragment!r} not in: {result.output}'
+
+
+def read_png(path: Path) -> np.ndarray:
+    image = np.asarray(PIL.Image.open(path))
+    return image[:, :, None] if image.ndim == 2 else image
+
+
+def png_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob('*.png'))}
+
+
+@pytest.fixture(scope='module')
+def nets(tmp_path_factory) -> dict[str, Path]:
+    """Tiny network files: unconditional, conditional (4 classes), PFGM++ (D=64), and a training state."""
+    folder = tmp_path_factory.mktemp('nets')
+    uncond = make_tiny_net()
+    return dict(
+        uncond=save_snapshot(uncond, folder / 'uncond.pkl'),
+        cond=save_snapshot(make_tiny_net(label_dim=4, seed=5), folder / 'cond.pkl'),
+        pfgmpp=save_snapshot(make_tiny_net(pfgmpp=True, D=64, seed=7), folder / 'pfgmpp.pkl'),
+        state=save_training_state(uncond, folder / 'training-state-000000.pt'),
+    )
+
+
+# ----------------------------------------------------------------------------
+# Goldens through the command line.
+
+
+@pytest.mark.parametrize('case,flags', [
+    ('edm_heun5_det', []),
+    ('edm_stochastic', ['--S_churn=40', '--S_min=0.05', '--S_max=50', '--S_noise=1.003']),
+    ('pfgmpp_D128', ['--pfgmpp=True', '--aug_dim=128', '--S_max=0', '--S_noise=0']),
+])
+def test_cli_reproduces_golden_pngs(case, flags, golden_dir, tmp_path):
+    gold = torch.load(golden_dir / 'sampler' / f'{case}.pt', weights_only=True)
+    seeds = ','.join(map(str, gold['seeds']))
+    cli('--network', golden_dir / GOLDEN_SNAPSHOT, '--outdir', tmp_path, '--seeds', seeds, '--batch=4',
+        f'--steps={gold["sampler_kwargs"]["num_steps"]}', *flags)
+    for seed, expected in zip(gold['seeds'], gold['images_uint8_nhwc']):
+        got = torch.from_numpy(read_png(tmp_path / f'{seed:06d}.png').copy())
+        diff = (got.to(torch.int16) - expected.to(torch.int16)).abs()
+        assert diff.max() <= 1 and (diff > 0).sum() <= 8, f'seed {seed}: {int((diff > 0).sum())} pixels differ'
+
+
+# ----------------------------------------------------------------------------
+# Invariances.
+
+
+def test_world_size_and_batch_invariance(nets, tmp_path):
+    """2 processes (gloo) with --batch=2 write the same PNG bytes as 1 process with --batch=3."""
+    flags = ['--network', str(nets['uncond']), '--seeds=0-6', '--steps=3', '--S_churn=10', '--S_min=0.01',
+             '--S_max=50', '--device=cpu', '--alpha=0.1']
+    single = tmp_path / 'single'
+    # Same intra-op thread count in both runs: float32 reductions split over threads round differently.
+    run_python(['generate.py', '--outdir', str(single), '--batch=3', *flags], env=dict(OMP_NUM_THREADS='1'))
+    double = tmp_path / 'double'
+    proc = run_python(['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'generate.py',
+                       '--outdir', str(double), '--batch=2', *flags], env=dict(OMP_NUM_THREADS='1'))
+    assert proc.stdout.count('Done.') == 1  # only rank 0 prints
+    a, b = png_bytes(single), png_bytes(double)
+    assert sorted(a) == [f'{s:06d}.png' for s in range(7)]
+    assert a == b
+
+
+def test_subdirs_and_library_agree(nets, tmp_path):
+    cli('--network', nets['uncond'], '--outdir', tmp_path, '--seeds=998-1001', '--steps=2', '--subdirs', '--batch=4')
+    assert sorted(png_bytes(tmp_path)) == ['000000/000998.png', '000000/000999.png', '001000/001000.png',
+                                           '001000/001001.png']
+    net = load_network(nets['uncond'])
+    for batch_seeds, images in sampling.generate_images(net, [998, 1001], batch_size=1, num_steps=2):
+        folder = '000000' if batch_seeds[0] < 1000 else '001000'
+        png = read_png(tmp_path / folder / f'{batch_seeds[0]:06d}.png')
+        assert np.array_equal(png, images[0].permute(1, 2, 0).numpy())
+
+
+def test_class_conditional(nets, tmp_path):
+    cli('--network', nets['cond'], '--outdir', tmp_path / 'fixed', '--seeds=0-3', '--steps=2', '--class=3')
+    cli('--network', nets['cond'], '--outdir', tmp_path / 'free', '--seeds=0-3', '--steps=2')
+    net = load_network(nets['cond'])
+    (batch_seeds, images), = list(sampling.generate_images(net, [0, 1, 2, 3], batch_size=4, num_steps=2,
+                                                           class_idx=3))
+    for seed, image in zip(batch_seeds, images):
+        assert np.array_equal(read_png(tmp_path / 'fixed' / f'{seed:06d}.png'), image.permute(1, 2, 0).numpy())
+    assert png_bytes(tmp_path / 'fixed') != png_bytes(tmp_path / 'free')
+
+
+def test_single_channel_images_are_grayscale_pngs(tmp_path):
+    net_file = save_snapshot(make_tiny_net(img_channels=1, seed=3), tmp_path / 'gray.pkl')
+    cli('--network', net_file, '--outdir', tmp_path / 'out', '--seeds=0-1', '--steps=2', '--grid', tmp_path / 'g.png')
+    assert PIL.Image.open(tmp_path / 'out' / '000000.png').mode == 'L'
+    assert PIL.Image.open(tmp_path / 'g.png').mode == 'L'
+
+
+# ----------------------------------------------------------------------------
+# Resumption, grid, network formats.
+
+
+def test_skips_existing_images_unless_forced(nets, tmp_path):
+    args = ['--network', nets['uncond'], '--outdir', tmp_path, '--seeds=0-3', '--steps=2']
+    cli(*args)
+    original = png_bytes(tmp_path)
+    (tmp_path / '000001.png').unlink()
+    (tmp_path / '000002.png').write_bytes(b'sentinel')
+    result = cli(*args)
+    assert 'Generating 1 images' in result.output and '3 already there' in result.output
+    assert (tmp_path / '000001.png').read_bytes() == original['000001.png']
+    assert (tmp_path / '000002.png').read_bytes() == b'sentinel'
+    cli(*args, '--force')
+    assert png_bytes(tmp_path) == original
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith('.tmp')]
+
+
+def test_grid(nets, tmp_path):
+    grid = tmp_path / 'grid.png'
+    cli('--network', nets['uncond'], '--outdir', tmp_path / 'out', '--seeds=0-4', '--steps=2', '--grid', grid)
+    image = read_png(grid)
+    assert image.shape == (2 * 8, 3 * 8, 3)  # 5 images in a 3-wide grid
+    assert np.array_equal(image[8:16, 0:8], read_png(tmp_path / 'out' / '000003.png'))
+    assert not image[8:16, 16:24].any()  # the unused cell stays black
+
+
+def test_network_formats_give_identical_images(nets, tmp_path):
+    cli('--network', nets['uncond'], '--outdir', tmp_path / 'pkl', '--seeds=0-1', '--steps=2')
+    cli('--network', nets['state'], '--outdir', tmp_path / 'pt', '--seeds=0-1', '--steps=2')
+    cli('--network', nets['uncond'].as_uri(), '--outdir', tmp_path / 'uri', '--seeds=0-1', '--steps=2')
+    assert png_bytes(tmp_path / 'pkl') == png_bytes(tmp_path / 'pt') == png_bytes(tmp_path / 'uri')
+
+
+def test_network_url_is_downloaded_once_and_cached(nets, tmp_path, monkeypatch):
+    served = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            served.append(self.path)
+
+    handler = functools.partial(Handler, directory=str(nets['uncond'].parent))
+    server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        monkeypatch.setenv('DNNLIB_CACHE_DIR', str(tmp_path / 'cache'))
+        url = f'http://127.0.0.1:{server.server_address[1]}/{nets["uncond"].name}'
+        cli('--network', url, '--outdir', tmp_path / 'a', '--seeds=0', '--steps=2')
+        cli('--network', url, '--outdir', tmp_path / 'b', '--seeds=0', '--steps=2')
+        assert len([p for p in served if p.endswith('.pkl')]) == 1
+        assert png_bytes(tmp_path / 'a') == png_bytes(tmp_path / 'b')
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_load_network_errors(tmp_path):
+    empty = tmp_path / 'empty.pkl'
+    empty.write_bytes(b'')
+    text = tmp_path / 'notes.pkl'
+    text.write_text('hello')
+    no_ema = tmp_path / 'dict.pt'
+    torch.save({'net_weights': torch.zeros(2)}, no_ema)
+    npz = tmp_path / 'stats.npz'
+    np.savez(npz, mu=np.zeros(3))
+    for path, message in [(tmp_path / 'missing.pkl', 'no such file'), (empty, 'empty'), (text, 'not a pickle'),
+                          (no_ema, 'without an "ema" network'), (npz, 'torch.load cannot read')]:
+        with pytest.raises(NetworkLoadError, match=message) as info:
+            load_network(path)
+        assert str(path) in str(info.value)
+
+
+# ----------------------------------------------------------------------------
+# Sweeps and robustness options.
+
+
+def test_sweeps_write_folders_and_manifests(nets, tmp_path):
+    base = ['--network', nets['uncond'], '--seeds=0-2', '--batch=2']
+    cli(*base, '--outdir', tmp_path / 'plain', '--steps=3')
+    cli(*base, '--outdir', tmp_path / 'sweep', '--sweep-steps=2,3')
+    for steps in (2, 3):
+        folder = tmp_path / 'sweep' / f'steps{steps:03d}'
+        manifest = json.loads((folder / 'manifest.json').read_text())
+        assert manifest['complete'] and manifest['sweep'] == {'steps': steps}
+        assert manifest['nfe_per_image'] == 2 * steps - 1 and manifest['seeds'] == '0-2'
+        assert manifest['sampler_kwargs']['num_steps'] == steps
+    assert png_bytes(tmp_path / 'sweep' / 'steps003') == png_bytes(tmp_path / 'plain')
+    assert png_bytes(tmp_path / 'sweep' / 'steps002') != png_bytes(tmp_path / 'plain')
+
+    cli(*base, '--outdir', tmp_path / 'alpha', '--steps=3', '--sweep-alpha=0,0.5')
+    assert png_bytes(tmp_path / 'alpha' / 'alpha0') == png_bytes(tmp_path / 'plain')
+    assert png_bytes(tmp_path / 'alpha' / 'alpha0.5') != png_bytes(tmp_path / 'plain')
+    assert json.loads((tmp_path / 'alpha' / 'alpha0.5' / 'manifest.json').read_text())['noise_injection_alpha'] == 0.5
+
+    cli(*base, '--outdir', tmp_path / 'bits', '--steps=3', '--sweep-bits=4,12')
+    manifest = json.loads((tmp_path / 'bits' / 'bits04' / 'manifest.json').read_text())
+    assert manifest['quantize_bits'] == 4 and manifest['quantized_weights'] > 0
+    # The CLI's quantized images equal the library's.
+    net = quantize.quantize_network(load_network(nets['uncond']), 4)
+    (seeds, images), = list(sampling.generate_images(net, [0, 1, 2], batch_size=3, num_steps=3))
+    for seed, image in zip(seeds, images):
+        assert np.array_equal(read_png(tmp_path / 'bits' / 'bits04' / f'{seed:06d}.png'),
+                              image.permute(1, 2, 0).numpy())
+
+    # Resuming a sweep folder with other settings is refused.
+    result = cli(*base, '--outdir', tmp_path / 'sweep', '--sweep-steps=2', '--S_churn=5', expect_ok=False)
+    assert_clean_error(result, 'sampler_kwargs', '--force')
+
+
+def test_quantize_bits_flag(nets, tmp_path):
+    base = ['--network', nets['uncond'], '--seeds=0-1', '--steps=2']
+    cli(*base, '--outdir', tmp_path / 'q', '--quantize-bits=3')
+    cli(*base, '--outdir', tmp_path / 'f')
+    assert png_bytes(tmp_path / 'q') != png_bytes(tmp_path / 'f')
+
+
+def test_pfgmpp_settings_come_from_the_network(nets, tmp_path):
+    cli('--network', nets['pfgmpp'], '--outdir', tmp_path / 'a', '--seeds=0-1', '--steps=2')
+    cli('--network', nets['pfgmpp'], '--outdir', tmp_path / 'b', '--seeds=0-1', '--steps=2', '--pfgmpp=True',
+        '--aug_dim=64')
+    assert png_bytes(tmp_path / 'a') == png_bytes(tmp_path / 'b')
+    net = load_network(nets['pfgmpp'])
+    (seeds, images), = list(sampling.generate_images(net, [0, 1], batch_size=2, num_steps=2, pfgmpp=True, D=64))
+    assert np.array_equal(read_png(tmp_path / 'a' / '000001.png'), images[1].permute(1, 2, 0).numpy())
+
+
+# ----------------------------------------------------------------------------
+# Errors: one clear line naming the flag.
+
+
+@pytest.mark.parametrize('flags,fragments', [
+    (['--seeds=-1'], ['--seeds', 'out of range']),
+    (['--seeds=4294967296'], ['--seeds', 'out of range']),
+    (['--seeds=a-b'], ['--seeds', 'cannot parse']),
+    (['--steps=0'], ['--steps']),
+    (['--batch=0'], ['--batch']),
+    (['--sweep-steps=0,2'], ['--sweep-steps', '>= 1']),
+    (['--steps=4', '--sweep-steps=2,3'], ['--steps', '--sweep-steps']),
+    (['--alpha=0.1', '--sweep-alpha=0,0.2'], ['--alpha', '--sweep-alpha']),
+    (['--sweep-alpha=0,x'], ['--sweep-alpha']),
+    (['--quantize-bits=1'], ['--quantize-bits', 'bits']),
+    (['--sweep-bits=4,40'], ['--sweep-bits', 'bits']),
+    (['--sigma_min=5', '--sigma_max=1'], ['--sigma_min', '--sigma_max']),
+    (['--device=tpu'], ['--device']),
+    (['--class=0'], ['--class', 'unconditional']),
+    (['--aug_dim=64'], ['--aug_dim', 'diffusion']),
+    (['--pfgmpp=True'], ['--pfgmpp', 'contradicts']),
+])
+def test_bad_flags_give_clear_errors(nets, tmp_path, flags, fragments):
+    result = cli('--network', nets['uncond'], '--outdir', tmp_path, '--steps=2' if not any(
+        f.startswith(('--steps', '--sweep-steps')) for f in flags) else '--batch=1', *flags, expect_ok=False)
+    assert_clean_error(result, *fragments)
+    assert not list(tmp_path.glob('*.png'))
+
+
+@pytest.mark.parametrize('which,flags,fragments', [
+    ('cond', ['--class=4'], ['--class', '0..3']),
+    ('pfgmpp', ['--pfgmpp=False'], ['--pfgmpp', 'contradicts']),
+    ('pfgmpp', ['--aug_dim=128'], ['--aug_dim', 'D=64']),
+    ('pfgmpp', ['--solver=euler'], ['ablation sampler', 'PFGM++']),
+])
+def test_contradictions_give_clear_errors(nets, tmp_path, which, flags, fragments):
+    result = cli('--network', nets[which], '--outdir', tmp_path, '--steps=2', *flags, expect_ok=False)
+    assert_clean_error(result, *fragments)
+
+
+def test_missing_or_broken_network_gives_clear_error(tmp_path, golden_dir):
+    result = cli('--outdir', tmp_path, expect_ok=False)
+    assert_clean_error(result, '--network')
+    result = cli('--network', tmp_path / 'nope.pkl', '--outdir', tmp_path, expect_ok=False)
+    assert_clean_error(result, '--network', 'nope.pkl', 'no such file')
+    (tmp_path / 'zero.pkl').write_bytes(b'')
+    result = cli('--network', tmp_path / 'zero.pkl', '--outdir', tmp_path, expect_ok=False)
+    assert_clean_error(result, '--network', 'zero.pkl', 'empty')
+    result = cli('--network', golden_dir / 'fid' / 'ref_stats.npz', '--outdir', tmp_path, expect_ok=False)
+    assert_clean_error(result, '--network', 'ref_stats.npz')
+    # An original EDM snapshot records no PFGM++ settings: --pfgmpp=True then needs --aug_dim.
+    result = cli('--network', golden_dir / GOLDEN_SNAPSHOT, '--outdir', tmp_path, '--pfgmpp=True', expect_ok=False)
+    assert_clean_error(result, '--aug_dim')
+
+
+def test_cli_error_in_a_subprocess_has_no_traceback(tmp_path):
+    proc = run_python(['generate.py', '--network', str(tmp_path / 'missing.pkl'), '--outdir', str(tmp_path)],
+                      check=False)
+    assert proc.returncode != 0
+    assert 'Traceback' not in proc.stderr and '--network' in proc.stderr and 'no such file' in proc.stderr
