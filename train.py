@@ -8,11 +8,11 @@ The flags are those of NVIDIA's EDM ``train.py`` with the same meanings and defa
 Examples::
 
     # PFGM++ (D=128) on CIFAR-10 with the DDPM++ network, 8 GPUs
-    torchrun --standalone --nproc_per_node=8 train.py --outdir=training-runs \\
-        --data=datasets/cifar10-32x32.zip --cond=0 --arch=ddpmpp --pfgmpp=1 --aug_dim=128
+    torchrun --standalone --nproc_per_node=8 train.py --outdir=runs --data=datasets/cifar10-32x32.zip \\
+        --cond=0 --arch=ddpmpp --pfgmpp=1 --aug_dim=128
 
     # Continue the newest training state of the matching run in training-runs (or start one)
-    python train.py --outdir=training-runs --data=... --resume=auto
+    python train.py --outdir=runs --data=... --resume=auto
 """
 
 from __future__ import annotations
@@ -52,6 +52,11 @@ AUGMENT_SETTINGS = dict(xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, tra
 AUGMENT_LABEL_DIM = 9
 #: Sigma scale of the PFGM++ code for LSUN 256x256 (--lsun); equals training.loss.LSUN_SIGMA_SCALE.
 LSUN_SIGMA_SCALE = 380.0 / 80.0
+
+#: Adam's remaining hyperparameters (EDM's).
+ADAM_SETTINGS = dict(betas=[0.9, 0.999], eps=1e-8)
+#: Flags that override a network preset entry when given.
+NETWORK_OVERRIDES = (('cbase', 'model_channels'), ('cres', 'channel_mult'), ('nblock', 'num_blocks'))
 
 STATE_PATTERN = re.compile(r'training-state-(\d+)\.pt')
 
@@ -173,6 +178,11 @@ def _describe_dataset(c: dnnlib.EasyDict, opts: dnnlib.EasyDict) -> str:
     return name
 
 
+def _precision(opts: dnnlib.EasyDict) -> str:
+    """fp32, fp16 or bf16 from --precision, or from the original --fp16 flag."""
+    return opts.precision or ('fp16' if opts.fp16 else 'fp32')
+
+
 def _check_batch(opts: dnnlib.EasyDict, world: int) -> None:
     if opts.batch % world != 0:
         raise click.UsageError(f'--batch {opts.batch} must be divisible by the number of processes ({world})')
@@ -196,21 +206,18 @@ def build_config(opts: dnnlib.EasyDict, world: int) -> tuple[dnnlib.EasyDict, st
     c.loss_kwargs = dnnlib.EasyDict(class_name=loss_class)
     if opts.lsun:
         c.loss_kwargs.sigma_scale = LSUN_SIGMA_SCALE
-    c.optimizer_kwargs = dnnlib.EasyDict(class_name='torch.optim.Adam', lr=opts.lr, betas=[0.9, 0.999], eps=1e-8)
+    c.optimizer_kwargs = dnnlib.EasyDict(class_name='torch.optim.Adam', lr=opts.lr, **ADAM_SETTINGS)
 
     dataset_name = _describe_dataset(c, opts)
 
-    if opts.cbase is not None:
-        c.network_kwargs.model_channels = opts.cbase
-    if opts.cres is not None:
-        c.network_kwargs.channel_mult = opts.cres
-    if opts.nblock is not None:
-        c.network_kwargs.num_blocks = opts.nblock
+    for flag, key in NETWORK_OVERRIDES:
+        if opts[flag] is not None:
+            c.network_kwargs[key] = opts[flag]
     if opts.augment:
         c.augment_kwargs = dnnlib.EasyDict(class_name='training.augment.AugmentPipe', p=opts.augment,
                                            **AUGMENT_SETTINGS)
         c.network_kwargs.augment_dim = AUGMENT_LABEL_DIM
-    precision = opts.precision or ('fp16' if opts.fp16 else 'fp32')
+    precision = _precision(opts)
     c.network_kwargs.update(dropout=opts.dropout, use_fp16=precision == 'fp16')
     if precision == 'bf16':
         c.network_kwargs.use_bf16 = True
@@ -219,10 +226,9 @@ def build_config(opts: dnnlib.EasyDict, world: int) -> tuple[dnnlib.EasyDict, st
     c.lr_rampup_kimg = opts.lr_rampup
     c.ema_halflife_kimg = opts.ema * 1000
     c.update(pfgmpp=opts.pfgmpp, D=opts.aug_dim, stf=opts.stf, rbatch=opts.rbatch)
-    c.update(batch_size=opts.batch, batch_gpu=opts.batch_gpu)
-    c.update(loss_scaling=opts.ls, cudnn_benchmark=opts.bench)
-    c.update(kimg_per_tick=opts.tick, snapshot_ticks=opts.snap, state_dump_ticks=opts.dump)
-    c.update(channels_last=opts.channels_last, compile=opts.compile)
+    c.batch_size, c.batch_gpu, c.loss_scaling = opts.batch, opts.batch_gpu, opts.ls
+    c.kimg_per_tick, c.snapshot_ticks, c.state_dump_ticks = opts.tick, opts.snap, opts.dump
+    c.cudnn_benchmark, c.channels_last, c.compile = opts.bench, opts.channels_last, opts.compile
     if opts.transfer is not None:
         c.resume_pkl = opts.transfer
         c.ema_rampup_ratio = None
@@ -239,8 +245,8 @@ def build_config(opts: dnnlib.EasyDict, world: int) -> tuple[dnnlib.EasyDict, st
 
 @click.command()
 # Main options.
-@click.option('--outdir', help='Where to save the results', metavar='DIR', type=str, required=True)
-@click.option('--data', help='Path to the dataset', metavar='ZIP|DIR', type=str, required=True)
+@click.option('--outdir', help='Parent directory of the run directories', metavar='DIR', type=str, required=True)
+@click.option('--data', help='Training set (dataset_tool ZIP or folder)', metavar='ZIP|DIR', type=str, required=True)
 @click.option('--cond', help='Train class-conditional model', metavar='BOOL', type=bool, default=False,
               show_default=True)
 @click.option('--arch', help='Network architecture', type=click.Choice(list(ARCH_PRESETS)), default='ddpmpp',
@@ -299,8 +305,8 @@ def build_config(opts: dnnlib.EasyDict, world: int) -> tuple[dnnlib.EasyDict, st
 @click.option('--compile', help='torch.compile the network', metavar='BOOL', type=bool, default=False,
               show_default=True)
 # I/O-related.
-@click.option('--desc', help='String to include in result dir name', metavar='STR', type=str)
-@click.option('--nosubdir', help='Do not create a subdirectory for results', is_flag=True)
+@click.option('--desc', help='Suffix for the run directory name', metavar='STR', type=str)
+@click.option('--nosubdir', help='Write into --outdir itself, no numbered run directory', is_flag=True)
 @click.option('--name', help='Run directory name under --outdir (instead of a numbered one)', metavar='STR',
               type=str)
 @click.option('--tick', help='How often to print progress', metavar='KIMG',
@@ -309,18 +315,18 @@ def build_config(opts: dnnlib.EasyDict, world: int) -> tuple[dnnlib.EasyDict, st
               show_default=True)
 @click.option('--dump', help='How often to dump state', metavar='TICKS', type=click.IntRange(min=1), default=500,
               show_default=True)
-@click.option('--seed', help='Random seed  [default: random]', metavar='INT', type=int)
-@click.option('--transfer', help='Transfer learning from network pickle', metavar='PKL|URL', type=str)
+@click.option('--seed', help='Seed of every random stream  [default: random]', metavar='INT', type=int)
+@click.option('--transfer', help='Start from the weights of a network snapshot', metavar='PKL|URL', type=str)
 @click.option('--resume', help='Resume from previous training state ("auto": newest in the run dir)',
               metavar='PT|auto', type=str)
-@click.option('-n', '--dry-run', help='Print training options and exit', is_flag=True)
+@click.option('-n', '--dry-run', help='Validate, print the options and stop', is_flag=True)
 def main(**kwargs: Any) -> None:
     """Train a diffusion-based or PFGM++ generative model.
 
     \b
     # DDPM++ with PFGM++ (D=128) on CIFAR-10, 8 GPUs:
-    torchrun --standalone --nproc_per_node=8 train.py --outdir=training-runs \\
-        --data=datasets/cifar10-32x32.zip --arch=ddpmpp --pfgmpp=1 --aug_dim=128
+    torchrun --standalone --nproc_per_node=8 train.py --outdir=runs --data=datasets/cifar10-32x32.zip \\
+        --arch=ddpmpp --pfgmpp=1 --aug_dim=128
     """
     opts = dnnlib.EasyDict(kwargs)
     _check_options(opts)
@@ -350,27 +356,27 @@ def main(**kwargs: Any) -> None:
             c.resume_state_dump = state
             c.resume_kimg = int(match.group(1)) if match else 0
 
-        dist.print0()
-        dist.print0('Training options:')
-        dist.print0(json.dumps(c, indent=2))
-        dist.print0()
-        dist.print0(f'Output directory:        {c.run_dir}')
-        dist.print0(f'Dataset path:            {c.dataset_kwargs.path}')
-        dist.print0(f'Class-conditional:       {c.dataset_kwargs.use_labels}')
-        dist.print0(f'Network architecture:    {opts.arch}')
-        dist.print0(f'Preconditioning & loss:  {opts.precond}')
-        dist.print0(f'PFGM++:                  {f"D={opts.aug_dim}" if opts.pfgmpp else "off (diffusion)"}')
-        dist.print0(f'Number of processes:     {world} ({device.type})')
-        dist.print0(f'Batch size:              {c.batch_size}')
-        dist.print0(f'Precision:               {opts.precision or ("fp16" if opts.fp16 else "fp32")}')
+        precision = _precision(opts)
+        summary = [
+            ('Run directory', c.run_dir),
+            ('Dataset', f'{c.dataset_kwargs.path} ({"class-conditional" if opts.cond else "unconditional"})'),
+            ('Architecture / precond', f'{opts.arch} / {opts.precond}'),
+            ('Model', f'PFGM++ with D={opts.aug_dim}' if opts.pfgmpp else 'diffusion'),
+            ('Processes', f'{world} on {device.type}'),
+            ('Batch', f'{c.batch_size} per step'),
+            ('Precision', precision),
+        ]
         if opts.resume == 'auto':
-            dist.print0(f'Resume:                  {state or "nothing to resume, starting a new run"}')
+            summary.append(('Resume', state or 'nothing to resume, starting a new run'))
+        dist.print0(f'\nResolved options:\n{json.dumps(c, indent=2)}\n')
+        for label, value in summary:
+            dist.print0(f'{label + ":":<25}{value}')
         dist.print0()
         if opts.dry_run:
-            dist.print0('Dry run; exiting.')
+            dist.print0('Dry run: nothing was written.')
             return
 
-        dist.print0('Creating output directory...')
+        dist.print0('Preparing the run directory...')
         logger = None
         if dist.is_main():
             try:

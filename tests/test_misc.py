@@ -33,7 +33,7 @@ def _reference_stream(n: int, seed: int, window_size: float, count: int) -> list
         out.append(int(order[i]))
         if window >= 2:
             j = i - rnd.randint(min(window, i + 1))
-            order[i], order[j] = order[j], order[i]
+            order[i], order[j] = int(order[j]), int(order[i])
     return out
 
 

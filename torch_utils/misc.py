@@ -19,6 +19,7 @@ from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
+from torch.utils.data import Sampler
 
 from torch_utils import distributed as dist
 
@@ -52,9 +53,10 @@ def constant(value: Any, shape: Optional[Sequence[int]] = None, dtype: Optional[
 
 def assert_shape(tensor: torch.Tensor, ref_shape: Sequence[Optional[int]]) -> None:
     """Raise AssertionError unless ``tensor.shape`` matches ``ref_shape`` (``None`` matches any size)."""
-    if tensor.ndim != len(ref_shape):
-        raise AssertionError(f'expected {len(ref_shape)} dimensions, got {tensor.ndim} (shape {list(tensor.shape)})')
-    for axis, (size, want) in enumerate(zip(tensor.shape, ref_shape)):
+    expected = list(ref_shape)
+    if len(expected) != tensor.ndim:
+        raise AssertionError(f'expected {len(expected)} dimensions, got {tensor.ndim} (shape {list(tensor.shape)})')
+    for axis, (size, want) in enumerate(zip(tensor.shape, expected)):
         if want is not None and int(size) != int(want):
             raise AssertionError(f'dimension {axis} has size {int(size)}, expected {int(want)} '
                                  f'(shape {list(tensor.shape)} vs {list(ref_shape)})')
@@ -67,7 +69,7 @@ def assert_shape(tensor: torch.Tensor, ref_shape: Sequence[Optional[int]]) -> No
 _SNAPSHOT_BUDGET_BYTES = 16 << 20
 
 
-class InfiniteSampler(torch.utils.data.Sampler):
+class InfiniteSampler(Sampler):
     """Endless index stream for a DataLoader: shuffled, seeded, split between ranks, resumable.
 
     All ranks walk the same *global* stream. With ``shuffle``, it starts from a seeded permutation, and after
@@ -120,16 +122,16 @@ class InfiniteSampler(torch.utils.data.Sampler):
         order = np.arange(self.dataset_size)
         if not self.shuffle:
             return order, None
-        rnd = np.random.RandomState(self.seed)
-        rnd.shuffle(order)
-        return order, rnd
+        rng = np.random.RandomState(seed=self.seed)
+        rng.shuffle(order)
+        return order, rng
 
     def _swap(self, order: np.ndarray, rnd: Optional[np.random.RandomState], g: int) -> None:
         """Apply the window swap that follows a visit of global index ``g``."""
         if self.window >= 2:
             i = g % self.dataset_size
             j = i - rnd.randint(min(self.window, i + 1))
-            order[i], order[j] = order[j], order[i]
+            order[[i, j]] = order[[j, i]]
 
     def _state_at(self, index: int) -> tuple[np.ndarray, Optional[np.random.RandomState]]:
         """(order, rng) as they are just before global index ``index`` is visited."""
@@ -226,7 +228,7 @@ class InfiniteSampler(torch.utils.data.Sampler):
 def named_params_and_buffers(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f'expected a torch.nn.Module, got {type(module).__name__}')
-    return list(module.named_parameters()) + list(module.named_buffers())
+    return [*module.named_parameters(), *module.named_buffers()]
 
 
 def params_and_buffers(module: torch.nn.Module) -> list[torch.Tensor]:
@@ -242,14 +244,14 @@ def copy_params_and_buffers(src_module: torch.nn.Module, dst_module: torch.nn.Mo
     """
     source = dict(named_params_and_buffers(src_module))
     missing = []
-    for name, tensor in named_params_and_buffers(dst_module):
+    for name, target in named_params_and_buffers(dst_module):
         value = source.get(name)
         if value is None:
             missing.append(name)
             continue
-        if value.shape != tensor.shape:
-            raise ValueError(f'{name}: source has shape {list(value.shape)}, destination {list(tensor.shape)}')
-        tensor.copy_(value)
+        if value.shape != target.shape:
+            raise ValueError(f'{name}: source has shape {list(value.shape)}, destination {list(target.shape)}')
+        target.copy_(value)
     if require_all and missing:
         more = f' (and {len(missing) - 3} more)' if len(missing) > 3 else ''
         raise ValueError(f'source module lacks {", ".join(missing[:3])}{more}')
@@ -262,11 +264,9 @@ def copy_params_and_buffers(src_module: torch.nn.Module, dst_module: torch.nn.Mo
 @contextlib.contextmanager
 def ddp_sync(module: torch.nn.Module, sync: bool) -> Iterator[None]:
     """Inside the block, a DDP module all-reduces gradients only if ``sync`` (plain modules: no effect)."""
-    if sync or not isinstance(module, torch.nn.parallel.DistributedDataParallel):
+    skip_allreduce = not sync and isinstance(module, torch.nn.parallel.DistributedDataParallel)
+    with module.no_sync() if skip_allreduce else contextlib.nullcontext():
         yield
-    else:
-        with module.no_sync():
-            yield
 
 
 def check_ddp_consistency(module: torch.nn.Module, ignore_regex: Optional[str] = None) -> None:
@@ -274,11 +274,11 @@ def check_ddp_consistency(module: torch.nn.Module, ignore_regex: Optional[str] =
     if not dist.is_distributed():
         return
     pattern = re.compile(ignore_regex) if ignore_regex is not None else None
-    for name, tensor in named_params_and_buffers(module):
+    for name, value in named_params_and_buffers(module):
         full_name = f'{type(module).__name__}.{name}'
         if pattern is not None and pattern.fullmatch(full_name):
             continue
-        mine = tensor.detach()
+        mine = value.detach()
         if mine.is_floating_point():
             mine = torch.nan_to_num(mine)
         reference = mine.clone()

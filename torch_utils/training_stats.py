@@ -88,7 +88,7 @@ class Collector:
 
     def __init__(self, regex: str = '.*', keep_previous: bool = True):
         self._regex = re.compile(regex)
-        self._keep_previous = keep_previous
+        self._sticky = keep_previous
         self._seen: dict[str, torch.Tensor] = {}     # totals at the previous update()
         self._interval: dict[str, torch.Tensor] = {}  # moments of the last interval
         # Start the first interval now: whatever was reported before this collector existed is not its business.
@@ -101,7 +101,7 @@ class Collector:
 
     def update(self) -> None:
         """Close the current interval: reduce across ranks and make its averages readable."""
-        if not self._keep_previous:
+        if not self._sticky:
             self._interval.clear()
         names = self.names()
         _sync(names)

@@ -62,6 +62,8 @@ from torch_utils import misc, training_stats
 #: Marks a training state written by this loop (the original's states have no such key).
 STATE_FORMAT = 'pfgmpp-training-state'
 STATE_VERSION = 1
+#: Name of the per-element training loss in training_stats / stats.jsonl.
+LOSS_STAT = 'Loss/loss'
 #: Gradients are scrubbed of NaN/Inf before each optimiser step; infinities become these values.
 GRAD_CLAMP = 1e5
 #: Streams for :func:`derive_seed`, so that the random numbers of different purposes never coincide.
@@ -199,18 +201,19 @@ def load_training_state(data: dict, net: torch.nn.Module, ema: torch.nn.Module,
     that file exists, as EDM's resume does, and from ``net`` otherwise.
     """
     try:
-        misc.copy_params_and_buffers(src_module=data['net'], dst_module=net, require_all=True)
+        misc.copy_params_and_buffers(data['net'], net, require_all=True)
         if isinstance(data.get('ema'), torch.nn.Module):
-            misc.copy_params_and_buffers(src_module=data['ema'], dst_module=ema, require_all=True)
+            misc.copy_params_and_buffers(data['ema'], ema, require_all=True)
         elif ema_fallback is not None and os.path.isfile(ema_fallback):
             with open(ema_fallback, 'rb') as f:
                 snapshot = pickle.load(f)
-            misc.copy_params_and_buffers(src_module=snapshot['ema'], dst_module=ema, require_all=True)
+            misc.copy_params_and_buffers(snapshot['ema'], ema, require_all=True)
         else:
             dist.print0(f'Note: {source} has no EMA network; the EMA restarts from the network weights.')
-            misc.copy_params_and_buffers(src_module=data['net'], dst_module=ema, require_all=True)
+            misc.copy_params_and_buffers(data['net'], ema, require_all=True)
         if optimizer is not None:
-            optimizer.load_state_dict(data['optimizer_state'])
+            saved_optimizer = data['optimizer_state']
+            optimizer.load_state_dict(saved_optimizer)
     except (ValueError, KeyError, RuntimeError) as err:
         raise TrainingError(f'--resume {source}: does not fit the network built from the current options '
                             f'({str(err).splitlines()[0]}); use the --arch/--cbase/--cres/... of the original run'
@@ -278,10 +281,10 @@ def training_loop(
     rank, world = dist.get_rank(), dist.get_world_size()
 
     # Process-wide generators: derived per rank so ranks differ, as in the original.
-    torch.backends.cudnn.benchmark = cudnn_benchmark
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
+    # Full float32 matmuls and convolutions (no TF32, no reduced-precision fp16 sums), as the original.
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    cudnn.benchmark = cudnn_benchmark
+    cudnn.allow_tf32 = matmul.allow_tf32 = matmul.allow_fp16_reduced_precision_reduction = False
     host_seed = derive_seed(seed, STREAM_HOST, rank)
     np.random.seed(host_seed % (1 << 31))
     random.seed(host_seed)
@@ -306,16 +309,16 @@ def training_loop(
     tick_nimg = max(round(kimg_per_tick * 1000), 1)
 
     # Dataset and network.
-    dist.print0('Loading dataset...')
+    dist.print0(f'Opening the dataset {dataset_kwargs.get("path", "")}...')
     dataset = dnnlib.util.construct_class_by_name(**dataset_kwargs)
     sampler = misc.InfiniteSampler(dataset, rank=rank, num_replicas=world, seed=seed, block_size=loaded_per_rank)
 
-    dist.print0('Constructing network...')
+    dist.print0('Building the network...')
     interface = dict(img_resolution=dataset.resolution, img_channels=dataset.num_channels,
                      label_dim=dataset.label_dim, pfgmpp=pfgmpp, D=D)
     torch.manual_seed(derive_seed(seed, STREAM_INIT))  # identical initial weights on every rank
     net = dnnlib.util.construct_class_by_name(**network_kwargs, **interface)
-    net.train().requires_grad_(True).to(device)
+    net.to(device).train().requires_grad_(True)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     if channels_last:
         net.to(memory_format=torch.channels_last)
@@ -326,7 +329,7 @@ def training_loop(
                      torch.zeros([batch_gpu, net.label_dim], device=device)]
             misc.print_module_summary(net, probe, max_nesting=2)
 
-    dist.print0('Setting up optimizer...')
+    dist.print0('Creating loss, optimizer and augmentation...')
     loss_kwargs = dict(loss_kwargs)
     loss_kwargs.setdefault('D', D if pfgmpp else None)
     loss_fn = dnnlib.util.construct_class_by_name(**loss_kwargs)
@@ -336,7 +339,7 @@ def training_loop(
     if dist.is_distributed():
         ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == 'cuda' else None,
                                                         broadcast_buffers=False)
-    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    ema = copy.deepcopy(net).requires_grad_(False).eval()
 
     # Where training starts.
     cur_nimg = int(round(resume_kimg * 1000))
@@ -344,7 +347,7 @@ def training_loop(
     data_position = None
     if resume_pkl is not None:
         from training.network_io import NetworkLoadError, load_network
-        dist.print0(f'Loading network weights from "{resume_pkl}"...')
+        dist.print0(f'Transfer: starting from the weights of {resume_pkl}')
         try:
             source_net = load_network(resume_pkl, device='cpu')
             misc.copy_params_and_buffers(src_module=source_net, dst_module=net, require_all=False)
@@ -353,7 +356,7 @@ def training_loop(
             raise TrainingError(f'--transfer: {err}') from None
         del source_net
     if resume_state_dump is not None:
-        dist.print0(f'Loading training state from "{resume_state_dump}"...')
+        dist.print0(f'Resuming from the training state {resume_state_dump}')
         data = read_training_state(resume_state_dump)
         kimg_tag = re.fullmatch(r'training-state-(\d+)\.pt', os.path.basename(resume_state_dump))
         fallback = None
@@ -410,11 +413,12 @@ def training_loop(
         dist.print0()
         tick_start_nimg = cur_nimg
         tick_start_time = time.time()
-        maintenance_time = tick_start_time - start_time
+        maintenance_sec = tick_start_time - start_time
         stats_file = None
         while True:
             # Accumulate gradients over the micro-batches of this rank.
-            optimizer.zero_grad(set_to_none=True)
+            for p in params:
+                p.grad = None
             for round_idx in range(rounds):
                 position = data_position + rank * loaded_per_rank + round_idx * batch_gpu
                 loss_generator.manual_seed(derive_seed(seed, STREAM_LOSS, position))
@@ -430,7 +434,7 @@ def training_loop(
                             labels[:batch_per_rank]
                     loss = loss_fn(net=forward_net, images=images, labels=labels, augment_pipe=augment,
                                    generator=loss_generator, reference_images=reference)
-                    training_stats.report('Loss/loss', loss)
+                    training_stats.report(LOSS_STAT, loss)
                     loss.sum().mul(loss_scaling / batch_per_rank).backward()
 
             # Optimiser step with the warm-up learning rate, on gradients scrubbed of NaN/Inf.
@@ -441,11 +445,7 @@ def training_loop(
                     torch.nan_to_num(p.grad, nan=0, posinf=GRAD_CLAMP, neginf=-GRAD_CLAMP, out=p.grad)
             optimizer.step()
 
-            # EMA with a half-life in images, shortened early in training by the ramp-up.
-            halflife_nimg = ema_halflife_kimg * 1000
-            if ema_rampup_ratio is not None:
-                halflife_nimg = min(halflife_nimg, cur_nimg * ema_rampup_ratio)
-            ema_beta = 0.5 ** (batch_size / max(halflife_nimg, 1e-8))
+            ema_beta = ema_decay(cur_nimg, batch_size, ema_halflife_kimg, ema_rampup_ratio)
             with torch.no_grad():
                 torch._foreach_copy_(ema_params, torch._foreach_lerp([p.detach() for p in params], ema_params,
                                                                      ema_beta))
@@ -465,7 +465,7 @@ def training_loop(
             report0('Timing/total_sec', tick_end_time - start_time)
             report0('Timing/sec_per_tick', tick_end_time - tick_start_time)
             report0('Timing/sec_per_kimg', (tick_end_time - tick_start_time) / max(cur_nimg - tick_start_nimg, 1) * 1e3)
-            report0('Timing/maintenance_sec', maintenance_time)
+            report0('Timing/maintenance_sec', maintenance_sec)
             report0('Resources/cpu_mem_gb', psutil.Process(os.getpid()).memory_info().rss / 2**30)
             gpu_mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == 'cuda' else 0.0
             gpu_reserved = torch.cuda.max_memory_reserved(device) / 2**30 if device.type == 'cuda' else 0.0
@@ -475,14 +475,14 @@ def training_loop(
                 torch.cuda.reset_peak_memory_stats(device)
             collector = training_stats.default_collector
             collector.update()
-            loss_mean = collector.mean('Loss/loss')
+            loss_mean = collector.mean(LOSS_STAT)
             dist.print0(' '.join([
                 f'tick {cur_tick:<5d}',
                 f'kimg {cur_nimg / 1e3:<9.3f}',
                 f'time {dnnlib.util.format_time(tick_end_time - start_time):<12s}',
                 f'sec/tick {tick_end_time - tick_start_time:<7.1f}',
                 f'sec/kimg {collector.mean("Timing/sec_per_kimg"):<7.2f}',
-                f'maintenance {maintenance_time:<6.1f}',
+                f'maintenance {maintenance_sec:<6.1f}',
                 f'cpumem {collector.mean("Resources/cpu_mem_gb"):<6.2f}',
                 f'gpumem {gpu_mem:<6.2f}',
                 f'reserved {gpu_reserved:<6.2f}',
@@ -522,7 +522,7 @@ def training_loop(
             cur_tick += 1
             tick_start_nimg = cur_nimg
             tick_start_time = time.time()
-            maintenance_time = tick_start_time - tick_end_time
+            maintenance_sec = tick_start_time - tick_end_time
             if done:
                 break
 
@@ -532,14 +532,22 @@ def training_loop(
     dist.print0('Exiting...')
 
 
+def ema_decay(cur_nimg: int, batch_size: int, halflife_kimg: float, rampup_ratio: Optional[float]) -> float:
+    """Per-step EMA decay for a half-life in images, capped early in training at ``rampup_ratio * cur_nimg``."""
+    halflife = halflife_kimg * 1000 if rampup_ratio is None else min(halflife_kimg * 1000, cur_nimg * rampup_ratio)
+    return 0.5 ** (batch_size / max(halflife, 1e-8))
+
+
 def _write_snapshot(path: str, ema: torch.nn.Module, loss_fn: Any, augment_pipe: Any, dataset_kwargs: dict) -> None:
     """EDM's network-snapshot layout: evaluation-mode CPU copies of the modules, written by rank 0."""
-    data: dict[str, Any] = dict(ema=ema, loss_fn=loss_fn, augment_pipe=augment_pipe,
-                                dataset_kwargs=dict(dataset_kwargs))
-    for key, value in list(data.items()):
-        if isinstance(value, torch.nn.Module):
-            value = copy.deepcopy(value).eval().requires_grad_(False)
-            misc.check_ddp_consistency(value)
-            data[key] = value.cpu()
+    def frozen_cpu_copy(module: Any) -> Any:
+        if not isinstance(module, torch.nn.Module):
+            return module
+        clone = copy.deepcopy(module).requires_grad_(False).eval()
+        misc.check_ddp_consistency(clone)
+        return clone.cpu()
+
+    data = dict(ema=frozen_cpu_copy(ema), loss_fn=loss_fn, augment_pipe=frozen_cpu_copy(augment_pipe),
+                dataset_kwargs=dict(dataset_kwargs))
     if dist.is_main():
         _save_atomically(path, functools.partial(pickle.dump, data))
