@@ -12,15 +12,14 @@ a thin layer over it.
 
 from __future__ import annotations
 
+import contextlib
 import json
-import math
 import os
 import pickle
-import sys
 import time
 import warnings
 import zipfile
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import click
 import numpy as np
@@ -120,10 +119,10 @@ def load_detector(path_or_url: Optional[str] = None, device: torch.device | str 
             stream = dnnlib.util.open_url(source, cache=True, verbose=verbose, **_download_kwargs())
         except OSError as err:
             cause = str(err).removeprefix(f'{source}: ')
+            cache = dnnlib.make_cache_dir_path('downloads')
             raise click.ClickException(
                 f'cannot fetch the FID detector from {source} ({cause}). Without network access, download that file '
-                f'elsewhere and pass it with --detector=PATH (or copy it into {dnnlib.make_cache_dir_path("downloads")})'
-            ) from None
+                f'elsewhere and pass it with --detector=PATH (or copy it into {cache})') from None
     else:
         if not os.path.isfile(source):
             raise click.ClickException(f'--detector {source}: no such file')
@@ -176,6 +175,14 @@ def load_ref_stats(path_or_url: str) -> tuple[np.ndarray, np.ndarray]:
 
 # ----------------------------------------------------------------------------
 # Feature statistics.
+
+
+def _as_detector(detector: Optional[torch.nn.Module | str], device: torch.device) -> torch.nn.Module:
+    """A loaded detector as is; a path, URL or None (the Inception URL) loaded on every rank, rank 0 first."""
+    if isinstance(detector, torch.nn.Module):
+        return detector
+    dist.print0('Loading the feature detector...')
+    return _rank0_first(lambda: load_detector(detector, device=device, verbose=dist.is_main()))
 
 
 def extract_features(detector: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -238,7 +245,7 @@ class FeatureStats:
         gram = dist.all_reduce(self.gram.clone())
         mu = total / count
         sigma = (gram - torch.outer(mu, mu) * count) / (count - 1)
-        return mu.cpu().numpy(), sigma.cpu().numpy()
+        return mu.to('cpu').numpy(), sigma.to('cpu').numpy()
 
 
 class _ImageReadError:
@@ -307,12 +314,10 @@ def calculate_inception_stats(image_path: str, num_expected: Optional[int] = Non
     ``num_expected``/``seed`` select exactly that many images as ``fid.py calc --num/--seed`` do.
     """
     device = torch.device(device) if device is not None else dist.get_device()
-    dist.print0(f'Loading images from "{image_path}"...')
+    dist.print0(f'Reading images from {image_path} ...')
     dataset = open_image_dataset(image_path, num_expected=num_expected, seed=seed, flag=flag)
     images = _CheckedImages(dataset, source=f'{flag} {image_path}')
-    if not isinstance(detector, torch.nn.Module):
-        dist.print0('Loading the feature detector...')
-        detector = _rank0_first(lambda: load_detector(detector, device=device, verbose=dist.is_main()))
+    detector = _as_detector(detector, device)
 
     rank_batches = _rank_batches(range(len(images)), max_batch_size)
     loader = torch.utils.data.DataLoader(
@@ -347,9 +352,7 @@ def calculate_stats_for_network(net: torch.nn.Module, seeds: Sequence[int], max_
     if len(ordered) < 2:
         raise click.ClickException(f'--seeds gives {len(ordered)} image(s); need at least 2 for a covariance')
     device = torch.device(device) if device is not None else dist.get_device()
-    if not isinstance(detector, torch.nn.Module):
-        dist.print0('Loading the feature detector...')
-        detector = _rank0_first(lambda: load_detector(detector, device=device, verbose=dist.is_main()))
+    detector = _as_detector(detector, device)
 
     rank_batches = _rank_batches(ordered, max_batch_size)
     dist.print0(f'Generating {len(ordered)} images in memory and calculating their statistics...')
@@ -430,9 +433,9 @@ def main() -> None:
     python fid.py ref --data=datasets/cifar10-32x32.zip --dest=fid-refs/cifar10-32x32.npz
 
     \b
-    # FID of 50,000 generated PNGs (e.g. from generate.py --seeds=0-49999 --subdirs)
-    torchrun --standalone --nproc_per_node=1 fid.py calc --images=fid-tmp \\
-        --ref=https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/cifar10-32x32.npz
+    # FID of 50,000 PNGs written by generate.py --outdir=out/cifar10 --seeds=0-49999 --subdirs (8 GPUs)
+    torchrun --standalone --nproc_per_node=8 fid.py calc --images=out/cifar10 --seed=0 \\
+        --ref=https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/cifar10-32x32.npz --jsonl=out/fid.jsonl
 
     \b
     # FID straight from a network, three seed ranges, minimum reported (no PNGs written)
@@ -441,17 +444,28 @@ def main() -> None:
     """
 
 
-def _start(device: Optional[str]) -> torch.device:
+@contextlib.contextmanager
+def _session(device: Optional[str]) -> Iterator[torch.device]:
+    """Join torchrun's process group (if any) for one command, and leave it afterwards."""
     try:
-        return dist.init(device)
+        device_obj = dist.init(device)
     except RuntimeError as err:
         raise click.ClickException(str(err)) from None
+    try:
+        yield device_obj
+    except BaseException:
+        # A process group's shutdown waits for every rank, and after an error some may never arrive: only a
+        # single process resets its state here; under torchrun the exit ends the group.
+        if not dist.is_distributed():
+            dist.shutdown()
+        raise
+    dist.shutdown()
 
 
 def _load_ref_on_main(ref_path: Optional[str]) -> Optional[tuple[np.ndarray, np.ndarray]]:
     if ref_path is None or not dist.is_main():
         return None
-    dist.print0(f'Loading dataset reference statistics from "{ref_path}"...')
+    dist.print0(f'Reading reference statistics {ref_path} ...')
     return load_ref_stats(ref_path)
 
 
@@ -518,34 +532,33 @@ def calc(image_path: str, ref_path: Optional[str], num_expected: int, seed: int,
     """
     if ref_path is None and stats_path is None:
         raise click.UsageError('give --ref to compute an FID, --save-stats to keep the statistics, or both')
-    device_obj = _start(device)
-    ref = _load_ref_on_main(ref_path)
-    open_image_dataset(image_path, num_expected=num_expected)  # look at the images before a long detector download
-    if repeat > 1:
-        available = len(open_image_dataset(image_path))
-        if available <= num_expected:
-            raise click.ClickException(f'--images {image_path}: --repeat={repeat} draws different subsets of '
-                                       f'--num={num_expected} images, but there are only {available}')
-    detector = _rank0_first(lambda: load_detector(detector_path, device=device_obj, verbose=dist.is_main()))
-    fids, records = [], []
-    for index in range(repeat):
-        started = time.time()
-        mu, sigma = calculate_inception_stats(image_path, num_expected=num_expected, seed=seed + index,
-                                              max_batch_size=batch, num_workers=num_workers, device=device_obj,
-                                              detector=detector)
-        record = dict(command='calc', images=image_path, num_images=num_expected, ref=ref_path,
-                      detector=detector_path or DETECTOR_URL, seed=seed + index, repeat=index)
-        fid = _finish_run(ref, mu, sigma, _numbered_stats_path(stats_path, index, repeat), record, started)
-        if fid is not None:
-            fids.append(fid)
-            records.append(record)
-    _report(fids, records, jsonl_path, label='seed')
-    dist.shutdown()
+    with _session(device) as device_obj:
+        ref = _load_ref_on_main(ref_path)
+        open_image_dataset(image_path, num_expected=num_expected)  # look at the images before a long download
+        if repeat > 1:
+            available = len(open_image_dataset(image_path))
+            if available <= num_expected:
+                raise click.ClickException(f'--images {image_path}: --repeat={repeat} draws different subsets of '
+                                           f'--num={num_expected} images, but there are only {available}')
+        detector = _as_detector(detector_path, device_obj)
+        fids, records = [], []
+        for index in range(repeat):
+            started = time.time()
+            mu, sigma = calculate_inception_stats(image_path, num_expected=num_expected, seed=seed + index,
+                                                  max_batch_size=batch, num_workers=num_workers, device=device_obj,
+                                                  detector=detector)
+            record = dict(command='calc', images=image_path, num_images=num_expected, ref=ref_path,
+                          detector=detector_path or DETECTOR_URL, seed=seed + index, repeat=index)
+            fid = _finish_run(ref, mu, sigma, _numbered_stats_path(stats_path, index, repeat), record, started)
+            if fid is not None:
+                fids.append(fid)
+                records.append(record)
+        _report(fids, records, jsonl_path, label='seed')
 
 
 @main.command()
 @click.option('--data', 'dataset_path', help='Dataset to describe', metavar='PATH|ZIP', type=str, required=True)
-@click.option('--dest', 'dest_path', help='Destination .npz file', metavar='NPZ', type=str, required=True)
+@click.option('--dest', 'dest_path', help='Where to write the statistics', metavar='NPZ', type=str, required=True)
 @click.option('--batch', help='Maximum batch size', metavar='INT', type=click.IntRange(min=1), default=64,
               show_default=True)
 @_workers_option
@@ -553,13 +566,12 @@ def calc(image_path: str, ref_path: Optional[str], num_expected: int, seed: int,
 def ref(dataset_path: str, dest_path: str, batch: int, detector_path: Optional[str], num_workers: int,
         device: Optional[str]) -> None:
     """Reference statistics of a dataset (all of its images), for calc --ref."""
-    device_obj = _start(device)
-    mu, sigma = calculate_inception_stats(dataset_path, max_batch_size=batch, num_workers=num_workers,
-                                          device=device_obj, detector=detector_path, flag='--data')
-    if dist.is_main():
-        written = save_stats(dest_path, mu, sigma)
-        print(f'Saved dataset reference statistics to "{written}"')
-    dist.shutdown()
+    with _session(device) as device_obj:
+        mu, sigma = calculate_inception_stats(dataset_path, max_batch_size=batch, num_workers=num_workers,
+                                              device=device_obj, detector=detector_path, flag='--data')
+        if dist.is_main():
+            written = save_stats(dest_path, mu, sigma)
+            print(f'Saved dataset reference statistics to "{written}"')
 
 
 def _sampler_options(fn: Callable) -> Callable:
@@ -598,13 +610,13 @@ def _sampler_options(fn: Callable) -> Callable:
     return fn
 
 
-def _repeated_seed_ranges(seeds: list[int], repeat: int) -> list[list[int]]:
+def _repeated_seed_ranges(seeds: list[int], repeat: int, limit: int) -> list[list[int]]:
     """--repeat=K: the seeds, then the same pattern shifted past them K-1 times (0-49999, 50000-99999, ...)."""
     span = max(seeds) - min(seeds) + 1
     ranges = [[s + index * span for s in seeds] for index in range(repeat)]
-    if max(ranges[-1]) >= sampling.SEED_MODULUS:
+    if max(ranges[-1]) >= limit:
         raise click.BadParameter(f'--repeat={repeat} would need seeds up to {max(ranges[-1])}; seeds must stay below '
-                                 f'2**32', param_hint='--repeat')
+                                 f'{limit}', param_hint='--repeat')
     return ranges
 
 
@@ -644,37 +656,36 @@ def gen(network_pkl: str, ref_path: Optional[str], seeds: str, class_idx: Option
             and not sampler_kwargs['sigma_min'] < sampler_kwargs['sigma_max']:
         raise click.BadParameter(f'--sigma_min={sampler_kwargs["sigma_min"]} must be below '
                                  f'--sigma_max={sampler_kwargs["sigma_max"]}', param_hint='--sigma_min')
-    seed_ranges = _repeated_seed_ranges(sorted(seed_list), repeat)
-    device_obj = _start(device)
-    ref = _load_ref_on_main(ref_path)
+    seed_ranges = _repeated_seed_ranges(sorted(seed_list), repeat, limit=generate.SEED_LIMIT)
+    with _session(device) as device_obj:
+        ref = _load_ref_on_main(ref_path)
 
-    def load() -> torch.nn.Module:
-        dist.print0(f'Loading network from "{network_pkl}"...')
-        try:
-            return load_network(network_pkl, device_obj)
-        except NetworkLoadError as err:
-            raise click.ClickException(f'--network {err}') from None
-    net = _rank0_first(load)
-    use_pfgmpp, D = generate.resolve_pfgmpp(net, pfgmpp, aug_dim)
-    kwargs = {key: value for key, value in sampler_kwargs.items() if value is not None}
-    detector = _rank0_first(lambda: load_detector(detector_path, device=device_obj, verbose=dist.is_main()))
+        def load() -> torch.nn.Module:
+            dist.print0(f'Reading network {network_pkl} ...')
+            try:
+                return load_network(network_pkl, device_obj)
+            except NetworkLoadError as err:
+                raise click.ClickException(f'--network {err}') from None
+        net = _rank0_first(load)
+        use_pfgmpp, D = generate.resolve_pfgmpp(net, pfgmpp, aug_dim)
+        kwargs = {key: value for key, value in sampler_kwargs.items() if value is not None}
+        detector = _as_detector(detector_path, device_obj)
 
-    fids, records = [], []
-    for index, run_seeds in enumerate(seed_ranges):
-        started = time.time()
-        mu, sigma = calculate_stats_for_network(net, run_seeds, max_batch_size=max_batch_size, device=device_obj,
-                                                detector=detector, class_idx=class_idx, pfgmpp=use_pfgmpp, D=D,
-                                                **kwargs)
-        record = dict(command='gen', network=network_pkl, num_images=len(run_seeds), ref=ref_path,
-                      detector=detector_path or DETECTOR_URL, seeds=generate.compact_seeds(run_seeds),
-                      repeat=index, class_idx=class_idx, pfgmpp=use_pfgmpp, D=D,
-                      sampler_kwargs=generate.jsonable(kwargs))
-        fid = _finish_run(ref, mu, sigma, _numbered_stats_path(stats_path, index, repeat), record, started)
-        if fid is not None:
-            fids.append(fid)
-            records.append(record)
-    _report(fids, records, jsonl_path, label='seeds')
-    dist.shutdown()
+        fids, records = [], []
+        for index, run_seeds in enumerate(seed_ranges):
+            started = time.time()
+            mu, sigma = calculate_stats_for_network(net, run_seeds, max_batch_size=max_batch_size, device=device_obj,
+                                                    detector=detector, class_idx=class_idx, pfgmpp=use_pfgmpp, D=D,
+                                                    **kwargs)
+            record = dict(command='gen', network=network_pkl, num_images=len(run_seeds), ref=ref_path,
+                          detector=detector_path or DETECTOR_URL, seeds=generate.compact_seeds(run_seeds),
+                          repeat=index, class_idx=class_idx, pfgmpp=use_pfgmpp, D=D,
+                          sampler_kwargs=generate.jsonable(kwargs))
+            fid = _finish_run(ref, mu, sigma, _numbered_stats_path(stats_path, index, repeat), record, started)
+            if fid is not None:
+                fids.append(fid)
+                records.append(record)
+        _report(fids, records, jsonl_path, label='seeds')
 
 
 if __name__ == '__main__':

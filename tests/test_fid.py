@@ -12,11 +12,11 @@ import os
 import pickle
 import shutil
 import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
 import click
+from click.testing import CliRunner
 import numpy as np
 import PIL.Image
 import pytest
@@ -39,6 +39,21 @@ def _assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -
     assert 'Traceback' not in proc.stderr, proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith('Error:')]
     assert len(errors) == 1, proc.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    return errors[0]
+
+
+def _invoke(args: list[str]) -> click.testing.Result:
+    """Run fid.py's command line in this process (no interpreter start-up: most CLI tests are this cheap)."""
+    return CliRunner().invoke(fid.main, args, catch_exceptions=False)
+
+
+def _assert_cli_error(result: click.testing.Result, *fragments: str) -> str:
+    """In-process twin of _assert_one_line_error."""
+    assert result.exit_code == 1, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith('Error:')]
+    assert len(errors) == 1, result.stderr
     for fragment in fragments:
         assert fragment in errors[0], errors[0]
     return errors[0]
@@ -83,8 +98,9 @@ def test_golden_ref_and_calc(golden_dir, generated_dir, tmp_path):
     detector = str(golden_dir / STANDIN)
 
     ref_path = tmp_path / 'ref.npz'
-    run_python([FID_SCRIPT, 'ref', f'--data={golden_dir / "fid" / "ref_dataset.zip"}', f'--dest={ref_path}',
-                f'--detector={detector}', '--workers=0', '--device=cpu'])
+    result = _invoke(['ref', f'--data={golden_dir / "fid" / "ref_dataset.zip"}', f'--dest={ref_path}',
+                      f'--detector={detector}', '--workers=0', '--device=cpu'])
+    assert result.exit_code == 0, result.output
     golden_ref = np.load(golden_dir / 'fid' / 'ref_stats.npz')
     ours = np.load(ref_path)
     assert sorted(ours.files) == ['mu', 'sigma']
@@ -232,9 +248,10 @@ def test_repeat_reports_each_and_minimum(generated_dir, narrow_detector, narrow_
     jsonl, stats = tmp_path / 'out' / 'fid.jsonl', tmp_path / 'stats.npz'
     jsonl.parent.mkdir()
     jsonl.write_text('{"earlier": true}\n')  # appended to, not replaced
-    proc = run_python([FID_SCRIPT, 'calc', f'--images={generated_dir}', f'--ref={narrow_ref}', '--num=40', '--seed=7',
-                       '--repeat=3', f'--detector={narrow_detector}', '--workers=0', '--device=cpu',
-                       f'--jsonl={jsonl}', f'--save-stats={stats}'])
+    proc = _invoke(['calc', f'--images={generated_dir}', f'--ref={narrow_ref}', '--num=40', '--seed=7', '--repeat=3',
+                    f'--detector={narrow_detector}', '--workers=0', '--device=cpu', f'--jsonl={jsonl}',
+                    f'--save-stats={stats}'])
+    assert proc.exit_code == 0, proc.output
     lines = [json.loads(line) for line in jsonl.read_text().splitlines()]
     assert lines[0] == {'earlier': True}
     runs, summary = lines[1:4], lines[4]
@@ -267,13 +284,16 @@ def test_detector_comes_from_the_download_cache(golden_dir, monkeypatch, tmp_pat
     assert type(detector).__name__ == 'StandinDetector'
 
 
-def test_offline_without_detector_copy_is_one_clear_error(generated_dir, tmp_path):
-    env = dict(DNNLIB_CACHE_DIR=str(tmp_path / 'cache'), PFGMPP_DOWNLOAD_ATTEMPTS='1', PFGMPP_DOWNLOAD_TIMEOUT='2')
+def test_offline_without_detector_copy_is_one_clear_error(generated_dir, monkeypatch, tmp_path):
+    monkeypatch.setenv('DNNLIB_CACHE_DIR', str(tmp_path / 'cache'))
+    monkeypatch.setenv('PFGMPP_DOWNLOAD_ATTEMPTS', '1')
+    monkeypatch.setenv('PFGMPP_DOWNLOAD_TIMEOUT', '2')
     url = 'http://127.0.0.1:9/inception.pkl'
-    proc = run_python([FID_SCRIPT, 'calc', f'--images={generated_dir}', '--save-stats=unused.npz', '--num=64',
-                       f'--detector={url}', '--workers=0', '--device=cpu'], env=env, cwd=tmp_path, check=False)
-    _assert_one_line_error(proc, url, '--detector=PATH')
-    assert not (tmp_path / 'unused.npz').exists()
+    stats = tmp_path / 'unused.npz'
+    result = _invoke(['calc', f'--images={generated_dir}', f'--save-stats={stats}', '--num=64', f'--detector={url}',
+                      '--workers=0', '--device=cpu'])
+    _assert_cli_error(result, url, '--detector=PATH')
+    assert not stats.exists()
 
 
 def test_default_detector_offline_names_url_and_option(monkeypatch, tmp_path):
@@ -349,14 +369,14 @@ def test_malformed_ref(tmp_path, case):
 
 
 def test_missing_ref_on_the_command_line(generated_dir, tmp_path):
-    proc = run_python([FID_SCRIPT, 'calc', f'--images={generated_dir}', f'--ref={tmp_path / "nope.npz"}'], check=False)
-    _assert_one_line_error(proc, '--ref', 'nope.npz')
+    result = _invoke(['calc', f'--images={generated_dir}', f'--ref={tmp_path / "nope.npz"}', '--device=cpu'])
+    _assert_cli_error(result, '--ref', 'nope.npz')
 
 
-def test_fewer_images_than_num(golden_dir, generated_dir):
-    proc = run_python([FID_SCRIPT, 'calc', f'--images={generated_dir}', '--save-stats=x.npz', '--num=65',
-                       f'--detector={golden_dir / STANDIN}', '--workers=0', '--device=cpu'], check=False)
-    _assert_one_line_error(proc, str(generated_dir), 'found 64 images', '--num asks for 65')
+def test_fewer_images_than_num(golden_dir, generated_dir, tmp_path):
+    result = _invoke(['calc', f'--images={generated_dir}', f'--save-stats={tmp_path / "x.npz"}', '--num=65',
+                      f'--detector={golden_dir / STANDIN}', '--workers=0', '--device=cpu'])
+    _assert_cli_error(result, str(generated_dir), 'found 64 images', '--num asks for 65')
 
 
 def _write_pngs(folder: Path, sizes: list[int]) -> None:
@@ -386,5 +406,61 @@ def test_mixed_sizes_and_broken_files(golden_dir, tmp_path, workers):
 
 
 def test_calc_needs_ref_or_save_stats(generated_dir):
-    proc = run_python([FID_SCRIPT, 'calc', f'--images={generated_dir}'], check=False)
-    assert proc.returncode == 2 and '--ref' in proc.stderr and 'Traceback' not in proc.stderr
+    result = _invoke(['calc', f'--images={generated_dir}'])
+    assert result.exit_code == 2 and '--ref' in result.stderr
+
+
+# ----------------------------------------------------------------------------
+# FID straight from a network.
+
+SNAPSHOT = 'snapshots/network-snapshot-000000.pkl'  # 16x16 EDM network
+
+
+def test_gen_in_memory_equals_generate_then_calc(golden_dir, narrow_detector, narrow_ref, tmp_path, monkeypatch):
+    """gen --repeat=2 over seeds 0-2 (then 3-5) gives exactly the stats of generate.py's PNGs read back by calc."""
+    network = str(golden_dir / SNAPSHOT)
+    sampler_flags = ['--steps=2', '--batch=4', '--S_churn=5', '--S_max=100']  # churn: the per-seed noise path too
+    png_dir = tmp_path / 'png'
+    run_python([str(REPO_ROOT / 'generate.py'), f'--network={network}', '--seeds=0-5', f'--outdir={png_dir}',
+                '--device=cpu', *sampler_flags])
+    jsonl, stats = tmp_path / 'gen.jsonl', tmp_path / 'gen.npz'
+    workdir = tmp_path / 'workdir'
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)
+    proc = _invoke(['gen', f'--network={network}', '--seeds=0-2', '--repeat=2', f'--ref={narrow_ref}',
+                    f'--detector={narrow_detector}', '--device=cpu', f'--save-stats={stats}', f'--jsonl={jsonl}',
+                    *sampler_flags])
+    assert proc.exit_code == 0, proc.output
+    assert not os.listdir(workdir), 'gen writes no images'
+
+    with open(narrow_detector, 'rb') as f:
+        detector = pickle.load(f)
+    for index, seeds in enumerate([range(0, 3), range(3, 6)]):
+        folder = tmp_path / f'calc-{index}'
+        folder.mkdir()
+        for seed in seeds:
+            shutil.copy(png_dir / f'{seed:06d}.png', folder)
+        mu, sigma = fid.calculate_inception_stats(str(folder), num_expected=3, max_batch_size=4, num_workers=0,
+                                                  device='cpu', detector=detector)
+        in_memory = np.load(tmp_path / f'gen-{index}.npz')
+        np.testing.assert_array_equal(in_memory['mu'], mu)
+        np.testing.assert_array_equal(in_memory['sigma'], sigma)
+
+    runs = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert [r['seeds'] for r in runs[:2]] == ['0-2', '3-5'] and runs[2]['seeds'] == ['0-2', '3-5']
+    assert runs[0]['num_images'] == 3 and runs[0]['network'] == network and runs[0]['sampler_kwargs']['num_steps'] == 2
+    assert runs[2]['fid_min'] == min(runs[0]['fid'], runs[1]['fid'])
+    assert _last_line(proc.stdout) == f'{runs[2]["fid_min"]:g}'
+
+
+def test_gen_bad_network_is_one_clear_error(golden_dir, tmp_path):
+    missing = tmp_path / 'missing.pkl'
+    proc = run_python([FID_SCRIPT, 'gen', f'--network={missing}', '--seeds=0-3', '--save-stats=x.npz',
+                       f'--detector={golden_dir / STANDIN}', '--device=cpu'], cwd=tmp_path, check=False)
+    _assert_one_line_error(proc, '--network', str(missing))
+
+
+def test_repeated_seed_ranges():
+    assert fid._repeated_seed_ranges([0, 1, 2, 5], 3, limit=100) == [[0, 1, 2, 5], [6, 7, 8, 11], [12, 13, 14, 17]]
+    with pytest.raises(click.BadParameter, match='seeds up to 109'):
+        fid._repeated_seed_ranges([90, 99], 2, limit=100)
