@@ -325,6 +325,26 @@ class _BadDetector(torch.nn.Module):
         return torch.zeros([x.shape[0], 8, 1, 1])
 
 
+class _Float32Probe(torch.nn.Module):
+    """Records whether TF32 was allowed while it ran."""
+
+    def forward(self, x, return_features=False):
+        self.seen = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+        return torch.zeros([x.shape[0], 4])
+
+
+def test_detector_runs_without_tf32_and_restores_settings():
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+        probe = _Float32Probe()
+        fid.extract_features(probe, torch.zeros([2, 1, 8, 8], dtype=torch.uint8))
+        assert probe.seen == (False, False)
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def test_detector_output_of_wrong_shape(generated_dir):
     with pytest.raises(click.ClickException, match=r'returned \[16, 8, 1, 1\] for 16 images; expected \[16'):
         fid.calculate_inception_stats(str(generated_dir), num_expected=16, max_batch_size=16, num_workers=0,
