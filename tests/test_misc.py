@@ -190,3 +190,18 @@ def test_constant_and_assert_shape():
     misc.assert_shape(torch.zeros(2, 3), [None, 3])
     with pytest.raises(AssertionError, match='dimension 1'):
         misc.assert_shape(torch.zeros(2, 3), [2, 4])
+
+
+def test_state_at_a_position_the_iterator_has_not_reached():
+    # Block sharding: after a step, rank 0 has read only its own block, but the step's end (where the next step
+    # starts) lies past the other ranks' blocks, here in the next pass.
+    n, block = 10, 3
+    rank0 = misc.InfiniteSampler(_Sized(n), rank=0, num_replicas=2, seed=4, block_size=block)
+    _take(rank0, 2 * block)  # two steps of rank 0: global indices 0-2 and 6-8
+    step_end = 2 * 2 * block  # 12, in the second pass
+    assert rank0.next_index < step_end
+    state = rank0.state_dict(step_end)
+    resumed = misc.InfiniteSampler(_Sized(n), rank=1, num_replicas=2, seed=4, block_size=block)
+    resumed.load_state_dict(state)
+    fresh = misc.InfiniteSampler(_Sized(n), rank=1, num_replicas=2, seed=4, block_size=block)
+    assert _take(resumed, 9)[0] == _take(fresh, 2 * block + 9)[0][2 * block:]

@@ -137,14 +137,16 @@ class InfiniteSampler(Sampler):
         """(order, rng) as they are just before global index ``index`` is visited."""
         size = self.dataset_size
         pass_no = index // size
-        if pass_no in self._passes:
-            order, rng_state = self._passes[pass_no]
-            start = pass_no * size
-        elif self._loaded_pass is not None and self._loaded_pass[0] <= pass_no:
-            start = self._loaded_pass[0] * size
-            order, rng_state = self._loaded_pass[1], self._loaded_pass[2]
+        # Start from the latest remembered pass at or before the target; the initial order otherwise.
+        known = {p: snap for p, snap in self._passes.items() if p <= pass_no}
+        if self._loaded_pass is not None and self._loaded_pass[0] <= pass_no:
+            known.setdefault(self._loaded_pass[0], self._loaded_pass[1:])
+        if known:
+            begin = max(known)
+            order, rng_state = known[begin]
+            start = begin * size
         else:
-            start, rng_state = 0, None
+            start = 0
             order, rnd = self._initial_pass()
             rng_state = None if rnd is None else rnd.get_state()
         order = order.copy()

@@ -323,10 +323,11 @@ def training_loop(
     if channels_last:
         net.to(memory_format=torch.channels_last)
     if dist.is_main():
+        probe_batch = min(batch_gpu, batch_per_rank)  # not the whole STF reference batch
         with torch.no_grad():
-            probe = [torch.zeros([batch_gpu, net.img_channels, net.img_resolution, net.img_resolution],
-                                 device=device), torch.ones([batch_gpu], device=device),
-                     torch.zeros([batch_gpu, net.label_dim], device=device)]
+            probe = [torch.zeros([probe_batch, net.img_channels, net.img_resolution, net.img_resolution],
+                                 device=device), torch.ones([probe_batch], device=device),
+                     torch.zeros([probe_batch, net.label_dim], device=device)]
             misc.print_module_summary(net, probe, max_nesting=2)
 
     dist.print0('Creating loss, optimizer and augmentation...')
