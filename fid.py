@@ -541,8 +541,9 @@ def _numbered_stats_path(stats_path: Optional[str], index: int, repeats: int) ->
 @main.command()
 @click.option('--images', 'image_path', help='Images to evaluate', metavar='PATH|ZIP', type=str, required=True)
 @click.option('--ref', 'ref_path', help='Dataset reference statistics', metavar='NPZ|URL', type=str)
-@click.option('--num', 'num_expected', help='Number of images to use', metavar='INT', type=click.IntRange(min=2),
-              default=50000, show_default=True)
+@click.option('--num', '--num-images', 'num_expected', metavar='INT', type=click.IntRange(min=2), default=50000,
+              show_default=True, help="Number of images to use (spell it --num-images under torchrun, whose own parser "
+              "takes --num for an abbreviation of its --numa-binding)")
 @click.option('--seed', help='Random seed for selecting the images', metavar='INT', type=int, default=0,
               show_default=True)
 @click.option('--batch', help='Maximum batch size', metavar='INT', type=click.IntRange(min=1), default=64,

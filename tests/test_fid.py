@@ -206,13 +206,10 @@ def test_two_process_stats_equal_single_process(golden_dir, generated_dir, tmp_p
               f'--detector={golden_dir / STANDIN}']
     single, sharded = tmp_path / 'single.npz', tmp_path / 'sharded.npz'
     run_python([FID_SCRIPT, *common, f'--save-stats={single}'], env=dict(OMP_NUM_THREADS='1'))  # same kernels as ranks
-    # torchrun's own parser rejects '--num=64' as an ambiguous abbreviation of its --numa-binding, so the
-    # arguments reach fid.py through a file.
-    args_file, driver = tmp_path / 'args.json', tmp_path / 'driver.py'
-    args_file.write_text(json.dumps([*common, f'--save-stats={sharded}']))
-    driver.write_text('import json, sys\nimport fid\nfid.main(json.load(open(sys.argv[1])), prog_name="fid.py")\n')
-    proc = run_python(['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(driver),
-                       str(args_file)], env=dict(OMP_NUM_THREADS='1'))
+    # torchrun's parser would take '--num' for an abbreviation of its --numa-binding: the long spelling passes.
+    sharded_args = [arg.replace('--num=', '--num-images=') for arg in common]
+    proc = run_python(['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', FID_SCRIPT,
+                       *sharded_args, f'--save-stats={sharded}'], env=dict(OMP_NUM_THREADS='1'))
     assert proc.stdout.count('Saved statistics') == 1  # rank 0 alone writes
     a, b = np.load(single), np.load(sharded)
     for key in ('mu', 'sigma'):
