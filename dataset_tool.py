@@ -400,12 +400,14 @@ class ZipDestination:
         os.replace(self._tmp, self.path)
 
     def abort(self) -> None:
-        try:
-            self._zip.close()
-            self._file.close()
-        finally:
-            if os.path.exists(self._tmp):
-                os.remove(self._tmp)
+        # The archive is thrown away, so closing may fail (typically on a full disk) without consequence.
+        for close in (self._zip.close, self._file.close):
+            try:
+                close()
+            except OSError:
+                pass
+        if os.path.exists(self._tmp):
+            os.remove(self._tmp)
 
 
 class FolderDestination:
@@ -448,7 +450,10 @@ def open_destination(dest: str, overwrite: bool) -> ZipDestination | FolderDesti
         raise click.ClickException(f'--dest {dest}: is a file; name a folder or a .zip archive')
     if _is_nonempty(dest) and not overwrite:
         raise click.ClickException(f'--dest {dest}: already exists and is not empty (pass --overwrite to replace it)')
-    return ZipDestination(dest) if is_zip else FolderDestination(dest)
+    try:
+        return ZipDestination(dest) if is_zip else FolderDestination(dest)
+    except OSError as err:  # a parent that is a file, a read-only or full file system
+        raise click.ClickException(f'--dest {dest}: cannot create it ({err.strerror or err})') from None
 
 
 # ----------------------------------------------------------------------------
@@ -507,6 +512,11 @@ def convert_dataset(source: str, dest: str, max_images: Optional[int] = None, tr
         complete = all(entry is not None for entry in labels)
         target.write(LABELS_FILE, json.dumps({'labels': labels if complete else None}))
         target.commit()
+    except OSError as err:
+        # Sources report their own read errors as ClickExceptions, so an OSError here comes from writing.
+        target.abort()
+        raise click.ClickException(f'--dest {dest}: cannot write the dataset ({err.strerror or err}); '
+                                   f'nothing was written') from None
     except BaseException:
         target.abort()
         raise
