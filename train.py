@@ -228,6 +228,7 @@ def build_config(opts: dnnlib.EasyDict, world: int) -> tuple[dnnlib.EasyDict, st
     c.update(pfgmpp=opts.pfgmpp, D=opts.aug_dim, stf=opts.stf, rbatch=opts.rbatch)
     c.batch_size, c.batch_gpu, c.loss_scaling = opts.batch, opts.batch_gpu, opts.ls
     c.kimg_per_tick, c.snapshot_ticks, c.state_dump_ticks = opts.tick, opts.snap, opts.dump
+    c.snapshot_format = opts.snap_format
     c.cudnn_benchmark, c.channels_last, c.compile = opts.bench, opts.channels_last, opts.compile
     if opts.transfer is not None:
         c.resume_pkl = opts.transfer
@@ -313,6 +314,8 @@ def build_config(opts: dnnlib.EasyDict, world: int) -> tuple[dnnlib.EasyDict, st
               type=click.FloatRange(min=0, min_open=True), default=50, show_default=True)
 @click.option('--snap', help='How often to save snapshots', metavar='TICKS', type=click.IntRange(min=1), default=50,
               show_default=True)
+@click.option('--snap-format', 'snap_format', help='Snapshot files: pickle, weights-only (.weights.pt) or both',
+              type=click.Choice(['pkl', 'weights', 'both']), default='pkl', show_default=True)
 @click.option('--dump', help='How often to dump state', metavar='TICKS', type=click.IntRange(min=1), default=500,
               show_default=True)
 @click.option('--seed', help='Seed of every random stream  [default: random]', metavar='INT', type=int)
@@ -383,8 +386,12 @@ def main(**kwargs: Any) -> None:
                 dnnlib.util.check_writable_dir(c.run_dir, flag='--outdir')
             except OSError as err:
                 raise click.ClickException(str(err)) from None
-            with dnnlib.util.atomic_write(os.path.join(c.run_dir, 'training_options.json'), 'w') as f:
-                json.dump(c, f, indent=2)
+            try:
+                with dnnlib.util.atomic_write(os.path.join(c.run_dir, 'training_options.json'), 'w') as f:
+                    json.dump(c, f, indent=2)
+            except OSError as err:
+                raise click.ClickException(f'--outdir {c.run_dir}: cannot write training_options.json '
+                                           f'({err.strerror or err})') from None
             logger = dnnlib.util.Logger(file_name=os.path.join(c.run_dir, 'log.txt'), file_mode='a')
         try:
             training_loop.training_loop(**c, device=device)

@@ -225,8 +225,12 @@ def load_training_state(data: dict, net: torch.nn.Module, ema: torch.nn.Module,
 
 
 def _save_atomically(path: str, writer: Callable[[Any], None]) -> None:
-    with dnnlib.util.atomic_write(path, 'wb') as f:
-        writer(f)
+    try:
+        with dnnlib.util.atomic_write(path, 'wb') as f:
+            writer(f)
+    except OSError as err:  # disk full, quota, read-only: the temporary file is gone, earlier files are intact
+        raise TrainingError(f'{path}: cannot write it ({err.strerror or err}); earlier snapshots and training '
+                            f'states are complete') from None
 
 
 def _json_safe(value: Any) -> Any:
@@ -261,6 +265,7 @@ def training_loop(
     kimg_per_tick: float = 50,                # Status-line interval.
     snapshot_ticks: Optional[int] = 50,       # Network snapshot every this many ticks, None = never.
     state_dump_ticks: Optional[int] = 500,    # Training state every this many ticks, None = never.
+    snapshot_format: str = 'pkl',             # Snapshot as 'pkl', 'weights' (X.weights.pt) or 'both'.
     resume_pkl: Optional[str] = None,         # Start from this network snapshot's EMA weights.
     resume_state_dump: Optional[str] = None,  # Continue from this training state.
     resume_kimg: float = 0,                   # Progress to assume when the training state does not say.
@@ -505,8 +510,12 @@ def training_loop(
 
             kimg_name = f'{int(cur_nimg // 1000):06d}'
             if snapshot_ticks is not None and (done or cur_tick % snapshot_ticks == 0):
-                _write_snapshot(os.path.join(run_dir, f'network-snapshot-{kimg_name}.pkl'), ema=ema,
-                                loss_fn=loss_fn, augment_pipe=augment_pipe, dataset_kwargs=dataset_kwargs)
+                snapshot_path = os.path.join(run_dir, f'network-snapshot-{kimg_name}.pkl')
+                if snapshot_format in ('pkl', 'both'):
+                    _write_snapshot(snapshot_path, ema=ema, loss_fn=loss_fn, augment_pipe=augment_pipe,
+                                    dataset_kwargs=dataset_kwargs)
+                if snapshot_format in ('weights', 'both') and dist.is_main():
+                    _write_weights(snapshot_path, ema, kimg=cur_nimg / 1e3)
             if state_dump_ticks is not None and (done or (cur_tick % state_dump_ticks == 0 and cur_tick != 0)):
                 state = dict(net=net, ema=ema, optimizer_state=optimizer.state_dict(), step=cur_nimg,
                              format=STATE_FORMAT, format_version=STATE_VERSION, cur_tick=cur_tick + 1,
@@ -552,3 +561,13 @@ def _write_snapshot(path: str, ema: torch.nn.Module, loss_fn: Any, augment_pipe:
                 dataset_kwargs=dict(dataset_kwargs))
     if dist.is_main():
         _save_atomically(path, functools.partial(pickle.dump, data))
+
+
+def _write_weights(snapshot_path: str, ema: torch.nn.Module, kimg: float) -> None:
+    """The weights-only twin of a snapshot (``X.weights.pt`` beside ``X.pkl``), safe to share; rank 0 only."""
+    from training import export
+    try:
+        record = export.network_record(ema, metadata=dict(kimg=kimg), source='--snap-format')
+    except export.WeightsFormatError as err:
+        raise TrainingError(str(err)) from None
+    _save_atomically(export.weights_path_for(snapshot_path), functools.partial(torch.save, record))
