@@ -329,3 +329,30 @@ def test_diverging_loss_stops_with_one_line(data_zip: Path, tmp_path: Path):
     assert proc.returncode == 1
     assert 'Error: the training loss became' in proc.stderr and 'lower --lr' in proc.stderr
     assert 'Traceback' not in proc.stderr
+
+
+def test_resume_auto_picks_the_newest_state_of_the_matching_run(tmp_path: Path):
+    import dnnlib
+    import train
+
+    desc = 'tiny-uncond-ddpmpp-edm-gpus1-batch4-fp32'
+    layout = {
+        '00000-' + desc: ['training-state-000002.pt'],
+        '00001-other-desc': ['training-state-000009.pt'],
+        '00002-' + desc: ['training-state-000001.pt', 'training-state-000004.pt'],
+        '00003-' + desc: [],
+    }
+    for name, states in layout.items():
+        (tmp_path / name).mkdir()
+        for state in states:
+            (tmp_path / name / state).write_bytes(b'')
+    opts = dnnlib.EasyDict(outdir=str(tmp_path), nosubdir=False, name=None, resume='auto')
+    run_dir, state = train._choose_run_dir(opts, desc)
+    newest = tmp_path / ('00002-' + desc)
+    assert (run_dir, state) == (str(newest), str(newest / 'training-state-000004.pt'))
+    # Nothing to resume: a new numbered run directory.
+    run_dir, state = train._choose_run_dir(opts, 'tiny-cond-adm-vp-gpus1-batch4-fp32')
+    assert state is None and run_dir == str(tmp_path / '00004-tiny-cond-adm-vp-gpus1-batch4-fp32')
+    # An explicit state keeps the original behaviour: a new run directory, the given file.
+    opts.resume = 'x/training-state-000007.pt'
+    assert train._choose_run_dir(opts, desc) == (str(tmp_path / ('00004-' + desc)), 'x/training-state-000007.pt')
