@@ -257,36 +257,71 @@ def network_evaluations(num_steps: int, sampler_kwargs: dict) -> int:
 # The command.
 
 
+POSITIVE = click.FloatRange(min=0, min_open=True)
+NON_NEGATIVE = click.FloatRange(min=0)
+
+
 @click.command(context_settings=dict(max_content_width=120))
-@click.option('--network', 'network_pkl', help='Network snapshot .pkl, training state .pt, path or URL', metavar='PATH|URL', type=str, required=True)
-@click.option('--outdir', help='Where to save the output images', metavar='DIR', type=str, required=True)
-@click.option('--seeds', help='Random seeds (e.g. 1,2,5-10)', metavar='LIST', type=SeedList(), default='0-63', show_default=True)
-@click.option('--subdirs', help='Create a subdirectory for every 1000 seeds', is_flag=True)
-@click.option('--class', 'class_idx', help='Class label  [default: random]', metavar='INT', type=click.IntRange(min=0), default=None)
-@click.option('--batch', 'max_batch_size', help='Maximum batch size', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
-@click.option('--steps', 'num_steps', help=f'Number of sampling steps  [default: {DEFAULT_STEPS}]', metavar='INT', type=click.IntRange(min=1), default=None)
-@click.option('--sigma_min', help='Lowest noise level  [default: varies]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
-@click.option('--sigma_max', help='Highest noise level  [default: varies]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
-@click.option('--rho', help='Time step exponent', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=7, show_default=True)
-@click.option('--S_churn', 'S_churn', help='Stochasticity strength', metavar='FLOAT', type=click.FloatRange(min=0), default=0, show_default=True)
-@click.option('--S_min', 'S_min', help='Stoch. min noise level', metavar='FLOAT', type=click.FloatRange(min=0), default=0, show_default=True)
-@click.option('--S_max', 'S_max', help='Stoch. max noise level', metavar='FLOAT', type=click.FloatRange(min=0), default='inf', show_default=True)
-@click.option('--S_noise', 'S_noise', help='Stoch. noise inflation', metavar='FLOAT', type=float, default=1, show_default=True)
-@click.option('--solver', help='Ablate ODE solver', metavar='euler|heun', type=click.Choice(sampling.SOLVERS))
-@click.option('--disc', 'discretization', help='Ablate time step discretization {t_i}', metavar='vp|ve|iddpm|edm', type=click.Choice(sampling.DISCRETIZATIONS))
-@click.option('--schedule', help='Ablate noise schedule sigma(t)', metavar='vp|ve|linear', type=click.Choice(sampling.SCHEDULES))
-@click.option('--scaling', help='Ablate signal scaling s(t)', metavar='vp|none', type=click.Choice(sampling.SCALINGS))
-@click.option('--pfgmpp', help='PFGM++ network (restates the network; default: from the network)', metavar='BOOL', type=bool, default=None)
-@click.option('--aug_dim', help='PFGM++ augmented dimensions D (restates the network)', metavar='INT', type=click.IntRange(min=1), default=None)
-@click.option('--alpha', help='Noise injection strength: x += alpha*t_i*randn at every step  [default: 0]', metavar='FLOAT', type=click.FloatRange(min=0), default=None)
-@click.option('--quantize-bits', 'quantize_bits', help='Quantize conv/linear weights to K bits first', metavar='K', type=int, default=None)
-@click.option('--quantize-scheme', 'quantize_scheme', help='Weight quantizer', type=click.Choice(quantize.SCHEMES), default='symmetric', show_default=True)
-@click.option('--sweep-steps', 'sweep_steps', help='Sweep step counts, one folder each (e.g. 5,10,18)', metavar='LIST', type=IntList(), default=None)
-@click.option('--sweep-alpha', 'sweep_alpha', help='Sweep noise injection strengths (e.g. 0,0.1,0.2)', metavar='LIST', type=FloatList(), default=None)
-@click.option('--sweep-bits', 'sweep_bits', help='Sweep quantization bit widths (e.g. 4,6,8)', metavar='LIST', type=IntList(), default=None)
-@click.option('--force', help='Regenerate images that already exist', is_flag=True)
-@click.option('--grid', 'grid', help=f'Also write a PNG grid of the first {GRID_MAX_IMAGES} images', metavar='PATH', type=str, default=None)
-@click.option('--device', help='cpu, cuda  [default: cuda when available]', metavar='DEV', type=str, default=None)
+# What to sample from and where the images go.
+@click.option('--network', 'network_pkl', type=str, required=True, metavar='PATH|URL',
+              help='Snapshot .pkl, training state .pt or weights-only file; a path or a URL (cached)')
+@click.option('--outdir', type=str, required=True, metavar='DIR', help='Folder that receives the PNGs')
+@click.option('--seeds', type=SeedList(), default='0-63', show_default=True, metavar='LIST',
+              help='Seeds, one image each (e.g. 0-63,100)')
+@click.option('--subdirs', is_flag=True, help='Group the PNGs into one folder per 1000 seeds')
+@click.option('--class', 'class_idx', type=click.IntRange(min=0), default=None, metavar='INT',
+              help='Fix the class label of a conditional network  [default: drawn per seed]')
+@click.option('--batch', 'max_batch_size', type=click.IntRange(min=1), default=64, show_default=True, metavar='INT',
+              help='Images sampled together (per process)')
+# EDM sampler.
+@click.option('--steps', 'num_steps', type=click.IntRange(min=1), default=None, metavar='INT',
+              help=f'Sampler steps; Heun costs 2*steps-1 network calls  [default: {DEFAULT_STEPS}]')
+@click.option('--sigma_min', type=POSITIVE, default=None, metavar='FLOAT',
+              help='Smallest noise level  [default: 0.002, or per --disc]')
+@click.option('--sigma_max', type=POSITIVE, default=None, metavar='FLOAT',
+              help='Largest noise level  [default: 80, or per --disc]')
+@click.option('--rho', type=POSITIVE, default=7, show_default=True, metavar='FLOAT',
+              help='Exponent that spaces the noise levels')
+@click.option('--S_churn', 'S_churn', type=NON_NEGATIVE, default=0, show_default=True, metavar='FLOAT',
+              help='Churn: how much noise the stochastic sampler re-adds')
+@click.option('--S_min', 'S_min', type=NON_NEGATIVE, default=0, show_default=True, metavar='FLOAT',
+              help='Churn only at noise levels from here ...')
+@click.option('--S_max', 'S_max', type=NON_NEGATIVE, default='inf', show_default=True, metavar='FLOAT',
+              help='... up to here')
+@click.option('--S_noise', 'S_noise', type=float, default=1, show_default=True, metavar='FLOAT',
+              help='Scale of the re-added noise')
+# EDM's generalised (ablation) sampler: any of these selects it.
+@click.option('--solver', type=click.Choice(sampling.SOLVERS), default=None, metavar='euler|heun',
+              help='Ablation: ODE solver')
+@click.option('--disc', 'discretization', type=click.Choice(sampling.DISCRETIZATIONS), default=None,
+              metavar='vp|ve|iddpm|edm', help='Ablation: how the noise levels are spaced')
+@click.option('--schedule', type=click.Choice(sampling.SCHEDULES), default=None, metavar='vp|ve|linear',
+              help='Ablation: noise schedule sigma(t)')
+@click.option('--scaling', type=click.Choice(sampling.SCALINGS), default=None, metavar='vp|none',
+              help='Ablation: signal scaling s(t)')
+# PFGM++ (normally read from the network).
+@click.option('--pfgmpp', type=bool, default=None, metavar='BOOL',
+              help='Restate that the network is PFGM++ (an error if the network says otherwise)')
+@click.option('--aug_dim', type=click.IntRange(min=1), default=None, metavar='INT',
+              help='Restate its augmented dimensions D (an error if the network says otherwise)')
+# Robustness studies of the PFGM++ paper.
+@click.option('--alpha', type=NON_NEGATIVE, default=None, metavar='FLOAT',
+              help='Inject noise: x += alpha*t_i*randn before every step  [default: 0]')
+@click.option('--quantize-bits', 'quantize_bits', type=int, default=None, metavar='K',
+              help='Quantize the conv/linear weights to K bits before sampling')
+@click.option('--quantize-scheme', 'quantize_scheme', type=click.Choice(quantize.SCHEMES), default='symmetric',
+              show_default=True, help='symmetric (per tensor, zero kept) or minmax (the PFGM++ fork\'s quantizer)')
+@click.option('--sweep-steps', 'sweep_steps', type=IntList(), default=None, metavar='LIST',
+              help='Several step counts, each into its own folder (e.g. 5,10,18)')
+@click.option('--sweep-alpha', 'sweep_alpha', type=FloatList(), default=None, metavar='LIST',
+              help='Several noise injection strengths (e.g. 0,0.1,0.2)')
+@click.option('--sweep-bits', 'sweep_bits', type=IntList(), default=None, metavar='LIST',
+              help='Several quantization widths (e.g. 4,6,8)')
+# Housekeeping.
+@click.option('--force', is_flag=True, help='Overwrite PNGs that exist already (default: skip them)')
+@click.option('--grid', 'grid', type=str, default=None, metavar='PATH',
+              help=f'Also tile the first {GRID_MAX_IMAGES} images into this PNG')
+@click.option('--device', type=str, default=None, metavar='DEV', help='cpu or cuda  [default: cuda if available]')
 def main(network_pkl: str, outdir: str, seeds: list[int], subdirs: bool, class_idx: Optional[int],
          max_batch_size: int, pfgmpp: Optional[bool], aug_dim: Optional[int], alpha: Optional[float],
          quantize_bits: Optional[int], quantize_scheme: str, sweep_steps: Optional[list[int]],
@@ -341,6 +376,11 @@ def main(network_pkl: str, outdir: str, seeds: list[int], subdirs: bool, class_i
         _generate(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, pfgmpp, aug_dim, quantize_scheme,
                   force, grid, dev, plan_runs(outdir, num_steps, alpha, quantize_bits, sweep_steps, sweep_alpha,
                                                sweep_bits), sampler_kwargs)
+    except OSError as err:
+        # Network reading reports its own errors; this is a write that failed (disk full, quota, read-only).
+        # Files are written under temporary names, so every image already there is complete.
+        raise Failure(f'cannot write {err.filename or "under --outdir " + outdir} ({err.strerror or err}); '
+                      f'the images already written are complete, rerun to continue') from None
     finally:
         dist.shutdown()
 
@@ -360,7 +400,7 @@ def _generate(network_pkl: str, outdir: str, seeds: list[int], subdirs: bool, cl
     # Rank 0 loads first so that a URL is downloaded to the cache once.
     if not dist.is_main():
         dist.barrier()
-    dist.print0(f'Loading network from "{network_pkl}"...')
+    dist.print0(f'Reading the network {network_pkl} ...')
     try:
         net = load_network(network_pkl, device)
     except NetworkLoadError as err:
@@ -381,9 +421,9 @@ def _generate(network_pkl: str, outdir: str, seeds: list[int], subdirs: bool, cl
         raise click.UsageError('--solver/--disc/--schedule/--scaling select the ablation sampler, which does not '
                                'support PFGM++ networks; drop them')
     if use_pfgmpp:
-        N = net.img_channels * net.img_resolution * net.img_resolution
+        values_per_image = net.img_channels * net.img_resolution ** 2
         requested = min(base_kwargs.get('sigma_max', sampling.EDM_SIGMA_MAX), net.sigma_max)
-        used = pfgmpp_lib.prior_sigma_max(N, requested)
+        used = pfgmpp_lib.prior_sigma_max(values_per_image, requested)
         if used != requested:
             dist.print0(f'Note: the PFGM++ prior starts at sigma={used:g} for images of fewer than 256x256x3 values '
                         f'(reference behaviour); --sigma_max only moves the time steps.')
@@ -479,19 +519,21 @@ def _generate_run(net: Any, run: Run, seeds: list[int], subdirs: bool, class_idx
     bar = tqdm(total=len(todo), unit='img', file=sys.stderr, mininterval=1.0, dynamic_ncols=True,
                disable=not dist.is_main() or not todo)
     start = time.time()
-    for batch_seeds in my_batches:
-        if not batch_seeds:
-            continue
-        try:
-            images = sampling.sample_batch(net, batch_seeds, device=device, class_idx=class_idx, pfgmpp=use_pfgmpp,
-                                           D=D, **sampler_kwargs)
-        except ValueError as err:
-            raise Failure(str(err)) from None
-        images_np = sampling.to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()
-        for seed, image_np in zip(batch_seeds, images_np):
-            save_png(to_pil(image_np), image_path(run.outdir, seed, subdirs))
-        bar.update(min(len(batch_seeds) * world, bar.total - bar.n))  # other ranks move at the same pace
-    bar.close()
+    try:
+        for batch_seeds in my_batches:
+            if not batch_seeds:
+                continue
+            try:
+                images = sampling.sample_batch(net, batch_seeds, device=device, class_idx=class_idx,
+                                               pfgmpp=use_pfgmpp, D=D, **sampler_kwargs)
+            except ValueError as err:
+                raise Failure(str(err)) from None
+            pixels_hwc = sampling.to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()
+            for seed, pixels in zip(batch_seeds, pixels_hwc):
+                save_png(to_pil(pixels), image_path(run.outdir, seed, subdirs))
+            bar.update(min(len(batch_seeds) * world, bar.total - bar.n))  # other ranks move at the same pace
+    finally:
+        bar.close()  # ends the bar's line, so an error message starts on a line of its own
     dist.barrier()
     elapsed = time.time() - start
     if todo:

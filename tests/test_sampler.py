@@ -91,8 +91,8 @@ def test_sampler_matches_golden(case, golden_dir, golden_manifest, golden_nets, 
     draws, label_draws, made = [], [], []
 
     class RecordingRandom(sampling.PerSeedRandom):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
+        def __init__(self, seeds, device='cpu'):
+            super().__init__(seeds, device)
             made.append(self)
 
         def randn_like(self, x):

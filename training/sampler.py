@@ -346,8 +346,7 @@ def ablation_sampler(
     if sigma_max is None:
         sigma_max = {'vp': vp_sigma(1.0, VP_PAPER_BETA_D, VP_PAPER_BETA_MIN), 've': VE_DEFAULT_RANGE[1],
                      'iddpm': IDDPM_DEFAULT_RANGE[1], 'edm': EDM_DEFAULT_RANGE[1]}[discretization]
-    sigma_min = max(sigma_min, net.sigma_min)
-    sigma_max = min(sigma_max, net.sigma_max)
+    sigma_min, sigma_max = max(sigma_min, net.sigma_min), min(sigma_max, net.sigma_max)
 
     # VP constants that make sigma(epsilon_s) = sigma_min and sigma(1) = sigma_max.
     log_top = math.log(sigma_max ** 2 + 1)
@@ -396,7 +395,8 @@ def ablation_sampler(
         h = t_next - t_hat
         denoised = net(x_hat / s_hat, sched.sigma(t_hat), class_labels).to(torch.float64)
         slope = sched.ode_slope(x_hat, t_hat, denoised)
-        if solver == 'euler' or i == num_steps - 1:
+        last_step = i == num_steps - 1
+        if last_step or solver == 'euler':
             x = x_hat + h * slope
             continue
 
@@ -478,10 +478,10 @@ class _PadSmallBatches:
     def __init__(self, net: Denoiser):
         self._net = net
 
-    def __getattr__(self, name: str) -> Any:
-        if name == '_net':  # not set yet (e.g. during copying): avoid endless recursion
-            raise AttributeError(name)
-        return getattr(self._net, name)
+    def __getattr__(self, attribute: str) -> Any:
+        if attribute == '_net':  # not set yet (e.g. during copying): avoid endless recursion
+            raise AttributeError(attribute)
+        return getattr(self._net, attribute)
 
     def __call__(self, x: torch.Tensor, sigma: Any, class_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         count = x.shape[0]
