@@ -71,10 +71,6 @@ SCHEDULES = ('vp', 've', 'linear')
 SCALINGS = ('vp', 'none')
 
 
-def _float_sigma(value: Any) -> float:
-    return float(value.item() if torch.is_tensor(value) else value)
-
-
 # ----------------------------------------------------------------------------
 # Per-seed randomness.
 
