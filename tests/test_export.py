@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import pickle
 import shutil
@@ -134,7 +133,7 @@ def test_golden_snapshot_exports_through_the_cli(golden_dir, tmp_path):
     expected = torch.load(golden_dir / 'snapshots/network-snapshot-000000.expected.pt', weights_only=True)
     original = load_network(source, prefer_weights=False)     # the original code's module
     loaded = export.load_weights(target)                       # our class, no pickle involved
-    assert 'training.networks' in type(loaded).__module__ or type(loaded).__module__ == 'training.networks'
+    assert type(loaded).__module__ == 'training.networks'  # our class, not the pickle's embedded source
     x, sigma, aug = expected['inputs']['x'], expected['inputs']['sigma'], expected['inputs']['augment_labels']
     with torch.no_grad():
         for kwargs, want in (({}, expected['output']), ({'augment_labels': aug}, expected['output_with_augment_labels'])):
@@ -194,6 +193,17 @@ def test_weights_sibling_is_preferred_and_announced(tmp_path, capsys):
     torch.save(dict(ema=pickled, net=pickled, optimizer_state={}, step=0), state)
     export.export_weights(other, tmp_path / 'training-state-000200.weights.pt')
     assert torch.equal(forward(load_network(state)), forward(other))
+
+
+def test_format_is_recognised_by_its_first_entry_only(tmp_path):
+    """A pickle that merely mentions the marker (a run folder named after it) is still a pickle."""
+    net = make_kind('edm-ddpmpp')
+    state = tmp_path / 'training-state-000000.pt'
+    torch.save(dict(ema=net, net=net, optimizer_state={}, step=0, options={'run_dir': f'/runs/{export.FORMAT}'}),
+               state)
+    assert not export.looks_like_weights_file(state.read_bytes())
+    assert torch.equal(forward(load_network(state)), forward(net))
+    assert export.looks_like_weights_file(Path(export.export_weights(net, tmp_path / 'w.pt')).read_bytes())
 
 
 def test_naming_rule():
@@ -356,3 +366,24 @@ def test_module_entry_point_in_a_subprocess(golden_dir, tmp_path):
     assert proc.stderr.strip().splitlines() == [f'Error: --input {tmp_path / "empty.pkl"}: file is empty (0 bytes); '
                                                 f'expected {proc.stderr.split("expected ", 1)[1].strip()}']
     assert not (tmp_path / 'empty.weights.pt').exists()
+
+
+@pytest.mark.parametrize('snap_format, expected', [('both', {'.pkl', '.weights.pt'}), ('weights', {'.weights.pt'})])
+def test_training_writes_weights_beside_snapshots(snap_format, expected, tmp_path):
+    import train
+    from tests._train_data import make_dataset_zip, tiny_train_args
+    data = make_dataset_zip(tmp_path / 'data.zip', count=8)
+    args = tiny_train_args(data, tmp_path / 'runs', snap_format=snap_format, duration=0.000008, dump=100)
+    result = CliRunner().invoke(train.main, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    snapshots = sorted((tmp_path / 'runs').rglob('network-snapshot-*'))
+    assert {'.weights.pt' if p.name.endswith('.weights.pt') else p.suffix for p in snapshots} == expected
+    weights = [p for p in snapshots if p.name.endswith('.weights.pt')]
+    record = torch.load(weights[-1], weights_only=True)
+    assert record['metadata']['kimg'] == pytest.approx(0.008)
+    net = export.load_weights(weights[-1])
+    assert net.pfgmpp and net.D == 128
+    if snap_format == 'both':
+        pickled = load_network(weights[-1].with_name(weights[-1].name.replace('.weights.pt', '.pkl')),
+                               prefer_weights=False)
+        assert torch.equal(forward(net), forward(pickled))

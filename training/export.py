@@ -48,6 +48,7 @@ ALLOWED_CLASSES = tuple(f'{NETWORKS_MODULE}.{name}' for name in ('EDMPrecond', '
 # else must have been passed by keyword (the training loops always do).
 POSITIONAL_PARAMS = ('img_resolution', 'img_channels', 'label_dim', 'use_fp16')
 MAX_LISTED_MISMATCHES = 8
+MARKER_WINDOW = 64  # bytes at the start of the archive's data.pkl that must hold the format marker
 EXPECTED = f'a {FORMAT} file written by `python -m training.export`'
 
 
@@ -138,8 +139,11 @@ def _tensor_text(t: torch.Tensor) -> str:
     return f'{list(t.shape)} {str(t.dtype).removeprefix("torch.")}'
 
 
-def _build(class_name: str, init_kwargs: dict[str, Any], source: str) -> torch.nn.Module:
-    """Construct an allow-listed class without disturbing the caller's global random state."""
+def _build(class_name: str, init_kwargs: dict[str, Any], source: str, shapes_only: bool = False) -> torch.nn.Module:
+    """Construct an allow-listed class without disturbing the caller's global random state.
+
+    ``shapes_only`` builds it on the meta device: tensor names, shapes and dtypes without memory or init cost.
+    """
     import training.networks as networks  # imported late: the CLIs validate flags before paying for it
     if class_name not in ALLOWED_CLASSES:
         raise WeightsFormatError(f'{source}: class_name {class_name!r} is not allowed; expected one of '
@@ -147,7 +151,7 @@ def _build(class_name: str, init_kwargs: dict[str, Any], source: str) -> torch.n
     cls = getattr(networks, class_name.rsplit('.', 1)[1])
     try:
         # Construction draws initial weights from the global generator; they are overwritten right after.
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), torch.device('meta' if shapes_only else 'cpu'):
             return cls(**init_kwargs)
     except Exception as err:  # a bad keyword or value surfaces as TypeError/ValueError/KeyError/...
         first_line = str(err).splitlines()[0] if str(err) else ''
@@ -187,12 +191,11 @@ def network_record(module: torch.nn.Module, metadata: Optional[dict[str, Any]] =
     init_kwargs = constructor_kwargs_of(module, source)
     state = {name: t.detach().to('cpu', copy=True).contiguous() for name, t in module.state_dict().items()}
     # Building our class now means a file that cannot be loaded is never written.
-    reference = _build(class_name, init_kwargs, source).state_dict()
+    reference = _build(class_name, init_kwargs, source, shapes_only=True).state_dict()
     problems = state_dict_mismatches(reference, state)
     if problems:
         raise _mismatch_error(source, class_name, problems)
-    meta = dict(exported_by='training.export', torch_version=torch.__version__,
-                source_class=f'{type(module).__module__}.{type(module).__name__}')
+    meta = dict(exported_by='training.export', torch_version=torch.__version__)
     meta.update(metadata or {})
     return dict(format=FORMAT, version=VERSION, class_name=class_name,
                 init_kwargs=json.dumps(init_kwargs, sort_keys=True),
@@ -227,7 +230,9 @@ def looks_like_weights_file(data: bytes) -> bool:
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as archive:
             pickles = [n for n in archive.namelist() if n == 'data.pkl' or n.endswith('/data.pkl')]
-            return len(pickles) == 1 and FORMAT.encode() in archive.read(pickles[0])
+            # The record's first entry is format=FORMAT, so the marker sits at the very start of the pickle;
+            # looking only there keeps a training state that merely mentions the word from matching.
+            return len(pickles) == 1 and FORMAT.encode() in archive.read(pickles[0])[:MARKER_WINDOW]
     except (zipfile.BadZipFile, OSError, EOFError, ValueError):
         return False
 
@@ -244,13 +249,15 @@ def _check_record(record: Any, source: str) -> tuple[str, dict[str, Any], dict[s
         raise WeightsFormatError(f'{source}: class_name {class_name!r} is not allowed; expected one of '
                                  f'{", ".join(ALLOWED_CLASSES)}')
     text = record.get('init_kwargs')
+    if not isinstance(text, str):
+        raise WeightsFormatError(f'{source}: init_kwargs must be a JSON string, got {type(text).__name__}')
     try:
-        init_kwargs = json.loads(text) if isinstance(text, str) else None
+        init_kwargs = json.loads(text)
     except ValueError as err:
         raise WeightsFormatError(f'{source}: init_kwargs is not valid JSON ({err})') from None
     if not isinstance(init_kwargs, dict):
         raise WeightsFormatError(f'{source}: init_kwargs must be a JSON object of constructor keywords, '
-                                 f'got {type(init_kwargs if isinstance(text, str) else text).__name__}')
+                                 f'got a {type(init_kwargs).__name__}')
     state = record.get('state_dict')
     if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
         raise WeightsFormatError(f'{source}: state_dict must map tensor names to tensors')
