@@ -428,6 +428,9 @@ def _generate(network_pkl: str, outdir: str, seeds: list[int], subdirs: bool, cl
             dist.print0(f'Note: the PFGM++ prior starts at sigma={used:g} for images of fewer than 256x256x3 values '
                         f'(reference behaviour); --sigma_max only moves the time steps.')
 
+    # Manifests name local networks by absolute path, so a resumed sweep is checked against the same file.
+    is_url = dnnlib.util.is_url(network_pkl, allow_file_urls=True)
+    network_source = network_pkl if is_url else os.path.abspath(network_pkl)
     quantized_cache: dict[int, torch.nn.Module] = {}
     for run in runs:
         run_net = net
@@ -441,7 +444,8 @@ def _generate(network_pkl: str, outdir: str, seeds: list[int], subdirs: bool, cl
         manifest = None
         if run.tag:
             manifest = dict(
-                network=network_pkl, network_summary=network_summary(net), sweep=run.sweep,
+                network=network_source,
+                network_summary=network_summary(net), sweep=run.sweep,
                 sampler='ablation' if ablation else 'edm', sampler_kwargs=kwargs,
                 nfe_per_image=network_evaluations(run.num_steps, kwargs), class_idx=class_idx,
                 pfgmpp=use_pfgmpp, D=D, noise_injection_alpha=run.alpha, quantize_bits=run.bits,
