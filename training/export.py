@@ -30,7 +30,7 @@ import io
 import json
 import os
 import zipfile
-from typing import Any, Optional, Union
+from typing import Any, NoReturn, Optional, Union
 
 import click
 import torch
@@ -327,7 +327,7 @@ def summary(net: torch.nn.Module) -> dict[str, Any]:
 # Command line.
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     raise click.ClickException(message)
 
 
@@ -336,13 +336,12 @@ def _load_input(source: str) -> tuple[torch.nn.Module, str]:
     from training.network_io import load_network
     try:
         with dnnlib.util.open_url(source, verbose=False) as f:
-            is_weights = looks_like_weights_file(f.read())
-        net = load_weights(source) if is_weights else load_network(source, device='cpu', prefer_weights=False)
+            kind = FORMAT if looks_like_weights_file(f.read()) else 'pickle'
+        return load_network(source, device='cpu', prefer_weights=False), kind
     except NetworkLoadError as err:
         _fail(f'--input {err}')
     except OSError as err:
         _fail(f'--input {source}: cannot read it ({err.strerror or err})')
-    return net, (FORMAT if is_weights else 'pickle')
 
 
 @click.command(context_settings=dict(max_content_width=120))
