@@ -1,0 +1,295 @@
+"""One benchmark entry point: training, sampling, FID features and training-loop overheads, side by side with the
+reference implementation, in exact (fp32) and fast (bf16 + channels_last [+ compile]) modes.
+
+    python -m bench.run --quick            # about two minutes on 2 CPU cores
+    python -m bench.run --device=cuda --batch=512 --json=bench.json
+
+The reference is NVIDIA's original ``EDMPrecond`` built from the source embedded in the golden network snapshot
+(``../shared/golden/snapshots/network-snapshot-000000.pkl``), so both run on this machine, in this process, with the
+same configuration: the standard CIFAR-10 DDPM++ (cbase 128, cres 2,2,2, 4 blocks, attention at 16, augment_dim 9,
+dropout 0.13; 55.7M parameters) trained with EDMLoss and PFGM++ D=128 and Adam. Reference sampling is timed as the
+reference network's forward pass times the NFE (the reference sampler adds nothing measurable on top of the network).
+Prints a table and writes JSON with the machine description. No figure here is asserted anywhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pickle
+import platform
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import click
+import torch
+
+from training import networks
+from training.augment import AugmentPipe
+from training.loss import EDMLoss
+from training.pfgmpp import sample_perturbation
+from training.sampler import edm_sampler
+from torch_utils import training_stats
+
+GOLDEN_DIR = Path(os.environ.get('PFGMPP_GOLDEN', Path(__file__).resolve().parents[2] / 'shared' / 'golden'))
+CIFAR_DDPMPP = dict(img_resolution=32, img_channels=3, label_dim=0, model_type='SongUNet', embedding_type='positional',
+                    encoder_type='standard', decoder_type='standard', channel_mult_noise=1, resample_filter=[1, 1],
+                    model_channels=128, channel_mult=[2, 2, 2], num_blocks=4, attn_resolutions=[16], dropout=0.13,
+                    augment_dim=9)
+PFGMPP_D = 128
+SAMPLING_STEPS = 18  # 35 network evaluations, the paper's CIFAR-10 setting
+AUGMENT_KWARGS = dict(p=0.12, xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def best_time(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int = 1) -> float:
+    """Best wall time of ``repeats`` calls after ``warmup`` calls (the minimum is the least noisy on shared CPUs)."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def reference_class() -> Optional[type]:
+    """The original EDMPrecond, rebuilt from the source embedded in the golden snapshot (None when absent)."""
+    path = GOLDEN_DIR / 'snapshots' / 'network-snapshot-000000.pkl'
+    if not path.is_file():
+        return None
+    with open(path, 'rb') as f:
+        return type(pickle.load(f)['ema'])
+
+
+def build(cls: type, device: torch.device, fast: bool, seed: int = 0, **extra: Any) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    net = cls(**CIFAR_DDPMPP, **extra).to(device)
+    if fast:
+        net = net.to(memory_format=torch.channels_last)
+    return net
+
+
+def make_training_step(net: torch.nn.Module, batch: int, device: torch.device, fast: bool,
+                       compile_net: bool) -> Callable[[], None]:
+    """A closure doing one PFGM++ training step: loss, backward, NaN scrub, Adam, EMA."""
+    loss_fn = EDMLoss(D=PFGMPP_D)
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-4, foreach=True)
+    ema = [p.detach().clone() for p in net.parameters()]
+    params = list(net.parameters())
+    generator = torch.Generator(device=device).manual_seed(0)
+    images = torch.rand([batch, 3, 32, 32], generator=generator, device=device) * 2 - 1
+    if fast:
+        images = images.contiguous(memory_format=torch.channels_last)
+    forward = torch.compile(net) if compile_net else net
+    net.train()
+
+    def step() -> None:
+        for p in params:
+            p.grad = None
+        loss = loss_fn(forward, images, generator=generator)
+        loss.sum().div(batch).backward()
+        for p in params:
+            if p.grad is not None:
+                torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5, out=p.grad)
+        optimizer.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - 0.999)
+
+    return step
+
+
+def sampling_time_per_image(net: Any, batch: int, device: torch.device, steps: int, repeats: int) -> float:
+    generator = torch.Generator(device=device).manual_seed(0)
+    latents = sample_perturbation([batch, 3, 32, 32], 80.0, D=PFGMPP_D, generator=generator, device=device,
+                                  dtype=torch.float64)
+    net.eval()
+
+    def run() -> None:
+        with torch.no_grad():
+            edm_sampler(net, latents, num_steps=steps, pfgmpp=True)
+
+    return best_time(run, device, repeats, warmup=0 if device.type == 'cpu' else 1) / batch
+
+
+def forward_time_per_image(net: torch.nn.Module, batch: int, device: torch.device, repeats: int,
+                           fast: bool = False) -> float:
+    generator = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn([batch, 3, 32, 32], generator=generator, device=device) * 10
+    if fast:
+        x = x.contiguous(memory_format=torch.channels_last)
+    sigma = torch.full([batch], 10.0, device=device)
+    net.eval()
+
+    def run() -> None:
+        with torch.no_grad():
+            net(x, sigma)
+
+    return best_time(run, device, repeats) / batch
+
+
+def loop_overheads(net: torch.nn.Module, batch: int, device: torch.device, repeats: int) -> dict[str, float]:
+    """Seconds per training step spent outside the network, component by component."""
+    from training.dataset import ImageFolderDataset  # noqa: F401  (import cost is not part of a step)
+    generator = torch.Generator(device=device).manual_seed(0)
+    uint8_data = torch.randint(0, 256, [4096, 3, 32, 32], dtype=torch.uint8)
+    if device.type == 'cuda':
+        uint8_data = uint8_data.pin_memory()
+    pipe = AugmentPipe(**AUGMENT_KWARGS)
+    images = torch.rand([batch, 3, 32, 32], device=device) * 2 - 1
+    params = [p.detach() for p in net.parameters()]
+    ema = [p.clone() for p in params]
+    sigma = torch.rand([batch, 1, 1, 1], device=device) + 0.1
+    loss = torch.rand([batch, 3, 32, 32], device=device)
+    grads = [torch.randn_like(p) for p in params]
+    order = torch.randperm(uint8_data.shape[0])
+
+    def data() -> None:
+        idx = order[:batch]
+        uint8_data[idx].to(device, non_blocking=True).to(torch.float32).div(127.5).sub(1)
+
+    def scrub() -> None:
+        for g in grads:
+            torch.nan_to_num(g, nan=0, posinf=1e5, neginf=-1e5, out=g)
+
+    def stats() -> None:
+        training_stats.report('Loss/loss', loss)
+
+    parts = {
+        'data (uint8 gather + transfer + scale)': data,
+        'augmentation pipe': lambda: pipe(images, generator=generator),
+        'PFGM++ kernel draw': lambda: sample_perturbation(images.shape, sigma, D=PFGMPP_D, generator=generator,
+                                                          clip_beta=1e-3),
+        'EMA update (foreach lerp)': lambda: torch._foreach_lerp_(ema, params, 1e-3),
+        'gradient NaN/Inf scrub': scrub,
+        'training stats report': stats,
+    }
+    return {name: best_time(fn, device, repeats) for name, fn in parts.items()}
+
+
+def fid_features_per_second(device: torch.device, batch: int, repeats: int) -> Optional[float]:
+    path = GOLDEN_DIR / 'fid' / 'detector-standin.pkl'
+    if not path.is_file():
+        return None
+    with open(path, 'rb') as f:
+        detector = pickle.load(f).to(device)
+    images = torch.randint(0, 256, [batch, 3, 32, 32], dtype=torch.uint8, device=device)
+
+    def run() -> None:
+        with torch.no_grad():
+            detector(images, return_features=True).to(torch.float64)
+
+    return batch / best_time(run, device, repeats)
+
+
+def machine_description(device: torch.device) -> dict:
+    info = dict(platform=platform.platform(), python=platform.python_version(), torch=torch.__version__,
+                cpu=platform.processor() or platform.machine(), cpu_count=os.cpu_count(),
+                torch_threads=torch.get_num_threads())
+    with contextlib.suppress(OSError):
+        for line in open('/proc/cpuinfo'):
+            if line.startswith('model name'):
+                info['cpu'] = line.split(':', 1)[1].strip()
+                break
+    if device.type == 'cuda':
+        info['gpu'] = torch.cuda.get_device_name(device)
+    return info
+
+
+@click.command()
+@click.option('--device', type=click.Choice(['cpu', 'cuda']), default=None, help='[default: cuda when available]')
+@click.option('--batch', type=click.IntRange(min=1), default=None, help='Training batch [default: 8 CPU, 512 CUDA]')
+@click.option('--sample-batch', type=click.IntRange(min=1), default=None, help='[default: 4 CPU, 256 CUDA]')
+@click.option('--quick', is_flag=True, help='Fewer repetitions and a 3-step sampling measurement (~2 min on 2 cores)')
+@click.option('--compile', 'compile_net', is_flag=True, help='Also torch.compile the network in fast mode')
+@click.option('--no-reference', is_flag=True, help='Skip the reference implementation')
+@click.option('--json', 'json_path', default=None, metavar='PATH', help='Write all figures to this JSON file')
+def main(device: Optional[str], batch: Optional[int], sample_batch: Optional[int], quick: bool, compile_net: bool,
+         no_reference: bool, json_path: Optional[str]) -> None:
+    """Benchmark training, sampling, FID features and loop overheads in exact and fast modes."""
+    dev = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    on_cuda = dev.type == 'cuda'
+    batch = batch or (512 if on_cuda else 8)
+    sample_batch = sample_batch or (256 if on_cuda else 4)
+    repeats = 2 if quick else (10 if on_cuda else 4)
+    steps = 3 if quick else SAMPLING_STEPS
+    nfe_measured, nfe_target = 2 * steps - 1, 2 * SAMPLING_STEPS - 1
+    if on_cuda:
+        torch.backends.cudnn.benchmark = True
+    results: dict[str, Any] = dict(machine=machine_description(dev), batch=batch, sample_batch=sample_batch,
+                                   quick=quick, rows=[])
+    rows = results['rows']
+
+    # Precision modes: "exact" is plain fp32; "fast" runs the U-Net in bf16 with channels_last.
+    # Each mode: (label, network class, extra constructor kwargs, channels_last, torch.compile).
+    fast_kwargs = dict(use_bf16=True, reduced_precision_on_cpu=True)
+    fast_label = 'ours fast (bf16, channels_last' + (', compile)' if compile_net else ')')
+    modes = [('ours exact (fp32)', networks.EDMPrecond, {}, False, False),
+             (fast_label, networks.EDMPrecond, fast_kwargs, True, compile_net)]
+    ref_cls = None if no_reference else reference_class()
+    if ref_cls is not None:
+        modes = [('reference fp32', ref_cls, {}, False, False),
+                 ('reference fp32 channels_last', ref_cls, {}, True, False)] + modes
+
+    for label, cls, extra, use_cl, use_compile in modes:
+        net = build(cls, dev, use_cl, **extra)
+        train_s = best_time(make_training_step(net, batch, dev, use_cl, use_compile), dev, repeats)
+        if cls is ref_cls:
+            per_image = forward_time_per_image(net, sample_batch, dev, repeats, fast=use_cl) * nfe_target
+        else:
+            per_image = sampling_time_per_image(net, sample_batch, dev, steps, max(1, repeats // 2))
+            per_image *= nfe_target / nfe_measured
+        rows.append(dict(mode=label, train_images_per_s=batch / train_s, train_step_s=train_s,
+                         sample_s_per_image_35nfe=per_image, sample_images_per_s=1 / per_image))
+        print(f'{label:<40} train {batch / train_s:9.2f} img/s   sample(35 NFE) {1 / per_image:9.3f} img/s',
+              flush=True)
+        del net
+
+    # Overheads relative to the exact training step.
+    exact = next(r for r in rows if r['mode'].startswith('ours exact'))
+    net = build(networks.EDMPrecond, dev, False)
+    overheads = loop_overheads(net, batch, dev, repeats * 3)
+    results['overheads_s'] = overheads
+    results['overhead_fraction_of_exact_step'] = sum(overheads.values()) / exact['train_step_s']
+    feats = fid_features_per_second(dev, 256 if on_cuda else 64, repeats * 2)
+    results['fid_standin_features_per_s'] = feats
+
+    ref = rows[0] if ref_cls is not None else None
+    print('\n' + '=' * 96)
+    print(f'Machine: {results["machine"].get("gpu") or results["machine"]["cpu"]} | torch {torch.__version__} | '
+          f'{torch.get_num_threads()} threads | train batch {batch} | sample batch {sample_batch}'
+          + (f' | sampling measured over {nfe_measured} NFE, scaled to 35' if steps != SAMPLING_STEPS else ''))
+    header = f'{"mode":<42}{"train img/s":>12}{"vs ref":>8}{"35-NFE img/s":>14}{"s/img":>9}{"vs ref":>8}'
+    print(header)
+    print('-' * len(header))
+    for r in rows:
+        t_ratio = f'{r["train_images_per_s"] / ref["train_images_per_s"]:.2f}x' if ref else '-'
+        s_ratio = f'{r["sample_images_per_s"] / ref["sample_images_per_s"]:.2f}x' if ref else '-'
+        r['train_speedup_vs_reference'] = r['train_images_per_s'] / ref['train_images_per_s'] if ref else None
+        r['sample_speedup_vs_reference'] = r['sample_images_per_s'] / ref['sample_images_per_s'] if ref else None
+        print(f'{r["mode"]:<42}{r["train_images_per_s"]:>12.2f}{t_ratio:>8}{r["sample_images_per_s"]:>14.3f}'
+              f'{r["sample_s_per_image_35nfe"]:>9.2f}{s_ratio:>8}')
+    print('\nTraining-loop work outside the network, per step (batch %d):' % batch)
+    for name, seconds in overheads.items():
+        print(f'  {name:<42}{seconds * 1e3:>10.3f} ms  {100 * seconds / exact["train_step_s"]:6.2f}% of exact step')
+    print(f'  {"total":<42}{sum(overheads.values()) * 1e3:>10.3f} ms  '
+          f'{100 * results["overhead_fraction_of_exact_step"]:6.2f}%')
+    if feats is not None:
+        print(f'\nFID features (stand-in detector, float64 accumulation): {feats:,.0f} images/s')
+    if json_path:
+        with open(json_path, 'w') as f:
+            json.dump(results, f, indent=2)
+        print(f'Wrote {json_path}')
+
+
+if __name__ == '__main__':
+    main()
