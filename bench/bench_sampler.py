@@ -14,6 +14,9 @@ Prints figures and never asserts on speed.
     python bench/bench_sampler.py                      # CUDA when available, else CPU
     python bench/bench_sampler.py --quick              # one small CPU-friendly batch
     python bench/bench_sampler.py --device=cuda --batch=256 --json=bench-sampler.json
+
+On a CPU shared with other work, --threads=1 avoids OpenMP threads spin-waiting for each other
+(on a busy 2-core machine that alone made 2 threads ~10x slower than 1).
 """
 
 from __future__ import annotations
