@@ -191,6 +191,25 @@ def fid_features_per_second(device: torch.device, batch: int, repeats: int) -> O
     return batch / best_time(run, device, repeats)
 
 
+def training_flops_per_image(device: torch.device) -> float:
+    """FLOPs of one image's forward + backward through the CIFAR DDPM++ (counted by torch, batch of 2)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    net = build(networks.EDMPrecond, device, False)
+    x = torch.randn([2, 3, 32, 32], device=device)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        net(x, torch.ones([2], device=device)).square().sum().backward()
+    return counter.get_total_flops() / 2
+
+
+def format_duration(seconds: float) -> str:
+    if seconds < 120:
+        return f'{seconds:.0f}s'
+    if seconds < 7200:
+        return f'{seconds / 60:.1f}m'
+    return f'{seconds / 3600:.1f}h'
+
+
 def machine_description(device: torch.device) -> dict:
     info = dict(platform=platform.platform(), python=platform.python_version(), torch=torch.__version__,
                 cpu=platform.processor() or platform.machine(), cpu_count=os.cpu_count(),
@@ -210,35 +229,47 @@ def machine_description(device: torch.device) -> dict:
 @click.option('--batch', type=click.IntRange(min=1), default=None, help='Training batch [default: 8 CPU, 512 CUDA]')
 @click.option('--sample-batch', type=click.IntRange(min=1), default=None, help='[default: 4 CPU, 256 CUDA]')
 @click.option('--quick', is_flag=True, help='Fewer repetitions and a 3-step sampling measurement (~2 min on 2 cores)')
+@click.option('--repeats', type=click.IntRange(min=1), default=None, help='Timed repetitions per figure')
 @click.option('--compile', 'compile_net', is_flag=True, help='Also torch.compile the network in fast mode')
 @click.option('--no-reference', is_flag=True, help='Skip the reference implementation')
 @click.option('--json', 'json_path', default=None, metavar='PATH', help='Write all figures to this JSON file')
-def main(device: Optional[str], batch: Optional[int], sample_batch: Optional[int], quick: bool, compile_net: bool,
+def main(device: Optional[str], batch: Optional[int], sample_batch: Optional[int], quick: bool,
+         repeats: Optional[int], compile_net: bool,
          no_reference: bool, json_path: Optional[str]) -> None:
     """Benchmark training, sampling, FID features and loop overheads in exact and fast modes."""
     dev = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     on_cuda = dev.type == 'cuda'
     batch = batch or (512 if on_cuda else 8)
     sample_batch = sample_batch or (256 if on_cuda else 4)
-    repeats = 2 if quick else (10 if on_cuda else 4)
+    repeats = repeats or (2 if quick else (10 if on_cuda else 4))
     steps = 3 if quick else SAMPLING_STEPS
     nfe_measured, nfe_target = 2 * steps - 1, 2 * SAMPLING_STEPS - 1
     if on_cuda:
         torch.backends.cudnn.benchmark = True
+        # Exact mode means true fp32, as EDM's training loop sets it (no TF32 in convolutions or matmuls).
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
     results: dict[str, Any] = dict(machine=machine_description(dev), batch=batch, sample_batch=sample_batch,
                                    quick=quick, rows=[])
     rows = results['rows']
 
     # Precision modes: "exact" is plain fp32; "fast" runs the U-Net in bf16 with channels_last.
     # Each mode: (label, network class, extra constructor kwargs, channels_last, torch.compile).
+    ours = networks.EDMPrecond
     fast_kwargs = dict(use_bf16=True, reduced_precision_on_cpu=True)
-    fast_label = 'ours fast (bf16, channels_last' + (', compile)' if compile_net else ')')
-    modes = [('ours exact (fp32)', networks.EDMPrecond, {}, False, False),
-             (fast_label, networks.EDMPrecond, fast_kwargs, True, compile_net)]
+    compiled = ', compile' if compile_net else ''
+    modes = [('ours exact (fp32)', ours, {}, False, False),
+             (f'ours fast (bf16, channels_last{compiled})', ours, fast_kwargs, True, compile_net)]
+    if on_cuda:
+        modes.insert(1, ('ours fp16 (use_fp16)', ours, dict(use_fp16=True), False, False))
+        modes.insert(2, ('ours bf16', ours, dict(use_bf16=True), False, False))
     ref_cls = None if no_reference else reference_class()
     if ref_cls is not None:
-        modes = [('reference fp32', ref_cls, {}, False, False),
-                 ('reference fp32 channels_last', ref_cls, {}, True, False)] + modes
+        second = ('reference fp16 (use_fp16)', ref_cls, dict(use_fp16=True), False, False) if on_cuda else \
+            ('reference fp32 channels_last', ref_cls, {}, True, False)
+        modes = [('reference fp32', ref_cls, {}, False, False), second] + modes
+    flops = training_flops_per_image(dev)
+    results['train_flops_per_image'] = flops
 
     for label, cls, extra, use_cl, use_compile in modes:
         net = build(cls, dev, use_cl, **extra)
@@ -249,7 +280,8 @@ def main(device: Optional[str], batch: Optional[int], sample_batch: Optional[int
             per_image = sampling_time_per_image(net, sample_batch, dev, steps, max(1, repeats // 2))
             per_image *= nfe_target / nfe_measured
         rows.append(dict(mode=label, train_images_per_s=batch / train_s, train_step_s=train_s,
-                         sample_s_per_image_35nfe=per_image, sample_images_per_s=1 / per_image))
+                         train_tflops=flops * batch / train_s / 1e12, sample_s_per_image_35nfe=per_image,
+                         sample_images_per_s=1 / per_image, generate_50k_s=50000 * per_image))
         print(f'{label:<40} train {batch / train_s:9.2f} img/s   sample(35 NFE) {1 / per_image:9.3f} img/s',
               flush=True)
         del net
@@ -268,7 +300,8 @@ def main(device: Optional[str], batch: Optional[int], sample_batch: Optional[int
     print(f'Machine: {results["machine"].get("gpu") or results["machine"]["cpu"]} | torch {torch.__version__} | '
           f'{torch.get_num_threads()} threads | train batch {batch} | sample batch {sample_batch}'
           + (f' | sampling measured over {nfe_measured} NFE, scaled to 35' if steps != SAMPLING_STEPS else ''))
-    header = f'{"mode":<42}{"train img/s":>12}{"vs ref":>8}{"35-NFE img/s":>14}{"s/img":>9}{"vs ref":>8}'
+    header = (f'{"mode":<42}{"train img/s":>12}{"TFLOP/s":>9}{"vs ref":>8}{"35-NFE img/s":>14}{"50k gen":>10}'
+              f'{"vs ref":>8}')
     print(header)
     print('-' * len(header))
     for r in rows:
@@ -276,8 +309,9 @@ def main(device: Optional[str], batch: Optional[int], sample_batch: Optional[int
         s_ratio = f'{r["sample_images_per_s"] / ref["sample_images_per_s"]:.2f}x' if ref else '-'
         r['train_speedup_vs_reference'] = r['train_images_per_s'] / ref['train_images_per_s'] if ref else None
         r['sample_speedup_vs_reference'] = r['sample_images_per_s'] / ref['sample_images_per_s'] if ref else None
-        print(f'{r["mode"]:<42}{r["train_images_per_s"]:>12.2f}{t_ratio:>8}{r["sample_images_per_s"]:>14.3f}'
-              f'{r["sample_s_per_image_35nfe"]:>9.2f}{s_ratio:>8}')
+        print(f'{r["mode"]:<42}{r["train_images_per_s"]:>12.2f}{r["train_tflops"]:>9.3f}{t_ratio:>8}'
+              f'{r["sample_images_per_s"]:>14.3f}{format_duration(r["generate_50k_s"]):>10}{s_ratio:>8}')
+    print(f'Training FLOPs per image (forward + backward, counted): {flops / 1e9:.1f} GFLOP')
     print('\nTraining-loop work outside the network, per step (batch %d):' % batch)
     for name, seconds in overheads.items():
         print(f'  {name:<42}{seconds * 1e3:>10.3f} ms  {100 * seconds / exact["train_step_s"]:6.2f}% of exact step')

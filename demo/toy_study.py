@@ -177,6 +177,8 @@ def main(outdir: str, dims: str, alphas: str, steps_list: str, train_steps: int,
             results.append(dict(D=label, alpha=alpha, steps=18, mmd=mmd(x.float(), held_out),
                                 off_manifold=float(data.off_manifold_distance(x).mean())))
         for steps in step_values:
+            if steps == 18 and 0.0 in alpha_values:
+                continue  # already measured in the alpha sweep
             x = generate(net, num, seed + 3000, num_steps=steps, alpha=0.0)
             results.append(dict(D=label, alpha=0.0, steps=steps, mmd=mmd(x.float(), held_out),
                                 off_manifold=float(data.off_manifold_distance(x).mean())))
