@@ -166,8 +166,7 @@ def main(argv=None):
             setattr(args, key, value)
     if on_cuda:
         torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 here
-        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 here
 
     meta = dict(torch=torch.__version__, python=platform.python_version(), device=str(device),
                 device_name=torch.cuda.get_device_name(device) if on_cuda else platform.processor(),

@@ -250,10 +250,13 @@ class UNetBlock(nn.Module):
         else:
             h = silu(self.norm1(h + params))
         h = self.conv1(F.dropout(h, p=self.dropout, training=self.training))
-        x = (h + shortcut) * self.skip_scale
+        x = self._scaled(h + shortcut)
         if self.num_heads:
-            x = (self.proj(self._attend(x)) + x) * self.skip_scale
+            x = self._scaled(self.proj(self._attend(x)) + x)
         return x
+
+    def _scaled(self, x):
+        return x if self.skip_scale == 1 else x * self.skip_scale  # x * 1 would be an exact no-op pass
 
 
 # ----------------------------------------------------------------------------------------------------------------
