@@ -11,7 +11,8 @@ For every configuration, precision (fp32 / bf16 / fp16) and compile setting it t
 and prints a table; ``--json PATH`` also writes the numbers. fp16 runs on CUDA only (the original's rule);
 on CPU, bf16 is run through ``reduced_precision_on_cpu``.
 
-    python -m bench.bench_networks --quick                  # CPU smoke run, about a minute on 2 cores
+    python -m bench.bench_networks --quick                  # CPU smoke run (fp32, eager), ~1-2 min on 2 cores
+    python -m bench.bench_networks --precisions fp32,bf16 --compile both --json cpu.json   # full CPU table
     python -m bench.bench_networks --device cuda --json out.json
 """
 
@@ -122,10 +123,11 @@ def run_case(net, name, precision, compiled, device, batch, args, gen):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--device', default='auto', help='cpu, cuda, cuda:N or auto (cuda when available)')
-    parser.add_argument('--quick', action='store_true', help='small batches, few iterations, no compile on CPU')
+    parser.add_argument('--quick', action='store_true',
+                        help='small batches, few iterations; on CPU also fp32 only and no compile')
     parser.add_argument('--configs', default='ddpmpp,ncsnpp,adm', help='comma-separated subset of ' + ','.join(CONFIGS))
     parser.add_argument('--precisions', default=None, help='comma-separated subset of fp32,bf16,fp16 '
-                        '(default: all the device supports; fp16 on CUDA only)')
+                        '(default: all the device supports, fp16 on CUDA only; fp32 for --quick on CPU)')
     parser.add_argument('--compile', default=None, choices=['off', 'on', 'both'],
                         help='torch.compile setting (default: both; off for --quick on CPU)')
     parser.add_argument('--batch', type=int, default=None, help='batch for the 32x32 configs (ADM uses half)')
@@ -147,8 +149,12 @@ def main(argv=None):
     unknown = [c for c in args.configs.split(',') if c not in CONFIGS]
     if unknown:
         parser.error(f'--configs: unknown {unknown}; expected some of {list(CONFIGS)}')
-    precisions = (args.precisions.split(',') if args.precisions else
-                  ['fp32', 'bf16', 'fp16'] if on_cuda else ['fp32', 'bf16'])
+    if args.precisions:
+        precisions = args.precisions.split(',')
+    elif on_cuda:
+        precisions = ['fp32', 'bf16', 'fp16']
+    else:
+        precisions = ['fp32'] if args.quick else ['fp32', 'bf16']
     if not set(precisions) <= set(PRECISIONS):
         parser.error(f'--precisions: expected some of {list(PRECISIONS)}')
     if 'fp16' in precisions and not on_cuda:
