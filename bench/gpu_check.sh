@@ -27,4 +27,4 @@ timeout 60 $PY generate.py --network="$(ls "$work"/runs/gpu/network-snapshot-*.p
     --seeds=0-255 --batch=128 --device=cuda 2>&1 | tail -2
 
 # 2. Side-by-side benchmark at the paper's CIFAR-10 scale.
-timeout 330 $PY -m bench.run --device=cuda --batch=512 --sample-batch=512 --repeats=3 --json "$OUT/bench-cuda.json" 2>&1
+timeout 240 $PY -m bench.run --device=cuda --batch=512 --sample-batch=512 --repeats=3 --json "$OUT/bench-cuda.json" 2>&1

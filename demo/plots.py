@@ -89,9 +89,10 @@ def line_chart(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], pa
     image.save(path)
 
 
-def side_by_side(paths: Sequence[str], captions: Sequence[str], out_path: str, gap: int = 16) -> None:
-    """Place images next to each other with a caption above each one."""
+def side_by_side(paths: Sequence[str], captions: Sequence[str], out_path: str, gap: int = 16, scale: int = 1) -> None:
+    """Place images next to each other with a caption above each one, enlarged ``scale`` times (pixel-exact)."""
     images = [Image.open(p).convert('RGB') for p in paths]
+    images = [im.resize((im.width * scale, im.height * scale), Image.NEAREST) for im in images]
     caption_height = 20
     width = sum(im.width for im in images) + gap * (len(images) + 1)
     height = max(im.height for im in images) + caption_height + 2 * gap

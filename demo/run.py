@@ -93,7 +93,7 @@ def find_detector(detector: Optional[str]) -> Optional[str]:
 
 @click.command()
 @click.option('--outdir', default='demo-out', show_default=True, help='Where everything is written')
-@click.option('--kimg', default=90.0, show_default=True, type=click.FloatRange(min=0.1),
+@click.option('--kimg', default=80.0, show_default=True, type=click.FloatRange(min=0.1),
               help='Training length of each model, in thousands of images')
 @click.option('--nproc', default=2, show_default=True, type=click.IntRange(min=1), help='torchrun processes')
 @click.option('--aug-dim', default=128, show_default=True, type=click.IntRange(min=1), help='PFGM++ D')
@@ -135,7 +135,7 @@ def main(outdir: str, kimg: float, nproc: int, aug_dim: int, detector: Optional[
 
     # 4. Pictures.
     comparison = os.path.join(outdir, 'samples-side-by-side.png')
-    side_by_side([g for g, _ in grids], [c for _, c in grids], comparison)
+    side_by_side([g for g, _ in grids], [c for _, c in grids], comparison, scale=3)
     curve_path = os.path.join(outdir, 'loss-curves.png')
     line_chart(curves, curve_path, title='Training loss (mean per tick)', xlabel='kimg', ylabel='loss', log_y=True)
 

@@ -3,35 +3,18 @@
 from __future__ import annotations
 
 import json
-import math
 import pickle
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
+from tests.conftest import randomize_parameters_
+
 # A DDPM++-style U-Net small enough for CPU tests: 8x8 RGB, two resolutions, attention at 4x4.
 TINY_KWARGS = dict(img_resolution=8, img_channels=3, model_type='SongUNet', embedding_type='positional',
                    encoder_type='standard', decoder_type='standard', channel_mult_noise=1, resample_filter=[1, 1],
                    model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4])
-
-
-def randomize_(net: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Overwrite every parameter with seeded random values.
-
-    Freshly built U-Nets have (near) zero output layers, so D(x) ~ c_skip x and the
-    images would hardly depend on the network; random weights make every layer count.
-    """
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in net.named_parameters():
-            if p.ndim >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p[0].numel()))
-            elif name.endswith('weight'):
-                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-    return net
 
 
 def make_tiny_net(label_dim: int = 0, pfgmpp: bool = False, D: int = 128, seed: int = 0,
@@ -40,7 +23,7 @@ def make_tiny_net(label_dim: int = 0, pfgmpp: bool = False, D: int = 128, seed: 
     torch.manual_seed(seed)  # construction draws initial weights from the global generator
     kwargs = dict(TINY_KWARGS, label_dim=label_dim, pfgmpp=pfgmpp, D=D, **overrides)
     net = EDMPrecond(**kwargs)
-    return randomize_(net, seed + 1000).eval().requires_grad_(False)
+    return randomize_parameters_(net, seed + 1000).eval().requires_grad_(False)
 
 
 def save_snapshot(net: torch.nn.Module, path: Path) -> Path:

@@ -8,7 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import math
+
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 GOLDEN_DIR = Path(os.environ.get('PFGMPP_GOLDEN', REPO_ROOT.parent / 'shared' / 'golden'))
@@ -43,3 +46,31 @@ def run_python(args: list[str], cwd: Path | None = None, env: dict | None = None
         raise AssertionError(f'python {" ".join(args)} failed with {proc.returncode}:\n'
                              f'--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-4000:]}')
     return proc
+
+
+def randomize_parameters_(net: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Overwrite every parameter by the golden files' randomisation rule (MANIFEST ``randomisation_rule``).
+
+    Freshly built U-Nets have (near) zero output layers, so D(x) ~ c_skip x would hardly depend on the
+    network; random weights make every layer count. Returns ``net`` for chaining.
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if p.ndim >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p[0].numel()))
+            elif name.endswith('weight'):
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    return net
+
+
+@pytest.fixture()
+def one_intra_op_thread():
+    """Tiny networks gain nothing from intra-op threads, and on a busy 2-core machine OpenMP threads that
+    wait for each other can make them many times slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

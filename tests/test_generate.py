@@ -27,14 +27,9 @@ from training.network_io import NetworkLoadError, load_network
 GOLDEN_SNAPSHOT = 'snapshots/network-snapshot-000000.pkl'  # same weights as networks/edm_ddpmpp_aug.pt
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _single_intra_op_thread():
-    """These networks are tiny: intra-op threads gain nothing, and on a busy 2-core machine OpenMP threads
-    that wait for each other can make them many times slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+@pytest.fixture(autouse=True)
+def _single_intra_op_thread(one_intra_op_thread):
+    """Every test here runs tiny networks on one thread (see conftest.one_intra_op_thread)."""
 
 
 def cli(*args: str, expect_ok: bool = True):

@@ -11,7 +11,7 @@ import shutil
 import pytest
 import torch
 
-from tests.conftest import GOLDEN_DIR
+from tests.conftest import GOLDEN_DIR, randomize_parameters_
 from training import networks
 
 GOLDEN_NETWORKS = sorted((GOLDEN_DIR / 'networks').glob('*.pt'))
@@ -27,24 +27,11 @@ def sha256_f32(t: torch.Tensor) -> str:
     return hashlib.sha256(t.detach().to(torch.float32).contiguous().cpu().numpy().tobytes()).hexdigest()
 
 
-def randomize_(net: torch.nn.Module, seed: int) -> None:
-    """The golden files' rule: weights that make every part of the U-Net matter."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in net.named_parameters():
-            if p.ndim >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p[0].numel()))
-            elif name.endswith('weight'):
-                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-
-
 def build(cls='EDMPrecond', arch=TINY_SONG, seed=0, res=8, channels=3, randomize=True, **kw) -> torch.nn.Module:
     torch.manual_seed(seed)
     net = getattr(networks, cls)(img_resolution=res, img_channels=channels, **arch, **kw).eval()
     if randomize:
-        randomize_(net, seed + 100)
+        randomize_parameters_(net, seed + 100)
     return net
 
 
@@ -391,7 +378,7 @@ def explicit_softmax_attention(block, x):
 def test_sdpa_matches_explicit_softmax(dtype, tol, heads_kw):
     torch.manual_seed(0)
     block = networks.UNetBlock(64, 128, 32, attention=True, **heads_kw).to(dtype)
-    randomize_(block, 5)
+    randomize_parameters_(block, 5)
     block = block.to(dtype)
     x = torch.randn(3, 128, 6, 5, dtype=dtype)
     probe = torch.randn(3, 128, 6, 5, dtype=dtype)

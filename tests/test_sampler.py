@@ -14,14 +14,9 @@ from tests._sampler_nets import golden_network, make_tiny_net
 from training import quantize
 from training import sampler as sampling
 
-@pytest.fixture(autouse=True, scope='module')
-def _single_intra_op_thread():
-    """These networks are tiny: intra-op threads gain nothing, and on a busy 2-core machine OpenMP threads
-    that wait for each other can make them many times slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+@pytest.fixture(autouse=True)
+def _single_intra_op_thread(one_intra_op_thread):
+    """Every test here runs tiny networks on one thread (see conftest.one_intra_op_thread)."""
 
 
 # ----------------------------------------------------------------------------
