@@ -27,6 +27,7 @@ from torch_utils import distributed as dist
 from training import pfgmpp as pfgmpp_lib
 from training import quantize
 from training import sampler as sampling
+from training import network_io
 from training.network_io import NetworkLoadError, load_network, network_summary
 
 SEED_LIMIT = 1 << 32            # seeds index 32-bit generator seeds; larger values would alias smaller ones
@@ -322,11 +323,16 @@ NON_NEGATIVE = click.FloatRange(min=0)
 @click.option('--grid', 'grid', type=str, default=None, metavar='PATH',
               help=f'Also tile the first {GRID_MAX_IMAGES} images into this PNG')
 @click.option('--device', type=str, default=None, metavar='DEV', help='cpu or cuda  [default: cuda if available]')
+@click.option('--precision', type=click.Choice(network_io.PRECISIONS), default=None,
+              help='U-Net precision  [default: as the network was built]')
+@click.option('--channels-last', 'channels_last', is_flag=True,
+              help='NHWC memory layout (faster on CPU; results within float32 rounding)')
 def main(network_pkl: str, outdir: str, seeds: list[int], subdirs: bool, class_idx: Optional[int],
          max_batch_size: int, pfgmpp: Optional[bool], aug_dim: Optional[int], alpha: Optional[float],
          quantize_bits: Optional[int], quantize_scheme: str, sweep_steps: Optional[list[int]],
          sweep_alpha: Optional[list[float]], sweep_bits: Optional[list[int]], force: bool, grid: Optional[str],
-         device: Optional[str], num_steps: Optional[int], **sampler_kwargs: Any) -> None:
+         device: Optional[str], precision: Optional[str], channels_last: bool, num_steps: Optional[int],
+         **sampler_kwargs: Any) -> None:
     """Generate images with a trained EDM or PFGM++ network.
 
     Each image depends only on its seed: batch size, number of processes and
@@ -375,7 +381,7 @@ def main(network_pkl: str, outdir: str, seeds: list[int], subdirs: bool, class_i
     try:
         _generate(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, pfgmpp, aug_dim, quantize_scheme,
                   force, grid, dev, plan_runs(outdir, num_steps, alpha, quantize_bits, sweep_steps, sweep_alpha,
-                                               sweep_bits), sampler_kwargs)
+                                               sweep_bits), sampler_kwargs, precision=precision, channels_last=channels_last)
     except OSError as err:
         # Network reading reports its own errors; this is a write that failed (disk full, quota, read-only).
         # Files are written under temporary names, so every image already there is complete.
@@ -387,7 +393,8 @@ def main(network_pkl: str, outdir: str, seeds: list[int], subdirs: bool, class_i
 
 def _generate(network_pkl: str, outdir: str, seeds: list[int], subdirs: bool, class_idx: Optional[int],
               max_batch_size: int, pfgmpp_flag: Optional[bool], aug_dim: Optional[int], quantize_scheme: str,
-              force: bool, grid: Optional[str], device: torch.device, runs: list[Run], cli_kwargs: dict) -> None:
+              force: bool, grid: Optional[str], device: torch.device, runs: list[Run], cli_kwargs: dict,
+              precision: Optional[str] = None, channels_last: bool = False) -> None:
     def check_output_dirs() -> None:
         try:
             dnnlib.util.check_writable_dir(outdir, '--outdir')
@@ -409,6 +416,10 @@ def _generate(network_pkl: str, outdir: str, seeds: list[int], subdirs: bool, cl
         if dist.is_main():
             dist.barrier()
 
+    try:
+        network_io.apply_speed_options(net, precision, channels_last)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint='--precision') from None
     use_pfgmpp, D = resolve_pfgmpp(net, pfgmpp_flag, aug_dim)
     if class_idx is not None and not net.label_dim:
         raise click.BadParameter(f'{class_idx}: the network is unconditional (label_dim=0)', param_hint='--class')

@@ -30,7 +30,7 @@ from training import networks
 from training.augment import AugmentPipe
 from training.loss import EDMLoss
 from training.pfgmpp import sample_perturbation
-from training.sampler import edm_sampler
+from training.sampler import edm_sampler, network_memory_format
 from torch_utils import training_stats
 
 GOLDEN_DIR = Path(os.environ.get('PFGMPP_GOLDEN', Path(__file__).resolve().parents[2] / 'shared' / 'golden'))
@@ -111,7 +111,7 @@ def make_training_step(net: torch.nn.Module, batch: int, device: torch.device, f
 def sampling_time_per_image(net: Any, batch: int, device: torch.device, steps: int, repeats: int) -> float:
     generator = torch.Generator(device=device).manual_seed(0)
     latents = sample_perturbation([batch, 3, 32, 32], 80.0, D=PFGMPP_D, generator=generator, device=device,
-                                  dtype=torch.float64)
+                                  dtype=torch.float64).contiguous(memory_format=network_memory_format(net))
     net.eval()
 
     def run() -> None:
@@ -259,6 +259,7 @@ def main(device: Optional[str], batch: Optional[int], sample_batch: Optional[int
     fast_kwargs = dict(use_bf16=True, reduced_precision_on_cpu=True)
     compiled = ', compile' if compile_net else ''
     modes = [('ours exact (fp32)', ours, {}, False, False),
+             ('ours exact (fp32, channels_last)', ours, {}, True, False),
              (f'ours fast (bf16, channels_last{compiled})', ours, fast_kwargs, True, compile_net)]
     if on_cuda:
         modes.insert(1, ('ours fp16 (use_fp16)', ours, dict(use_fp16=True), False, False))
@@ -287,7 +288,7 @@ def main(device: Optional[str], batch: Optional[int], sample_batch: Optional[int
         del net
 
     # Overheads relative to the exact training step.
-    exact = next(r for r in rows if r['mode'].startswith('ours exact'))
+    exact = rows[[r['mode'] for r in rows].index('ours exact (fp32)')]
     net = build(networks.EDMPrecond, dev, False)
     overheads = loop_overheads(net, batch, dev, repeats * 3)
     results['overheads_s'] = overheads

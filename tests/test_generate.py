@@ -330,3 +330,20 @@ def test_cli_error_in_a_subprocess_has_no_traceback(tmp_path):
                       check=False)
     assert proc.returncode != 0
     assert 'Traceback' not in proc.stderr and '--network' in proc.stderr and 'no such file' in proc.stderr
+
+
+def test_speed_options_keep_images_close(nets, tmp_path):
+    """--channels-last stays within float32 rounding of the default; --precision=bf16 runs and stays near it."""
+    base = ['--network', nets['pfgmpp'], '--seeds=0-3', '--steps=4', '--device=cpu']
+    cli(*base, '--outdir', tmp_path / 'default')
+    cli(*base, '--outdir', tmp_path / 'nhwc', '--channels-last')
+    cli(*base, '--outdir', tmp_path / 'bf16', '--precision=bf16')
+    default, nhwc, bf16 = (np.stack([read_png(p) for p in sorted((tmp_path / d).glob('*.png'))]).astype(int)
+                           for d in ('default', 'nhwc', 'bf16'))
+    assert np.abs(nhwc - default).max() <= 1
+    assert 0 < np.abs(bf16 - default).mean() < 8  # reduced precision really ran, and stayed close
+
+    net = load_network(nets['uncond'])
+    assert sampling.network_memory_format(net) == torch.contiguous_format
+    net.to(memory_format=torch.channels_last)
+    assert sampling.network_memory_format(net) == torch.channels_last

@@ -494,14 +494,26 @@ class _PadSmallBatches:
         return self._net(padded(x), sigma, labels)[:count]
 
 
+def network_memory_format(net: Any) -> torch.memory_format:
+    """channels_last when the network's first 4-D weight is stored that way, else the default layout."""
+    module = getattr(net, '_net', net)  # look through _PadSmallBatches
+    if isinstance(module, torch.nn.Module):
+        for p in module.parameters():
+            if p.ndim == 4:
+                channels_last = p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+                return torch.channels_last if channels_last else torch.contiguous_format
+    return torch.contiguous_format
+
+
 def sample_batch(net: Denoiser, seeds: Sequence[int], device: Union[str, torch.device] = 'cpu',
                  class_idx: Optional[int] = None, pfgmpp: bool = False, D: Optional[int] = None,
-                 **sampler_kwargs: Any) -> torch.Tensor:
+                 memory_format: Optional[torch.memory_format] = None, **sampler_kwargs: Any) -> torch.Tensor:
     """Float64 samples for one batch of seeds, exactly as ``generate.py`` makes them.
 
     ``sampler_kwargs`` go to :func:`edm_sampler`, or to :func:`ablation_sampler`
     when any of solver/discretization/schedule/scaling is given. None values mean
-    "use the default" (as click passes unset options).
+    "use the default" (as click passes unset options). ``memory_format`` is the layout of the sampler state;
+    None follows the network's convolution weights (channels_last after ``net.to(memory_format=...)``).
     """
     kwargs = {k: v for k, v in sampler_kwargs.items() if v is not None}
     ablation = uses_ablation_sampler(kwargs)
@@ -511,6 +523,8 @@ def sample_batch(net: Denoiser, seeds: Sequence[int], device: Union[str, torch.d
     rnd = PerSeedRandom(seeds, device)
     net = _PadSmallBatches(net)
     latents = draw_latents(net, seeds, rnd, pfgmpp=pfgmpp, D=D, sigma_max=kwargs.get('sigma_max', EDM_SIGMA_MAX))
+    # The layout carries through the sampler's elementwise updates into every network call (channels_last nets).
+    latents = latents.contiguous(memory_format=memory_format or network_memory_format(net))
     labels = draw_class_labels(net, rnd, class_idx)
     with torch.no_grad():
         if ablation:
