@@ -32,6 +32,7 @@ from training.loss import EDMLoss
 from training.pfgmpp import sample_perturbation
 from training.sampler import edm_sampler, network_memory_format
 from torch_utils import training_stats
+from training.training_loop import LOSS_STAT
 
 GOLDEN_DIR = Path(os.environ.get('PFGMPP_GOLDEN', Path(__file__).resolve().parents[2] / 'shared' / 'golden'))
 CIFAR_DDPMPP = dict(img_resolution=32, img_channels=3, label_dim=0, model_type='SongUNet', embedding_type='positional',
@@ -162,7 +163,7 @@ def loop_overheads(net: torch.nn.Module, batch: int, device: torch.device, repea
             torch.nan_to_num(g, nan=0, posinf=1e5, neginf=-1e5, out=g)
 
     def stats() -> None:
-        training_stats.report('Loss/loss', loss)
+        training_stats.report(LOSS_STAT, loss)
 
     parts = {
         'data (uint8 gather + transfer + scale)': data,
@@ -247,8 +248,8 @@ def main(device: Optional[str], batch: Optional[int], sample_batch: Optional[int
     if on_cuda:
         torch.backends.cudnn.benchmark = True
         # Exact mode means true fp32, as EDM's training loop sets it (no TF32 in convolutions or matmuls).
-        torch.backends.cudnn.allow_tf32 = False
-        torch.backends.cuda.matmul.allow_tf32 = False
+        for backend in (torch.backends.cudnn, torch.backends.cuda.matmul):
+            backend.allow_tf32 = False
     results: dict[str, Any] = dict(machine=machine_description(dev), batch=batch, sample_batch=sample_batch,
                                    quick=quick, rows=[])
     rows = results['rows']
