@@ -13,7 +13,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from tests._sampler_nets import golden_network, randomize_
+from tests._sampler_nets import golden_network
+from tests.conftest import randomize_parameters_
 from tests.conftest import run_python
 from training import export
 from training.network_io import NetworkLoadError, load_network
@@ -46,7 +47,7 @@ def make_kind(kind: str) -> torch.nn.Module:
     class_name, kwargs = KINDS[kind]
     torch.manual_seed(0)
     net = getattr(networks, class_name)(img_resolution=8, img_channels=3, **kwargs)
-    return randomize_(net, 7).eval().requires_grad_(False)
+    return randomize_parameters_(net, 7).eval().requires_grad_(False)
 
 
 def forward(net: torch.nn.Module, seed: int = 5, sigma: Any = None) -> torch.Tensor:
@@ -177,7 +178,7 @@ def test_check_prints_a_summary_and_writes_nothing(golden_dir, tmp_path):
 
 
 def test_weights_sibling_is_preferred_and_announced(tmp_path, capsys):
-    pickled, other = make_kind('edm-ddpmpp'), randomize_(make_kind('edm-ddpmpp'), 99)
+    pickled, other = make_kind('edm-ddpmpp'), randomize_parameters_(make_kind('edm-ddpmpp'), 99)
     snapshot = tmp_path / 'network-snapshot-000200.pkl'
     with open(snapshot, 'wb') as f:
         pickle.dump(dict(ema=pickled), f)
@@ -221,7 +222,7 @@ def test_generate_uses_weights_file_and_sibling(tmp_path):
     weights = export.export_weights(net, tmp_path / 'net.weights.pt')
     snapshot = tmp_path / 'net.pkl'
     with open(snapshot, 'wb') as f:
-        pickle.dump(dict(ema=randomize_(make_kind('edm-ncsnpp-pfgmpp'), 3)), f)
+        pickle.dump(dict(ema=randomize_parameters_(make_kind('edm-ncsnpp-pfgmpp'), 3)), f)
     outputs = {}
     for label, network in (('weights', weights), ('sibling', snapshot)):
         out = tmp_path / label
