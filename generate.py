@@ -327,11 +327,14 @@ NON_NEGATIVE = click.FloatRange(min=0)
               help='U-Net precision  [default: as the network was built]')
 @click.option('--channels-last', 'channels_last', is_flag=True,
               help='NHWC memory layout (faster on CPU; results within float32 rounding)')
+@click.option('--compile', 'compile_net', is_flag=True,
+              help='torch.compile the network (pays off for long runs; results within float32 rounding)')
 def main(network_pkl: str, outdir: str, seeds: list[int], subdirs: bool, class_idx: Optional[int],
          max_batch_size: int, pfgmpp: Optional[bool], aug_dim: Optional[int], alpha: Optional[float],
          quantize_bits: Optional[int], quantize_scheme: str, sweep_steps: Optional[list[int]],
          sweep_alpha: Optional[list[float]], sweep_bits: Optional[list[int]], force: bool, grid: Optional[str],
-         device: Optional[str], precision: Optional[str], channels_last: bool, num_steps: Optional[int],
+         device: Optional[str], precision: Optional[str], channels_last: bool, compile_net: bool,
+         num_steps: Optional[int],
          **sampler_kwargs: Any) -> None:
     """Generate images with a trained EDM or PFGM++ network.
 
@@ -381,7 +384,8 @@ def main(network_pkl: str, outdir: str, seeds: list[int], subdirs: bool, class_i
     try:
         _generate(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, pfgmpp, aug_dim, quantize_scheme,
                   force, grid, dev, plan_runs(outdir, num_steps, alpha, quantize_bits, sweep_steps, sweep_alpha,
-                                               sweep_bits), sampler_kwargs, precision=precision, channels_last=channels_last)
+                                               sweep_bits), sampler_kwargs, precision=precision, channels_last=channels_last,
+                  compile_net=compile_net)
     except OSError as err:
         # Network reading reports its own errors; this is a write that failed (disk full, quota, read-only).
         # Files are written under temporary names, so every image already there is complete.
@@ -394,7 +398,7 @@ def main(network_pkl: str, outdir: str, seeds: list[int], subdirs: bool, class_i
 def _generate(network_pkl: str, outdir: str, seeds: list[int], subdirs: bool, class_idx: Optional[int],
               max_batch_size: int, pfgmpp_flag: Optional[bool], aug_dim: Optional[int], quantize_scheme: str,
               force: bool, grid: Optional[str], device: torch.device, runs: list[Run], cli_kwargs: dict,
-              precision: Optional[str] = None, channels_last: bool = False) -> None:
+              precision: Optional[str] = None, channels_last: bool = False, compile_net: bool = False) -> None:
     def check_output_dirs() -> None:
         try:
             dnnlib.util.check_writable_dir(outdir, '--outdir')
@@ -443,12 +447,17 @@ def _generate(network_pkl: str, outdir: str, seeds: list[int], subdirs: bool, cl
     is_url = dnnlib.util.is_url(network_pkl, allow_file_urls=True)
     network_source = network_pkl if is_url else os.path.abspath(network_pkl)
     quantized_cache: dict[int, torch.nn.Module] = {}
+    compiled_net: Optional[torch.nn.Module] = None
     for run in runs:
         run_net = net
         if run.bits is not None:
             if run.bits not in quantized_cache:
-                quantized_cache[run.bits] = quantize.quantize_network(net, run.bits, quantize_scheme)
+                quantized = quantize.quantize_network(net, run.bits, quantize_scheme)
+                # Compile after quantizing: the compiled graph captures the weights it was traced with.
+                quantized_cache[run.bits] = torch.compile(quantized) if compile_net else quantized
             run_net = quantized_cache[run.bits]
+        elif compile_net:
+            run_net = compiled_net = compiled_net or torch.compile(net)
         kwargs = dict(base_kwargs, num_steps=run.num_steps)
         if run.alpha:
             kwargs['noise_injection'] = run.alpha

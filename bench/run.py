@@ -109,17 +109,20 @@ def make_training_step(net: torch.nn.Module, batch: int, device: torch.device, f
     return step
 
 
-def sampling_time_per_image(net: Any, batch: int, device: torch.device, steps: int, repeats: int) -> float:
+def sampling_time_per_image(net: Any, batch: int, device: torch.device, steps: int, repeats: int,
+                            compile_net: bool = False) -> float:
     generator = torch.Generator(device=device).manual_seed(0)
     latents = sample_perturbation([batch, 3, 32, 32], 80.0, D=PFGMPP_D, generator=generator, device=device,
                                   dtype=torch.float64).contiguous(memory_format=network_memory_format(net))
     net.eval()
+    sampler_net = torch.compile(net) if compile_net else net
 
     def run() -> None:
         with torch.no_grad():
-            edm_sampler(net, latents, num_steps=steps, pfgmpp=True)
+            edm_sampler(sampler_net, latents, num_steps=steps, pfgmpp=True)
 
-    return best_time(run, device, repeats, warmup=0 if device.type == 'cpu' else 1) / batch
+    warmup = 1 if device.type == 'cuda' or compile_net else 0  # compile happens in the first call
+    return best_time(run, device, repeats, warmup=warmup) / batch
 
 
 def forward_time_per_image(net: torch.nn.Module, batch: int, device: torch.device, repeats: int,
@@ -261,6 +264,7 @@ def main(device: Optional[str], batch: Optional[int], sample_batch: Optional[int
     compiled = ', compile' if compile_net else ''
     modes = [('ours exact (fp32)', ours, {}, False, False),
              ('ours exact (fp32, channels_last)', ours, {}, True, False),
+             *([('ours exact (fp32, channels_last, compile)', ours, {}, True, True)] if compile_net else []),
              (f'ours fast (bf16, channels_last{compiled})', ours, fast_kwargs, True, compile_net)]
     if on_cuda:
         modes.insert(1, ('ours fp16 (use_fp16)', ours, dict(use_fp16=True), False, False))
@@ -279,7 +283,7 @@ def main(device: Optional[str], batch: Optional[int], sample_batch: Optional[int
         if cls is ref_cls:
             per_image = forward_time_per_image(net, sample_batch, dev, repeats, fast=use_cl) * nfe_target
         else:
-            per_image = sampling_time_per_image(net, sample_batch, dev, steps, max(1, repeats // 2))
+            per_image = sampling_time_per_image(net, sample_batch, dev, steps, max(1, repeats // 2), use_compile)
             per_image *= nfe_target / nfe_measured
         rows.append(dict(mode=label, train_images_per_s=batch / train_s, train_step_s=train_s,
                          train_tflops=flops * batch / train_s / 1e12, sample_s_per_image_35nfe=per_image,

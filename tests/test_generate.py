@@ -6,6 +6,7 @@ import functools
 import http.server
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -347,3 +348,16 @@ def test_speed_options_keep_images_close(nets, tmp_path):
     assert sampling.network_memory_format(net) == torch.contiguous_format
     net.to(memory_format=torch.channels_last)
     assert sampling.network_memory_format(net) == torch.channels_last
+
+
+@pytest.mark.slow
+def test_compile_flag_matches_eager(nets, tmp_path):
+    """--compile runs the sampler through torch.compile; images stay within float32 rounding of eager ones."""
+    if shutil.which('c++') is None and shutil.which('g++') is None:
+        pytest.skip('torch.compile on CPU needs a C++ compiler')
+    base = ['--network', nets['uncond'], '--seeds=0-2', '--steps=3', '--device=cpu', '--batch=3']
+    cli(*base, '--outdir', tmp_path / 'eager')
+    cli(*base, '--outdir', tmp_path / 'compiled', '--compile')
+    eager, compiled = (np.stack([read_png(p) for p in sorted((tmp_path / d).glob('*.png'))]).astype(int)
+                       for d in ('eager', 'compiled'))
+    assert np.abs(compiled - eager).max() <= 1
