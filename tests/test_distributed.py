@@ -2,12 +2,10 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import torch
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, run_torchrun
 from torch_utils import distributed as dist_utils
 
 
@@ -22,11 +20,7 @@ def test_single_process_collectives_are_noops():
 
 def test_two_process_gloo_all_reduce(tmp_path):
     out = tmp_path / 'result.json'
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS='1')
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-           str(REPO_ROOT / 'tests' / '_dist_allreduce.py'), str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_torchrun(REPO_ROOT / 'tests' / '_dist_allreduce.py', [out])
     result = json.loads(out.read_text())
     assert result['world'] == 2
     assert result['total'] == 3.0  # ranks contribute 1 and 2

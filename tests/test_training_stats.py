@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import uuid
 
 import numpy as np
 import pytest
 import torch
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, run_torchrun
 from torch_utils import training_stats
 
 
@@ -86,11 +83,7 @@ def test_reporting_does_not_leave_the_device_and_keeps_float64_moments():
 
 def test_two_ranks_reduce_to_global_moments(tmp_path):
     out = tmp_path / 'stats.json'
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS='1')
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-           str(REPO_ROOT / 'tests' / '_train_stats_worker.py'), str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_torchrun(REPO_ROOT / 'tests' / '_train_stats_worker.py', [out])
     result = json.loads(out.read_text())
     everything = np.concatenate([np.arange(4.0), 10 + np.arange(6.0)])  # rank 0 and rank 1 values
     assert result['rank0']['loss']['num'] == result['rank1']['loss']['num'] == 10
