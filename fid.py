@@ -27,6 +27,7 @@ import scipy.linalg
 import torch
 
 import dnnlib
+import generate
 from torch_utils import distributed as dist
 from training import sampler as sampling
 from training.dataset import DatasetError, ImageFolderDataset
@@ -606,42 +607,6 @@ def ref(dataset_path: str, dest_path: str, batch: int, detector_path: Optional[s
             print(f'Saved dataset reference statistics to "{written}"')
 
 
-def _sampler_options(fn: Callable) -> Callable:
-    """generate.py's sampler flags, with the same names, defaults and meaning."""
-    options = [
-        click.option('--steps', 'num_steps', help='Number of sampling steps', metavar='INT',
-                     type=click.IntRange(min=1), default=18, show_default=True),
-        click.option('--sigma_min', help='Lowest noise level  [default: varies]', metavar='FLOAT',
-                     type=click.FloatRange(min=0, min_open=True)),
-        click.option('--sigma_max', help='Highest noise level  [default: varies]', metavar='FLOAT',
-                     type=click.FloatRange(min=0, min_open=True)),
-        click.option('--rho', help='Time step exponent', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True),
-                     default=7, show_default=True),
-        click.option('--S_churn', 'S_churn', help='Stochasticity strength', metavar='FLOAT',
-                     type=click.FloatRange(min=0), default=0, show_default=True),
-        click.option('--S_min', 'S_min', help='Stoch. min noise level', metavar='FLOAT', type=click.FloatRange(min=0),
-                     default=0, show_default=True),
-        click.option('--S_max', 'S_max', help='Stoch. max noise level', metavar='FLOAT', type=click.FloatRange(min=0),
-                     default='inf', show_default=True),
-        click.option('--S_noise', 'S_noise', help='Stoch. noise inflation', metavar='FLOAT', type=float, default=1,
-                     show_default=True),
-        click.option('--solver', help='Ablate ODE solver', metavar='euler|heun', type=click.Choice(sampling.SOLVERS)),
-        click.option('--disc', 'discretization', help='Ablate time step discretization {t_i}',
-                     metavar='vp|ve|iddpm|edm', type=click.Choice(sampling.DISCRETIZATIONS)),
-        click.option('--schedule', help='Ablate noise schedule sigma(t)', metavar='vp|ve|linear',
-                     type=click.Choice(sampling.SCHEDULES)),
-        click.option('--scaling', help='Ablate signal scaling s(t)', metavar='vp|none',
-                     type=click.Choice(sampling.SCALINGS)),
-        click.option('--pfgmpp', help='PFGM++ network  [default: from the network]', metavar='BOOL', type=bool,
-                     default=None),
-        click.option('--aug_dim', help='PFGM++ augmented dimensions D  [default: from the network]', metavar='INT',
-                     type=click.IntRange(min=1), default=None),
-    ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
-
-
 def _repeated_seed_ranges(seeds: list[int], repeat: int, limit: int) -> list[list[int]]:
     """--repeat=K: the seeds, then the same pattern shifted past them K-1 times (0-49999, 50000-99999, ...)."""
     span = max(seeds) - min(seeds) + 1
@@ -662,7 +627,7 @@ def _repeated_seed_ranges(seeds: list[int], repeat: int, limit: int) -> list[lis
               type=click.IntRange(min=0), default=None)
 @click.option('--batch', 'max_batch_size', help='Maximum batch size', metavar='INT', type=click.IntRange(min=1),
               default=64, show_default=True)
-@_sampler_options
+@generate.sampler_options
 @_report_options
 @_detector_options
 def gen(network_pkl: str, ref_path: Optional[str], seeds: str, class_idx: Optional[int], max_batch_size: int,
@@ -674,7 +639,6 @@ def gen(network_pkl: str, ref_path: Optional[str], seeds: str, class_idx: Option
     images, same uint8 quantization). With --repeat=K the seed list is shifted past itself K-1 times and the
     minimum FID is reported last, the protocol of the EDM and PFGM++ papers.
     """
-    import generate  # imported here: calc and ref do not need the generation stack
     from training.network_io import NetworkLoadError, load_network
 
     if ref_path is None and stats_path is None:
@@ -684,10 +648,7 @@ def gen(network_pkl: str, ref_path: Optional[str], seeds: str, class_idx: Option
     except click.BadParameter as err:
         err.param_hint = '--seeds'
         raise
-    if sampler_kwargs['sigma_min'] is not None and sampler_kwargs['sigma_max'] is not None \
-            and not sampler_kwargs['sigma_min'] < sampler_kwargs['sigma_max']:
-        raise click.BadParameter(f'--sigma_min={sampler_kwargs["sigma_min"]} must be below '
-                                 f'--sigma_max={sampler_kwargs["sigma_max"]}', param_hint='--sigma_min')
+    generate.check_noise_range(sampler_kwargs)
     seed_ranges = _repeated_seed_ranges(sorted(seed_list), repeat, limit=generate.SEED_LIMIT)
     check_output_file(stats_path, '--save-stats')
     check_output_file(jsonl_path, '--jsonl')

@@ -261,6 +261,55 @@ def network_evaluations(num_steps: int, sampler_kwargs: dict) -> int:
 POSITIVE = click.FloatRange(min=0, min_open=True)
 NON_NEGATIVE = click.FloatRange(min=0)
 
+#: The sampler flags (EDM sampler, ablation sampler, PFGM++ restatements), shared with ``fid.py gen``.
+SAMPLER_OPTIONS = [
+    # EDM sampler.
+    click.option('--steps', 'num_steps', type=click.IntRange(min=1), default=None, metavar='INT',
+                 help=f'Sampler steps; Heun costs 2*steps-1 network calls  [default: {DEFAULT_STEPS}]'),
+    click.option('--sigma_min', type=POSITIVE, default=None, metavar='FLOAT',
+                 help='Smallest noise level  [default: 0.002, or per --disc]'),
+    click.option('--sigma_max', type=POSITIVE, default=None, metavar='FLOAT',
+                 help='Largest noise level  [default: 80, or per --disc]'),
+    click.option('--rho', type=POSITIVE, default=7, show_default=True, metavar='FLOAT',
+                 help='Exponent that spaces the noise levels'),
+    click.option('--S_churn', 'S_churn', type=NON_NEGATIVE, default=0, show_default=True, metavar='FLOAT',
+                 help='Churn: how much noise the stochastic sampler re-adds'),
+    click.option('--S_min', 'S_min', type=NON_NEGATIVE, default=0, show_default=True, metavar='FLOAT',
+                 help='Churn only at noise levels from here ...'),
+    click.option('--S_max', 'S_max', type=NON_NEGATIVE, default='inf', show_default=True, metavar='FLOAT',
+                 help='... up to here'),
+    click.option('--S_noise', 'S_noise', type=float, default=1, show_default=True, metavar='FLOAT',
+                 help='Scale of the re-added noise'),
+    # EDM's generalised (ablation) sampler: any of these selects it.
+    click.option('--solver', type=click.Choice(sampling.SOLVERS), default=None, metavar='euler|heun',
+                 help='Ablation: ODE solver'),
+    click.option('--disc', 'discretization', type=click.Choice(sampling.DISCRETIZATIONS), default=None,
+                 metavar='vp|ve|iddpm|edm', help='Ablation: how the noise levels are spaced'),
+    click.option('--schedule', type=click.Choice(sampling.SCHEDULES), default=None, metavar='vp|ve|linear',
+                 help='Ablation: noise schedule sigma(t)'),
+    click.option('--scaling', type=click.Choice(sampling.SCALINGS), default=None, metavar='vp|none',
+                 help='Ablation: signal scaling s(t)'),
+    # PFGM++ (normally read from the network).
+    click.option('--pfgmpp', type=bool, default=None, metavar='BOOL',
+                 help='Restate that the network is PFGM++ (an error if the network says otherwise)'),
+    click.option('--aug_dim', type=click.IntRange(min=1), default=None, metavar='INT',
+                 help='Restate its augmented dimensions D (an error if the network says otherwise)'),
+]
+
+
+def sampler_options(fn: Callable) -> Callable:
+    """Decorator adding :data:`SAMPLER_OPTIONS` to a click command."""
+    for option in reversed(SAMPLER_OPTIONS):
+        fn = option(fn)
+    return fn
+
+
+def check_noise_range(sampler_kwargs: dict) -> None:
+    """--sigma_min must lie below --sigma_max when both are given."""
+    lo, hi = sampler_kwargs.get('sigma_min'), sampler_kwargs.get('sigma_max')
+    if lo is not None and hi is not None and not lo < hi:
+        raise click.BadParameter(f'--sigma_min={lo} must be below --sigma_max={hi}', param_hint='--sigma_min')
+
 
 @click.command(context_settings=dict(max_content_width=120))
 # What to sample from and where the images go.
@@ -274,37 +323,7 @@ NON_NEGATIVE = click.FloatRange(min=0)
               help='Fix the class label of a conditional network  [default: drawn per seed]')
 @click.option('--batch', 'max_batch_size', type=click.IntRange(min=1), default=64, show_default=True, metavar='INT',
               help='Images sampled together (per process)')
-# EDM sampler.
-@click.option('--steps', 'num_steps', type=click.IntRange(min=1), default=None, metavar='INT',
-              help=f'Sampler steps; Heun costs 2*steps-1 network calls  [default: {DEFAULT_STEPS}]')
-@click.option('--sigma_min', type=POSITIVE, default=None, metavar='FLOAT',
-              help='Smallest noise level  [default: 0.002, or per --disc]')
-@click.option('--sigma_max', type=POSITIVE, default=None, metavar='FLOAT',
-              help='Largest noise level  [default: 80, or per --disc]')
-@click.option('--rho', type=POSITIVE, default=7, show_default=True, metavar='FLOAT',
-              help='Exponent that spaces the noise levels')
-@click.option('--S_churn', 'S_churn', type=NON_NEGATIVE, default=0, show_default=True, metavar='FLOAT',
-              help='Churn: how much noise the stochastic sampler re-adds')
-@click.option('--S_min', 'S_min', type=NON_NEGATIVE, default=0, show_default=True, metavar='FLOAT',
-              help='Churn only at noise levels from here ...')
-@click.option('--S_max', 'S_max', type=NON_NEGATIVE, default='inf', show_default=True, metavar='FLOAT',
-              help='... up to here')
-@click.option('--S_noise', 'S_noise', type=float, default=1, show_default=True, metavar='FLOAT',
-              help='Scale of the re-added noise')
-# EDM's generalised (ablation) sampler: any of these selects it.
-@click.option('--solver', type=click.Choice(sampling.SOLVERS), default=None, metavar='euler|heun',
-              help='Ablation: ODE solver')
-@click.option('--disc', 'discretization', type=click.Choice(sampling.DISCRETIZATIONS), default=None,
-              metavar='vp|ve|iddpm|edm', help='Ablation: how the noise levels are spaced')
-@click.option('--schedule', type=click.Choice(sampling.SCHEDULES), default=None, metavar='vp|ve|linear',
-              help='Ablation: noise schedule sigma(t)')
-@click.option('--scaling', type=click.Choice(sampling.SCALINGS), default=None, metavar='vp|none',
-              help='Ablation: signal scaling s(t)')
-# PFGM++ (normally read from the network).
-@click.option('--pfgmpp', type=bool, default=None, metavar='BOOL',
-              help='Restate that the network is PFGM++ (an error if the network says otherwise)')
-@click.option('--aug_dim', type=click.IntRange(min=1), default=None, metavar='INT',
-              help='Restate its augmented dimensions D (an error if the network says otherwise)')
+@sampler_options
 # Robustness studies of the PFGM++ paper.
 @click.option('--alpha', type=NON_NEGATIVE, default=None, metavar='FLOAT',
               help='Inject noise: x += alpha*t_i*randn before every step  [default: 0]')
@@ -370,10 +389,7 @@ def main(network_pkl: str, outdir: str, seeds: list[int], subdirs: bool, class_i
             quantize.check_bits(bits, quantize_scheme)
         except ValueError as err:
             raise click.BadParameter(str(err), param_hint='--sweep-bits' if sweep_bits else '--quantize-bits')
-    if sampler_kwargs['sigma_min'] is not None and sampler_kwargs['sigma_max'] is not None \
-            and not sampler_kwargs['sigma_min'] < sampler_kwargs['sigma_max']:
-        raise click.BadParameter(f'--sigma_min={sampler_kwargs["sigma_min"]} must be below '
-                                 f'--sigma_max={sampler_kwargs["sigma_max"]}', param_hint='--sigma_min')
+    check_noise_range(sampler_kwargs)
     if device is not None and not (device == 'cpu' or device.startswith('cuda')):
         raise click.BadParameter(f'{device!r}: expected cpu or cuda', param_hint='--device')
 
