@@ -408,8 +408,10 @@ def training_loop(
         forward_net = torch.compile(forward_net)
     loss_generator = torch.Generator(device=device)
     augment = functools.partial(augment_pipe, generator=loss_generator) if augment_pipe is not None else None
-    params = [p for p in net.parameters()]
-    ema_params = [p for p in ema.parameters()]
+    params = list(net.parameters())
+    # Detached views share storage with the live parameters, so they are made once rather than every step.
+    params_data = [p.detach() for p in params]
+    ema_params = list(ema.parameters())
     base_lr = optimizer_kwargs['lr']
 
     stop = stop if stop is not None else StopRequest()
@@ -453,8 +455,7 @@ def training_loop(
 
             ema_beta = ema_decay(cur_nimg, batch_size, ema_halflife_kimg, ema_rampup_ratio)
             with torch.no_grad():
-                torch._foreach_copy_(ema_params, torch._foreach_lerp([p.detach() for p in params], ema_params,
-                                                                     ema_beta))
+                torch._foreach_copy_(ema_params, torch._foreach_lerp(params_data, ema_params, ema_beta))
 
             cur_nimg += batch_size
             data_position += stream_per_step
