@@ -29,6 +29,7 @@ import torch
 import dnnlib
 import generate
 from torch_utils import distributed as dist
+from torch_utils import host_memory
 from training import sampler as sampling
 from training.dataset import DatasetError, ImageFolderDataset
 
@@ -476,6 +477,7 @@ def main() -> None:
 @contextlib.contextmanager
 def _session(device: Optional[str]) -> Iterator[torch.device]:
     """Join torchrun's process group (if any) for one command, and leave it afterwards."""
+    host_memory.retain_freed_host_memory()
     try:
         device_obj = dist.init(device)
     except RuntimeError as err:

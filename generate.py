@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 import dnnlib
 from torch_utils import distributed as dist
+from torch_utils import host_memory
 from training import pfgmpp as pfgmpp_lib
 from training import quantize
 from training import sampler as sampling
@@ -393,6 +394,7 @@ def main(network_pkl: str, outdir: str, seeds: list[int], subdirs: bool, class_i
     if device is not None and not (device == 'cpu' or device.startswith('cuda')):
         raise click.BadParameter(f'{device!r}: expected cpu or cuda', param_hint='--device')
 
+    host_memory.retain_freed_host_memory()
     try:
         dev = dist.init(device)
     except RuntimeError as err:

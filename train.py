@@ -336,8 +336,10 @@ def main(**kwargs: Any) -> None:
     _check_options(opts)
 
     from torch_utils import distributed as dist
+    from torch_utils import host_memory
     from training import training_loop
 
+    host_memory.retain_freed_host_memory()
     try:
         device = dist.init(opts.device)
     except RuntimeError as err:

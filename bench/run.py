@@ -9,6 +9,8 @@ The reference is NVIDIA's original ``EDMPrecond`` built from the source embedded
 same configuration: the standard CIFAR-10 DDPM++ (cbase 128, cres 2,2,2, 4 blocks, attention at 16, augment_dim 9,
 dropout 0.13; 55.7M parameters) trained with EDMLoss and PFGM++ D=128 and Adam. Reference sampling is timed as the
 reference network's forward pass times the NFE (the reference sampler adds nothing measurable on top of the network).
+The reference runs with glibc's default allocator settings, as it ships; our modes run with the host-memory setting
+our CLIs apply (``torch_utils.host_memory``), and one extra reference row shows the reference with that setting too.
 Prints a table and writes JSON with the machine description. No figure here is asserted anywhere.
 """
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import multiprocessing
 import os
 import pickle
 import platform
@@ -31,7 +34,7 @@ from training.augment import AugmentPipe
 from training.loss import EDMLoss
 from training.pfgmpp import sample_perturbation
 from training.sampler import edm_sampler, network_memory_format
-from torch_utils import training_stats
+from torch_utils import host_memory, training_stats
 from training.training_loop import LOSS_STAT
 
 GOLDEN_DIR = Path(os.environ.get('PFGMPP_GOLDEN', Path(__file__).resolve().parents[2] / 'shared' / 'golden'))
@@ -112,24 +115,30 @@ def make_training_step(net: torch.nn.Module, batch: int, device: torch.device, f
     return step
 
 
-def sampling_time_per_image(net: Any, batch: int, device: torch.device, steps: int, repeats: int,
-                            compile_net: bool = False) -> float:
+def make_sampling_run(net: Any, batch: int, device: torch.device, steps: int, compile_net: bool,
+                      stack: contextlib.ExitStack) -> Callable[[], None]:
+    """A closure sampling one batch with ``steps`` EDM/PFGM++ steps, as generate.py does.
+
+    The oneDNN weight packing that sample_batch does once per batch happens here once, in ``stack`` (outside the
+    timed calls): one reorder of the weights per batch of 35 evaluations is ~0.2% of the batch.
+    """
     generator = torch.Generator(device=device).manual_seed(0)
     latents = sample_perturbation([batch, 3, 32, 32], 80.0, D=PFGMPP_D, generator=generator, device=device,
                                   dtype=torch.float64).contiguous(memory_format=network_memory_format(net))
     net.eval()
     sampler_net = torch.compile(net) if compile_net else net
+    if not compile_net:
+        stack.enter_context(networks.prepacked_convolutions(net))
 
     def run() -> None:
         with torch.no_grad():
             edm_sampler(sampler_net, latents, num_steps=steps, pfgmpp=True)
 
-    warmup = 1 if device.type == 'cuda' or compile_net else 0  # compile happens in the first call
-    return best_time(run, device, repeats, warmup=warmup) / batch
+    return run
 
 
-def forward_time_per_image(net: torch.nn.Module, batch: int, device: torch.device, repeats: int,
-                           fast: bool = False) -> float:
+def make_forward_run(net: torch.nn.Module, batch: int, device: torch.device, fast: bool = False) -> Callable[[], None]:
+    """A closure doing one no-grad forward pass of ``batch`` images (the reference's sampling cost per NFE)."""
     generator = torch.Generator(device=device).manual_seed(0)
     x = torch.randn([batch, 3, 32, 32], generator=generator, device=device) * 10
     if fast:
@@ -141,7 +150,108 @@ def forward_time_per_image(net: torch.nn.Module, batch: int, device: torch.devic
         with torch.no_grad():
             net(x, sigma)
 
-    return best_time(run, device, repeats) / batch
+    return run
+
+
+class _ModeRunner:
+    """One benchmark mode inside a worker: a network being trained and a separate copy for sampling.
+
+    Separate copies, because training changes the weights in place and sampling would then repack them every time.
+    """
+
+    def __init__(self, spec: dict, settings: dict, device: torch.device, stack: contextlib.ExitStack):
+        reference = spec['impl'] == 'reference'
+        cls = reference_class() if reference else networks.EDMPrecond
+        use_cl, use_compile = spec['channels_last'], spec['compile']
+        self.device, self.settings, self.reference = device, settings, reference
+        train_net = build(cls, device, use_cl, **spec['extra'])
+        self.train = make_training_step(train_net, settings['batch'], device, use_cl, use_compile,
+                                        fused_adam=not reference)
+        sample_net = build(cls, device, use_cl, **spec['extra'])
+        if reference:  # the reference's sampler adds nothing measurable to its network evaluations
+            self.sample = make_forward_run(sample_net, settings['sample_batch'], device, fast=use_cl)
+        else:
+            self.sample = make_sampling_run(sample_net, settings['sample_batch'], device, settings['steps'],
+                                            use_compile, stack)
+        self.measure()  # warm-up: compilation, oneDNN primitive creation, allocator
+
+    def _timed(self, fn: Callable[[], None]) -> float:
+        _sync(self.device)
+        start = time.perf_counter()
+        fn()
+        _sync(self.device)
+        return time.perf_counter() - start
+
+    def measure(self) -> tuple[float, float]:
+        """(seconds per training step, seconds per image of 35-NFE sampling)."""
+        train_s = self._timed(self.train)
+        sample_s = self._timed(self.sample)
+        nfe_target, nfe_measured = self.settings['nfe_target'], self.settings['nfe_measured']
+        per_call_nfe = 1 if self.reference else nfe_measured
+        return train_s, sample_s * nfe_target / per_call_nfe / self.settings['sample_batch']
+
+
+def _configure_backends(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.backends.cudnn.benchmark = True
+        # Exact mode means true fp32, as EDM's training loop sets it (no TF32 in convolutions or matmuls).
+        for backend in (torch.backends.cudnn, torch.backends.cuda.matmul):
+            backend.allow_tf32 = False
+
+
+def _measure_worker(conn: Any, specs: list[dict], settings: dict, tuned_allocator: bool) -> None:
+    """Worker process: build every mode of one allocator setting, then time one round per request."""
+    if tuned_allocator:
+        host_memory.retain_freed_host_memory()
+    device = torch.device(settings['device'])
+    _configure_backends(device)
+    try:
+        with contextlib.ExitStack() as stack:
+            runners = [_ModeRunner(spec, settings, device, stack) for spec in specs]
+            conn.send('ready')
+            while conn.recv() == 'measure':
+                conn.send([runner.measure() for runner in runners])
+    except Exception as err:  # the parent reports it; a traceback from a spawned child is easy to miss
+        conn.send(f'{type(err).__name__}: {err}')
+        raise
+
+
+def measure_modes(specs: list[dict], settings: dict, rounds: int) -> list[tuple[float, float]]:
+    """Best (train step s, sampling s/image) of ``rounds`` per mode, measured in alternating worker processes.
+
+    glibc's allocator setting cannot be undone inside a process, so the modes without it (the reference as it ships)
+    and those with it live in two processes; each round times every mode of one process, then of the other, so slow
+    drifts of a shared machine hit both groups alike. Only one process works at a time.
+    """
+    context = multiprocessing.get_context('spawn')
+    groups = [(tuned, [i for i, spec in enumerate(specs) if spec['tuned_allocator'] == tuned]) for tuned in (False, True)]
+    workers = []
+    try:
+        for tuned, indices in groups:
+            if not indices:
+                continue
+            parent, child = context.Pipe()
+            process = context.Process(target=_measure_worker, args=(child, [specs[i] for i in indices], settings, tuned))
+            process.start()
+            reply = parent.recv()
+            if reply != 'ready':
+                raise RuntimeError(f'benchmark worker failed while building its modes: {reply}')
+            workers.append((parent, process, indices))
+        samples: list[list[tuple[float, float]]] = [[] for _ in specs]
+        for _ in range(rounds):
+            for parent, _process, indices in workers:
+                parent.send('measure')
+                reply = parent.recv()
+                if isinstance(reply, str):
+                    raise RuntimeError(f'benchmark worker failed: {reply}')
+                for index, figures in zip(indices, reply):
+                    samples[index].append(figures)
+    finally:
+        for parent, process, _indices in workers:
+            with contextlib.suppress(OSError):
+                parent.send('stop')
+            process.join()
+    return [(min(t for t, _ in runs), min(s for _, s in runs)) for runs in samples]
 
 
 def loop_overheads(net: torch.nn.Module, batch: int, device: torch.device, repeats: int) -> dict[str, float]:
@@ -251,51 +361,51 @@ def main(device: Optional[str], batch: Optional[int], sample_batch: Optional[int
     repeats = repeats or (2 if quick else (10 if on_cuda else 4))
     steps = 3 if quick else SAMPLING_STEPS
     nfe_measured, nfe_target = 2 * steps - 1, 2 * SAMPLING_STEPS - 1
-    if on_cuda:
-        torch.backends.cudnn.benchmark = True
-        # Exact mode means true fp32, as EDM's training loop sets it (no TF32 in convolutions or matmuls).
-        for backend in (torch.backends.cudnn, torch.backends.cuda.matmul):
-            backend.allow_tf32 = False
+    _configure_backends(dev)
     results: dict[str, Any] = dict(machine=machine_description(dev), batch=batch, sample_batch=sample_batch,
-                                   quick=quick, rows=[])
+                                   quick=quick, rounds=repeats, rows=[])
     rows = results['rows']
 
-    # Precision modes: "exact" is plain fp32; "fast" runs the U-Net in bf16 with channels_last.
-    # Each mode: (label, network class, extra constructor kwargs, channels_last, torch.compile).
-    ours = networks.EDMPrecond
+    # "exact" is plain fp32; "fast" runs the U-Net in bf16 with channels_last. Our modes run with the host-memory
+    # setting our CLIs apply; the reference runs as it ships, plus once with that setting for comparison.
+    def mode(label: str, impl: str, extra: Optional[dict] = None, channels_last: bool = False,
+             use_compile: bool = False, tuned: bool = True) -> dict:
+        return dict(label=label, impl=impl, extra=extra or {}, channels_last=channels_last, compile=use_compile,
+                    tuned_allocator=tuned)
     fast_kwargs = dict(use_bf16=True, reduced_precision_on_cpu=True)
     compiled = ', compile' if compile_net else ''
-    modes = [('ours exact (fp32)', ours, {}, False, False),
-             ('ours exact (fp32, channels_last)', ours, {}, True, False),
-             *([('ours exact (fp32, channels_last, compile)', ours, {}, True, True)] if compile_net else []),
-             (f'ours fast (bf16, channels_last{compiled})', ours, fast_kwargs, True, compile_net)]
+    specs = [mode('ours exact (fp32)', 'ours'),
+             mode('ours exact (fp32, channels_last)', 'ours', channels_last=True),
+             *([mode('ours exact (fp32, channels_last, compile)', 'ours', channels_last=True, use_compile=True)]
+               if compile_net else []),
+             mode(f'ours fast (bf16, channels_last{compiled})', 'ours', fast_kwargs, True, compile_net)]
     if on_cuda:
-        modes.insert(1, ('ours fp16 (use_fp16)', ours, dict(use_fp16=True), False, False))
-        modes.insert(2, ('ours bf16', ours, dict(use_bf16=True), False, False))
-    ref_cls = None if no_reference else reference_class()
-    if ref_cls is not None:
-        second = ('reference fp16 (use_fp16)', ref_cls, dict(use_fp16=True), False, False) if on_cuda else \
-            ('reference fp32 channels_last', ref_cls, {}, True, False)
-        modes = [('reference fp32', ref_cls, {}, False, False), second] + modes
+        specs[1:1] = [mode('ours fp16 (use_fp16)', 'ours', dict(use_fp16=True)),
+                      mode('ours bf16', 'ours', dict(use_bf16=True))]
+    has_reference = not no_reference and reference_class() is not None
+    if has_reference:
+        if on_cuda:
+            extra_refs = [mode('reference fp16 (use_fp16)', 'reference', dict(use_fp16=True), tuned=False)]
+        else:
+            extra_refs = [mode('reference fp32 channels_last', 'reference', channels_last=True, tuned=False),
+                          mode('reference fp32 channels_last, our allocator', 'reference', channels_last=True)]
+        specs = [mode('reference fp32', 'reference', tuned=False)] + extra_refs + specs
     flops = training_flops_per_image(dev)
     results['train_flops_per_image'] = flops
 
-    for label, cls, extra, use_cl, use_compile in modes:
-        net = build(cls, dev, use_cl, **extra)
-        step = make_training_step(net, batch, dev, use_cl, use_compile, fused_adam=cls is not ref_cls)
-        train_s = best_time(step, dev, repeats)
-        if cls is ref_cls:
-            per_image = forward_time_per_image(net, sample_batch, dev, repeats, fast=use_cl) * nfe_target
-        else:
-            per_image = sampling_time_per_image(net, sample_batch, dev, steps, max(1, repeats // 2), use_compile)
-            per_image *= nfe_target / nfe_measured
-        rows.append(dict(mode=label, train_images_per_s=batch / train_s, train_step_s=train_s,
-                         train_tflops=flops * batch / train_s / 1e12, sample_s_per_image_35nfe=per_image,
-                         sample_images_per_s=1 / per_image, generate_50k_s=50000 * per_image))
-        print(f'{label:<40} train {batch / train_s:9.2f} img/s   sample(35 NFE) {1 / per_image:9.3f} img/s',
+    settings = dict(device=str(dev), batch=batch, sample_batch=sample_batch, steps=steps, nfe_measured=nfe_measured,
+                    nfe_target=nfe_target)
+    print(f'Building {len(specs)} modes in worker processes, then {repeats} alternating rounds...', flush=True)
+    for spec, (train_s, per_image) in zip(specs, measure_modes(specs, settings, repeats)):
+        label = spec['label']
+        rows.append(dict(mode=label, tuned_host_allocator=spec['tuned_allocator'], train_images_per_s=batch / train_s,
+                         train_step_s=train_s, train_tflops=flops * batch / train_s / 1e12,
+                         sample_s_per_image_35nfe=per_image, sample_images_per_s=1 / per_image,
+                         generate_50k_s=50000 * per_image))
+        print(f'{label:<46} train {batch / train_s:9.2f} img/s   sample(35 NFE) {1 / per_image:9.3f} img/s',
               flush=True)
-        del net
 
+    host_memory.retain_freed_host_memory()  # what follows measures our own loop
     # Overheads relative to the exact training step.
     exact = rows[[r['mode'] for r in rows].index('ours exact (fp32)')]
     net = build(networks.EDMPrecond, dev, False)
@@ -305,12 +415,12 @@ def main(device: Optional[str], batch: Optional[int], sample_batch: Optional[int
     feats = fid_features_per_second(dev, 256 if on_cuda else 64, repeats * 2)
     results['fid_standin_features_per_s'] = feats
 
-    ref = rows[0] if ref_cls is not None else None
+    ref = rows[0] if has_reference else None
     print('\n' + '=' * 96)
     print(f'Machine: {results["machine"].get("gpu") or results["machine"]["cpu"]} | torch {torch.__version__} | '
           f'{torch.get_num_threads()} threads | train batch {batch} | sample batch {sample_batch}'
           + (f' | sampling measured over {nfe_measured} NFE, scaled to 35' if steps != SAMPLING_STEPS else ''))
-    header = (f'{"mode":<42}{"train img/s":>12}{"TFLOP/s":>9}{"vs ref":>8}{"35-NFE img/s":>14}{"50k gen":>10}'
+    header = (f'{"mode":<46}{"train img/s":>12}{"TFLOP/s":>9}{"vs ref":>8}{"35-NFE img/s":>14}{"50k gen":>10}'
               f'{"vs ref":>8}')
     print(header)
     print('-' * len(header))
@@ -319,7 +429,7 @@ def main(device: Optional[str], batch: Optional[int], sample_batch: Optional[int
         s_ratio = f'{r["sample_images_per_s"] / ref["sample_images_per_s"]:.2f}x' if ref else '-'
         r['train_speedup_vs_reference'] = r['train_images_per_s'] / ref['train_images_per_s'] if ref else None
         r['sample_speedup_vs_reference'] = r['sample_images_per_s'] / ref['sample_images_per_s'] if ref else None
-        print(f'{r["mode"]:<42}{r["train_images_per_s"]:>12.2f}{r["train_tflops"]:>9.3f}{t_ratio:>8}'
+        print(f'{r["mode"]:<46}{r["train_images_per_s"]:>12.2f}{r["train_tflops"]:>9.3f}{t_ratio:>8}'
               f'{r["sample_images_per_s"]:>14.3f}{format_duration(r["generate_50k_s"]):>10}{s_ratio:>8}')
     print(f'Training FLOPs per image (forward + backward, counted): {flops / 1e9:.1f} GFLOP')
     print('\nTraining-loop work outside the network, per step (batch %d):' % batch)

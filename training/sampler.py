@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterator, Optional, Protocol, Sequence, Union
 
 import torch
 
+from training import networks
 from training import pfgmpp as pfgmpp_lib
 
 # ----------------------------------------------------------------------------
@@ -526,7 +527,7 @@ def sample_batch(net: Denoiser, seeds: Sequence[int], device: Union[str, torch.d
     # The layout carries through the sampler's elementwise updates into every network call (channels_last nets).
     latents = latents.contiguous(memory_format=memory_format or network_memory_format(net))
     labels = draw_class_labels(net, rnd, class_idx)
-    with torch.no_grad():
+    with torch.no_grad(), networks.prepacked_convolutions(getattr(net, '_net', net)):
         if ablation:
             return ablation_sampler(net, latents, labels, randn_like=rnd.randn_like, **kwargs)
         return edm_sampler(net, latents, labels, randn_like=rnd.randn_like, pfgmpp=pfgmpp, **kwargs)
