@@ -221,7 +221,8 @@ def build_config(opts: dnnlib.EasyDict, world: int) -> tuple[dnnlib.EasyDict, st
     precision = _precision(opts)
     c.network_kwargs.update(dropout=opts.dropout, use_fp16=precision == 'fp16')
     if precision == 'bf16':
-        c.network_kwargs.use_bf16 = True
+        # bf16 also on CPU (native bf16 dot products on recent x86); fp16 stays CUDA-only, as the original's --fp16.
+        c.network_kwargs.update(use_bf16=True, reduced_precision_on_cpu=True)
 
     c.total_kimg = opts.duration * 1000
     c.lr_rampup_kimg = opts.lr_rampup

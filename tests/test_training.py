@@ -59,6 +59,33 @@ def _assert_modules_equal(a: torch.nn.Module, b: torch.nn.Module, atol: float = 
 
 
 # ----------------------------------------------------------------------------
+# Fast mode (bf16 + channels_last on CPU) against exact mode.
+
+FAST_CURVE_ARGS = dict(batch=8, duration=48 * 8 / 1e6, tick=8 * 8 / 1e3, lr_rampup=0, lr=0.002, dropout=0, augment=0,
+                       snap=100, dump=100)  # 48 steps, a loss mean every 8; no dropout: only the arithmetic differs
+
+
+def _tick_losses(run: Path) -> list[float]:
+    return [json.loads(line)['Loss/loss']['mean'] for line in (run / 'stats.jsonl').read_text().splitlines()]
+
+
+def test_fast_mode_loss_curve_tracks_exact_mode(data_zip: Path, tmp_path: Path):
+    curves = {}
+    for name, extra in (('exact', {}), ('fast', dict(precision='bf16', channels_last=1))):
+        _train(tiny_train_args(data_zip, tmp_path / name, **FAST_CURVE_ARGS, **extra))
+        run = _only('0*', tmp_path / name)
+        curves[name] = _tick_losses(run)
+        if name == 'fast':
+            net = pickle.load(open(_only('network-snapshot-*.pkl', run), 'rb'))['ema']
+            assert net.use_bf16 and net.reduced_precision_on_cpu  # --precision=bf16 really ran bf16 on the CPU
+    exact, fast = curves['exact'], curves['fast']
+    assert len(exact) == len(fast) == 6
+    assert exact[-1] < 0.8 * exact[0]  # the run learns, so the comparison means something
+    for step, (a, b) in enumerate(zip(exact, fast)):
+        assert abs(a - b) <= 0.05 * a, f'tick {step}: exact {a:.4f} vs bf16 {b:.4f}'
+
+
+# ----------------------------------------------------------------------------
 # Two processes.
 
 DDP_ARGS = dict(batch=8, batch_gpu=2, duration=4 * 8 / 1e6, tick=2 * 8 / 1e3, lr_rampup=0)  # 4 steps, 2 rounds each
