@@ -137,8 +137,9 @@ def make_sampling_run(net: Any, batch: int, device: torch.device, steps: int, co
     return run
 
 
-def make_forward_run(net: torch.nn.Module, batch: int, device: torch.device, fast: bool = False) -> Callable[[], None]:
-    """A closure doing one no-grad forward pass of ``batch`` images (the reference's sampling cost per NFE)."""
+def make_forward_run(net: torch.nn.Module, batch: int, device: torch.device, fast: bool = False,
+                     count: int = 1) -> Callable[[], None]:
+    """A closure doing ``count`` no-grad forward passes of ``batch`` images (the reference's sampling cost)."""
     generator = torch.Generator(device=device).manual_seed(0)
     x = torch.randn([batch, 3, 32, 32], generator=generator, device=device) * 10
     if fast:
@@ -148,7 +149,8 @@ def make_forward_run(net: torch.nn.Module, batch: int, device: torch.device, fas
 
     def run() -> None:
         with torch.no_grad():
-            net(x, sigma)
+            for _ in range(count):
+                net(x, sigma)
 
     return run
 
@@ -163,13 +165,15 @@ class _ModeRunner:
         reference = spec['impl'] == 'reference'
         cls = reference_class() if reference else networks.EDMPrecond
         use_cl, use_compile = spec['channels_last'], spec['compile']
-        self.device, self.settings, self.reference = device, settings, reference
+        self.device, self.settings = device, settings
         train_net = build(cls, device, use_cl, **spec['extra'])
         self.train = make_training_step(train_net, settings['batch'], device, use_cl, use_compile,
                                         fused_adam=not reference)
         sample_net = build(cls, device, use_cl, **spec['extra'])
         if reference:  # the reference's sampler adds nothing measurable to its network evaluations
-            self.sample = make_forward_run(sample_net, settings['sample_batch'], device, fast=use_cl)
+            # As many evaluations per timed call as our sampler makes, so that both are timed over equal spans.
+            self.sample = make_forward_run(sample_net, settings['sample_batch'], device, fast=use_cl,
+                                           count=settings['nfe_measured'])
         else:
             self.sample = make_sampling_run(sample_net, settings['sample_batch'], device, settings['steps'],
                                             use_compile, stack)
@@ -187,8 +191,7 @@ class _ModeRunner:
         train_s = self._timed(self.train)
         sample_s = self._timed(self.sample)
         nfe_target, nfe_measured = self.settings['nfe_target'], self.settings['nfe_measured']
-        per_call_nfe = 1 if self.reference else nfe_measured
-        return train_s, sample_s * nfe_target / per_call_nfe / self.settings['sample_batch']
+        return train_s, sample_s * nfe_target / nfe_measured / self.settings['sample_batch']
 
 
 def _configure_backends(device: torch.device) -> None:
