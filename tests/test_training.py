@@ -1,6 +1,6 @@
 """train.py and training/training_loop.py end to end on CPU: tiny networks on 8x8 images, a few steps each.
 
-Covers: a two-process torchrun run (outputs load, losses finite), equal updates for 1 vs 2 processes with gradient
+Covers: fast mode (bf16 + channels_last) tracking exact mode, a two-process torchrun run (outputs load, losses finite), equal updates for 1 vs 2 processes with gradient
 accumulation, bit-exact resume after kill -9 and after SIGTERM, --transfer, resuming the original PFGM++ training
 state (golden), the one-line validation errors, --dry-run and the NaN-loss stop.
 """
@@ -62,7 +62,7 @@ def _assert_modules_equal(a: torch.nn.Module, b: torch.nn.Module, atol: float = 
 # Fast mode (bf16 + channels_last on CPU) against exact mode.
 
 FAST_CURVE_ARGS = dict(batch=8, duration=48 * 8 / 1e6, tick=8 * 8 / 1e3, lr_rampup=0, lr=0.002, dropout=0, augment=0,
-                       snap=100, dump=100)  # 48 steps, a loss mean every 8; no dropout: only the arithmetic differs
+                       snap=100, dump=100)  # 48 steps; no dropout, so that only the arithmetic differs
 
 
 def _tick_losses(run: Path) -> list[float]:
@@ -79,10 +79,11 @@ def test_fast_mode_loss_curve_tracks_exact_mode(data_zip: Path, tmp_path: Path):
             net = pickle.load(open(_only('network-snapshot-*.pkl', run), 'rb'))['ema']
             assert net.use_bf16 and net.reduced_precision_on_cpu  # --precision=bf16 really ran bf16 on the CPU
     exact, fast = curves['exact'], curves['fast']
-    assert len(exact) == len(fast) == 6
-    assert exact[-1] < 0.8 * exact[0]  # the run learns, so the comparison means something
-    for step, (a, b) in enumerate(zip(exact, fast)):
-        assert abs(a - b) <= 0.05 * a, f'tick {step}: exact {a:.4f} vs bf16 {b:.4f}'
+    assert len(exact) == len(fast) == 7  # the first step, then every 8 steps
+    assert exact[-1] < 0.9 * exact[0]  # the run learns, so the comparison means something
+    # Same data, noise and initial weights; bf16 rounding moves the tick means by ~0.1% here, allow 2%.
+    for tick, (a, b) in enumerate(zip(exact, fast)):
+        assert abs(a - b) <= 0.02 * a, f'tick {tick}: exact {a:.4f} vs bf16 {b:.4f}'
 
 
 # ----------------------------------------------------------------------------
