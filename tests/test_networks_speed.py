@@ -213,3 +213,23 @@ def test_autograd_and_nested_blocks_take_the_plain_path():
 def test_prepacking_ignores_what_is_not_a_module():
     with networks.prepacked_convolutions(lambda x: x) as fn:
         assert fn(3) == 3
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fast mode as generate.py runs it on CPU: bf16 U-Net, channels_last, prepacked weights.
+
+FAST_MODE_TOLERANCE = 2e-2  # relative to max(1, max|exact|); measured 4-5e-3 (bf16 keeps 8 significant bits)
+
+
+@pytest.mark.parametrize('arch', [TINY_SONG, TINY_ADM], ids=['song', 'adm'])
+def test_fast_mode_stays_close_to_exact_mode(arch):
+    exact = build('EDMPrecond', arch, label_dim=5)
+    fast = build('EDMPrecond', arch, label_dim=5, use_bf16=True, reduced_precision_on_cpu=True)
+    fast.to(memory_format=torch.channels_last)
+    x, sigma, labels = inputs(label_dim=5)
+    with torch.no_grad(), networks.prepacked_convolutions(fast):
+        want = exact(x, sigma, labels)
+        got = fast(x.contiguous(memory_format=torch.channels_last), sigma, labels)
+    assert got.dtype == torch.float32
+    assert_close(got, want, FAST_MODE_TOLERANCE, 'fast mode')
+    assert not torch.equal(got, want)  # bf16 did run

@@ -1,8 +1,9 @@
 """train.py and training/training_loop.py end to end on CPU: tiny networks on 8x8 images, a few steps each.
 
-Covers: fast mode (bf16 + channels_last) tracking exact mode, a two-process torchrun run (outputs load, losses finite), equal updates for 1 vs 2 processes with gradient
-accumulation, bit-exact resume after kill -9 and after SIGTERM, --transfer, resuming the original PFGM++ training
-state (golden), the one-line validation errors, --dry-run and the NaN-loss stop.
+Covers: fast mode (bf16 + channels_last) tracking exact mode, a two-process torchrun run (outputs load, losses
+finite), equal updates for 1 vs 2 processes with gradient accumulation, bit-exact resume after kill -9 and after
+SIGTERM, --transfer, resuming the original PFGM++ training state (golden), the one-line validation errors, --dry-run
+and the NaN-loss stop.
 """
 
 from __future__ import annotations
