@@ -4,6 +4,7 @@
 * nearest-neighbour upsampling for the 2-tap box filter: bit-identical to the transposed convolution.
 * ``prepacked_convolutions``: inference on weights reordered once for oneDNN, within float32 rounding of F.conv2d,
   golden cases included.
+* bfloat16 channels-last GroupNorm with small groups computed in float32; fast mode close to exact mode.
 """
 
 from __future__ import annotations
@@ -115,6 +116,32 @@ def test_instances_without_the_attribute_keep_working():
     expected = conv(x)
     del conv.nearest_up
     assert torch.allclose(conv(x), expected)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GroupNorm: bfloat16 channels-last groups of fewer than 16 channels are normalised in float32.
+
+
+@pytest.mark.parametrize('channels', [64, 256, 512])  # 2, 8 and 16 channels per group
+def test_bf16_group_norm_matches_float32_rounded(channels):
+    torch.manual_seed(8)
+    norm = networks.GroupNorm(channels)
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
+    x = (torch.randn(2, channels, 6, 6) * 3 + 1).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    y = norm(x)
+    assert y.dtype == torch.bfloat16 and y.is_contiguous(memory_format=torch.channels_last)
+    upcast = channels // norm.num_groups < networks.BF16_GROUP_NORM_MIN_CHANNELS_PER_GROUP
+    assert networks._slow_bf16_group_norm(x, norm.num_groups) == upcast
+    with torch.no_grad():
+        exact = F.group_norm(x.float(), norm.num_groups, norm.weight, norm.bias, norm.eps)
+        plain = F.group_norm(x, norm.num_groups, norm.weight.bfloat16(), norm.bias.bfloat16(), norm.eps)
+    # Small groups: the float32 result rounded once to bfloat16; 16 or more: PyTorch's bfloat16 kernel, untouched.
+    assert torch.equal(y, exact.to(torch.bfloat16) if upcast else plain)
+    assert torch.allclose(y.float(), exact, rtol=2e-2, atol=2e-2)
+    y.float().square().sum().backward()
+    assert x.grad is not None and norm.weight.grad.dtype == torch.float32 and torch.isfinite(norm.weight.grad).all()
 
 
 # ----------------------------------------------------------------------------------------------------------------

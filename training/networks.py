@@ -285,11 +285,10 @@ class GroupNorm(nn.Module):
 # channels than this; in float32 it does not. Normalising those in float32 (and rounding the result to bfloat16, as
 # the bfloat16 kernel does) is faster and no less accurate.
 BF16_GROUP_NORM_MIN_CHANNELS_PER_GROUP = 16
-_UPCAST_SMALL_GROUPS = True
 
 
 def _slow_bf16_group_norm(x, num_groups):
-    return (_UPCAST_SMALL_GROUPS and x.dtype == torch.bfloat16 and x.device.type == 'cpu' and _is_channels_last(x)
+    return (x.dtype == torch.bfloat16 and x.device.type == 'cpu' and _is_channels_last(x)
             and x.shape[1] // num_groups < BF16_GROUP_NORM_MIN_CHANNELS_PER_GROUP)
 
 
