@@ -77,6 +77,14 @@ def _golden_net(case):
     return getattr(networks, case['precond_class'])(**case['constructor_kwargs']).eval()
 
 
+def _golden_trained_net(path):
+    """(case, network built as the case says and loaded with its randomised weights)."""
+    case = torch.load(path, weights_only=True)
+    net = _golden_net(case)
+    net.load_state_dict(case['state_dict'], strict=True)
+    return case, net
+
+
 def _golden_forward(net, case):
     inp = case['inputs']
     extra = {} if inp.get('augment_labels') is None else dict(augment_labels=inp['augment_labels'])
@@ -101,9 +109,7 @@ def test_golden_init_matches_original(path):
 
 @pytest.mark.parametrize('path', GOLDEN_NETWORKS, ids=lambda p: p.stem)
 def test_golden_forward_matches_original(path):
-    case = torch.load(path, weights_only=True)
-    net = _golden_net(case)
-    net.load_state_dict(case['state_dict'], strict=True)
+    case, net = _golden_trained_net(path)
     for key, expected in case['attributes'].items():
         assert getattr(net, key) == expected, key
     io = ModelIO(net)
@@ -506,9 +512,7 @@ def test_cuda_reduced_precision(flag, dtype, tol):
 @cuda
 @pytest.mark.parametrize('path', GOLDEN_NETWORKS, ids=lambda p: p.stem)
 def test_cuda_golden_forward_matches_original(path):
-    case = torch.load(path, weights_only=True)
-    net = _golden_net(case)
-    net.load_state_dict(case['state_dict'], strict=True)
+    case, net = _golden_trained_net(path)
     net.cuda()
     case['inputs'] = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in case['inputs'].items()}
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32

@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.test_networks import GOLDEN_NETWORKS, TINY_ADM, TINY_SONG, _golden_forward, _golden_net, assert_close, \
-    build, inputs
+from tests.test_networks import GOLDEN_NETWORKS, TINY_ADM, TINY_SONG, _golden_forward, _golden_trained_net, \
+    assert_close, build, inputs
 from training import networks
 
 needs_onednn = pytest.mark.skipif(not networks._packed_ops_available(), reason='this torch build has no oneDNN')
@@ -174,9 +174,7 @@ def test_prepacked_convolution_matches_conv2d(dtype, kernel):
 @needs_onednn
 @pytest.mark.parametrize('path', GOLDEN_NETWORKS, ids=lambda p: p.stem)
 def test_golden_forward_with_prepacked_weights(path):
-    case = torch.load(path, weights_only=True)
-    net = _golden_net(case)
-    net.load_state_dict(case['state_dict'], strict=True)
+    case, net = _golden_trained_net(path)
     net.to(memory_format=torch.channels_last)
     case['inputs']['x'] = case['inputs']['x'].contiguous(memory_format=torch.channels_last)
     with networks.prepacked_convolutions(net):
