@@ -30,6 +30,7 @@ import dnnlib
 import generate
 from torch_utils import distributed as dist
 from torch_utils import host_memory
+from training import network_io
 from training import sampler as sampling
 from training.dataset import DatasetError, ImageFolderDataset
 
@@ -482,6 +483,9 @@ def _session(device: Optional[str]) -> Iterator[torch.device]:
         device_obj = dist.init(device)
     except RuntimeError as err:
         raise click.ClickException(str(err)) from None
+    thread_note = dist.limit_intra_op_threads(device_obj)
+    if thread_note:
+        dist.print0(thread_note)
     try:
         yield device_obj
     except BaseException:
@@ -664,6 +668,10 @@ def gen(network_pkl: str, ref_path: Optional[str], seeds: str, class_idx: Option
             except NetworkLoadError as err:
                 raise click.ClickException(f'--network {err}') from None
         net = _rank0_first(load)
+        precision, precision_note = network_io.precision_for_device(net, None, device_obj)
+        if precision_note:
+            dist.print0(precision_note)
+            network_io.apply_speed_options(net, precision)
         use_pfgmpp, D = generate.resolve_pfgmpp(net, pfgmpp, aug_dim)
         if class_idx is not None and class_idx >= net.label_dim:
             raise click.BadParameter(f'{class_idx} is out of range; the network has {net.label_dim} classes',

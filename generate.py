@@ -400,6 +400,9 @@ def main(network_pkl: str, outdir: str, seeds: list[int], subdirs: bool, class_i
         dev = dist.init(device)
     except RuntimeError as err:
         raise Failure(str(err)) from None
+    thread_note = dist.limit_intra_op_threads(dev)
+    if thread_note:
+        dist.print0(thread_note)
     try:
         _generate(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, pfgmpp, aug_dim, quantize_scheme,
                   force, grid, dev, plan_runs(outdir, num_steps, alpha, quantize_bits, sweep_steps, sweep_alpha,
@@ -439,6 +442,9 @@ def _generate(network_pkl: str, outdir: str, seeds: list[int], subdirs: bool, cl
         if dist.is_main():
             dist.barrier()
 
+    precision, precision_note = network_io.precision_for_device(net, precision, device)
+    if precision_note:
+        dist.print0(precision_note)
     try:
         network_io.apply_speed_options(net, precision, channels_last)
     except ValueError as err:

@@ -184,6 +184,24 @@ def _precision(opts: dnnlib.EasyDict) -> str:
     return opts.precision or ('fp16' if opts.fp16 else 'fp32')
 
 
+def _cpu_precision(opts: dnnlib.EasyDict, device: Any) -> Optional[str]:
+    """Settle the precision the U-Net can train in on ``device`` (updates ``opts.precision``); returns the line to print.
+
+    fp16 stays CUDA-only as in the original (the network keeps ``use_fp16`` for CUDA use, and trains fp32 on CPU);
+    bf16 on a CPU without oneDNN bfloat16 kernels trains fp32 (``torch_utils.cpu_support``).
+    """
+    from torch_utils import cpu_support
+    precision = _precision(opts)
+    if device.type != 'cpu':
+        return None
+    if precision == 'fp16':
+        return ('Precision: fp16 is CUDA-only (as the original --fp16); on CPU the U-Net trains in fp32 '
+                '(--precision=bf16 gives reduced precision on CPUs with bf16 kernels).')
+    used, reason = cpu_support.supported_precision(precision, device)
+    opts.precision = used
+    return reason
+
+
 def _check_batch(opts: dnnlib.EasyDict, world: int) -> None:
     if opts.batch % world != 0:
         raise click.UsageError(f'--batch {opts.batch} must be divisible by the number of processes ({world})')
@@ -346,6 +364,9 @@ def main(**kwargs: Any) -> None:
     except RuntimeError as err:
         raise click.UsageError(f'--device: {err}') from None
     try:
+        for note in (dist.limit_intra_op_threads(device), _cpu_precision(opts, device)):
+            if note:
+                dist.print0(note)
         world = dist.get_world_size()
         _check_batch(opts, world)
         c, desc = build_config(opts, world)

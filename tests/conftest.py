@@ -79,7 +79,8 @@ def one_intra_op_thread():
 def run_torchrun(script: str | os.PathLike, args: list[str], nproc: int = 2, timeout: float = 300,
                  env: dict | None = None) -> subprocess.CompletedProcess:
     """Run ``script`` under ``torchrun --standalone --nproc_per_node=nproc`` (gloo on CPU, one thread per rank)."""
-    full_env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS='1', **(env or {}))
+    full_env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS='1')
+    full_env.update(env or {})
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}', str(script),
            *map(str, args)]
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)

@@ -21,6 +21,7 @@ from click.testing import CliRunner
 import generate
 from tests._sampler_nets import make_tiny_net, save_snapshot, save_training_state
 from tests.conftest import REPO_ROOT, run_python
+from torch_utils import cpu_support
 from training import quantize
 from training import sampler as sampling
 from training.network_io import NetworkLoadError, load_network
@@ -342,12 +343,27 @@ def test_speed_options_keep_images_close(nets, tmp_path):
     default, nhwc, bf16 = (np.stack([read_png(p) for p in sorted((tmp_path / d).glob('*.png'))]).astype(int)
                            for d in ('default', 'nhwc', 'bf16'))
     assert np.abs(nhwc - default).max() <= 1
-    assert 0 < np.abs(bf16 - default).mean() < 8  # reduced precision really ran, and stayed close
+    if cpu_support.bf16_supported():
+        assert 0 < np.abs(bf16 - default).mean() < 8  # reduced precision really ran, and stayed close
+    else:  # fell back to fp32 (see the next test)
+        assert np.array_equal(bf16, default)
 
     net = load_network(nets['uncond'])
     assert sampling.network_memory_format(net) == torch.contiguous_format
     net.to(memory_format=torch.channels_last)
     assert sampling.network_memory_format(net) == torch.channels_last
+
+
+def test_bf16_without_cpu_bf16_kernels_runs_fp32_with_one_line(nets, tmp_path, monkeypatch):
+    """--precision=bf16 --channels-last on a CPU without oneDNN bfloat16 kernels (forced here): fp32, one line."""
+    monkeypatch.setattr(cpu_support, 'bf16_supported', lambda: False)
+    base = ['--network', nets['pfgmpp'], '--seeds=0-3', '--steps=4', '--device=cpu', '--channels-last']
+    fallback = cli(*base, '--outdir', tmp_path / 'bf16', '--precision=bf16')
+    notes = [line for line in fallback.output.splitlines() if 'no oneDNN bfloat16 kernels' in line]
+    assert len(notes) == 1 and 'running fp32 instead' in notes[0], fallback.output
+    fp32 = cli(*base, '--outdir', tmp_path / 'fp32', '--precision=fp32')
+    assert 'bfloat16' not in fp32.output
+    assert png_bytes(tmp_path / 'bf16') == png_bytes(tmp_path / 'fp32')  # the fp32 route, bit for bit
 
 
 @pytest.mark.slow

@@ -385,3 +385,24 @@ def test_resume_auto_picks_the_newest_state_of_the_matching_run(tmp_path: Path):
     # An explicit state keeps the original behaviour: a new run directory, the given file.
     opts.resume = 'x/training-state-000007.pt'
     assert train._choose_run_dir(opts, desc) == (str(tmp_path / ('00004-' + desc)), 'x/training-state-000007.pt')
+
+
+def test_fp16_on_cpu_says_it_trains_fp32(data_zip: Path, tmp_path: Path):
+    code, output = _invoke(tiny_train_args(data_zip, tmp_path / 'runs', dry_run=True, fp16=1))
+    assert code == 0, output
+    notes = [line for line in output.splitlines() if 'CUDA-only' in line]
+    assert len(notes) == 1 and 'fp16' in notes[0] and 'trains in fp32' in notes[0], output
+    assert '"use_fp16": true' in output  # kept for CUDA use of the snapshot, as the original
+
+
+def test_bf16_without_cpu_bf16_kernels_trains_fp32_with_one_line(data_zip: Path, tmp_path: Path, monkeypatch):
+    from torch_utils import cpu_support
+    monkeypatch.setattr(cpu_support, 'bf16_supported', lambda: False)
+    code, output = _invoke(tiny_train_args(data_zip, tmp_path / 'runs', dry_run=True, precision='bf16'))
+    assert code == 0, output
+    notes = [line for line in output.splitlines() if 'no oneDNN bfloat16 kernels' in line]
+    assert len(notes) == 1 and 'running fp32 instead' in notes[0], output
+    assert '"use_bf16"' not in output and 'batch4-fp32' in output
+    monkeypatch.setattr(cpu_support, 'bf16_supported', lambda: True)
+    code, output = _invoke(tiny_train_args(data_zip, tmp_path / 'runs', dry_run=True, precision='bf16'))
+    assert code == 0 and '"use_bf16": true' in output and 'bfloat16 kernels' not in output, output

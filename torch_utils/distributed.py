@@ -50,6 +50,41 @@ def init(device: Optional[str] = None, backend: Optional[str] = None) -> torch.d
     return _device
 
 
+def usable_cpu_count() -> int:
+    """CPU cores this process may run on (its affinity mask, which containers and taskset narrow), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # no affinity query on this platform (macOS, Windows)
+        return max(1, os.cpu_count() or 1)
+
+
+def intra_op_thread_limit(usable_cores: Optional[int] = None, local_ranks: Optional[int] = None) -> int:
+    """The most intra-op threads one CPU rank should use: usable cores // ranks on this machine, at least 1.
+
+    ``usable_cores`` defaults to :func:`usable_cpu_count`, ``local_ranks`` to torchrun's LOCAL_WORLD_SIZE (1 when
+    not launched by torchrun). More threads than cores make OpenMP threads spin while they wait for each other.
+    """
+    cores = usable_cpu_count() if usable_cores is None else usable_cores
+    ranks = int(os.environ.get('LOCAL_WORLD_SIZE', '1')) if local_ranks is None else local_ranks
+    return max(1, cores // max(1, ranks))
+
+
+def limit_intra_op_threads(device: torch.device) -> Optional[str]:
+    """On CPU, lower torch's intra-op threads to :func:`intra_op_thread_limit` if they exceed it.
+
+    Returns a one-line note for the caller to print when it lowered them (OMP_NUM_THREADS or torch's default), else
+    None; CUDA devices are left alone.
+    """
+    limit = intra_op_thread_limit()
+    threads = torch.get_num_threads()
+    if torch.device(device).type != 'cpu' or threads <= limit:
+        return None
+    torch.set_num_threads(limit)
+    ranks = int(os.environ.get('LOCAL_WORLD_SIZE', '1'))
+    return (f'Threads: {threads} intra-op threads per process lowered to {limit} ({usable_cpu_count()} usable '
+            f'cores / {ranks} local process{"es" if ranks != 1 else ""}; more would oversubscribe the cores).')
+
+
 def get_device() -> torch.device:
     return _device if _device is not None else torch.device('cpu')
 

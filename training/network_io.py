@@ -28,6 +28,7 @@ from typing import Any, Optional, Union
 import torch
 
 import dnnlib
+from torch_utils import cpu_support
 from torch_utils.distributed import print0
 
 EXPECTED_FORMATS = 'a network snapshot (.pkl with an "ema" network) or a training state (.pt with an "ema" network)'
@@ -154,3 +155,17 @@ def apply_speed_options(net: torch.nn.Module, precision: Optional[str] = None,
     if channels_last:
         net.to(memory_format=torch.channels_last)
     return net
+
+
+def precision_for_device(net: torch.nn.Module, precision: Optional[str],
+                         device: Union[str, torch.device]) -> tuple[Optional[str], Optional[str]]:
+    """The ``precision`` argument for :func:`apply_speed_options` that ``device`` can run, and why it changed.
+
+    ``precision`` None means as the network was built. A bfloat16 request (explicit, or a network built to run
+    bfloat16 on CPU) on a CPU without oneDNN bfloat16 kernels becomes 'fp32' (see
+    ``torch_utils.cpu_support.supported_precision``); the second value is then the one line to print, else None.
+    """
+    built_bf16 = getattr(net, 'use_bf16', False) and getattr(net, 'reduced_precision_on_cpu', False)
+    wanted = precision if precision is not None else ('bf16' if built_bf16 else None)
+    used, reason = cpu_support.supported_precision(wanted, device)
+    return (precision if reason is None else used), reason

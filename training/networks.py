@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torch_utils import persistence
+from torch_utils import cpu_support, persistence
 
 silu = F.silu
 
@@ -155,8 +155,10 @@ def _packed_ops_available():
 
 def _can_use_packed_weights(x):
     # Channels-last only: for NCHW inputs the packed primitive returns a channels-last result, and converting it
-    # back would cost more than the packing saves.
-    return (x.device.type == 'cpu' and _is_channels_last(x) and x.dtype in (torch.float32, torch.bfloat16)
+    # back would cost more than the packing saves. oneDNN reorders bfloat16 weights only on CPUs with bfloat16
+    # kernels; elsewhere bfloat16 takes F.conv2d.
+    packable = x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and cpu_support.bf16_supported())
+    return (x.device.type == 'cpu' and _is_channels_last(x) and packable
             and not torch.is_grad_enabled() and not torch.compiler.is_compiling())
 
 
@@ -178,7 +180,8 @@ def prepacked_convolutions(net):
     """Run ``net``'s CPU convolutions on weights reordered once for oneDNN, for the duration of the block.
 
     Applies to gradient-free float32 and bfloat16 calls on channels-last CPU tensors outside torch.compile (see
-    ``--channels-last``); anything else (NCHW, CUDA, autograd, float16, compiled graphs) takes the ordinary path, and
+    ``--channels-last``; bfloat16 only where ``torch_utils.cpu_support.bf16_supported()``); anything else (NCHW, CUDA,
+    autograd, float16, compiled graphs) takes the ordinary path, and
     ``net`` may be any callable. The packed copies (about the size of the weights) are dropped on exit. Weights changed
     in place inside the block are repacked. Modules that are not this file's Conv2d (for instance a network
     unpickled from the original code) are left alone. Without oneDNN the block changes nothing.
