@@ -198,7 +198,8 @@ def _cpu_precision(opts: dnnlib.EasyDict, device: Any) -> Optional[str]:
         return ('Precision: fp16 is CUDA-only (as the original --fp16); on CPU the U-Net trains in fp32 '
                 '(--precision=bf16 gives reduced precision on CPUs with bf16 kernels).')
     used, reason = cpu_support.supported_precision(precision, device)
-    opts.precision = used
+    if reason is not None:
+        opts.precision = used
     return reason
 
 

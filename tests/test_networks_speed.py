@@ -306,3 +306,18 @@ def test_bf16_support_is_the_onednn_query():
     expected = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     assert cpu_support.bf16_supported() == bool(expected)
     assert cpu_support.capability_summary().startswith(torch.backends.cpu.get_cpu_capability())
+
+
+def test_without_bf16_kernels_a_network_built_for_cpu_bf16_loads_as_fp32(no_bf16_kernels):
+    """What generate.py and fid.py gen apply after loading a network (training.network_io.precision_for_device)."""
+    from training import network_io
+    built_bf16 = build('EDMPrecond', TINY_SONG, randomize=False, use_bf16=True, reduced_precision_on_cpu=True)
+    precision, reason = network_io.precision_for_device(built_bf16, None, 'cpu')
+    assert precision == 'fp32' and 'no oneDNN bfloat16 kernels' in reason
+    network_io.apply_speed_options(built_bf16, precision)
+    assert built_bf16.unet_dtype('cpu') == torch.float32
+    assert network_io.precision_for_device(built_bf16, None, 'cuda') == (None, None)
+    plain = build('EDMPrecond', TINY_SONG, randomize=False)
+    assert network_io.precision_for_device(plain, None, 'cpu') == (None, None)
+    assert network_io.precision_for_device(plain, 'bf16', 'cpu')[0] == 'fp32'
+    assert network_io.precision_for_device(plain, 'fp16', 'cpu') == ('fp16', None)
