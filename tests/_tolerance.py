@@ -65,6 +65,20 @@ def network_rounding_steps(net: torch.nn.Module, pixels: int) -> int:
     return steps
 
 
+# torch.randn's Box-Muller transform is vectorised per ATen CPU capability. The golden files were drawn on x86 with
+# the AVX2/AVX-512 kernels, which agree bit for bit; the DEFAULT kernel (and aarch64's) round log, sqrt and cos
+# differently, so there normal draws are compared by the rule above rather than bit for bit.
+GOLDEN_RANDN_CAPABILITIES = ('AVX2', 'AVX512')
+
+# k for one normal draw: log, product, square root (radius), 2*pi*u and cosine, their product, and a scale factor.
+NORMAL_DRAW_STEPS = 8
+
+
+def randn_bits_match_golden() -> bool:
+    """True when this process's torch.randn kernel is the one the golden files were drawn with."""
+    return torch.backends.cpu.get_cpu_capability() in GOLDEN_RANDN_CAPABILITIES
+
+
 def assert_within(actual: Union[torch.Tensor, np.ndarray], expected: Union[torch.Tensor, np.ndarray], k: float,
                   dtype: Union[torch.dtype, np.dtype, type] = torch.float32, min_scale: float = 0.0,
                   what: str = '') -> None:

@@ -16,6 +16,7 @@ import scipy.special
 import scipy.stats
 import torch
 
+from tests._tolerance import NORMAL_DRAW_STEPS, assert_within, randn_bits_match_golden, sum_steps
 from training import pfgmpp
 
 # Significance used to accept a true hypothesis, and the p-value below which a false one counts as rejected.
@@ -287,8 +288,13 @@ def test_prior_reproduces_golden_latents(golden_dir) -> None:
     latents = pfgmpp.prior_latents(golden['seeds'], shape, D=golden['D'])
     assert torch.equal(global_state, torch.get_rng_state())
     assert latents.dtype == torch.float64
-    assert torch.equal(latents, golden['latents'])
-    assert torch.equal(latents.flatten(1).norm(dim=1), golden['latent_norms'])
+    if randn_bits_match_golden():
+        assert torch.equal(latents, golden['latents'])
+        assert torch.equal(latents.flatten(1).norm(dim=1), golden['latent_norms'])
+    else:  # float32 normal draws, normalised (a sum over N) and scaled by the radius (tests/_tolerance.py)
+        k = NORMAL_DRAW_STEPS + sum_steps(latents[0].numel()) + 2
+        assert_within(latents, golden['latents'], k, torch.float32, what='latents')
+        assert_within(latents.flatten(1).norm(dim=1), golden['latent_norms'], k, torch.float32, what='norms')
 
 
 def test_prior_leaves_sampler_generators_alone_for_pfgmpp() -> None:
