@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import array
 import io
-import json
 import os
 import struct
 import zipfile
@@ -25,15 +24,10 @@ import PIL.Image
 import torch
 
 import dnnlib
+from training.dataset_files import (LABELS_FILE, DatasetError, check_same_size, dataset_channels, decode_image,
+                                    match_labels, parse_labels_json, read_image_header)
 
-LABELS_FILE = 'dataset.json'
 SUBSET_SEED_MODULUS = 1 << 31  # max_size seeds wrap like this so that any integer seed is accepted
-_NO_LABEL = object()
-
-
-class DatasetError(ValueError):
-    """Dataset content that cannot be used; the message names the path and what was expected."""
-
 
 # ----------------------------------------------------------------------------
 # ZIP archives read through their central directory.
@@ -420,21 +414,18 @@ class ImageDataset(torch.utils.data.Dataset):
 # Images stored in a ZIP archive or a directory tree.
 
 
-def _pixels_of(image: PIL.Image.Image) -> np.ndarray:
-    """HW or HWC uint8 array; palette and bilevel images are expanded to the colours they show."""
-    if image.mode == '1':
-        image = image.convert('L')
-    elif image.mode == 'P':
-        image = image.convert('RGBA' if 'transparency' in image.info else 'RGB')
-    return np.asarray(image)
-
-
 Dataset = ImageDataset  # the original's name for the base class
 
 
 class ImageFolderDataset(ImageDataset):
     """Images (any format PIL reads, found recursively, in sorted name order) of a directory or ZIP archive,
-    with labels from ``dataset.json`` at its root when ``use_labels`` is set."""
+    with labels from ``dataset.json`` at its root when ``use_labels`` is set.
+
+    Pixels are converted as ``dataset_tool.py`` converts them (``training/dataset_files.py``: 16-bit to 8-bit,
+    alpha over black, palette/CMYK to RGB; grayscale repeated to RGB when other images are colour). A directory
+    is checked image by image from the headers when opened (readable, convertible mode, one size); a ZIP
+    archive, normally written by dataset_tool.py, only by its first image.
+    """
 
     def __init__(self,
         path: str | os.PathLike,        # Directory or .zip archive.
@@ -485,14 +476,27 @@ class ImageFolderDataset(ImageDataset):
             raise DatasetError(f'{self._path}: no image files found (expected PNG/JPEG/... files, as written by '
                                f'dataset_tool.py)')
 
-        first = self._load_raw_image(0)
-        if first.dtype != np.uint8:
-            raise DatasetError(f'{self._describe(0)}: expected 8-bit pixels, got {first.dtype}')
-        if resolution is not None and first.shape[1:] != (resolution, resolution):
-            raise DatasetError(f'{self._path}: images are {first.shape[2]}x{first.shape[1]} (e.g. '
+        if self._type == 'dir':
+            # A raw folder may hold anything: every image's header is read now (no decoding) so that a mode
+            # without conversion or a size that differs is reported before training starts, not when the image
+            # is first drawn.
+            headers = [read_image_header(os.path.join(self._path, os.fsdecode(n)), self._describe(k))
+                       for k, n in enumerate(names)]
+            check_same_size(headers, [self._describe(k) for k in range(len(headers))],
+                            'expected images of one size (dataset_tool.py --resolution=WxH resizes them)')
+            self._channels: Optional[int] = dataset_channels(headers)
+            shape = (self._channels, headers[0].height, headers[0].width)
+        else:
+            # Archives are dataset_tool.py's output, uniform by construction: the first image sets the shape.
+            self._channels = None
+            first = self._load_raw_image(0)
+            self._channels = first.shape[0]
+            shape = first.shape
+        if resolution is not None and shape[1:] != (resolution, resolution):
+            raise DatasetError(f'{self._path}: images are {shape[2]}x{shape[1]} (e.g. '
                                f'{self._image_name(0)}) but resolution={resolution} was requested')
         name = os.path.splitext(os.path.basename(os.path.normpath(self._path)))[0]
-        super().__init__(name=name, raw_shape=[names.size, *first.shape], max_size=max_size, use_labels=use_labels,
+        super().__init__(name=name, raw_shape=[names.size, *shape], max_size=max_size, use_labels=use_labels,
                          xflip=xflip, random_seed=random_seed, cache=cache)
         self._labels_blob = None  # parsed by now
 
@@ -509,41 +513,26 @@ class ImageFolderDataset(ImageDataset):
             return stream.read()
 
     def _load_raw_image(self, raw_idx: int) -> np.ndarray:
-        try:
-            with PIL.Image.open(io.BytesIO(self._read_bytes(raw_idx))) as image:
-                pixels = _pixels_of(image)
-        except (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError) as err:
-            raise DatasetError(f'{self._describe(raw_idx)}: cannot read image ({err})') from None
+        pixels = decode_image(self._read_bytes(raw_idx), self._describe(raw_idx), self._channels)
         if pixels.ndim == 2:
             return pixels[np.newaxis]  # HW -> 1HW
         return pixels.transpose(2, 0, 1)  # HWC -> CHW
 
     def _load_raw_labels(self) -> np.ndarray:
+        where = os.path.join(self._path, LABELS_FILE)
         if not self._has_labels_file:
-            raise DatasetError(f'{self._path}: use_labels=True but there is no {LABELS_FILE}')
+            raise DatasetError(f'{self._path}: there is no {LABELS_FILE} with labels (train.py does not read class '
+                               f'subfolders as labels; dataset_tool.py --source=FOLDER makes a labelled dataset)')
         if self._type == 'zip':
             blob = self._labels_blob
         else:
-            with open(os.path.join(self._path, LABELS_FILE), 'rb') as stream:
+            with open(where, 'rb') as stream:
                 blob = stream.read()
-        where = os.path.join(self._path, LABELS_FILE)
-        try:
-            entries = json.loads(blob)['labels']
-            table = {str(name).replace('\\', '/'): label for name, label in (entries or [])}
-        except (ValueError, KeyError, TypeError) as err:
-            raise DatasetError(f'{where}: expected {{"labels": [[name, label], ...]}} ({type(err).__name__}: {err})') from None
-        if entries is None:
-            raise DatasetError(f'{where}: use_labels=True but the file has "labels": null')
-
-        labels = []
-        for raw_idx in range(self._image_names.size):
-            label = table.pop(self._image_name(raw_idx), _NO_LABEL)
-            if label is _NO_LABEL:
-                raise DatasetError(f'{where}: no label for image {self._image_name(raw_idx)}')
-            labels.append(label)
-        if table:
-            raise DatasetError(f'{where}: {len(table)} label(s) for files that are not images of the dataset, '
-                               f'e.g. {next(iter(table))!r}')
+        table = parse_labels_json(blob, where)
+        if table is None:
+            raise DatasetError(f'{where}: "labels": null, the dataset was made without labels (dataset_tool.py '
+                               f'labels from a dataset.json or at least two class subfolders in its source)')
+        labels, _notes = match_labels(table, [self._image_name(k) for k in range(self._image_names.size)], where)
         try:
             array = np.array(labels)
         except ValueError as err:
