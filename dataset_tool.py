@@ -32,7 +32,7 @@ import PIL.Image
 from tqdm import tqdm
 
 from training.dataset_files import (LABELS_FILE, DatasetError, ImageHeader, check_same_size, dataset_channels,
-                                    decode_image, match_labels, parse_labels_json, read_image_header)
+                                    decode_image, gray_to_rgb, match_labels, parse_labels_json, read_image_header)
 
 # PNGs are written without compression: larger files, but decoding them while training costs almost nothing.
 PNG_SAVE_OPTIONS = dict(format='png', compress_level=0, optimize=False)
@@ -346,10 +346,6 @@ def _resize(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.array(PIL.Image.fromarray(pixels).resize(size, PIL.Image.Resampling.LANCZOS))
 
 
-def _as_rgb(pixels: np.ndarray) -> np.ndarray:
-    return np.repeat(pixels[:, :, np.newaxis], 3, axis=2) if pixels.ndim == 2 else pixels
-
-
 Transform = Callable[[np.ndarray], Optional[np.ndarray]]
 
 
@@ -372,7 +368,7 @@ def make_transform(kind: Optional[str], resolution: Optional[tuple[int, int]]) -
             height, width = pixels.shape[:2]
             side = min(height, width)
             top, left = (height - side) // 2, (width - side) // 2
-            return _resize(_as_rgb(pixels[top:top + side, left:left + side]), (out_w, out_h))
+            return _resize(gray_to_rgb(pixels[top:top + side, left:left + side]), (out_w, out_h))
         return crop_square
 
     if kind == 'center-crop-wide':
@@ -385,7 +381,7 @@ def make_transform(kind: Optional[str], resolution: Optional[tuple[int, int]]) -
             if width < out_w or band < out_h:
                 return None
             top = (height - band) // 2
-            strip = _resize(_as_rgb(pixels[top:top + band]), (out_w, out_h))
+            strip = _resize(gray_to_rgb(pixels[top:top + band]), (out_w, out_h))
             canvas = np.zeros((out_w, out_w, 3), dtype=np.uint8)
             offset = (out_w - out_h) // 2
             canvas[offset:offset + out_h] = strip
@@ -537,7 +533,7 @@ def convert_dataset(source: str, dest: str, max_images: Optional[int] = None, tr
                     f'{item.where}: image is {pixels.shape[1]}x{pixels.shape[0]} but {first} is '
                     f'{reference.shape[1]}x{reference.shape[0]}; {RESIZE_HINT}')
             if pixels.ndim < reference.ndim:
-                pixels = np.repeat(pixels[:, :, np.newaxis], 3, axis=2)  # grayscale in a colour dataset
+                pixels = gray_to_rgb(pixels)  # grayscale in a colour dataset
             elif pixels.ndim > reference.ndim:
                 raise click.ClickException(
                     f'{item.where}: image is colour but {first} and the images before it are grayscale; expected '

@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import numpy as np
 import PIL.Image
+import PIL.PngImagePlugin
 import pytest
 import torch
 from click.testing import CliRunner
@@ -402,3 +403,28 @@ def test_train_refuses_a_unet_deeper_than_the_images(tmp_path: Path) -> None:
     result = run_train(src, tmp_path / 'runs', cres='1,2,2', dry_run=True)  # 28 -> 14 -> 7 is fine
     assert result.exit_code == 0, result.output
     assert not (tmp_path / 'runs').exists() or not any((tmp_path / 'runs').rglob('*.pkl'))
+
+
+def test_zip_of_raw_images_is_checked_like_a_folder(tmp_path: Path) -> None:
+    expected = []
+    big_text = PIL.PngImagePlugin.PngInfo()
+    big_text.add_text('comment', 'x' * 100_000)  # a header larger than the first read
+    with zipfile.ZipFile(tmp_path / 'raw.zip', 'w') as zf:
+        for k, mode in enumerate(['L', 'RGBA', 'P+transparency']):
+            image, fmt, pixels = mode_case(mode, seed=k)
+            buffer = io.BytesIO()
+            image.save(buffer, format=fmt, pnginfo=big_text if k == 2 else None)
+            compression = zipfile.ZIP_DEFLATED if k == 1 else zipfile.ZIP_STORED
+            zf.writestr(f'photos/{k}.{fmt}', buffer.getvalue(), compress_type=compression)
+            expected.append(pixels if pixels.ndim == 3 else np.repeat(pixels[..., None], 3, axis=2))
+    reader = ImageFolderDataset(tmp_path / 'raw.zip')
+    assert reader.image_shape == [3, SIZE, SIZE]
+    for k, pixels in enumerate(expected):
+        np.testing.assert_array_equal(hwc(reader[k][0]), pixels)
+
+    with zipfile.ZipFile(tmp_path / 'raw.zip', 'a') as zf:
+        buffer = io.BytesIO()
+        PIL.Image.fromarray(np.zeros((SIZE, SIZE), np.float32)).save(buffer, format='tiff')
+        zf.writestr('photos/9.tiff', buffer.getvalue())
+    with pytest.raises(DatasetError, match=r'raw\.zip:photos/9\.tiff: image mode F'):
+        ImageFolderDataset(tmp_path / 'raw.zip')

@@ -14,6 +14,7 @@ from __future__ import annotations
 import array
 import io
 import os
+import re
 import struct
 import zipfile
 import zlib
@@ -24,10 +25,13 @@ import PIL.Image
 import torch
 
 import dnnlib
-from training.dataset_files import (LABELS_FILE, DatasetError, check_same_size, dataset_channels, decode_image,
-                                    match_labels, parse_labels_json, read_image_header)
+from training.dataset_files import (LABELS_FILE, DatasetError, ImageHeader, check_same_size, dataset_channels,
+                                    decode_image, match_labels, parse_labels_json, read_image_header)
 
 SUBSET_SEED_MODULUS = 1 << 31  # max_size seeds wrap like this so that any integer seed is accepted
+# Members named like dataset_tool.py's output come from an archive whose images it made uniform.
+DATASET_TOOL_MEMBER = re.compile(rb'\d{5}/img\d{8}\.png')
+HEADER_READ_BYTES = 1 << 16  # enough for the header of nearly every image file; larger ones are read whole
 
 # ----------------------------------------------------------------------------
 # ZIP archives read through their central directory.
@@ -170,10 +174,13 @@ class ZipMembers:
         os.lseek(self._fd, offset, os.SEEK_SET)  # platforms without pread use spawned workers: no shared offsets
         return os.read(self._fd, size)
 
-    def read(self, member: int) -> bytes:
-        """Uncompressed bytes of the member at position ``member``."""
+    def read(self, member: int, limit: Optional[int] = None) -> bytes:
+        """Uncompressed bytes of the member at position ``member``; only the first ``limit`` bytes (or fewer)
+        when given, which for stored members also limits what is read from disk."""
         offset, size = int(self._offsets[member]), int(self._sizes[member])
         method, flag = int(self._methods[member]), int(self._flags[member])
+        if limit is not None and method == _STORED:
+            size = min(size, limit)
         if flag & _FLAG_ENCRYPTED:
             raise DatasetError(f'{self._where(member)}: encrypted ZIP members are not supported')
         block = self._read_at(offset, _LOCAL_HEADER.size + size + _LOCAL_READ_SLACK)
@@ -190,6 +197,8 @@ class ZipMembers:
             return data
         if method == _DEFLATED:
             try:
+                if limit is not None:
+                    return zlib.decompressobj(-zlib.MAX_WBITS).decompress(data, limit)
                 return zlib.decompress(data, -zlib.MAX_WBITS)
             except zlib.error as err:
                 raise DatasetError(f'{self._where(member)}: corrupt compressed data ({err})') from None
@@ -423,8 +432,8 @@ class ImageFolderDataset(ImageDataset):
 
     Pixels are converted as ``dataset_tool.py`` converts them (``training/dataset_files.py``: 16-bit to 8-bit,
     alpha over black, palette/CMYK to RGB; grayscale repeated to RGB when other images are colour). A directory
-    is checked image by image from the headers when opened (readable, convertible mode, one size); a ZIP
-    archive, normally written by dataset_tool.py, only by its first image.
+    or a ZIP of raw images is checked image by image from the headers when opened (readable, convertible mode,
+    one size); an archive whose members are named like dataset_tool.py's output only by its first image.
     """
 
     def __init__(self,
@@ -476,22 +485,20 @@ class ImageFolderDataset(ImageDataset):
             raise DatasetError(f'{self._path}: no image files found (expected PNG/JPEG/... files, as written by '
                                f'dataset_tool.py)')
 
-        if self._type == 'dir':
-            # A raw folder may hold anything: every image's header is read now (no decoding) so that a mode
-            # without conversion or a size that differs is reported before training starts, not when the image
-            # is first drawn.
-            headers = [read_image_header(os.path.join(self._path, os.fsdecode(n)), self._describe(k))
-                       for k, n in enumerate(names)]
+        self._channels: Optional[int] = None
+        if self._type == 'zip' and all(DATASET_TOOL_MEMBER.fullmatch(n) for n in names.tolist()):
+            # dataset_tool.py's archives are uniform by construction: the first image sets the shape.
+            first = self._load_raw_image(0)
+            self._channels, shape = first.shape[0], first.shape
+        else:
+            # Raw folders (and other archives) may hold anything: every image's header is read now, without
+            # decoding, so that a mode without conversion or a size that differs is reported before training
+            # starts rather than when the image is first drawn.
+            headers = [self._read_header(k) for k in range(names.size)]
             check_same_size(headers, [self._describe(k) for k in range(len(headers))],
                             'expected images of one size (dataset_tool.py --resolution=WxH resizes them)')
-            self._channels: Optional[int] = dataset_channels(headers)
+            self._channels = dataset_channels(headers)
             shape = (self._channels, headers[0].height, headers[0].width)
-        else:
-            # Archives are dataset_tool.py's output, uniform by construction: the first image sets the shape.
-            self._channels = None
-            first = self._load_raw_image(0)
-            self._channels = first.shape[0]
-            shape = first.shape
         if resolution is not None and shape[1:] != (resolution, resolution):
             raise DatasetError(f'{self._path}: images are {shape[2]}x{shape[1]} (e.g. '
                                f'{self._image_name(0)}) but resolution={resolution} was requested')
@@ -505,6 +512,18 @@ class ImageFolderDataset(ImageDataset):
 
     def _describe(self, raw_idx: int) -> str:
         return f'{self._path}:{self._image_name(raw_idx)}'
+
+    def _read_header(self, raw_idx: int) -> ImageHeader:
+        if self._type == 'dir':
+            return read_image_header(os.path.join(self._path, os.fsdecode(self._image_names[raw_idx])),
+                                     self._describe(raw_idx))
+        head = self._zip.read(raw_idx, limit=HEADER_READ_BYTES)
+        try:
+            return read_image_header(io.BytesIO(head), self._describe(raw_idx))
+        except DatasetError:
+            if len(head) < HEADER_READ_BYTES:
+                raise
+            return read_image_header(io.BytesIO(self._zip.read(raw_idx)), self._describe(raw_idx))
 
     def _read_bytes(self, raw_idx: int) -> bytes:
         if self._type == 'zip':

@@ -72,6 +72,11 @@ def image_channels(image: PIL.Image.Image, where: str) -> int:
                        f'{EXPECTED_MODES}')
 
 
+def gray_to_rgb(pixels: np.ndarray) -> np.ndarray:
+    """[H, W] uint8 -> [H, W, 3] with three equal channels; [H, W, 3] is returned as is."""
+    return np.repeat(pixels[:, :, np.newaxis], 3, axis=2) if pixels.ndim == 2 else pixels
+
+
 def _over_black(pixels: np.ndarray) -> np.ndarray:
     """HxWx(K+1) uint8 colour + alpha -> HxWxK (or HxW for K = 1), colour * alpha / 255 rounded to nearest."""
     colour, alpha = pixels[..., :-1].astype(np.uint32), pixels[..., -1:].astype(np.uint32)
@@ -106,7 +111,7 @@ def image_pixels(image: PIL.Image.Image, where: str, channels: Optional[int] = N
     else:
         pixels = np.asarray(image.convert('RGB'))
     if channels == 3 and own == 1:
-        pixels = np.repeat(pixels[:, :, np.newaxis], 3, axis=2)
+        pixels = gray_to_rgb(pixels)
     elif channels == 1 and own == 3:
         raise DatasetError(f'{where}: image is colour (mode {mode}) but the dataset\'s images are grayscale')
     return np.ascontiguousarray(pixels)
