@@ -22,9 +22,10 @@ import sys
 import tarfile
 import tempfile
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import click
 import numpy as np
@@ -194,7 +195,7 @@ def open_image_zip(archive: str, max_images: Optional[int]) -> Source:
                 labels = _labels_from_json(zf.read(LABELS_FILE), f'{archive}:{LABELS_FILE}', members, count)
             wheres = [f'{archive}:{member}' for member in members[:count]]
             headers = _scan_headers(wheres, lambda k: zf.open(members[k]))
-    except (zipfile.BadZipFile, OSError, EOFError) as err:
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as err:
         raise click.ClickException(f'--source {archive}: not a readable ZIP archive ({err})') from None
     channels = dataset_channels(headers)
 
@@ -203,7 +204,7 @@ def open_image_zip(archive: str, max_images: Optional[int]) -> Source:
             for k, member in enumerate(members[:count]):
                 try:
                     data = zf.read(member)
-                except (zipfile.BadZipFile, OSError, EOFError) as err:
+                except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as err:
                     raise click.ClickException(f'{wheres[k]}: cannot read member ({err})') from None
                 yield SourceImage(decode_image(data, wheres[k], channels), None if labels is None else labels[k],
                                   wheres[k])
@@ -493,11 +494,9 @@ RESIZE_HINT = 'use --resolution=WxH to resize every image to one size (--transfo
 
 
 def _check_first_image(pixels: np.ndarray, name: str) -> None:
-    """The first written image fixes the dataset's geometry; it must be square, power-of-two, gray or RGB."""
+    """The first written image fixes the dataset's geometry; it must be square with a power-of-two side (every
+    source gives grayscale or RGB pixels)."""
     height, width = pixels.shape[:2]
-    channels = pixels.shape[2] if pixels.ndim == 3 else 1
-    if channels not in (1, 3):
-        raise click.ClickException(f'{name}: images must be grayscale or RGB, got {channels} channels')
     if width != height:
         raise click.ClickException(f'{name}: images must be square after --transform/--resolution, got {width}x{height}')
     if width & (width - 1) != 0:

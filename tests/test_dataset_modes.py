@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import unicodedata
 import zipfile
 from pathlib import Path
 from typing import Any, Callable
@@ -267,14 +268,16 @@ SPELLINGS: dict[str, Callable[[str], str]] = {
     'parent-folder': lambda n: 'photos/' + n,
     'absolute': lambda n: '/home/user/photos/' + n,
     'letter-case': lambda n: n.upper(),
+    'windows-absolute': lambda n: 'C:\\data\\photos\\' + n.replace('/', '\\'),
+    'decomposed-accents': lambda n: unicodedata.normalize('NFD', n),
 }
 
 
 @pytest.mark.parametrize('spelling', list(SPELLINGS))
 def test_label_names_are_normalised(spelling: str, tmp_path: Path) -> None:
-    names = ['cat/0.png', 'cat/1.png', 'dog/0.png']
+    names = ['cat/0.png', 'cat/1.png', 'chien/é.png']
     root = labelled_folder(tmp_path / 'src', names)
-    labels = {'cat/0.png': 0, 'cat/1.png': 2, 'dog/0.png': 1}
+    labels = {'cat/0.png': 0, 'cat/1.png': 2, 'chien/é.png': 1}
     entries = [[SPELLINGS[spelling](n), labels[n]] for n in names]
     (root / 'dataset.json').write_text(json.dumps({'labels': entries}))
     result = tool([f'--source={root}', f'--dest={tmp_path / "out.zip"}'])

@@ -31,6 +31,8 @@ import io
 import json
 import os
 import posixpath
+import unicodedata
+import zlib
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Optional, Sequence
 
@@ -39,6 +41,8 @@ import PIL.Image
 
 LABELS_FILE = 'dataset.json'
 MAX_EXAMPLES = 3  # file names quoted in a mismatch report
+# What reading a damaged image file can raise (zlib.error: a corrupt member read straight from a ZIP).
+_READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, zlib.error, PIL.Image.DecompressionBombError)
 
 _GRAY_MODES = {'L', '1', 'I;16', 'I;16L', 'I;16B', 'I;16N', 'I', 'LA', 'La'}
 _COLOUR_MODES = {'RGB', 'RGBX', 'P', 'PA', 'CMYK', 'YCbCr', 'HSV', 'LAB', 'RGBA', 'RGBa'}
@@ -134,7 +138,7 @@ def read_image_header(source: str | os.PathLike | BinaryIO, where: str) -> Image
             header = ImageHeader(image.width, image.height, image_channels(image, where), image.mode)
             if image.mode == 'I':
                 image_pixels(image, where)
-    except (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError) as err:
+    except _READ_ERRORS as err:
         if isinstance(err, DatasetError):
             raise
         raise DatasetError(f'{where}: cannot read image ({err})') from None
@@ -147,7 +151,7 @@ def decode_image(data: bytes | str | os.PathLike, where: str, channels: Optional
     try:
         with PIL.Image.open(source) as image:
             return image_pixels(image, where, channels)
-    except (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError) as err:
+    except _READ_ERRORS as err:
         if isinstance(err, DatasetError):
             raise
         raise DatasetError(f'{where}: cannot read image ({err})') from None
@@ -175,8 +179,9 @@ def check_same_size(headers: Sequence[ImageHeader], names: Sequence[str], hint: 
 
 def normalize_name(name: Any) -> str:
     """The spelling of a relative image name that dataset.json entries and files are compared by: '/'
-    separators, no './' or empty components, 'a/../b' resolved (``'.\\\\cat\\\\0.png'`` -> ``'cat/0.png'``)."""
-    text = str(name).replace('\\', '/')
+    separators, no './' or empty components, 'a/../b' resolved (``'.\\\\cat\\\\0.png'`` -> ``'cat/0.png'``), and
+    Unicode in composed form (macOS file systems store decomposed accents)."""
+    text = unicodedata.normalize('NFC', str(name)).replace('\\', '/')
     normal = posixpath.normpath(text) if text else text
     return '' if normal == '.' else normal
 
