@@ -22,19 +22,23 @@ import sys
 import tarfile
 import tempfile
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import click
 import numpy as np
 import PIL.Image
 from tqdm import tqdm
 
+from training.dataset_files import (LABELS_FILE, DatasetError, ImageHeader, check_same_size, dataset_channels,
+                                    decode_image, gray_to_rgb, match_labels, parse_labels_json, read_image_header)
+
 # PNGs are written without compression: larger files, but decoding them while training costs almost nothing.
 PNG_SAVE_OPTIONS = dict(format='png', compress_level=0, optimize=False)
 IMAGES_PER_SUBDIR = 1000
-LABELS_FILE = 'dataset.json'
+CLASS_ORDERS = ('text', 'numeric')
 
 CIFAR10_TARBALL_NAME = 'cifar-10-python.tar.gz'
 CIFAR10_TRAIN_MEMBERS = [f'cifar-10-batches-py/data_batch_{k}' for k in range(1, 6)]  # test_batch is not used
@@ -80,38 +84,6 @@ def archive_name(index: int) -> str:
     return f'{index // IMAGES_PER_SUBDIR:05d}/img{index:08d}.png'
 
 
-def image_to_array(image: PIL.Image.Image) -> np.ndarray:
-    """HW (grayscale) or HWC uint8 pixels of a PIL image."""
-    # Formats whose raw numpy view is not 8-bit gray/colour are converted to the nearest one that is.
-    if image.mode == '1':
-        image = image.convert('L')
-    elif image.mode in ('P', 'CMYK', 'YCbCr', 'LAB', 'HSV'):
-        image = image.convert('RGBA' if 'transparency' in image.info else 'RGB')
-    return np.array(image)
-
-
-def decode_image(source: str | os.PathLike | io.BytesIO, display_name: str) -> np.ndarray:
-    """Decode one image file, naming it in the error if it cannot be read."""
-    try:
-        with PIL.Image.open(source) as image:
-            return image_to_array(image)
-    except (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError) as err:
-        raise click.ClickException(f'{display_name}: cannot read image ({err})') from None
-
-
-def read_labels_json(stream: Iterable[bytes] | io.IOBase, display_name: str) -> dict[str, Any]:
-    """{relative name: label} from a dataset.json; empty when it has "labels": null."""
-    try:
-        document = json.load(stream)
-        entries = document['labels']
-        if entries is None:
-            return {}
-        return {str(name).replace('\\', '/'): label for name, label in entries}
-    except (ValueError, KeyError, TypeError) as err:
-        raise click.ClickException(f'{display_name}: expected {{"labels": [[name, label], ...] or null}} '
-                                   f'({type(err).__name__}: {err})') from None
-
-
 # ----------------------------------------------------------------------------
 # Sources. Each returns how many images it will yield and an iterator of them.
 
@@ -120,41 +92,96 @@ def read_labels_json(stream: Iterable[bytes] | io.IOBase, display_name: str) -> 
 class SourceImage:
     pixels: np.ndarray  # HW or HWC uint8
     label: Any          # JSON value carried into dataset.json, or None
+    where: str          # the source file (or file[index]) it came from, for error messages
 
 
 @dataclass
 class Source:
     num_images: int
     images: Iterator[SourceImage]
+    headers: Optional[list[ImageHeader]] = None  # of the images to convert, for sources that are image files
+    wheres: Optional[list[str]] = None           # their file names, for error messages
 
 
 def _limit(count: int, max_images: Optional[int]) -> int:
     return count if max_images is None else min(count, max_images)
 
 
-def open_image_folder(root: str, max_images: Optional[int]) -> Source:
+def _labels_from_json(blob: bytes, where: str, names: list[str], count: int) -> Optional[list[Any]]:
+    """Label of every image from a dataset.json (None when it has no labels); mismatches are errors."""
+    table = parse_labels_json(blob, where)
+    if not table:
+        return None
+    labels, notes = match_labels(table, names, where, num_used=count)
+    for note in notes:
+        click.echo(f'Note: {note}')
+    return labels
+
+
+def _folder_classes(root: str, names: list[str], class_order: Optional[str]) -> Optional[list[int]]:
+    """Class of every image from the top-level folder it sits in (files directly under root form the class "").
+
+    Classes are numbered in text order of the folder names, as the original tool did, or with
+    ``class_order='numeric'`` in order of the numbers the folders are named by; one class means no labels.
+    The folder -> class mapping is printed.
+    """
+    class_of = [name.split('/', 1)[0] if '/' in name else '' for name in names]
+    folders = sorted(set(class_of))
+    if len(folders) < 2:
+        return None
+    numbers: dict[str, int] = {}
+    for folder in folders:
+        if re.fullmatch(r'[+-]?\d+', folder):
+            numbers[folder] = int(folder)
+    if class_order == 'numeric':
+        odd = [f for f in folders if f not in numbers]
+        if odd:
+            what = f'files directly in {root}' if odd[0] == '' else f'the folder {odd[0]!r}'
+            raise click.ClickException(f'--class-order=numeric: {what} of --source {root} is not named by a '
+                                       f'number; expected only top-level folders named 0, 1, 2, ...')
+        if len(set(numbers.values())) < len(numbers):
+            raise click.ClickException(f'--class-order=numeric: two top-level folders of {root} name the same number '
+                                       f'({", ".join(repr(f) for f in folders)})')
+        folders.sort(key=numbers.__getitem__)
+    class_ids = {folder: k for k, folder in enumerate(folders)}
+    mapping = ', '.join(f'{folder or "(files at the top)"} -> {k}' for folder, k in class_ids.items())
+    click.echo(f'Classes from the top-level folders of {root} ({class_order or "text"} order): {mapping}')
+    if class_order != 'numeric' and len(numbers) == len(folders) and folders != sorted(folders, key=numbers.get):
+        click.echo('Note: the folders are named by numbers but classes follow their text order (as the original '
+                   'tool); --class-order=numeric numbers them by value')
+    return [class_ids[cls] for cls in class_of]
+
+
+def _scan_headers(wheres: list[str], opener: Callable[[int], Any]) -> list[ImageHeader]:
+    """Header of every image (size, channels after conversion): reads no pixels, fails on the first bad file."""
+    return [read_image_header(opener(k), where) for k, where in enumerate(wheres)]
+
+
+def open_image_folder(root: str, max_images: Optional[int], class_order: Optional[str] = None) -> Source:
     """Every image under ``root`` (recursively) in sorted path order, with labels from dataset.json or folders."""
     paths = [path for path in sorted(Path(root).rglob('*')) if has_image_extension(path) and path.is_file()]
     names = [os.path.relpath(path, root).replace('\\', '/') for path in paths]
     count = _limit(len(paths), max_images)
 
-    labels: dict[str, Any] = {}
+    labels = None
     labels_path = os.path.join(root, LABELS_FILE)
     if os.path.isfile(labels_path):
         with open(labels_path, 'rb') as stream:
-            labels = read_labels_json(stream, labels_path)
-    if not labels:
-        # Without explicit labels, the top-level folder an image sits in is its class (files directly under
-        # root form the class ""); classes are numbered in sorted order, and one class means no labels.
-        class_of = [name.split('/', 1)[0] if '/' in name else '' for name in names]
-        class_ids = {cls: k for k, cls in enumerate(sorted(set(class_of)))}
-        if len(class_ids) >= 2:
-            labels = {name: class_ids[cls] for name, cls in zip(names, class_of)}
+            labels = _labels_from_json(stream.read(), labels_path, names, count)
+        if labels is not None and class_order is not None:
+            raise click.UsageError(f'--class-order applies to labels from class folders, but {labels_path} '
+                                   f'gives the labels')
+    if labels is None:
+        labels = _folder_classes(root, names, class_order)
+
+    wheres = [str(path) for path in paths[:count]]
+    headers = _scan_headers(wheres, lambda k: paths[k])
+    channels = dataset_channels(headers)
 
     def generate() -> Iterator[SourceImage]:
-        for path, name in zip(paths[:count], names[:count]):
-            yield SourceImage(decode_image(path, str(path)), labels.get(name))
-    return Source(count, generate())
+        for k, path in enumerate(paths[:count]):
+            yield SourceImage(decode_image(path, wheres[k], channels), None if labels is None else labels[k], wheres[k])
+    return Source(count, generate(), headers, wheres)
 
 
 def open_image_zip(archive: str, max_images: Optional[int]) -> Source:
@@ -162,23 +189,26 @@ def open_image_zip(archive: str, max_images: Optional[int]) -> Source:
     try:
         with zipfile.ZipFile(archive) as zf:
             members = sorted(name for name in zf.namelist() if has_image_extension(name))
-            labels: dict[str, Any] = {}
+            labels = None
+            count = _limit(len(members), max_images)
             if LABELS_FILE in zf.namelist():
-                with zf.open(LABELS_FILE) as stream:
-                    labels = read_labels_json(stream, f'{archive}:{LABELS_FILE}')
-    except (zipfile.BadZipFile, OSError) as err:
+                labels = _labels_from_json(zf.read(LABELS_FILE), f'{archive}:{LABELS_FILE}', members, count)
+            wheres = [f'{archive}:{member}' for member in members[:count]]
+            headers = _scan_headers(wheres, lambda k: zf.open(members[k]))
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as err:
         raise click.ClickException(f'--source {archive}: not a readable ZIP archive ({err})') from None
-    count = _limit(len(members), max_images)
+    channels = dataset_channels(headers)
 
     def generate() -> Iterator[SourceImage]:
         with zipfile.ZipFile(archive) as zf:
-            for member in members[:count]:
+            for k, member in enumerate(members[:count]):
                 try:
                     data = zf.read(member)
-                except (zipfile.BadZipFile, OSError, EOFError) as err:
-                    raise click.ClickException(f'{archive}:{member}: cannot read member ({err})') from None
-                yield SourceImage(decode_image(io.BytesIO(data), f'{archive}:{member}'), labels.get(member))
-    return Source(count, generate())
+                except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as err:
+                    raise click.ClickException(f'{wheres[k]}: cannot read member ({err})') from None
+                yield SourceImage(decode_image(data, wheres[k], channels), None if labels is None else labels[k],
+                                  wheres[k])
+    return Source(count, generate(), headers, wheres)
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):
@@ -210,7 +240,7 @@ def open_cifar10(tarball: str, max_images: Optional[int]) -> Source:
     if len(labels) != len(images):
         raise click.ClickException(f'--source {tarball}: {len(images)} images but {len(labels)} labels')
     count = _limit(len(images), max_images)
-    return Source(count, (SourceImage(images[k], int(labels[k])) for k in range(count)))
+    return Source(count, (SourceImage(images[k], int(labels[k]), f'{tarball}[{k}]') for k in range(count)))
 
 
 def _read_idx_file(path: str, magic: int, header_ints: int) -> tuple[list[int], np.ndarray]:
@@ -241,7 +271,7 @@ def open_mnist(images_gz: str, max_images: Optional[int]) -> Source:
     border = ((0, 0), (MNIST_BORDER, MNIST_BORDER), (MNIST_BORDER, MNIST_BORDER))
     images = np.pad(pixels.reshape(num, rows, cols), border, mode='constant', constant_values=0)
     count = _limit(num, max_images)
-    return Source(count, (SourceImage(images[k], int(labels[k])) for k in range(count)))
+    return Source(count, (SourceImage(images[k], int(labels[k]), f'{images_gz}[{k}]') for k in range(count)))
 
 
 def open_lsun(lmdb_dir: str, max_images: Optional[int]) -> Source:
@@ -267,8 +297,8 @@ def open_lsun(lmdb_dir: str, max_images: Optional[int]) -> Source:
             bgr = cv2.imdecode(np.frombuffer(value, dtype=np.uint8), cv2.IMREAD_COLOR)
             if bgr is not None:
                 return bgr[:, :, ::-1]
-        with PIL.Image.open(io.BytesIO(value)) as image:
-            return image_to_array(image)
+        # Like cv2's IMREAD_COLOR, always three channels.
+        return decode_image(value, f'{lmdb_dir} record', channels=3)
 
     def generate() -> Iterator[SourceImage]:
         with open_txn() as txn:
@@ -281,16 +311,20 @@ def open_lsun(lmdb_dir: str, max_images: Optional[int]) -> Source:
                 except (OSError, ValueError, SyntaxError) as err:
                     tqdm.write(f'{lmdb_dir}: skipping record {bytes(key)!r}: cannot decode image ({err})', file=sys.stderr)
                     continue
-                yield SourceImage(pixels, None)
+                yield SourceImage(pixels, None, f'{lmdb_dir}:{bytes(key).decode("utf8", "replace")}')
     return Source(count, generate())
 
 
-def open_source(source: str, max_images: Optional[int]) -> Source:
+def open_source(source: str, max_images: Optional[int], class_order: Optional[str] = None) -> Source:
     """Pick the reader from what --source names."""
+    is_folder = os.path.isdir(source) and not source.rstrip('/\\').endswith(LSUN_DIR_SUFFIX)
+    if class_order is not None and not is_folder:
+        raise click.UsageError(f'--class-order applies to image folders labelled by their top-level folders, '
+                               f'not to --source {source}')
+    if is_folder:
+        return open_image_folder(source, max_images, class_order)
     if os.path.isdir(source):
-        if source.rstrip('/\\').endswith(LSUN_DIR_SUFFIX):
-            return open_lsun(source, max_images)
-        return open_image_folder(source, max_images)
+        return open_lsun(source, max_images)
     if not os.path.isfile(source):
         raise click.ClickException(f'--source {source}: no such file or directory')
     base = os.path.basename(source)
@@ -311,10 +345,6 @@ def open_source(source: str, max_images: Optional[int]) -> Source:
 
 def _resize(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.array(PIL.Image.fromarray(pixels).resize(size, PIL.Image.Resampling.LANCZOS))
-
-
-def _as_rgb(pixels: np.ndarray) -> np.ndarray:
-    return np.repeat(pixels[:, :, np.newaxis], 3, axis=2) if pixels.ndim == 2 else pixels
 
 
 Transform = Callable[[np.ndarray], Optional[np.ndarray]]
@@ -339,7 +369,7 @@ def make_transform(kind: Optional[str], resolution: Optional[tuple[int, int]]) -
             height, width = pixels.shape[:2]
             side = min(height, width)
             top, left = (height - side) // 2, (width - side) // 2
-            return _resize(_as_rgb(pixels[top:top + side, left:left + side]), (out_w, out_h))
+            return _resize(gray_to_rgb(pixels[top:top + side, left:left + side]), (out_w, out_h))
         return crop_square
 
     if kind == 'center-crop-wide':
@@ -352,7 +382,7 @@ def make_transform(kind: Optional[str], resolution: Optional[tuple[int, int]]) -
             if width < out_w or band < out_h:
                 return None
             top = (height - band) // 2
-            strip = _resize(_as_rgb(pixels[top:top + band]), (out_w, out_h))
+            strip = _resize(gray_to_rgb(pixels[top:top + band]), (out_w, out_h))
             canvas = np.zeros((out_w, out_w, 3), dtype=np.uint8)
             offset = (out_w - out_h) // 2
             canvas[offset:offset + out_h] = strip
@@ -460,17 +490,13 @@ def open_destination(dest: str, overwrite: bool) -> ZipDestination | FolderDesti
 # Conversion.
 
 
-def _shape_text(pixels: np.ndarray) -> str:
-    channels = pixels.shape[2] if pixels.ndim == 3 else 1
-    return f'{pixels.shape[1]}x{pixels.shape[0]} with {channels} channel(s)'
+RESIZE_HINT = 'use --resolution=WxH to resize every image to one size (--transform=center-crop crops them square first)'
 
 
 def _check_first_image(pixels: np.ndarray, name: str) -> None:
-    """The first written image fixes the dataset's geometry; it must be square, power-of-two, gray or RGB."""
+    """The first written image fixes the dataset's geometry; it must be square with a power-of-two side (every
+    source gives grayscale or RGB pixels)."""
     height, width = pixels.shape[:2]
-    channels = pixels.shape[2] if pixels.ndim == 3 else 1
-    if channels not in (1, 3):
-        raise click.ClickException(f'{name}: images must be grayscale or RGB, got {channels} channels')
     if width != height:
         raise click.ClickException(f'{name}: images must be square after --transform/--resolution, got {width}x{height}')
     if width & (width - 1) != 0:
@@ -478,13 +504,16 @@ def _check_first_image(pixels: np.ndarray, name: str) -> None:
 
 
 def convert_dataset(source: str, dest: str, max_images: Optional[int] = None, transform: Optional[str] = None,
-                    resolution: Optional[tuple[int, int]] = None, overwrite: bool = False) -> int:
+                    resolution: Optional[tuple[int, int]] = None, overwrite: bool = False,
+                    class_order: Optional[str] = None) -> int:
     """Convert ``source`` into a dataset at ``dest``; returns the number of images written."""
     PIL.Image.init()
     transform_fn = make_transform(transform, resolution)
-    data = open_source(source, max_images)
+    data = open_source(source, max_images, class_order)
     if data.num_images == 0:
         raise click.ClickException(f'--source {source}: no images found')
+    if data.headers is not None and transform is None and resolution is None:
+        check_same_size(data.headers, data.wheres, RESIZE_HINT)  # before anything is written
 
     target = open_destination(dest, overwrite)
     try:
@@ -496,19 +525,25 @@ def convert_dataset(source: str, dest: str, max_images: Optional[int] = None, tr
             if pixels is None:
                 continue
             if reference is None:
-                _check_first_image(pixels, name)
-                reference = pixels
-            elif pixels.shape != reference.shape:
+                _check_first_image(pixels, item.where)
+                reference, first = pixels, item.where
+            if pixels.shape[:2] != reference.shape[:2]:
                 raise click.ClickException(
-                    f'{name}: image is {_shape_text(pixels)} but earlier images are {_shape_text(reference)}; '
-                    f'use --resolution=WxH (and --transform) to give all images one size')
+                    f'{item.where}: image is {pixels.shape[1]}x{pixels.shape[0]} but {first} is '
+                    f'{reference.shape[1]}x{reference.shape[0]}; {RESIZE_HINT}')
+            if pixels.ndim < reference.ndim:
+                pixels = gray_to_rgb(pixels)  # grayscale in a colour dataset
+            elif pixels.ndim > reference.ndim:
+                raise click.ClickException(
+                    f'{item.where}: image is colour but {first} and the images before it are grayscale; expected '
+                    f'one kind (--transform=center-crop makes every image RGB)')
             png = io.BytesIO()
             PIL.Image.fromarray(pixels).save(png, **PNG_SAVE_OPTIONS)
             target.write(name, png.getvalue())
             labels.append(None if item.label is None else [name, item.label])
         if reference is None:
             raise click.ClickException(f'--source {source}: every image was skipped by --transform={transform}')
-        # One unlabelled image makes the whole dataset unlabelled.
+        # Sources label every image or none (a dataset.json that misses images is an error when it is read).
         complete = all(entry is not None for entry in labels)
         target.write(LABELS_FILE, json.dumps({'labels': labels if complete else None}))
         target.commit()
@@ -552,8 +587,10 @@ def main() -> None:
 @click.option('--transform', help='Crop mode before resizing', type=click.Choice(TRANSFORMS))
 @click.option('--resolution', help='Output size, e.g. 64x64', metavar='WxH', callback=_resolution_option)
 @click.option('--overwrite', help='Replace an existing non-empty --dest', is_flag=True)
+@click.option('--class-order', help='Class numbers of label folders: text order of their names (the original\'s) or '
+              'numeric order  [default: text]', type=click.Choice(CLASS_ORDERS))
 def convert(source: str, dest: str, max_images: Optional[int], transform: Optional[str],
-            resolution: Optional[tuple[int, int]], overwrite: bool) -> None:
+            resolution: Optional[tuple[int, int]], overwrite: bool, class_order: Optional[str]) -> None:
     """Convert images into a dataset folder or ZIP of uncompressed PNGs plus dataset.json.
 
     \b
@@ -564,8 +601,16 @@ def convert(source: str, dest: str, max_images: Optional[int], transform: Option
       train-images-idx3-ubyte.gz    MNIST (labels read from train-labels-idx1-ubyte.gz), padded to 32x32
       name_lmdb/                    LSUN LMDB folder (needs `pip install lmdb`)
 
-    Labels come from a dataset.json at the root of a folder or ZIP source ({"labels": [[name, label], ...]}).
-    A folder without one is labelled by its top-level subfolders when there are at least two.
+    Labels come from a dataset.json at the root of a folder or ZIP source ({"labels": [[name, label], ...]},
+    names relative to that root; "./a.png", "a\\b.png" and names relative to another folder are matched when
+    unambiguous). Every image needs a label and every entry an image, else nothing is written. A folder
+    without a dataset.json is labelled by its top-level subfolders when there are at least two, numbered in
+    text order of the folder names ("10" before "2", as the original tool) or, with --class-order=numeric,
+    by the numbers they are named by; the folder -> class mapping is printed.
+
+    Image modes: 1-bit, palette, CMYK/YCbCr/HSV/LAB become grayscale or RGB; alpha is composited over black;
+    16-bit grayscale (I;16, and I from older Pillow) keeps its high byte (v >> 8); 32-bit float (F) is refused.
+    Grayscale images among colour ones are stored as RGB. All headers are checked before anything is written.
 
     Output images must be square with a power-of-two side and all of one size: use --resolution to resize,
     and --transform=center-crop (square crop) or center-crop-wide (crop to the WxH aspect ratio and letterbox
@@ -574,8 +619,11 @@ def convert(source: str, dest: str, max_images: Optional[int], transform: Option
     The output is written under a temporary name and renamed at the end, so an interrupted run leaves no
     partial dataset; an existing non-empty --dest is only replaced with --overwrite.
     """
-    convert_dataset(source, dest, max_images=max_images, transform=transform, resolution=resolution,
-                    overwrite=overwrite)
+    try:
+        convert_dataset(source, dest, max_images=max_images, transform=transform, resolution=resolution,
+                        overwrite=overwrite, class_order=class_order)
+    except DatasetError as err:
+        raise click.ClickException(str(err)) from None
 
 
 if __name__ == '__main__':

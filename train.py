@@ -179,6 +179,18 @@ def _describe_dataset(c: dnnlib.EasyDict, opts: dnnlib.EasyDict) -> str:
     return name
 
 
+def _check_depth(c: dnnlib.EasyDict, opts: dnnlib.EasyDict) -> None:
+    """The U-Net's levels (--cres) must fit the dataset's resolution (training.networks.check_unet_depth)."""
+    from training.networks import check_unet_depth
+    try:
+        check_unet_depth(c.dataset_kwargs.resolution, c.network_kwargs.channel_mult)
+    except ValueError as err:
+        cres = ','.join(map(str, c.network_kwargs.channel_mult))
+        source = '' if opts.cres is not None else f' (the default of --arch={opts.arch})'
+        raise click.UsageError(f'--cres={cres}{source} does not fit the {opts.data} images: {err}; give '
+                               f'--cres fewer entries or resize the images') from None
+
+
 def _precision(opts: dnnlib.EasyDict) -> str:
     """fp32, fp16 or bf16 from --precision, or from the original --fp16 flag."""
     return opts.precision or ('fp16' if opts.fp16 else 'fp32')
@@ -233,6 +245,7 @@ def build_config(opts: dnnlib.EasyDict, world: int) -> tuple[dnnlib.EasyDict, st
     for flag, key in NETWORK_OVERRIDES:
         if opts[flag] is not None:
             c.network_kwargs[key] = opts[flag]
+    _check_depth(c, opts)
     if opts.augment:
         c.augment_kwargs = dnnlib.EasyDict(class_name='training.augment.AugmentPipe', p=opts.augment,
                                            **AUGMENT_SETTINGS)

@@ -161,13 +161,14 @@ def test_folder_labels_from_dataset_json_and_from_folders(tmp_path: Path) -> Non
     _, labels, _ = read_dataset(tmp_path / 'folders.zip')
     assert [label for _, label in json.loads(labels)['labels']] == [1, 2, 0]  # a/deep/1, b/0, root
 
-    # An explicit dataset.json wins; an image it does not mention makes the output unlabelled.
+    # An explicit dataset.json wins; an image it does not mention is an error (the original dropped all labels).
     (tmp_path / 'f' / 'dataset.json').write_text(json.dumps({'labels': [['b/0.png', 7], ['root.png', 3], ['a/deep/1.png', 5]]}))
     convert([f'--source={tmp_path / "f"}', f'--dest={tmp_path / "json.zip"}'])
     assert [label for _, label in json.loads(read_dataset(tmp_path / 'json.zip')[1])['labels']] == [5, 7, 3]
     (tmp_path / 'f' / 'dataset.json').write_text(json.dumps({'labels': [['b/0.png', 7]]}))
-    convert([f'--source={tmp_path / "f"}', f'--dest={tmp_path / "partial.zip"}'])
-    assert json.loads(read_dataset(tmp_path / 'partial.zip')[1]) == {'labels': None}
+    fails_with([f'--source={tmp_path / "f"}', f'--dest={tmp_path / "partial.zip"}'],
+               r"dataset\.json: 2 of 3 images have no label \(e.g. 'a/deep/1.png', 'root.png'\)")
+    assert not (tmp_path / 'partial.zip').exists()
 
     # A single top-level folder is not a labelling.
     save_png(tmp_path / 'one' / 'only' / '0.png', random_pixels(3, 4, 4))
@@ -321,19 +322,20 @@ def test_corrupt_image_is_named_and_leaves_no_output(tmp_path: Path) -> None:
     (src / 'c.png').write_bytes(b'definitely not a png')
     proc = run_python([TOOL, f'--source={src}', f'--dest={tmp_path / "out.zip"}'], cwd=tmp_path, check=False)
     assert proc.returncode == 1
-    assert re.search(r'Error: .*b\.png: cannot read image', proc.stderr) and 'Traceback' not in proc.stderr
-    assert leftover_entries(tmp_path) == ['src']  # the partial archive was removed
-
-    (src / 'b.png').unlink()
-    fails_with([f'--source={src}', f'--dest={tmp_path / "out"}'], r'c\.png: cannot read image')
+    # c.png has no readable header, which the scan before writing finds; b.png fails only when decoded.
+    assert re.search(r'Error: .*c\.png: cannot read image', proc.stderr) and 'Traceback' not in proc.stderr
     assert leftover_entries(tmp_path) == ['src']
+
+    (src / 'c.png').unlink()
+    fails_with([f'--source={src}', f'--dest={tmp_path / "out"}'], r'b\.png: cannot read image')
+    assert leftover_entries(tmp_path) == ['src']  # the partial dataset was removed
 
 
 def test_different_sizes_need_resolution(tmp_path: Path) -> None:
     save_png(tmp_path / 's' / 'a.png', random_pixels(0, 8, 8))
     save_png(tmp_path / 's' / 'b.png', random_pixels(1, 16, 16))
     fails_with([f'--source={tmp_path / "s"}', f'--dest={tmp_path / "o.zip"}'],
-               r'img00000001.png: image is 16x16 .* earlier images are 8x8 .*--resolution')
+               r's/b\.png: image is 16x16 but .*s/a\.png is 8x8; use --resolution=WxH')
     assert convert([f'--source={tmp_path / "s"}', f'--dest={tmp_path / "o.zip"}', '--resolution=8x8']).exit_code == 0
     assert all(p.shape == (8, 8, 3) for p in read_dataset(tmp_path / 'o.zip')[2].values())
 

@@ -436,7 +436,7 @@ def test_mixed_sizes_and_broken_files(golden_dir, tmp_path, workers):
     kwargs = dict(num_expected=4, max_batch_size=2, num_workers=workers, device='cpu', detector=detector)
     mixed = tmp_path / 'mixed'
     _write_pngs(mixed, [16, 16, 8, 16])
-    with pytest.raises(click.ClickException, match=r'000002.png: image is 3x8x8 \(CxHxW\) but .* 3x16x16') as info:
+    with pytest.raises(click.ClickException, match=r'000002.png: image is 8x8 but .*000000.png is 16x16') as info:
         fid.calculate_inception_stats(str(mixed), **kwargs)
     assert '\n' not in info.value.message and 'Traceback' not in info.value.message
 

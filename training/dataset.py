@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import array
 import io
-import json
 import os
+import re
 import struct
 import zipfile
 import zlib
@@ -25,15 +25,13 @@ import PIL.Image
 import torch
 
 import dnnlib
+from training.dataset_files import (LABELS_FILE, DatasetError, ImageHeader, check_same_size, dataset_channels,
+                                    decode_image, match_labels, parse_labels_json, read_image_header)
 
-LABELS_FILE = 'dataset.json'
 SUBSET_SEED_MODULUS = 1 << 31  # max_size seeds wrap like this so that any integer seed is accepted
-_NO_LABEL = object()
-
-
-class DatasetError(ValueError):
-    """Dataset content that cannot be used; the message names the path and what was expected."""
-
+# Members named like dataset_tool.py's output come from an archive whose images it made uniform.
+DATASET_TOOL_MEMBER = re.compile(rb'\d{5}/img\d{8}\.png')
+HEADER_READ_BYTES = 1 << 16  # enough for the header of nearly every image file; larger ones are read whole
 
 # ----------------------------------------------------------------------------
 # ZIP archives read through their central directory.
@@ -176,10 +174,13 @@ class ZipMembers:
         os.lseek(self._fd, offset, os.SEEK_SET)  # platforms without pread use spawned workers: no shared offsets
         return os.read(self._fd, size)
 
-    def read(self, member: int) -> bytes:
-        """Uncompressed bytes of the member at position ``member``."""
+    def read(self, member: int, limit: Optional[int] = None) -> bytes:
+        """Uncompressed bytes of the member at position ``member``; only the first ``limit`` bytes (or fewer)
+        when given, which for stored members also limits what is read from disk."""
         offset, size = int(self._offsets[member]), int(self._sizes[member])
         method, flag = int(self._methods[member]), int(self._flags[member])
+        if limit is not None and method == _STORED:
+            size = min(size, limit)
         if flag & _FLAG_ENCRYPTED:
             raise DatasetError(f'{self._where(member)}: encrypted ZIP members are not supported')
         block = self._read_at(offset, _LOCAL_HEADER.size + size + _LOCAL_READ_SLACK)
@@ -196,6 +197,8 @@ class ZipMembers:
             return data
         if method == _DEFLATED:
             try:
+                if limit is not None:
+                    return zlib.decompressobj(-zlib.MAX_WBITS).decompress(data, limit)
                 return zlib.decompress(data, -zlib.MAX_WBITS)
             except zlib.error as err:
                 raise DatasetError(f'{self._where(member)}: corrupt compressed data ({err})') from None
@@ -420,21 +423,18 @@ class ImageDataset(torch.utils.data.Dataset):
 # Images stored in a ZIP archive or a directory tree.
 
 
-def _pixels_of(image: PIL.Image.Image) -> np.ndarray:
-    """HW or HWC uint8 array; palette and bilevel images are expanded to the colours they show."""
-    if image.mode == '1':
-        image = image.convert('L')
-    elif image.mode == 'P':
-        image = image.convert('RGBA' if 'transparency' in image.info else 'RGB')
-    return np.asarray(image)
-
-
 Dataset = ImageDataset  # the original's name for the base class
 
 
 class ImageFolderDataset(ImageDataset):
     """Images (any format PIL reads, found recursively, in sorted name order) of a directory or ZIP archive,
-    with labels from ``dataset.json`` at its root when ``use_labels`` is set."""
+    with labels from ``dataset.json`` at its root when ``use_labels`` is set.
+
+    Pixels are converted as ``dataset_tool.py`` converts them (``training/dataset_files.py``: 16-bit to 8-bit,
+    alpha over black, palette/CMYK to RGB; grayscale repeated to RGB when other images are colour). A directory
+    or a ZIP of raw images is checked image by image from the headers when opened (readable, convertible mode,
+    one size); an archive whose members are named like dataset_tool.py's output only by its first image.
+    """
 
     def __init__(self,
         path: str | os.PathLike,        # Directory or .zip archive.
@@ -485,14 +485,25 @@ class ImageFolderDataset(ImageDataset):
             raise DatasetError(f'{self._path}: no image files found (expected PNG/JPEG/... files, as written by '
                                f'dataset_tool.py)')
 
-        first = self._load_raw_image(0)
-        if first.dtype != np.uint8:
-            raise DatasetError(f'{self._describe(0)}: expected 8-bit pixels, got {first.dtype}')
-        if resolution is not None and first.shape[1:] != (resolution, resolution):
-            raise DatasetError(f'{self._path}: images are {first.shape[2]}x{first.shape[1]} (e.g. '
+        self._channels: Optional[int] = None
+        if self._type == 'zip' and all(DATASET_TOOL_MEMBER.fullmatch(n) for n in names.tolist()):
+            # dataset_tool.py's archives are uniform by construction: the first image sets the shape.
+            first = self._load_raw_image(0)
+            self._channels, shape = first.shape[0], first.shape
+        else:
+            # Raw folders (and other archives) may hold anything: every image's header is read now, without
+            # decoding, so that a mode without conversion or a size that differs is reported before training
+            # starts rather than when the image is first drawn.
+            headers = [self._read_header(k) for k in range(names.size)]
+            check_same_size(headers, [self._describe(k) for k in range(len(headers))],
+                            'expected images of one size (dataset_tool.py --resolution=WxH resizes them)')
+            self._channels = dataset_channels(headers)
+            shape = (self._channels, headers[0].height, headers[0].width)
+        if resolution is not None and shape[1:] != (resolution, resolution):
+            raise DatasetError(f'{self._path}: images are {shape[2]}x{shape[1]} (e.g. '
                                f'{self._image_name(0)}) but resolution={resolution} was requested')
         name = os.path.splitext(os.path.basename(os.path.normpath(self._path)))[0]
-        super().__init__(name=name, raw_shape=[names.size, *first.shape], max_size=max_size, use_labels=use_labels,
+        super().__init__(name=name, raw_shape=[names.size, *shape], max_size=max_size, use_labels=use_labels,
                          xflip=xflip, random_seed=random_seed, cache=cache)
         self._labels_blob = None  # parsed by now
 
@@ -502,6 +513,18 @@ class ImageFolderDataset(ImageDataset):
     def _describe(self, raw_idx: int) -> str:
         return f'{self._path}:{self._image_name(raw_idx)}'
 
+    def _read_header(self, raw_idx: int) -> ImageHeader:
+        if self._type == 'dir':
+            return read_image_header(os.path.join(self._path, os.fsdecode(self._image_names[raw_idx])),
+                                     self._describe(raw_idx))
+        head = self._zip.read(raw_idx, limit=HEADER_READ_BYTES)
+        try:
+            return read_image_header(io.BytesIO(head), self._describe(raw_idx))
+        except DatasetError:
+            if len(head) < HEADER_READ_BYTES:
+                raise
+            return read_image_header(io.BytesIO(self._zip.read(raw_idx)), self._describe(raw_idx))
+
     def _read_bytes(self, raw_idx: int) -> bytes:
         if self._type == 'zip':
             return self._zip.read(raw_idx)
@@ -509,41 +532,26 @@ class ImageFolderDataset(ImageDataset):
             return stream.read()
 
     def _load_raw_image(self, raw_idx: int) -> np.ndarray:
-        try:
-            with PIL.Image.open(io.BytesIO(self._read_bytes(raw_idx))) as image:
-                pixels = _pixels_of(image)
-        except (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError) as err:
-            raise DatasetError(f'{self._describe(raw_idx)}: cannot read image ({err})') from None
+        pixels = decode_image(self._read_bytes(raw_idx), self._describe(raw_idx), self._channels)
         if pixels.ndim == 2:
             return pixels[np.newaxis]  # HW -> 1HW
         return pixels.transpose(2, 0, 1)  # HWC -> CHW
 
     def _load_raw_labels(self) -> np.ndarray:
+        where = os.path.join(self._path, LABELS_FILE)
         if not self._has_labels_file:
-            raise DatasetError(f'{self._path}: use_labels=True but there is no {LABELS_FILE}')
+            raise DatasetError(f'{self._path}: there is no {LABELS_FILE} with labels (train.py does not read class '
+                               f'subfolders as labels; dataset_tool.py --source=FOLDER makes a labelled dataset)')
         if self._type == 'zip':
             blob = self._labels_blob
         else:
-            with open(os.path.join(self._path, LABELS_FILE), 'rb') as stream:
+            with open(where, 'rb') as stream:
                 blob = stream.read()
-        where = os.path.join(self._path, LABELS_FILE)
-        try:
-            entries = json.loads(blob)['labels']
-            table = {str(name).replace('\\', '/'): label for name, label in (entries or [])}
-        except (ValueError, KeyError, TypeError) as err:
-            raise DatasetError(f'{where}: expected {{"labels": [[name, label], ...]}} ({type(err).__name__}: {err})') from None
-        if entries is None:
-            raise DatasetError(f'{where}: use_labels=True but the file has "labels": null')
-
-        labels = []
-        for raw_idx in range(self._image_names.size):
-            label = table.pop(self._image_name(raw_idx), _NO_LABEL)
-            if label is _NO_LABEL:
-                raise DatasetError(f'{where}: no label for image {self._image_name(raw_idx)}')
-            labels.append(label)
-        if table:
-            raise DatasetError(f'{where}: {len(table)} label(s) for files that are not images of the dataset, '
-                               f'e.g. {next(iter(table))!r}')
+        table = parse_labels_json(blob, where)
+        if table is None:
+            raise DatasetError(f'{where}: "labels": null, the dataset was made without labels (dataset_tool.py '
+                               f'labels from a dataset.json or at least two class subfolders in its source)')
+        labels, _notes = match_labels(table, [self._image_name(k) for k in range(self._image_names.size)], where)
         try:
             array = np.array(labels)
         except ValueError as err:

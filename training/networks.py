@@ -438,6 +438,30 @@ def _maybe_drop_labels(module, labels, batch, device):
     return labels * keep.to(labels.dtype)
 
 
+def check_unet_depth(img_resolution: int, channel_mult) -> None:
+    """Raise ValueError unless a U-Net with ``len(channel_mult)`` levels can process ``img_resolution``-sided images.
+
+    Both U-Nets enter every level after the first through a stride-2 down-sampling, which maps a side s to
+    floor(s / 2), and leave it through an up-sampling that doubles the side back before the encoder's skip
+    connection of that level is concatenated. The two sides agree only if s was even, so the side must stay even
+    through all ``len(channel_mult) - 1`` halvings: ``img_resolution`` a multiple of 2**(levels - 1) (any such
+    side works, powers of two or not; the lowest level may be 1x1).
+    """
+    halvings = len(channel_mult) - 1
+    multiple = 1 << max(halvings, 0)
+    if img_resolution < 1:
+        raise ValueError(f'the image side must be a positive integer, got {img_resolution}')
+    if img_resolution % multiple == 0:
+        return
+    sides, side = [str(img_resolution)], img_resolution
+    while len(sides) <= halvings and side % 2 == 0 and side > 0:
+        side //= 2
+        sides.append(str(side))
+    raise ValueError(f'{len(channel_mult)} resolution levels halve the image side {halvings} times, so it must be a '
+                     f'multiple of {multiple}, but {img_resolution}x{img_resolution} images give sides '
+                     f'{" -> ".join(sides)}, which is odd before the next halving')
+
+
 def _levels(img_resolution, channel_mult):
     """(level, multiplier, 'RxR' name prefix) for every resolution level, finest first."""
     for level in range(len(channel_mult)):
@@ -503,6 +527,7 @@ class SongUNet(nn.Module):
                                      (decoder_type, ('standard', 'skip'), 'decoder_type')):
             if value not in allowed:
                 raise ValueError(f'SongUNet: {what} must be one of {allowed}, got {value!r}')
+        check_unet_depth(img_resolution, channel_mult)
         super().__init__()
         self.label_dropout = float(label_dropout)
         emb_width = model_channels * channel_mult_emb
@@ -643,6 +668,7 @@ class DhariwalUNet(nn.Module):
                  dropout=0.10,                    # Dropout inside the residual blocks.
                  label_dropout=0,                 # Probability of dropping the class label while training.
                  ):
+        check_unet_depth(img_resolution, channel_mult)
         super().__init__()
         self.label_dropout = float(label_dropout)
         emb_width = model_channels * channel_mult_emb
