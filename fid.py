@@ -30,6 +30,7 @@ import dnnlib
 import generate
 from torch_utils import distributed as dist
 from torch_utils import host_memory
+from training import manifest as manifest_lib
 from training import sampler as sampling
 from training.dataset import DatasetError, ImageFolderDataset
 
@@ -333,6 +334,17 @@ def open_image_dataset(image_path: str, num_expected: Optional[int] = None, seed
     return dataset
 
 
+def check_single_origin(image_path: str, flag: str = '--images') -> None:
+    """One line, and no FID, for a folder or ZIP that pools images made by different runs or settings."""
+    try:
+        manifest_lib.check_single_origin(image_path)
+    except manifest_lib.ManifestError as err:
+        raise click.ClickException(f'{flag} {err}; evaluate each folder separately (pooling gives an FID of '
+                                   f'neither), or add --allow-mixed') from None
+    except (OSError, zipfile.BadZipFile) as err:
+        raise click.ClickException(f'{flag} {image_path}: cannot list its files ({err})') from None
+
+
 def calculate_inception_stats(image_path: str, num_expected: Optional[int] = None, seed: int = 0,
                               max_batch_size: int = 64, num_workers: int = 3, prefetch_factor: int = 2,
                               device: Optional[torch.device | str] = None,
@@ -551,16 +563,20 @@ def _numbered_stats_path(stats_path: Optional[str], index: int, repeats: int) ->
               show_default=True)
 @click.option('--batch', help='Maximum batch size', metavar='INT', type=click.IntRange(min=1), default=64,
               show_default=True)
+@click.option('--allow-mixed', 'allow_mixed', is_flag=True,
+              help='Pool images whose folders were made by different runs or settings (refused otherwise)')
 @_report_options
 @_workers_option
 @_detector_options
 def calc(image_path: str, ref_path: Optional[str], num_expected: int, seed: int, batch: int, repeat: int,
          stats_path: Optional[str], jsonl_path: Optional[str], detector_path: Optional[str], num_workers: int,
-         device: Optional[str]) -> None:
+         device: Optional[str], allow_mixed: bool) -> None:
     """FID of a folder or ZIP of images.
 
     Exactly --num images are used: a --seed-selected subset when there are more, an error when there are fewer.
     With --repeat=K the subset seeds are --seed, --seed+1, ..., which needs more images than --num.
+    Images of several origins (subfolders whose manifests record different settings, or folders without
+    manifest such as the PFGM++ fork's ckpt_* folders) are refused unless --allow-mixed: evaluate one folder each.
     """
     if ref_path is None and stats_path is None:
         raise click.UsageError('give --ref to compute an FID, --save-stats to keep the statistics, or both')
@@ -569,6 +585,8 @@ def calc(image_path: str, ref_path: Optional[str], num_expected: int, seed: int,
     with _session(device) as device_obj:
         ref = _load_ref_on_main(ref_path)
         open_image_dataset(image_path, num_expected=num_expected)  # look at the images before a long download
+        if not allow_mixed:
+            generate.on_main_rank(lambda: check_single_origin(image_path))
         if repeat > 1:
             available = len(open_image_dataset(image_path))
             if available <= num_expected:

@@ -8,7 +8,7 @@ PFGM++ paper (noise injection, weight quantization, step-count sweeps).
 
 from __future__ import annotations
 
-import json
+import functools
 import math
 import os
 import sys
@@ -26,6 +26,7 @@ import dnnlib
 from torch_utils import distributed as dist
 from torch_utils import host_memory
 from training import pfgmpp as pfgmpp_lib
+from training import manifest as manifest_lib
 from training import quantize
 from training import sampler as sampling
 from training import network_io
@@ -35,11 +36,6 @@ SEED_LIMIT = 1 << 32            # seeds index 32-bit generator seeds; larger val
 IMAGES_PER_SUBDIR = 1000        # --subdirs groups seeds by thousands, as EDM does
 GRID_MAX_IMAGES = 256           # a preview grid shows at most this many images (the first seeds)
 DEFAULT_STEPS = 18
-MANIFEST_NAME = 'manifest.json'
-
-# Manifest entries that must agree before a sweep folder is resumed.
-RESUME_KEYS = ('network', 'sampler', 'sampler_kwargs', 'class_idx', 'pfgmpp', 'D', 'quantize_bits',
-               'quantize_scheme', 'subdirs')
 
 # ----------------------------------------------------------------------------
 # Flag parsing.
@@ -462,9 +458,16 @@ def _generate(network_pkl: str, outdir: str, seeds: list[int], subdirs: bool, cl
             dist.print0(f'Note: the PFGM++ prior starts at sigma={used:g} for images of fewer than 256x256x3 values '
                         f'(reference behaviour); --sigma_max only moves the time steps.')
 
-    # Manifests name local networks by absolute path, so a resumed sweep is checked against the same file.
+    # Manifests identify the network by content; the path is kept for people reading them.
     is_url = dnnlib.util.is_url(network_pkl, allow_file_urls=True)
     network_source = network_pkl if is_url else os.path.abspath(network_pkl)
+
+    @functools.lru_cache(maxsize=None)
+    def network_sha256() -> str:
+        try:
+            return network_io.network_file_sha256(network_pkl)
+        except NetworkLoadError as err:
+            raise click.BadParameter(str(err), param_hint='--network') from None
     quantized_cache: dict[int, torch.nn.Module] = {}
     compiled_net: Optional[torch.nn.Module] = None
     for run in runs:
@@ -480,20 +483,22 @@ def _generate(network_pkl: str, outdir: str, seeds: list[int], subdirs: bool, cl
         kwargs = dict(base_kwargs, num_steps=run.num_steps)
         if run.alpha:
             kwargs['noise_injection'] = run.alpha
-        manifest = None
-        if run.tag:
-            manifest = dict(
-                network=network_source,
-                network_summary=network_summary(net), sweep=run.sweep,
-                sampler='ablation' if ablation else 'edm', sampler_kwargs=kwargs,
-                nfe_per_image=network_evaluations(run.num_steps, kwargs), class_idx=class_idx,
-                pfgmpp=use_pfgmpp, D=D, noise_injection_alpha=run.alpha, quantize_bits=run.bits,
-                quantize_scheme=quantize_scheme if run.bits is not None else None,
-                quantized_weights=(len(quantize.quantized_weight_names(net)) if run.bits is not None else 0),
-                subdirs=subdirs, seeds=compact_seeds(seeds), num_images=len(seeds),
-            )
-        _generate_run(run_net, run, seeds, subdirs, class_idx, max_batch_size, use_pfgmpp, D, kwargs, force, device,
-                      manifest)
+        # Exactly what the sampler receives decides the pixels, so the manifest is derived from it.
+        sampler_call = dict(class_idx=class_idx, pfgmpp=use_pfgmpp, D=D, **kwargs)
+        options = dict(precision=_effective_precision(net), channels_last=channels_last, compile=compile_net,
+                       quantize_bits=run.bits, quantize_scheme=quantize_scheme if run.bits is not None else None,
+                       device=device.type, subdirs=subdirs)
+        info = dict(
+            network=network_source, network_summary=network_summary(net), sweep=run.sweep,
+            sampler='ablation' if ablation else 'edm', sampler_kwargs=kwargs,
+            nfe_per_image=network_evaluations(run.num_steps, kwargs), class_idx=class_idx,
+            pfgmpp=use_pfgmpp, D=D, noise_injection_alpha=run.alpha, quantize_bits=run.bits,
+            quantize_scheme=quantize_scheme if run.bits is not None else None,
+            quantized_weights=(len(quantize.quantized_weight_names(net)) if run.bits is not None else 0),
+            subdirs=subdirs,
+        )
+        settings = functools.partial(_describe_run, network_sha256, net, sampler_call, options)
+        _generate_run(run_net, run, seeds, subdirs, max_batch_size, sampler_call, force, device, info, settings)
         if grid and dist.is_main():
             paths = [image_path(run.outdir, s, subdirs) for s in seeds[:GRID_MAX_IMAGES]]
             write_grid(paths, grid_path_for(grid, run))
@@ -513,52 +518,68 @@ def on_main_rank(task: Callable[[], Any]) -> Any:
             outcome = (task(), None)
         except click.ClickException as err:
             outcome = (None, err.format_message())
+        except OSError as err:  # disk full, read-only folder: every rank must stop, not only this one
+            outcome = (None, f'cannot write {err.filename or "under --outdir"} ({err.strerror or err})')
     result, error = dist.broadcast_object(outcome)
     if error is not None:
         raise Failure(error)
     return result
 
 
-def _check_resume(run: Run, manifest: dict, force: bool) -> None:
-    """Refuse to add images to a sweep folder that was made with other settings (unless --force)."""
-    path = os.path.join(run.outdir, MANIFEST_NAME)
-    if force or not os.path.isfile(path):
-        return
-    try:
-        with open(path) as f:
-            previous = json.load(f)
-    except (OSError, ValueError):
-        return
-    wanted = jsonable(manifest)
-    changed = [key for key in RESUME_KEYS if previous.get(key) != wanted.get(key)]
-    if changed:
-        raise Failure(f'{run.outdir} holds images made with other settings ({", ".join(changed)} differ); '
-                      f'use --force to overwrite them or choose another --outdir')
+def _describe_run(network_sha256: Callable[[], str], net: Any, sampler_call: dict, options: dict) -> dict:
+    return manifest_lib.describe_settings(network_sha256(), net, sampler_call, **options)
 
 
-def _write_manifest(run: Run, manifest: dict) -> None:
-    os.makedirs(run.outdir, exist_ok=True)
-    with dnnlib.util.atomic_write(os.path.join(run.outdir, MANIFEST_NAME), 'w') as f:
-        json.dump(jsonable(manifest), f, indent=2)
-        f.write('\n')
+def _effective_precision(net: Any) -> dict[str, Any]:
+    """The U-Net precision switches in force after --precision (the network file sets them otherwise)."""
+    return {name: getattr(net, name, None) for name in ('use_fp16', 'use_bf16', 'reduced_precision_on_cpu')}
 
 
-def _generate_run(net: Any, run: Run, seeds: list[int], subdirs: bool, class_idx: Optional[int], max_batch_size: int,
-                  use_pfgmpp: bool, D: Optional[int], sampler_kwargs: dict, force: bool, device: torch.device,
-                  manifest: Optional[dict]) -> None:
-    # Rank 0 decides what is missing and tells the others, so all ranks split the same list.
-    def missing_seeds() -> list[int]:
-        if manifest is not None:
-            _check_resume(run, manifest, force)
-            _write_manifest(run, dict(manifest, complete=False))
-        return seeds if force else [s for s in seeds if not os.path.isfile(image_path(run.outdir, s, subdirs))]
-    todo = on_main_rank(missing_seeds)
+def _seed_union(manifest: Optional[dict], seeds: list[int]) -> str:
+    """The seeds a folder holds after this run: those its manifest lists plus the new ones."""
+    previous = []
+    if manifest is not None and isinstance(manifest.get('seeds'), str) and manifest['seeds']:
+        try:
+            previous = dnnlib.util.parse_int_list(manifest['seeds'])
+        except ValueError:
+            previous = []
+    return compact_seeds(sorted(set(previous) | set(seeds)))
+
+
+def _prepare_folder(run: Run, seeds: list[int], force: bool, settings: dict, info: dict) -> dict:
+    """Rank 0: check that ``run.outdir`` may receive these images (clearing it for --force) and record what makes
+    them; returns the manifest written (marked incomplete until the run ends)."""
+    previous = None
+    if force:
+        removed = manifest_lib.clear_generated(run.outdir)
+        if removed:
+            print(f'--force: deleted {removed} PNG(s) a previous run left in "{run.outdir}"')
+    else:
+        try:
+            previous = manifest_lib.check_resumable(run.outdir, settings)
+        except manifest_lib.ManifestError as err:
+            raise Failure(f'--outdir {err}; add --force to delete them and start over, or choose another '
+                          f'--outdir') from None
+    manifest = dict(settings=settings, **jsonable(info), seeds=_seed_union(previous, seeds),
+                    complete=False)
+    manifest['num_images'] = len(dnnlib.util.parse_int_list(manifest['seeds'])) if manifest['seeds'] else 0
+    manifest_lib.write_manifest(run.outdir, manifest)
+    return manifest
+
+
+def _generate_run(net: Any, run: Run, seeds: list[int], subdirs: bool, max_batch_size: int, sampler_call: dict,
+                  force: bool, device: torch.device, info: dict, settings: Callable[[], dict]) -> None:
+    # Rank 0 checks the folder, decides what is missing and tells the others, so all ranks split the same list.
+    def missing_seeds() -> tuple[list[int], dict]:
+        manifest = _prepare_folder(run, seeds, force, settings(), info)
+        return [s for s in seeds if not os.path.isfile(image_path(run.outdir, s, subdirs))], manifest
+    todo, manifest = on_main_rank(missing_seeds)
     skipped = len(seeds) - len(todo)
     world, rank = dist.get_world_size(), dist.get_rank()
     my_batches = sampling.split_batches(todo, max_batch_size, world)[rank::world]
 
     dist.print0(f'Generating {len(todo)} images to "{run.outdir}"' + (f' ({skipped} already there)' if skipped else '')
-                + f', {network_evaluations(run.num_steps, sampler_kwargs)} network evaluations each...')
+                + f', {info["nfe_per_image"]} network evaluations each...')
     bar = tqdm(total=len(todo), unit='img', file=sys.stderr, mininterval=1.0, dynamic_ncols=True,
                disable=not dist.is_main() or not todo)
     start = time.time()
@@ -567,8 +588,7 @@ def _generate_run(net: Any, run: Run, seeds: list[int], subdirs: bool, class_idx
             if not batch_seeds:
                 continue
             try:
-                images = sampling.sample_batch(net, batch_seeds, device=device, class_idx=class_idx,
-                                               pfgmpp=use_pfgmpp, D=D, **sampler_kwargs)
+                images = sampling.sample_batch(net, batch_seeds, device=device, **sampler_call)
             except ValueError as err:
                 raise Failure(str(err)) from None
             pixels_hwc = sampling.to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()
@@ -581,8 +601,8 @@ def _generate_run(net: Any, run: Run, seeds: list[int], subdirs: bool, class_idx
     elapsed = time.time() - start
     if todo:
         dist.print0(f'{len(todo)} images in {elapsed:.1f} s ({len(todo) / max(elapsed, 1e-9):.2f} images/s)')
-    if manifest is not None and dist.is_main():
-        _write_manifest(run, dict(manifest, complete=True, seconds=round(elapsed, 3)))
+    if dist.is_main():
+        manifest_lib.write_manifest(run.outdir, dict(manifest, complete=True, seconds=round(elapsed, 3)))
 
 
 if __name__ == '__main__':

@@ -251,7 +251,7 @@ def test_sweeps_write_folders_and_manifests(nets, tmp_path):
 
     # Resuming a sweep folder with other settings is refused.
     result = cli(*base, '--outdir', tmp_path / 'sweep', '--sweep-steps=2', '--S_churn=5', expect_ok=False)
-    assert_clean_error(result, 'sampler_kwargs', '--force')
+    assert_clean_error(result, 'S_churn', '--force')
 
 
 def test_quantize_bits_flag(nets, tmp_path):
