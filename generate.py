@@ -606,4 +606,4 @@ def _generate_run(net: Any, run: Run, seeds: list[int], subdirs: bool, max_batch
 
 
 if __name__ == '__main__':
-    main()
+    dnnlib.util.run_click_command(main)  # under torchrun, errors are printed by rank 0 only

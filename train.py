@@ -243,6 +243,20 @@ def build_config(opts: dnnlib.EasyDict, world: int) -> tuple[dnnlib.EasyDict, st
     return c, desc
 
 
+def _prepare_run_dir(c: dnnlib.EasyDict) -> None:
+    """Create the run directory and write training_options.json (one-line errors)."""
+    try:
+        dnnlib.util.check_writable_dir(c.run_dir, flag='--outdir')
+    except OSError as err:
+        raise click.ClickException(str(err)) from None
+    try:
+        with dnnlib.util.atomic_write(os.path.join(c.run_dir, 'training_options.json'), 'w') as f:
+            json.dump(c, f, indent=2)
+    except OSError as err:
+        raise click.ClickException(f'--outdir {c.run_dir}: cannot write training_options.json '
+                                   f'({err.strerror or err})') from None
+
+
 # ----------------------------------------------------------------------------
 
 
@@ -385,17 +399,17 @@ def main(**kwargs: Any) -> None:
 
         dist.print0('Preparing the run directory...')
         logger = None
+        # Rank 0 prepares the folder; its error stops every rank (the others would wait for it forever).
+        error = None
         if dist.is_main():
             try:
-                dnnlib.util.check_writable_dir(c.run_dir, flag='--outdir')
-            except OSError as err:
-                raise click.ClickException(str(err)) from None
-            try:
-                with dnnlib.util.atomic_write(os.path.join(c.run_dir, 'training_options.json'), 'w') as f:
-                    json.dump(c, f, indent=2)
-            except OSError as err:
-                raise click.ClickException(f'--outdir {c.run_dir}: cannot write training_options.json '
-                                           f'({err.strerror or err})') from None
+                _prepare_run_dir(c)
+            except click.ClickException as err:
+                error = err.format_message()
+        error = dist.broadcast_object(error)
+        if error is not None:
+            raise click.ClickException(error)
+        if dist.is_main():
             logger = dnnlib.util.Logger(file_name=os.path.join(c.run_dir, 'log.txt'), file_mode='a')
         try:
             training_loop.training_loop(**c, device=device)
@@ -409,4 +423,4 @@ def main(**kwargs: Any) -> None:
 
 
 if __name__ == '__main__':
-    main()
+    dnnlib.util.run_click_command(main)  # under torchrun, errors are printed by rank 0 only
