@@ -486,7 +486,7 @@ def test_two_processes_resume_and_refuse_like_one(nets, tmp_path):
     folder = tmp_path / 'out'
     flags = ['--network', str(nets['uncond']), '--outdir', str(folder), '--steps=2', '--device=cpu']
     torchrun = ['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'generate.py']
-    run_python([*torchrun, *flags, '--seeds=0-3'], env=dict(OMP_NUM_THREADS='1'))
+    cli(*flags, '--seeds=0-3')  # test_world_size_and_batch_invariance covers a two-process run that writes
     manifest = json.loads((folder / 'manifest.json').read_text())
     assert manifest['complete'] and manifest['seeds'] == '0-3'
     before = folder_state(folder)
@@ -494,5 +494,6 @@ def test_two_processes_resume_and_refuse_like_one(nets, tmp_path):
     assert proc.returncode != 0
     errors = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith('Error:')]
     assert len(errors) == 1 and 'num_steps' in errors[0] and '--force' in errors[0], proc.stderr[-2000:]
-    assert 'Traceback' not in proc.stderr.split('torch.distributed.elastic')[0]
+    # No traceback from our processes (torchrun's own report of the non-zero exit follows, from its launcher).
+    assert f'File "{REPO_ROOT}' not in proc.stderr and 'generate.py", line' not in proc.stderr
     assert folder_state(folder) == before
