@@ -616,6 +616,14 @@ def _numbered_stats_path(stats_path: Optional[str], index: int, repeats: int) ->
               show_default=True)
 @click.option('--batch', help='Maximum batch size', metavar='INT', type=click.IntRange(min=1), default=64,
               show_default=True)
+@dnnlib.util.refused_option('--ckpt', '--end_ckpt', type=int, script='fid.py calc', advice=(
+    'this calc evaluates one folder: run it once per checkpoint folder, e.g. fid.py calc --images=DIR/ckpt_NNNNNN '
+    '--ref=REF.npz'))
+@dnnlib.util.refused_option('--gen_seed', type=int, script='fid.py calc', advice=(
+    'pass the folder of that seed range instead, e.g. --images=DIR/ckpt_2_NNNNNN for seeds 50000-99999'))
+@dnnlib.util.refused_option('--steps', '--alpha', '--prune', '--quant', type=bool, script='fid.py calc', advice=(
+    'pass each sweep folder to --images, e.g. --images=DIR/steps018 after generate.py --outdir=DIR '
+    '--sweep-steps=...  (alpha0.1, bits08 likewise; pruning is not offered)'))
 @click.option('--allow-mixed', 'allow_mixed', is_flag=True,
               help='Pool images whose folders were made by different runs or settings (refused otherwise)')
 @_report_options

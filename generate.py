@@ -9,8 +9,10 @@ PFGM++ paper (noise injection, weight quantization, step-count sweeps).
 from __future__ import annotations
 
 import functools
+import glob
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -274,9 +276,9 @@ SAMPLER_OPTIONS = [
     click.option('--S_min', 'S_min', type=NON_NEGATIVE, default=0, show_default=True, metavar='FLOAT',
                  help='Churn only at noise levels from here ...'),
     click.option('--S_max', 'S_max', type=NON_NEGATIVE, default='inf', show_default=True, metavar='FLOAT',
-                 help='... up to here'),
+                 help="... up to here (EDM's default holds; the PFGM++ fork's generate.py defaulted to 0)"),
     click.option('--S_noise', 'S_noise', type=float, default=1, show_default=True, metavar='FLOAT',
-                 help='Scale of the re-added noise'),
+                 help="Scale of the re-added noise (EDM's default holds; the PFGM++ fork's defaulted to 0)"),
     # EDM's generalised (ablation) sampler: any of these selects it.
     click.option('--solver', type=click.Choice(sampling.SOLVERS), default=None, metavar='euler|heun',
                  help='Ablation: ODE solver'),
@@ -308,10 +310,46 @@ def check_noise_range(sampler_kwargs: dict) -> None:
         raise click.BadParameter(f'--sigma_min={lo} must be below --sigma_max={hi}', param_hint='--sigma_min')
 
 
+#: The PFGM++ fork's generate.py sampled every checkpoint it found in --outdir, into --outdir/ckpt_{kimg:06d}.
+FORK_PER_CHECKPOINT = ('this generate.py samples the one --network it is given; run it once per checkpoint, e.g. '
+                       'python generate.py --network=DIR/training-state-NNNNNN.pt --outdir=DIR/ckpt_NNNNNN '
+                       '--seeds=0-49999 --subdirs')
+
+
+def fork_options(fn: Callable) -> Callable:
+    """The PFGM++ fork's generate.py flags: --use_pickle is accepted (the file format is read from the file),
+    the others stop with one line giving the equivalent command."""
+    script = 'generate.py'
+    for option in (
+        dnnlib.util.refused_option('--ckpt', type=int, script=script, advice=FORK_PER_CHECKPOINT),
+        dnnlib.util.refused_option('--end_ckpt', type=int, script=script, advice=FORK_PER_CHECKPOINT),
+        dnnlib.util.refused_option('--resume', type=int, script=script, advice=FORK_PER_CHECKPOINT),
+        dnnlib.util.refused_option('--edm', type=bool, script=script,
+                                   advice='drop it: --network names the file to sample, EDM or PFGM++ alike'),
+        dnnlib.util.refused_option('--save_images', is_flag=True, script=script,
+                                   advice='for a grid of one batch use --grid=DIR/ode_images.png --seeds=0-63'),
+        click.option('--use_pickle', type=bool, default=None, hidden=True, expose_value=False),
+    ):
+        fn = option(fn)
+    return fn
+
+
+def missing_network_advice(outdir: str, seeds: list[int]) -> str:
+    """The one line for a command without --network, with the equivalent command for a checkpoint in --outdir."""
+    found = sorted(path for ext in ('pt', 'pkl')
+                   for path in glob.glob(os.path.join(glob.escape(outdir), f'training-state-*.{ext}')))
+    example = found[0] if found else os.path.join(outdir, 'training-state-NNNNNN.pt')
+    kimg = re.search(r'(\d+)\.p[kt]l?$', example)
+    folder = os.path.join(outdir, f'ckpt_{kimg.group(1)}' if kimg else 'ckpt_NNNNNN')
+    return (f'--network is required (the PFGM++ fork\'s generate.py scanned --outdir for checkpoints); run once '
+            f'per checkpoint{f" ({len(found)} found in {outdir})" if found else ""}, e.g. python generate.py '
+            f'--network={example} --outdir={folder} --seeds={compact_seeds(seeds)} --subdirs')
+
+
 @click.command(context_settings=dict(max_content_width=120))
 # What to sample from and where the images go.
-@click.option('--network', 'network_pkl', type=str, required=True, metavar='PATH|URL',
-              help='Snapshot .pkl, training state .pt or weights-only file; a path or a URL (cached)')
+@click.option('--network', 'network_pkl', type=str, default=None, metavar='PATH|URL',
+              help='Snapshot .pkl, training state .pt or weights-only file; a path or a URL (cached)  [required]')
 @click.option('--outdir', type=str, required=True, metavar='DIR', help='Folder that receives the PNGs')
 @click.option('--seeds', type=SeedList(), default='0-63', show_default=True, metavar='LIST',
               help='Seeds, one image each (e.g. 0-63,100)')
@@ -346,6 +384,7 @@ def check_noise_range(sampler_kwargs: dict) -> None:
                    'within float32 rounding)')
 @click.option('--compile', 'compile_net', is_flag=True,
               help='torch.compile the network (pays off for long runs; results within float32 rounding)')
+@fork_options
 def main(network_pkl: str, outdir: str, seeds: list[int], subdirs: bool, class_idx: Optional[int],
          max_batch_size: int, pfgmpp: Optional[bool], aug_dim: Optional[int], alpha: Optional[float],
          quantize_bits: Optional[int], quantize_scheme: str, sweep_steps: Optional[list[int]],
@@ -374,6 +413,8 @@ def main(network_pkl: str, outdir: str, seeds: list[int], subdirs: bool, class_i
     python generate.py --outdir=sweep --seeds=0-9999 --network=net.pkl --sweep-alpha=0,0.1,0.2
     python generate.py --outdir=sweep --seeds=0-9999 --network=net.pkl --sweep-bits=4,6,8
     """
+    if network_pkl is None:
+        raise click.UsageError(missing_network_advice(outdir, seeds))
     # Flags that can be checked before anything is loaded.
     for single, single_name, sweep, sweep_name in ((num_steps, '--steps', sweep_steps, '--sweep-steps'),
                                                    (alpha, '--alpha', sweep_alpha, '--sweep-alpha'),

@@ -270,8 +270,14 @@ def _prepare_run_dir(c: dnnlib.EasyDict) -> None:
               show_default=True)
 @click.option('--precond', help='Preconditioning & loss function', type=click.Choice(list(PRECOND_CLASSES)),
               default='edm', show_default=True)
-@click.option('--pfgmpp', help='Train PFGM++ instead of a diffusion model', metavar='BOOL', type=bool,
-              default=False, show_default=True)
+@click.option('--pfgmpp', '--pfgmv2', 'pfgmpp', help='Train PFGM++ instead of a diffusion model (--pfgmv2: the '
+              'PFGM++ fork\'s early name)', metavar='BOOL', type=bool, default=False, show_default=True)
+@dnnlib.util.refused_option('--align', type=bool, script='train.py', advice=(
+    '--align=1 scaled sigma by sqrt(1+N/D), an early alignment its release dropped; this train.py trains the '
+    'released r = sigma*sqrt(D) alignment: drop the flag and give --pfgmpp=1 --aug_dim=D'))
+@dnnlib.util.refused_option('--align_precond', type=bool, script='train.py', advice=(
+    '--align_precond=1 is an early preconditioning variant its release dropped: drop the flag (the released '
+    'PFGM++ uses EDM\'s preconditioning with sigma = r/sqrt(D))'))
 @click.option('--aug_dim', help='PFGM++ augmented dimensions D', metavar='INT', type=int, default=128,
               show_default=True)
 @click.option('--stf', help='Stable target field (reference-batch targets)', metavar='BOOL', type=bool,
@@ -332,8 +338,8 @@ def _prepare_run_dir(c: dnnlib.EasyDict) -> None:
               show_default=True)
 @click.option('--snap-format', 'snap_format', help='Snapshot files: pickle, weights-only (.weights.pt) or both',
               type=click.Choice(['pkl', 'weights', 'both']), default='pkl', show_default=True)
-@click.option('--dump', help='How often to dump state', metavar='TICKS', type=click.IntRange(min=1), default=500,
-              show_default=True)
+@click.option('--dump', help='How often to dump state (EDM\'s default holds; the PFGM++ fork\'s train.py used 50)',
+              metavar='TICKS', type=click.IntRange(min=1), default=500, show_default=True)
 @click.option('--seed', help='Seed of every random stream  [default: random]', metavar='INT', type=int)
 @click.option('--transfer', help='Start from the weights of a network snapshot', metavar='PKL|URL', type=str)
 @click.option('--resume', help='Resume from previous training state ("auto": newest in the run dir)',

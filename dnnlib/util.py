@@ -364,3 +364,19 @@ def run_click_command(command: Any) -> None:
             click.echo('Aborted!', err=True)
         sys.exit(1)
     sys.exit(result if isinstance(result, int) else 0)
+
+
+def refused_option(*names: str, script: str, advice: str, **kwargs: Any) -> Any:
+    """A hidden click option for a flag of another code base that this program does not take: giving it stops
+    with one line, ``--flag is the PFGM++ fork's (script); advice``, where ``advice`` gives the equivalent command.
+
+    ``kwargs`` go to ``click.option`` (type, is_flag, ...), so the flag parses as it did there.
+    """
+    import click  # late: dnnlib is importable without click
+
+    def refuse(ctx: Any, param: Any, value: Any) -> None:
+        if value is not None and value is not False:
+            flags = '/'.join(param.opts)
+            verb = 'is an option' if len(param.opts) == 1 else 'are options'
+            raise click.UsageError(f'{flags} {verb} of the PFGM++ fork\'s {script}; {advice}', ctx=ctx)
+    return click.option(*names, hidden=True, expose_value=False, callback=refuse, default=None, **kwargs)

@@ -115,14 +115,16 @@ def _short(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + '...'
 
 
-def settings_differences(recorded: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
-    """``['steps: 18 in the folder, 10 now', ...]``; empty when the settings agree exactly."""
+def settings_differences(recorded: dict[str, Any], wanted: dict[str, Any],
+                         labels: tuple[str, str] = ('in the folder', 'now')) -> list[str]:
+    """``['num_steps: 18 in the folder, 10 now', ...]``; empty when the settings agree exactly."""
     old, new = _flatten(recorded), _flatten(wanted)
     lines = []
     for key in sorted(set(old) | set(new)):
         if old.get(key, '<unset>') != new.get(key, '<unset>'):
             name = key.removeprefix('sampler.')
-            lines.append(f'{name}: {_short(old.get(key, "unset"))} in the folder, {_short(new.get(key, "unset"))} now')
+            lines.append(f'{name}: {_short(old.get(key, "unset"))} {labels[0]}, {_short(new.get(key, "unset"))} '
+                         f'{labels[1]}')
     return lines
 
 
@@ -286,7 +288,7 @@ def check_single_origin(path: str) -> None:
     recorded = [origins[n] for n in names]
     if all(r is not None for r in recorded):
         for name, settings in zip(shown[1:], recorded[1:]):
-            differences = settings_differences(recorded[0], settings)
+            differences = settings_differences(recorded[0], settings, (f'in {shown[0]}', f'in {name}'))
             if differences:
                 raise ManifestError(f'{path}: holds images made with different settings ({shown[0]} and {name} '
                                     f'differ: {summarize(differences)})')
