@@ -545,20 +545,20 @@ def _load_ref_on_main(ref_path: Optional[str]) -> Optional[tuple[np.ndarray, np.
     return loaded[0] if loaded else None
 
 
-def probe_feature_dim(detector: torch.nn.Module, channels: int, resolution: int,
-                      device: torch.device | str) -> int:
-    """Number of features the detector returns for images of this shape (one black image is run through it)."""
-    probe = torch.zeros([1, channels, resolution, resolution], dtype=torch.uint8, device=device)
+def probe_feature_dim(detector: torch.nn.Module, image_shape: Sequence[int], device: torch.device | str) -> int:
+    """Number of features the detector returns for uint8 images of ``image_shape`` [C, H, W] (one black image is
+    run through it)."""
+    probe = torch.zeros([1, *image_shape], dtype=torch.uint8, device=device)
     return int(extract_features(detector, probe).shape[1])
 
 
 def check_ref_features(ref: Optional[tuple[np.ndarray, np.ndarray]], ref_path: Optional[str],
-                       detector: torch.nn.Module, channels: int, resolution: int, device: torch.device) -> None:
+                       detector: torch.nn.Module, image_shape: Sequence[int], device: torch.device) -> None:
     """Before any statistics are computed: the reference must have as many features as the detector returns."""
     def check() -> None:
         if ref is None:
             return
-        dim = probe_feature_dim(detector, channels, resolution, device)
+        dim = probe_feature_dim(detector, image_shape, device)
         if ref[0].shape[0] != dim:
             raise click.ClickException(f'--ref {ref_path}: has {ref[0].shape[0]} features but the detector returns '
                                        f'{dim}; expected reference statistics made with the same detector')
@@ -654,7 +654,7 @@ def calc(image_path: str, ref_path: Optional[str], num_expected: int, seed: int,
                 raise click.ClickException(f'--images {image_path}: --repeat={repeat} draws different subsets of '
                                            f'--num={num_expected} images, but there are only {available}')
         detector = _as_detector(detector_path, device_obj)
-        check_ref_features(ref, ref_path, detector, int(images.num_channels), int(images.resolution), device_obj)
+        check_ref_features(ref, ref_path, detector, [int(n) for n in images.image_shape], device_obj)
         fids, records = [], []
         for index in range(repeat):
             started = time.time()
@@ -750,7 +750,8 @@ def gen(network_pkl: str, ref_path: Optional[str], seeds: str, class_idx: Option
                                      param_hint='--class')
         kwargs = {key: value for key, value in sampler_kwargs.items() if value is not None}
         detector = _as_detector(detector_path, device_obj)
-        check_ref_features(ref, ref_path, detector, net.img_channels, net.img_resolution, device_obj)
+        check_ref_features(ref, ref_path, detector, [net.img_channels, net.img_resolution, net.img_resolution],
+                           device_obj)
 
         fids, records = [], []
         for index, run_seeds in enumerate(seed_ranges):

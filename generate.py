@@ -373,7 +373,9 @@ def missing_network_advice(outdir: str, seeds: list[int]) -> str:
 @click.option('--sweep-bits', 'sweep_bits', type=IntList(), default=None, metavar='LIST',
               help='Several quantization widths (e.g. 4,6,8)')
 # Housekeeping.
-@click.option('--force', is_flag=True, help='Overwrite PNGs that exist already (default: skip them)')
+@click.option('--force', is_flag=True, help='Delete the PNGs and manifest a previous run left in --outdir, then '
+              'generate (default: keep them and add the missing seeds, if its manifest records the same network '
+              'and settings; refuse otherwise)')
 @click.option('--grid', 'grid', type=str, default=None, metavar='PATH',
               help=f'Also tile the first {GRID_MAX_IMAGES} images into this PNG')
 @click.option('--device', type=str, default=None, metavar='DEV', help='cpu or cuda  [default: cuda if available]')
@@ -396,7 +398,9 @@ def main(network_pkl: str, outdir: str, seeds: list[int], subdirs: bool, class_i
 
     Each image depends only on its seed: batch size, number of processes and
     order do not change its bytes. Images already present are skipped unless
-    --force, so an interrupted run continues where it stopped.
+    --force, so an interrupted run continues where it stopped; --outdir/manifest.json
+    records the network (content hash) and every setting that changes pixels, and
+    a folder made otherwise is refused.
 
     \b
     # 64 images of a CIFAR-10 network into out/, plus a preview grid

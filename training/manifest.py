@@ -73,16 +73,20 @@ def fingerprint(value: Any) -> Any:
         return {str(k): fingerprint(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
     if isinstance(value, (list, tuple)):
         return [fingerprint(v) for v in value]
-    if isinstance(value, torch.nn.Module):
-        return dict(module=f'{type(value).__module__}.{type(value).__qualname__}',
-                    sha256=tensor_sha256(value.state_dict()))
-    if isinstance(value, torch.Tensor):
-        return dict(tensor_sha256=tensor_sha256({'': value}))
+    if isinstance(value, (torch.nn.Module, torch.Tensor)):
+        return _torch_fingerprint(value)
     if isinstance(value, torch.device):
         return value.type
     if callable(value):
         return f'{getattr(value, "__module__", "")}.{getattr(value, "__qualname__", repr(value))}'
     return repr(value)
+
+
+def _torch_fingerprint(value: torch.nn.Module | torch.Tensor) -> dict[str, str]:
+    """Modules: class and a hash of every parameter and buffer; tensors: a hash of their bytes."""
+    if isinstance(value, torch.Tensor):
+        return dict(tensor_sha256=tensor_sha256({'': value}))
+    return dict(module=f'{type(value).__module__}.{type(value).__qualname__}', sha256=tensor_sha256(value.state_dict()))
 
 
 def describe_settings(network_sha256: str, net: torch.nn.Module, sampler_call: dict[str, Any],
