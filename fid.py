@@ -157,7 +157,7 @@ def load_detector(path_or_url: Optional[str] = None, device: torch.device | str 
 
 
 #: Leading bytes that tell what a file that is not an .npz archive holds, for the error message.
-_FILE_KINDS = ((b'PK\x03\x04', 'a ZIP archive'), (b'\x93NUMPY', 'a bare .npy array'), (b'\x80', 'a pickle'),
+_FILE_KINDS = ((b'PK\x03\x04', 'a truncated or damaged ZIP archive'), (b'\x93NUMPY', 'a bare .npy array'), (b'\x80', 'a pickle'),
                (b'\x89PNG', 'a PNG image'), (b'\x1f\x8b', 'a gzip file'))
 
 

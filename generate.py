@@ -580,15 +580,15 @@ def _effective_precision(net: Any) -> dict[str, Any]:
     return {name: getattr(net, name, None) for name in ('use_fp16', 'use_bf16', 'reduced_precision_on_cpu')}
 
 
-def _seed_union(manifest: Optional[dict], seeds: list[int]) -> str:
-    """The seeds a folder holds after this run: those its manifest lists plus the new ones."""
+def _seed_union(manifest: Optional[dict], seeds: list[int]) -> list[int]:
+    """The seeds a folder holds after this run: those its manifest lists plus the new ones, sorted."""
     previous = []
     if manifest is not None and isinstance(manifest.get('seeds'), str) and manifest['seeds']:
         try:
             previous = dnnlib.util.parse_int_list(manifest['seeds'])
         except ValueError:
             previous = []
-    return compact_seeds(sorted(set(previous) | set(seeds)))
+    return sorted(set(previous) | set(seeds))
 
 
 def _prepare_folder(run: Run, seeds: list[int], force: bool, settings: dict, info: dict) -> dict:
@@ -605,9 +605,9 @@ def _prepare_folder(run: Run, seeds: list[int], force: bool, settings: dict, inf
         except manifest_lib.ManifestError as err:
             raise Failure(f'--outdir {err}; add --force to delete them and start over, or choose another '
                           f'--outdir') from None
-    manifest = dict(settings=settings, **jsonable(info), seeds=_seed_union(previous, seeds),
+    held = _seed_union(previous, seeds)
+    manifest = dict(settings=settings, **jsonable(info), seeds=compact_seeds(held), num_images=len(held),
                     complete=False)
-    manifest['num_images'] = len(dnnlib.util.parse_int_list(manifest['seeds'])) if manifest['seeds'] else 0
     manifest_lib.write_manifest(run.outdir, manifest)
     return manifest
 

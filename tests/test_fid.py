@@ -587,7 +587,7 @@ def test_ref_that_is_not_an_npz_is_one_line_of_ours(generated_dir, tmp_path, cas
     else:
         np.savez(ref, mu=np.zeros(4), sigma=np.eye(4))
         ref.write_bytes(ref.read_bytes()[:-40])
-        fragment = 'expected an .npz archive'
+        fragment = 'holds a truncated or damaged ZIP archive'
     result = _invoke(['calc', f'--images={generated_dir}', f'--ref={ref}', '--num=4', '--device=cpu'])
     error = _assert_cli_error(result, f'--ref {ref}', fragment, 'mu [D] and sigma [D, D]')
     assert 'allow_pickle' not in error and 'Traceback' not in result.output
