@@ -366,8 +366,10 @@ def check_single_origin(image_path: str, flag: str = '--images') -> None:
     try:
         manifest_lib.check_single_origin(image_path)
     except manifest_lib.ManifestError as err:
-        raise click.ClickException(f'{flag} {err}; evaluate each folder separately (pooling gives an FID of '
-                                   f'neither), or add --allow-mixed') from None
+        example = next((o for o in err.origins if o != '.'), None)
+        one = f', e.g. {flag}={os.path.join(image_path, example)}' if example and os.path.isdir(image_path) else ''
+        raise click.ClickException(f'{flag} {err}; evaluate each folder separately{one} (pooling gives an FID '
+                                   f'of neither), or add --allow-mixed') from None
     except (OSError, zipfile.BadZipFile) as err:
         raise click.ClickException(f'{flag} {image_path}: cannot list its files ({err})') from None
 

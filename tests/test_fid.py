@@ -528,7 +528,7 @@ def test_calc_refuses_images_of_unrecorded_origins(generated_dir, narrow_detecto
         for i in range(2):
             shutil.copy(generated_dir / f'{i:06d}.png', root / ckpt / '000000' / f'{i:06d}.png')
     _assert_cli_error(_calc_stats(root, narrow_detector, tmp_path), 'ckpt_000100', 'ckpt_000200',
-                      'without a manifest.json', '--allow-mixed')
+                      'without a manifest.json', f'--images={root / "ckpt_000100"}', '--allow-mixed')
     # One checkpoint's folder is one origin, its numbered subfolders included.
     result = _invoke(['calc', f'--images={root / "ckpt_000100"}', f'--save-stats={tmp_path / "one.npz"}',
                       '--num=2', f'--detector={narrow_detector}', '--workers=0', '--device=cpu'])

@@ -41,7 +41,14 @@ MAX_LISTED = 4
 
 
 class ManifestError(ValueError):
-    """A folder whose recorded settings forbid what was asked; the message is one line naming the folder."""
+    """A folder whose recorded settings forbid what was asked; the message is one line naming the folder.
+
+    ``origins`` lists the subfolders (relative, '.' for the top) whose images would have been pooled, if any.
+    """
+
+    def __init__(self, message: str, origins: Optional[list[str]] = None):
+        super().__init__(message)
+        self.origins = origins or []
 
 
 # ----------------------------------------------------------------------------
@@ -295,10 +302,10 @@ def check_single_origin(path: str) -> None:
             differences = settings_differences(recorded[0], settings, (f'in {shown[0]}', f'in {name}'))
             if differences:
                 raise ManifestError(f'{path}: holds images made with different settings ({shown[0]} and {name} '
-                                    f'differ: {summarize(differences)})')
+                                    f'differ: {summarize(differences)})', origins=shown)
         return
     listed = ', '.join(shown[:MAX_LISTED]) + (f' and {len(shown) - MAX_LISTED} more' if len(shown) > MAX_LISTED
                                               else '')
     unrecorded = [s for s, r in zip(shown, recorded) if r is None]
     raise ManifestError(f'{path}: holds images of {len(shown)} different origins ({listed}), '
-                        f'{len(unrecorded)} without a {MANIFEST_NAME} recording how they were made')
+                        f'{len(unrecorded)} without a {MANIFEST_NAME} recording how they were made', origins=shown)
