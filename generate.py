@@ -608,7 +608,11 @@ def _prepare_folder(run: Run, seeds: list[int], force: bool, settings: dict, inf
     held = _seed_union(previous, seeds)
     manifest = dict(settings=settings, **jsonable(info), seeds=compact_seeds(held), num_images=len(held),
                     complete=False)
-    manifest_lib.write_manifest(run.outdir, manifest)
+    try:
+        manifest_lib.write_manifest(run.outdir, manifest)
+    except OSError as err:  # disk full, quota: atomic_write left nothing under the final name
+        raise Failure(f'--outdir {run.outdir}: cannot write {err.filename or manifest_lib.MANIFEST_NAME} '
+                      f'({err.strerror or err})') from None
     return manifest
 
 

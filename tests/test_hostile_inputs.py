@@ -500,7 +500,9 @@ def test_generate_unwritable_grid(inputs, tmp_path):
 
 def test_generate_full_disk(inputs, tmp_path, full_disk):
     outdir = tmp_path / 'out'
-    assert_one_error(run_generate(inputs['uncond'], outdir), '000000.png', 'No space left on device')
+    # The manifest is the first file written (before any image, so that an interrupted run is described).
+    assert_one_error(run_generate(inputs['uncond'], outdir), f'--outdir {outdir}', 'manifest.json',
+                     'No space left on device')
     assert tree(outdir) == {}
 
 
