@@ -13,6 +13,7 @@ a thin layer over it.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import pickle
@@ -30,6 +31,7 @@ import dnnlib
 import generate
 from torch_utils import distributed as dist
 from torch_utils import host_memory
+from training import manifest as manifest_lib
 from training import network_io
 from training import sampler as sampling
 from training.dataset import DatasetError, ImageFolderDataset
@@ -155,26 +157,52 @@ def load_detector(path_or_url: Optional[str] = None, device: torch.device | str 
     return detector.eval().requires_grad_(False).to(device)
 
 
+#: Leading bytes that tell what a file that is not an .npz archive holds, for the error message.
+_FILE_KINDS = ((b'PK\x03\x04', 'a truncated or damaged ZIP archive'), (b'\x93NUMPY', 'a bare .npy array'), (b'\x80', 'a pickle'),
+               (b'\x89PNG', 'a PNG image'), (b'\x1f\x8b', 'a gzip file'))
+
+
+def _describe_non_npz(head: bytes) -> str:
+    if not head:
+        return 'an empty file'
+    for magic, kind in _FILE_KINDS:
+        if head.startswith(magic):
+            return kind
+    return 'text' if all(32 <= b < 127 or b in b'\t\r\n' for b in head) else 'unrecognised binary data'
+
+
 def load_ref_stats(path_or_url: str) -> tuple[np.ndarray, np.ndarray]:
-    """Read and validate reference statistics: an ``.npz`` with ``mu`` [D] and ``sigma`` [D, D], all finite."""
+    """Read and validate reference statistics: an ``.npz`` with ``mu`` [D] and ``sigma`` [D, D], all finite.
+
+    Every problem is one ``click.ClickException`` line naming the file and what was expected; numpy's own messages
+    (such as its refusal to unpickle) are not passed on.
+    """
     label = f'--ref {path_or_url}'
+    expected = 'expected an .npz archive with arrays mu [D] and sigma [D, D] (as fid.py ref writes)'
     try:
         stream = dnnlib.util.open_url(path_or_url, cache=True, verbose=dist.is_main(), **_download_kwargs())
     except OSError as err:
         raise click.ClickException(f'{label}: cannot open ({err})') from None
     with stream:
         try:
-            archive = np.load(stream, allow_pickle=False)
-            if not isinstance(archive, np.lib.npyio.NpzFile):
-                raise ValueError('a bare .npy array, not an .npz archive')
-            with archive:
-                missing = {'mu', 'sigma'} - set(archive.files)
-                if missing:
-                    raise ValueError(f'missing {", ".join(sorted(missing))}; found keys {sorted(archive.files)}')
-                mu, sigma = archive['mu'], archive['sigma']
-        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
-            raise click.ClickException(f'{label}: expected an .npz with arrays mu [D] and sigma [D, D]: {err}') \
-                from None
+            data = stream.read()
+        except OSError as err:
+            raise click.ClickException(f'{label}: cannot read ({err.strerror or err})') from None
+    if not zipfile.is_zipfile(io.BytesIO(data)):
+        raise click.ClickException(f'{label}: holds {_describe_non_npz(data[:16])}, not an .npz archive; {expected}')
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as archive:
+            missing = {'mu', 'sigma'} - set(archive.files)
+            if missing:
+                raise click.ClickException(f'{label}: missing {", ".join(sorted(missing))}; found keys '
+                                           f'{sorted(archive.files)}; {expected}')
+            mu, sigma = archive['mu'], archive['sigma']
+    except click.ClickException:
+        raise
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError) as err:
+        # A ZIP whose members are not .npy arrays, object arrays (pickles), truncated members.
+        kind = 'object (pickled) arrays' if 'pickle' in str(err) else f'unreadable members ({type(err).__name__})'
+        raise click.ClickException(f'{label}: a ZIP archive with {kind}; {expected}') from None
     for name, array in (('mu', mu), ('sigma', sigma)):
         if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
             raise click.ClickException(f'{label}: {name} has dtype {array.dtype}; expected floating point')
@@ -332,6 +360,19 @@ def open_image_dataset(image_path: str, num_expected: Optional[int] = None, seed
         raise click.ClickException(f'{flag} {image_path}: images have {dataset.num_channels} channels; expected 1 '
                                    f'(grayscale) or 3 (RGB)')
     return dataset
+
+
+def check_single_origin(image_path: str, flag: str = '--images') -> None:
+    """One line, and no FID, for a folder or ZIP that pools images made by different runs or settings."""
+    try:
+        manifest_lib.check_single_origin(image_path)
+    except manifest_lib.ManifestError as err:
+        example = next((o for o in err.origins if o != '.'), None)
+        one = f', e.g. {flag}={os.path.join(image_path, example)}' if example and os.path.isdir(image_path) else ''
+        raise click.ClickException(f'{flag} {err}; evaluate each folder separately{one} (pooling gives an FID '
+                                   f'of neither), or add --allow-mixed') from None
+    except (OSError, zipfile.BadZipFile) as err:
+        raise click.ClickException(f'{flag} {image_path}: cannot list its files ({err})') from None
 
 
 def calculate_inception_stats(image_path: str, num_expected: Optional[int] = None, seed: int = 0,
@@ -498,10 +539,36 @@ def _session(device: Optional[str]) -> Iterator[torch.device]:
 
 
 def _load_ref_on_main(ref_path: Optional[str]) -> Optional[tuple[np.ndarray, np.ndarray]]:
-    if ref_path is None or not dist.is_main():
+    """Rank 0 reads and checks the reference; its error, if any, stops every rank (None elsewhere / without)."""
+    if ref_path is None:
         return None
-    dist.print0(f'Reading reference statistics {ref_path} ...')
-    return load_ref_stats(ref_path)
+    loaded: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def load() -> None:
+        dist.print0(f'Reading reference statistics {ref_path} ...')
+        loaded.append(load_ref_stats(ref_path))
+    generate.on_main_rank(load)
+    return loaded[0] if loaded else None
+
+
+def probe_feature_dim(detector: torch.nn.Module, image_shape: Sequence[int], device: torch.device | str) -> int:
+    """Number of features the detector returns for uint8 images of ``image_shape`` [C, H, W] (one black image is
+    run through it)."""
+    probe = torch.zeros([1, *image_shape], dtype=torch.uint8, device=device)
+    return int(extract_features(detector, probe).shape[1])
+
+
+def check_ref_features(ref: Optional[tuple[np.ndarray, np.ndarray]], ref_path: Optional[str],
+                       detector: torch.nn.Module, image_shape: Sequence[int], device: torch.device) -> None:
+    """Before any statistics are computed: the reference must have as many features as the detector returns."""
+    def check() -> None:
+        if ref is None:
+            return
+        dim = probe_feature_dim(detector, image_shape, device)
+        if ref[0].shape[0] != dim:
+            raise click.ClickException(f'--ref {ref_path}: has {ref[0].shape[0]} features but the detector returns '
+                                       f'{dim}; expected reference statistics made with the same detector')
+    generate.on_main_rank(check)
 
 
 def _finish_run(ref: Optional[tuple[np.ndarray, np.ndarray]], mu: np.ndarray, sigma: np.ndarray,
@@ -555,16 +622,28 @@ def _numbered_stats_path(stats_path: Optional[str], index: int, repeats: int) ->
               show_default=True)
 @click.option('--batch', help='Maximum batch size', metavar='INT', type=click.IntRange(min=1), default=64,
               show_default=True)
+@dnnlib.util.refused_option('--ckpt', '--end_ckpt', type=int, script='fid.py calc', advice=(
+    'this calc evaluates one folder: run it once per checkpoint folder, e.g. fid.py calc --images=DIR/ckpt_NNNNNN '
+    '--ref=REF.npz'))
+@dnnlib.util.refused_option('--gen_seed', type=int, script='fid.py calc', advice=(
+    'pass the folder of that seed range instead, e.g. --images=DIR/ckpt_2_NNNNNN for seeds 50000-99999'))
+@dnnlib.util.refused_option('--steps', '--alpha', '--prune', '--quant', type=bool, script='fid.py calc', advice=(
+    'pass each sweep folder to --images, e.g. --images=DIR/steps018 after generate.py --outdir=DIR '
+    '--sweep-steps=...  (alpha0.1, bits08 likewise; pruning is not offered)'))
+@click.option('--allow-mixed', 'allow_mixed', is_flag=True,
+              help='Pool images whose folders were made by different runs or settings (refused otherwise)')
 @_report_options
 @_workers_option
 @_detector_options
 def calc(image_path: str, ref_path: Optional[str], num_expected: int, seed: int, batch: int, repeat: int,
          stats_path: Optional[str], jsonl_path: Optional[str], detector_path: Optional[str], num_workers: int,
-         device: Optional[str]) -> None:
+         device: Optional[str], allow_mixed: bool) -> None:
     """FID of a folder or ZIP of images.
 
     Exactly --num images are used: a --seed-selected subset when there are more, an error when there are fewer.
     With --repeat=K the subset seeds are --seed, --seed+1, ..., which needs more images than --num.
+    Images of several origins (subfolders whose manifests record different settings, or folders without
+    manifest such as the PFGM++ fork's ckpt_* folders) are refused unless --allow-mixed: evaluate one folder each.
     """
     if ref_path is None and stats_path is None:
         raise click.UsageError('give --ref to compute an FID, --save-stats to keep the statistics, or both')
@@ -572,13 +651,16 @@ def calc(image_path: str, ref_path: Optional[str], num_expected: int, seed: int,
     check_output_file(jsonl_path, '--jsonl')
     with _session(device) as device_obj:
         ref = _load_ref_on_main(ref_path)
-        open_image_dataset(image_path, num_expected=num_expected)  # look at the images before a long download
+        images = open_image_dataset(image_path, num_expected=num_expected)  # look before a long download
+        if not allow_mixed:
+            generate.on_main_rank(lambda: check_single_origin(image_path))
         if repeat > 1:
             available = len(open_image_dataset(image_path))
             if available <= num_expected:
                 raise click.ClickException(f'--images {image_path}: --repeat={repeat} draws different subsets of '
                                            f'--num={num_expected} images, but there are only {available}')
         detector = _as_detector(detector_path, device_obj)
+        check_ref_features(ref, ref_path, detector, [int(n) for n in images.image_shape], device_obj)
         fids, records = [], []
         for index in range(repeat):
             started = time.time()
@@ -678,6 +760,8 @@ def gen(network_pkl: str, ref_path: Optional[str], seeds: str, class_idx: Option
                                      param_hint='--class')
         kwargs = {key: value for key, value in sampler_kwargs.items() if value is not None}
         detector = _as_detector(detector_path, device_obj)
+        check_ref_features(ref, ref_path, detector, [net.img_channels, net.img_resolution, net.img_resolution],
+                           device_obj)
 
         fids, records = [], []
         for index, run_seeds in enumerate(seed_ranges):
@@ -697,4 +781,4 @@ def gen(network_pkl: str, ref_path: Optional[str], seeds: str, class_idx: Option
 
 
 if __name__ == '__main__':
-    main()
+    dnnlib.util.run_click_command(main)  # under torchrun, errors are printed by rank 0 only

@@ -8,9 +8,11 @@ PFGM++ paper (noise injection, weight quantization, step-count sweeps).
 
 from __future__ import annotations
 
-import json
+import functools
+import glob
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -26,6 +28,7 @@ import dnnlib
 from torch_utils import distributed as dist
 from torch_utils import host_memory
 from training import pfgmpp as pfgmpp_lib
+from training import manifest as manifest_lib
 from training import quantize
 from training import sampler as sampling
 from training import network_io
@@ -35,11 +38,6 @@ SEED_LIMIT = 1 << 32            # seeds index 32-bit generator seeds; larger val
 IMAGES_PER_SUBDIR = 1000        # --subdirs groups seeds by thousands, as EDM does
 GRID_MAX_IMAGES = 256           # a preview grid shows at most this many images (the first seeds)
 DEFAULT_STEPS = 18
-MANIFEST_NAME = 'manifest.json'
-
-# Manifest entries that must agree before a sweep folder is resumed.
-RESUME_KEYS = ('network', 'sampler', 'sampler_kwargs', 'class_idx', 'pfgmpp', 'D', 'quantize_bits',
-               'quantize_scheme', 'subdirs')
 
 # ----------------------------------------------------------------------------
 # Flag parsing.
@@ -278,9 +276,9 @@ SAMPLER_OPTIONS = [
     click.option('--S_min', 'S_min', type=NON_NEGATIVE, default=0, show_default=True, metavar='FLOAT',
                  help='Churn only at noise levels from here ...'),
     click.option('--S_max', 'S_max', type=NON_NEGATIVE, default='inf', show_default=True, metavar='FLOAT',
-                 help='... up to here'),
+                 help="... up to here (EDM's default holds; the PFGM++ fork's generate.py defaulted to 0)"),
     click.option('--S_noise', 'S_noise', type=float, default=1, show_default=True, metavar='FLOAT',
-                 help='Scale of the re-added noise'),
+                 help="Scale of the re-added noise (EDM's default holds; the PFGM++ fork's defaulted to 0)"),
     # EDM's generalised (ablation) sampler: any of these selects it.
     click.option('--solver', type=click.Choice(sampling.SOLVERS), default=None, metavar='euler|heun',
                  help='Ablation: ODE solver'),
@@ -312,10 +310,46 @@ def check_noise_range(sampler_kwargs: dict) -> None:
         raise click.BadParameter(f'--sigma_min={lo} must be below --sigma_max={hi}', param_hint='--sigma_min')
 
 
+#: The PFGM++ fork's generate.py sampled every checkpoint it found in --outdir, into --outdir/ckpt_{kimg:06d}.
+FORK_PER_CHECKPOINT = ('this generate.py samples the one --network it is given; run it once per checkpoint, e.g. '
+                       'python generate.py --network=DIR/training-state-NNNNNN.pt --outdir=DIR/ckpt_NNNNNN '
+                       '--seeds=0-49999 --subdirs')
+
+
+def fork_options(fn: Callable) -> Callable:
+    """The PFGM++ fork's generate.py flags: --use_pickle is accepted (the file format is read from the file),
+    the others stop with one line giving the equivalent command."""
+    script = 'generate.py'
+    for option in (
+        dnnlib.util.refused_option('--ckpt', type=int, script=script, advice=FORK_PER_CHECKPOINT),
+        dnnlib.util.refused_option('--end_ckpt', type=int, script=script, advice=FORK_PER_CHECKPOINT),
+        dnnlib.util.refused_option('--resume', type=int, script=script, advice=FORK_PER_CHECKPOINT),
+        dnnlib.util.refused_option('--edm', type=bool, script=script,
+                                   advice='drop it: --network names the file to sample, EDM or PFGM++ alike'),
+        dnnlib.util.refused_option('--save_images', is_flag=True, script=script,
+                                   advice='for a grid of one batch use --grid=DIR/ode_images.png --seeds=0-63'),
+        click.option('--use_pickle', type=bool, default=None, hidden=True, expose_value=False),
+    ):
+        fn = option(fn)
+    return fn
+
+
+def missing_network_advice(outdir: str, seeds: list[int]) -> str:
+    """The one line for a command without --network, with the equivalent command for a checkpoint in --outdir."""
+    found = sorted(path for ext in ('pt', 'pkl')
+                   for path in glob.glob(os.path.join(glob.escape(outdir), f'training-state-*.{ext}')))
+    example = found[0] if found else os.path.join(outdir, 'training-state-NNNNNN.pt')
+    kimg = re.search(r'(\d+)\.p[kt]l?$', example)
+    folder = os.path.join(outdir, f'ckpt_{kimg.group(1)}' if kimg else 'ckpt_NNNNNN')
+    return (f'--network is required (the PFGM++ fork\'s generate.py scanned --outdir for checkpoints); run once '
+            f'per checkpoint{f" ({len(found)} found in {outdir})" if found else ""}, e.g. python generate.py '
+            f'--network={example} --outdir={folder} --seeds={compact_seeds(seeds)} --subdirs')
+
+
 @click.command(context_settings=dict(max_content_width=120))
 # What to sample from and where the images go.
-@click.option('--network', 'network_pkl', type=str, required=True, metavar='PATH|URL',
-              help='Snapshot .pkl, training state .pt or weights-only file; a path or a URL (cached)')
+@click.option('--network', 'network_pkl', type=str, default=None, metavar='PATH|URL',
+              help='Snapshot .pkl, training state .pt or weights-only file; a path or a URL (cached)  [required]')
 @click.option('--outdir', type=str, required=True, metavar='DIR', help='Folder that receives the PNGs')
 @click.option('--seeds', type=SeedList(), default='0-63', show_default=True, metavar='LIST',
               help='Seeds, one image each (e.g. 0-63,100)')
@@ -339,7 +373,9 @@ def check_noise_range(sampler_kwargs: dict) -> None:
 @click.option('--sweep-bits', 'sweep_bits', type=IntList(), default=None, metavar='LIST',
               help='Several quantization widths (e.g. 4,6,8)')
 # Housekeeping.
-@click.option('--force', is_flag=True, help='Overwrite PNGs that exist already (default: skip them)')
+@click.option('--force', is_flag=True, help='Delete the PNGs and manifest a previous run left in --outdir, then '
+              'generate (default: keep them and add the missing seeds, if its manifest records the same network '
+              'and settings; refuse otherwise)')
 @click.option('--grid', 'grid', type=str, default=None, metavar='PATH',
               help=f'Also tile the first {GRID_MAX_IMAGES} images into this PNG')
 @click.option('--device', type=str, default=None, metavar='DEV', help='cpu or cuda  [default: cuda if available]')
@@ -350,6 +386,7 @@ def check_noise_range(sampler_kwargs: dict) -> None:
                    'within float32 rounding)')
 @click.option('--compile', 'compile_net', is_flag=True,
               help='torch.compile the network (pays off for long runs; results within float32 rounding)')
+@fork_options
 def main(network_pkl: str, outdir: str, seeds: list[int], subdirs: bool, class_idx: Optional[int],
          max_batch_size: int, pfgmpp: Optional[bool], aug_dim: Optional[int], alpha: Optional[float],
          quantize_bits: Optional[int], quantize_scheme: str, sweep_steps: Optional[list[int]],
@@ -361,7 +398,9 @@ def main(network_pkl: str, outdir: str, seeds: list[int], subdirs: bool, class_i
 
     Each image depends only on its seed: batch size, number of processes and
     order do not change its bytes. Images already present are skipped unless
-    --force, so an interrupted run continues where it stopped.
+    --force, so an interrupted run continues where it stopped; --outdir/manifest.json
+    records the network (content hash) and every setting that changes pixels, and
+    a folder made otherwise is refused.
 
     \b
     # 64 images of a CIFAR-10 network into out/, plus a preview grid
@@ -378,6 +417,8 @@ def main(network_pkl: str, outdir: str, seeds: list[int], subdirs: bool, class_i
     python generate.py --outdir=sweep --seeds=0-9999 --network=net.pkl --sweep-alpha=0,0.1,0.2
     python generate.py --outdir=sweep --seeds=0-9999 --network=net.pkl --sweep-bits=4,6,8
     """
+    if network_pkl is None:
+        raise click.UsageError(missing_network_advice(outdir, seeds))
     # Flags that can be checked before anything is loaded.
     for single, single_name, sweep, sweep_name in ((num_steps, '--steps', sweep_steps, '--sweep-steps'),
                                                    (alpha, '--alpha', sweep_alpha, '--sweep-alpha'),
@@ -468,9 +509,16 @@ def _generate(network_pkl: str, outdir: str, seeds: list[int], subdirs: bool, cl
             dist.print0(f'Note: the PFGM++ prior starts at sigma={used:g} for images of fewer than 256x256x3 values '
                         f'(reference behaviour); --sigma_max only moves the time steps.')
 
-    # Manifests name local networks by absolute path, so a resumed sweep is checked against the same file.
+    # Manifests identify the network by content; the path is kept for people reading them.
     is_url = dnnlib.util.is_url(network_pkl, allow_file_urls=True)
     network_source = network_pkl if is_url else os.path.abspath(network_pkl)
+
+    @functools.lru_cache(maxsize=None)
+    def network_sha256() -> str:
+        try:
+            return network_io.network_file_sha256(network_pkl)
+        except NetworkLoadError as err:
+            raise click.BadParameter(str(err), param_hint='--network') from None
     quantized_cache: dict[int, torch.nn.Module] = {}
     compiled_net: Optional[torch.nn.Module] = None
     for run in runs:
@@ -486,20 +534,22 @@ def _generate(network_pkl: str, outdir: str, seeds: list[int], subdirs: bool, cl
         kwargs = dict(base_kwargs, num_steps=run.num_steps)
         if run.alpha:
             kwargs['noise_injection'] = run.alpha
-        manifest = None
-        if run.tag:
-            manifest = dict(
-                network=network_source,
-                network_summary=network_summary(net), sweep=run.sweep,
-                sampler='ablation' if ablation else 'edm', sampler_kwargs=kwargs,
-                nfe_per_image=network_evaluations(run.num_steps, kwargs), class_idx=class_idx,
-                pfgmpp=use_pfgmpp, D=D, noise_injection_alpha=run.alpha, quantize_bits=run.bits,
-                quantize_scheme=quantize_scheme if run.bits is not None else None,
-                quantized_weights=(len(quantize.quantized_weight_names(net)) if run.bits is not None else 0),
-                subdirs=subdirs, seeds=compact_seeds(seeds), num_images=len(seeds),
-            )
-        _generate_run(run_net, run, seeds, subdirs, class_idx, max_batch_size, use_pfgmpp, D, kwargs, force, device,
-                      manifest)
+        # Exactly what the sampler receives decides the pixels, so the manifest is derived from it.
+        sampler_call = dict(class_idx=class_idx, pfgmpp=use_pfgmpp, D=D, **kwargs)
+        options = dict(precision=_effective_precision(net), channels_last=channels_last, compile=compile_net,
+                       quantize_bits=run.bits, quantize_scheme=quantize_scheme if run.bits is not None else None,
+                       device=device.type, subdirs=subdirs)
+        info = dict(
+            network=network_source, network_summary=network_summary(net), sweep=run.sweep,
+            sampler='ablation' if ablation else 'edm', sampler_kwargs=kwargs,
+            nfe_per_image=network_evaluations(run.num_steps, kwargs), class_idx=class_idx,
+            pfgmpp=use_pfgmpp, D=D, noise_injection_alpha=run.alpha, quantize_bits=run.bits,
+            quantize_scheme=quantize_scheme if run.bits is not None else None,
+            quantized_weights=(len(quantize.quantized_weight_names(net)) if run.bits is not None else 0),
+            subdirs=subdirs,
+        )
+        settings = functools.partial(_describe_run, network_sha256, net, sampler_call, options)
+        _generate_run(run_net, run, seeds, subdirs, max_batch_size, sampler_call, force, device, info, settings)
         if grid and dist.is_main():
             paths = [image_path(run.outdir, s, subdirs) for s in seeds[:GRID_MAX_IMAGES]]
             write_grid(paths, grid_path_for(grid, run))
@@ -519,52 +569,72 @@ def on_main_rank(task: Callable[[], Any]) -> Any:
             outcome = (task(), None)
         except click.ClickException as err:
             outcome = (None, err.format_message())
+        except OSError as err:  # disk full, read-only folder: every rank must stop, not only this one
+            outcome = (None, f'cannot write {err.filename or "under --outdir"} ({err.strerror or err})')
     result, error = dist.broadcast_object(outcome)
     if error is not None:
         raise Failure(error)
     return result
 
 
-def _check_resume(run: Run, manifest: dict, force: bool) -> None:
-    """Refuse to add images to a sweep folder that was made with other settings (unless --force)."""
-    path = os.path.join(run.outdir, MANIFEST_NAME)
-    if force or not os.path.isfile(path):
-        return
+def _describe_run(network_sha256: Callable[[], str], net: Any, sampler_call: dict, options: dict) -> dict:
+    return manifest_lib.describe_settings(network_sha256(), net, sampler_call, **options)
+
+
+def _effective_precision(net: Any) -> dict[str, Any]:
+    """The U-Net precision switches in force after --precision (the network file sets them otherwise)."""
+    return {name: getattr(net, name, None) for name in ('use_fp16', 'use_bf16', 'reduced_precision_on_cpu')}
+
+
+def _seed_union(manifest: Optional[dict], seeds: list[int]) -> list[int]:
+    """The seeds a folder holds after this run: those its manifest lists plus the new ones, sorted."""
+    previous = []
+    if manifest is not None and isinstance(manifest.get('seeds'), str) and manifest['seeds']:
+        try:
+            previous = dnnlib.util.parse_int_list(manifest['seeds'])
+        except ValueError:
+            previous = []
+    return sorted(set(previous) | set(seeds))
+
+
+def _prepare_folder(run: Run, seeds: list[int], force: bool, settings: dict, info: dict) -> dict:
+    """Rank 0: check that ``run.outdir`` may receive these images (clearing it for --force) and record what makes
+    them; returns the manifest written (marked incomplete until the run ends)."""
+    previous = None
+    if force:
+        removed = manifest_lib.clear_generated(run.outdir)
+        if removed:
+            print(f'--force: deleted {removed} PNG(s) a previous run left in "{run.outdir}"')
+    else:
+        try:
+            previous = manifest_lib.check_resumable(run.outdir, settings)
+        except manifest_lib.ManifestError as err:
+            raise Failure(f'--outdir {err}; add --force to delete them and start over, or choose another '
+                          f'--outdir') from None
+    held = _seed_union(previous, seeds)
+    manifest = dict(settings=settings, **jsonable(info), seeds=compact_seeds(held), num_images=len(held),
+                    complete=False)
     try:
-        with open(path) as f:
-            previous = json.load(f)
-    except (OSError, ValueError):
-        return
-    wanted = jsonable(manifest)
-    changed = [key for key in RESUME_KEYS if previous.get(key) != wanted.get(key)]
-    if changed:
-        raise Failure(f'{run.outdir} holds images made with other settings ({", ".join(changed)} differ); '
-                      f'use --force to overwrite them or choose another --outdir')
+        manifest_lib.write_manifest(run.outdir, manifest)
+    except OSError as err:  # disk full, quota: atomic_write left nothing under the final name
+        raise Failure(f'--outdir {run.outdir}: cannot write {err.filename or manifest_lib.MANIFEST_NAME} '
+                      f'({err.strerror or err})') from None
+    return manifest
 
 
-def _write_manifest(run: Run, manifest: dict) -> None:
-    os.makedirs(run.outdir, exist_ok=True)
-    with dnnlib.util.atomic_write(os.path.join(run.outdir, MANIFEST_NAME), 'w') as f:
-        json.dump(jsonable(manifest), f, indent=2)
-        f.write('\n')
-
-
-def _generate_run(net: Any, run: Run, seeds: list[int], subdirs: bool, class_idx: Optional[int], max_batch_size: int,
-                  use_pfgmpp: bool, D: Optional[int], sampler_kwargs: dict, force: bool, device: torch.device,
-                  manifest: Optional[dict]) -> None:
-    # Rank 0 decides what is missing and tells the others, so all ranks split the same list.
-    def missing_seeds() -> list[int]:
-        if manifest is not None:
-            _check_resume(run, manifest, force)
-            _write_manifest(run, dict(manifest, complete=False))
-        return seeds if force else [s for s in seeds if not os.path.isfile(image_path(run.outdir, s, subdirs))]
-    todo = on_main_rank(missing_seeds)
+def _generate_run(net: Any, run: Run, seeds: list[int], subdirs: bool, max_batch_size: int, sampler_call: dict,
+                  force: bool, device: torch.device, info: dict, settings: Callable[[], dict]) -> None:
+    # Rank 0 checks the folder, decides what is missing and tells the others, so all ranks split the same list.
+    def missing_seeds() -> tuple[list[int], dict]:
+        manifest = _prepare_folder(run, seeds, force, settings(), info)
+        return [s for s in seeds if not os.path.isfile(image_path(run.outdir, s, subdirs))], manifest
+    todo, manifest = on_main_rank(missing_seeds)
     skipped = len(seeds) - len(todo)
     world, rank = dist.get_world_size(), dist.get_rank()
     my_batches = sampling.split_batches(todo, max_batch_size, world)[rank::world]
 
     dist.print0(f'Generating {len(todo)} images to "{run.outdir}"' + (f' ({skipped} already there)' if skipped else '')
-                + f', {network_evaluations(run.num_steps, sampler_kwargs)} network evaluations each...')
+                + f', {info["nfe_per_image"]} network evaluations each...')
     bar = tqdm(total=len(todo), unit='img', file=sys.stderr, mininterval=1.0, dynamic_ncols=True,
                disable=not dist.is_main() or not todo)
     start = time.time()
@@ -573,8 +643,7 @@ def _generate_run(net: Any, run: Run, seeds: list[int], subdirs: bool, class_idx
             if not batch_seeds:
                 continue
             try:
-                images = sampling.sample_batch(net, batch_seeds, device=device, class_idx=class_idx,
-                                               pfgmpp=use_pfgmpp, D=D, **sampler_kwargs)
+                images = sampling.sample_batch(net, batch_seeds, device=device, **sampler_call)
             except ValueError as err:
                 raise Failure(str(err)) from None
             pixels_hwc = sampling.to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()
@@ -587,9 +656,9 @@ def _generate_run(net: Any, run: Run, seeds: list[int], subdirs: bool, class_idx
     elapsed = time.time() - start
     if todo:
         dist.print0(f'{len(todo)} images in {elapsed:.1f} s ({len(todo) / max(elapsed, 1e-9):.2f} images/s)')
-    if manifest is not None and dist.is_main():
-        _write_manifest(run, dict(manifest, complete=True, seconds=round(elapsed, 3)))
+    if dist.is_main():
+        manifest_lib.write_manifest(run.outdir, dict(manifest, complete=True, seconds=round(elapsed, 3)))
 
 
 if __name__ == '__main__':
-    main()
+    dnnlib.util.run_click_command(main)  # under torchrun, errors are printed by rank 0 only

@@ -275,6 +275,20 @@ def build_config(opts: dnnlib.EasyDict, world: int) -> tuple[dnnlib.EasyDict, st
     return c, desc
 
 
+def _prepare_run_dir(c: dnnlib.EasyDict) -> None:
+    """Create the run directory and write training_options.json (one-line errors)."""
+    try:
+        dnnlib.util.check_writable_dir(c.run_dir, flag='--outdir')
+    except OSError as err:
+        raise click.ClickException(str(err)) from None
+    try:
+        with dnnlib.util.atomic_write(os.path.join(c.run_dir, 'training_options.json'), 'w') as f:
+            json.dump(c, f, indent=2)
+    except OSError as err:
+        raise click.ClickException(f'--outdir {c.run_dir}: cannot write training_options.json '
+                                   f'({err.strerror or err})') from None
+
+
 # ----------------------------------------------------------------------------
 
 
@@ -288,8 +302,14 @@ def build_config(opts: dnnlib.EasyDict, world: int) -> tuple[dnnlib.EasyDict, st
               show_default=True)
 @click.option('--precond', help='Preconditioning & loss function', type=click.Choice(list(PRECOND_CLASSES)),
               default='edm', show_default=True)
-@click.option('--pfgmpp', help='Train PFGM++ instead of a diffusion model', metavar='BOOL', type=bool,
-              default=False, show_default=True)
+@click.option('--pfgmpp', '--pfgmv2', 'pfgmpp', help='Train PFGM++ instead of a diffusion model (--pfgmv2: the '
+              'PFGM++ fork\'s early name)', metavar='BOOL', type=bool, default=False, show_default=True)
+@dnnlib.util.refused_option('--align', type=bool, script='train.py', advice=(
+    '--align=1 scaled sigma by sqrt(1+N/D), an early alignment its release dropped; this train.py trains the '
+    'released r = sigma*sqrt(D) alignment: drop the flag and give --pfgmpp=1 --aug_dim=D'))
+@dnnlib.util.refused_option('--align_precond', type=bool, script='train.py', advice=(
+    '--align_precond=1 is an early preconditioning variant its release dropped: drop the flag (the released '
+    'PFGM++ uses EDM\'s preconditioning with sigma = r/sqrt(D))'))
 @click.option('--aug_dim', help='PFGM++ augmented dimensions D', metavar='INT', type=int, default=128,
               show_default=True)
 @click.option('--stf', help='Stable target field (reference-batch targets)', metavar='BOOL', type=bool,
@@ -350,8 +370,8 @@ def build_config(opts: dnnlib.EasyDict, world: int) -> tuple[dnnlib.EasyDict, st
               show_default=True)
 @click.option('--snap-format', 'snap_format', help='Snapshot files: pickle, weights-only (.weights.pt) or both',
               type=click.Choice(['pkl', 'weights', 'both']), default='pkl', show_default=True)
-@click.option('--dump', help='How often to dump state', metavar='TICKS', type=click.IntRange(min=1), default=500,
-              show_default=True)
+@click.option('--dump', help='How often to dump state (EDM\'s default holds; the PFGM++ fork\'s train.py used 50)',
+              metavar='TICKS', type=click.IntRange(min=1), default=500, show_default=True)
 @click.option('--seed', help='Seed of every random stream  [default: random]', metavar='INT', type=int)
 @click.option('--transfer', help='Start from the weights of a network snapshot', metavar='PKL|URL', type=str)
 @click.option('--resume', help='Resume from previous training state ("auto": newest in the run dir)',
@@ -420,17 +440,17 @@ def main(**kwargs: Any) -> None:
 
         dist.print0('Preparing the run directory...')
         logger = None
+        # Rank 0 prepares the folder; its error stops every rank (the others would wait for it forever).
+        error = None
         if dist.is_main():
             try:
-                dnnlib.util.check_writable_dir(c.run_dir, flag='--outdir')
-            except OSError as err:
-                raise click.ClickException(str(err)) from None
-            try:
-                with dnnlib.util.atomic_write(os.path.join(c.run_dir, 'training_options.json'), 'w') as f:
-                    json.dump(c, f, indent=2)
-            except OSError as err:
-                raise click.ClickException(f'--outdir {c.run_dir}: cannot write training_options.json '
-                                           f'({err.strerror or err})') from None
+                _prepare_run_dir(c)
+            except click.ClickException as err:
+                error = err.format_message()
+        error = dist.broadcast_object(error)
+        if error is not None:
+            raise click.ClickException(error)
+        if dist.is_main():
             logger = dnnlib.util.Logger(file_name=os.path.join(c.run_dir, 'log.txt'), file_mode='a')
         try:
             training_loop.training_loop(**c, device=device)
@@ -444,4 +464,4 @@ def main(**kwargs: Any) -> None:
 
 
 if __name__ == '__main__':
-    main()
+    dnnlib.util.run_click_command(main)  # under torchrun, errors are printed by rank 0 only

@@ -507,3 +507,113 @@ def test_repeated_seed_ranges():
     assert fid._repeated_seed_ranges([0, 1, 2, 5], 3, limit=100) == [[0, 1, 2, 5], [6, 7, 8, 11], [12, 13, 14, 17]]
     with pytest.raises(click.BadParameter, match='seeds up to 109'):
         fid._repeated_seed_ranges([90, 99], 2, limit=100)
+
+
+# ----------------------------------------------------------------------------
+# Folders that pool images of several origins; the reference checked before any statistics.
+
+
+def _generate(outdir: Path, network: Path, *flags: str) -> None:
+    import generate
+    result = CliRunner().invoke(generate.main, ['--network', str(network), '--outdir', str(outdir), '--steps=2',
+                                                '--device=cpu', *flags])
+    assert result.exit_code == 0, result.output
+
+
+@pytest.fixture(scope='module')
+def tiny_networks(tmp_path_factory) -> tuple[Path, Path]:
+    from tests._sampler_nets import make_tiny_net, save_snapshot
+    folder = tmp_path_factory.mktemp('tiny-nets')
+    return (save_snapshot(make_tiny_net(seed=0), folder / 'a.pkl'),
+            save_snapshot(make_tiny_net(seed=1), folder / 'b.pkl'))
+
+
+def _calc_stats(images: Path, detector: Path, tmp_path: Path, *extra: str) -> click.testing.Result:
+    return _invoke(['calc', f'--images={images}', f'--save-stats={tmp_path / "stats.npz"}', '--num=4',
+                    f'--detector={detector}', '--workers=0', '--device=cpu', *extra])
+
+
+def test_calc_refuses_folders_made_with_different_settings(tiny_networks, narrow_detector, tmp_path):
+    net_a, net_b = tiny_networks
+    root = tmp_path / 'fid-tmp'
+    _generate(root / 'ckpt_a', net_a, '--seeds=0-1')
+    _generate(root / 'ckpt_b', net_b, '--seeds=2-3')
+    _assert_cli_error(_calc_stats(root, narrow_detector, tmp_path), str(root), 'ckpt_a and ckpt_b',
+                      'network_sha256', '--allow-mixed')
+    assert not (tmp_path / 'stats.npz').exists()
+    result = _calc_stats(root, narrow_detector, tmp_path, '--allow-mixed')
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / 'stats.npz').is_file()
+
+
+def test_calc_refuses_images_of_unrecorded_origins(generated_dir, narrow_detector, tmp_path):
+    """The PFGM++ fork's layout: one ckpt_* folder (with --subdirs-style thousands) per checkpoint, no manifest."""
+    root = tmp_path / 'exp'
+    for ckpt in ('ckpt_000100', 'ckpt_000200'):
+        (root / ckpt / '000000').mkdir(parents=True)
+        for i in range(2):
+            shutil.copy(generated_dir / f'{i:06d}.png', root / ckpt / '000000' / f'{i:06d}.png')
+    _assert_cli_error(_calc_stats(root, narrow_detector, tmp_path), 'ckpt_000100', 'ckpt_000200',
+                      'without a manifest.json', f'--images={root / "ckpt_000100"}', '--allow-mixed')
+    # One checkpoint's folder is one origin, its numbered subfolders included.
+    result = _invoke(['calc', f'--images={root / "ckpt_000100"}', f'--save-stats={tmp_path / "one.npz"}',
+                      '--num=2', f'--detector={narrow_detector}', '--workers=0', '--device=cpu'])
+    assert result.exit_code == 0, result.output
+    # A ZIP of the same layout is refused the same way.
+    archive = tmp_path / 'exp.zip'
+    with zipfile.ZipFile(archive, 'w') as z:
+        for path in sorted(root.rglob('*.png')):
+            z.write(path, path.relative_to(root).as_posix())
+    _assert_cli_error(_calc_stats(archive, narrow_detector, tmp_path), 'ckpt_000100', '--allow-mixed')
+
+
+def test_calc_accepts_one_setting_split_over_folders(tiny_networks, narrow_detector, tmp_path):
+    net_a, _ = tiny_networks
+    root = tmp_path / 'split'
+    _generate(root / 'part1', net_a, '--seeds=0-1')
+    _generate(root / 'part2', net_a, '--seeds=2-3')
+    _generate(tmp_path / 'subdirs', net_a, '--seeds=998-1001', '--subdirs')
+    for images in (root, tmp_path / 'subdirs'):
+        result = _calc_stats(images, narrow_detector, tmp_path)
+        assert result.exit_code == 0, result.output
+
+
+def test_ref_feature_size_is_checked_before_statistics(generated_dir, narrow_detector, tmp_path, monkeypatch,
+                                                       tiny_networks):
+    ref = tmp_path / 'ref.npz'
+    np.savez(ref, mu=np.zeros(16), sigma=np.eye(16))
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError('statistics computed before the reference was checked')
+    monkeypatch.setattr(fid, 'calculate_inception_stats', must_not_run)
+    monkeypatch.setattr(fid, 'calculate_stats_for_network', must_not_run)
+    result = _invoke(['calc', f'--images={generated_dir}', f'--ref={ref}', '--num=4', f'--detector={narrow_detector}',
+                      '--workers=0', '--device=cpu'])
+    _assert_cli_error(result, f'--ref {ref}', 'has 16 features', 'detector returns 32')
+    result = _invoke(['gen', f'--network={tiny_networks[0]}', '--seeds=0-3', f'--ref={ref}', '--steps=2',
+                      f'--detector={narrow_detector}', '--device=cpu'])
+    _assert_cli_error(result, f'--ref {ref}', 'has 16 features', 'detector returns 32')
+
+
+@pytest.mark.parametrize('case', ['pickle', 'object-array', 'empty', 'png', 'truncated-zip'])
+def test_ref_that_is_not_an_npz_is_one_line_of_ours(generated_dir, tmp_path, case):
+    ref = tmp_path / 'ref.npz'
+    if case == 'pickle':
+        ref.write_bytes(pickle.dumps(dict(mu=np.zeros(4), sigma=np.eye(4))))
+        fragment = 'holds a pickle, not an .npz archive'
+    elif case == 'object-array':
+        np.savez(ref, mu=np.array([None, 1], dtype=object), sigma=np.eye(2))
+        fragment = 'object (pickled) arrays'
+    elif case == 'empty':
+        ref.write_bytes(b'')
+        fragment = 'holds an empty file'
+    elif case == 'png':
+        shutil.copy(generated_dir / '000000.png', ref)
+        fragment = 'holds a PNG image'
+    else:
+        np.savez(ref, mu=np.zeros(4), sigma=np.eye(4))
+        ref.write_bytes(ref.read_bytes()[:-40])
+        fragment = 'holds a truncated or damaged ZIP archive'
+    result = _invoke(['calc', f'--images={generated_dir}', f'--ref={ref}', '--num=4', '--device=cpu'])
+    error = _assert_cli_error(result, f'--ref {ref}', fragment, 'mu [D] and sigma [D, D]')
+    assert 'allow_pickle' not in error and 'Traceback' not in result.output

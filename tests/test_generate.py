@@ -252,7 +252,7 @@ def test_sweeps_write_folders_and_manifests(nets, tmp_path):
 
     # Resuming a sweep folder with other settings is refused.
     result = cli(*base, '--outdir', tmp_path / 'sweep', '--sweep-steps=2', '--S_churn=5', expect_ok=False)
-    assert_clean_error(result, 'sampler_kwargs', '--force')
+    assert_clean_error(result, 'S_churn', '--force')
 
 
 def test_quantize_bits_flag(nets, tmp_path):
@@ -377,3 +377,139 @@ def test_compile_flag_matches_eager(nets, tmp_path):
     eager, compiled = (np.stack([read_png(p) for p in sorted((tmp_path / d).glob('*.png'))]).astype(int)
                        for d in ('eager', 'compiled'))
     assert np.abs(compiled - eager).max() <= 1
+
+
+# ----------------------------------------------------------------------------
+# Reused output folders: resume only what the same network and settings made.
+
+
+def folder_state(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob('*')) if p.is_file()}
+
+
+@pytest.fixture(scope='module')
+def made_folder(nets, tmp_path_factory) -> Path:
+    """Seeds 0-1 of the unconditional net, 2 steps, as a reference folder to copy."""
+    folder = tmp_path_factory.mktemp('made') / 'out'
+    cli('--network', nets['uncond'], '--outdir', folder, '--seeds=0-1', '--steps=2')
+    return folder
+
+
+# Each changes the pixels; each must be named when a folder made without it is reused.
+PIXEL_OPTIONS = [
+    (['--steps=3'], 'num_steps'),
+    (['--sigma_max=40'], 'sigma_max'),
+    (['--sigma_min=0.01'], 'sigma_min'),
+    (['--rho=5'], 'rho'),
+    (['--S_churn=3'], 'S_churn'),
+    (['--S_noise=1.01'], 'S_noise'),
+    (['--solver=euler'], 'solver'),
+    (['--alpha=0.1'], 'noise_injection'),
+    (['--quantize-bits=6'], 'quantize_bits'),
+    (['--precision=bf16'], 'use_bf16'),
+    (['--channels-last'], 'channels_last'),
+    (['--subdirs'], 'subdirs'),
+]
+
+
+@pytest.mark.parametrize('flags,named', PIXEL_OPTIONS, ids=[f[0][0] for f in PIXEL_OPTIONS])
+def test_reused_outdir_with_other_settings_is_refused(nets, made_folder, tmp_path, flags, named):
+    folder = tmp_path / 'out'
+    shutil.copytree(made_folder, folder)
+    before = folder_state(folder)
+    result = cli('--network', nets['uncond'], '--outdir', folder, '--seeds=0-3', '--steps=2', *flags,
+                 expect_ok=False)
+    assert_clean_error(result, str(folder), named, '--force')
+    assert folder_state(folder) == before  # nothing added, nothing overwritten
+
+
+def test_reused_outdir_with_another_network_is_refused_and_force_starts_over(nets, made_folder, tmp_path):
+    folder = tmp_path / 'out'
+    shutil.copytree(made_folder, folder)
+    before = folder_state(folder)
+    other = save_snapshot(make_tiny_net(seed=11), tmp_path / 'other.pkl')
+    result = cli('--network', other, '--outdir', folder, '--seeds=0-1', '--steps=2', expect_ok=False)
+    assert_clean_error(result, 'network_sha256', '--force')
+    assert folder_state(folder) == before
+
+    # --force deletes what the other network made, including seeds this command does not list.
+    shutil.copy(folder / '000001.png', folder / '000007.png')
+    result = cli('--network', other, '--outdir', folder, '--seeds=0', '--steps=2', '--force')
+    assert 'deleted 3 PNG(s)' in result.output
+    fresh = tmp_path / 'fresh'
+    cli('--network', other, '--outdir', fresh, '--seeds=0', '--steps=2')
+    assert png_bytes(folder) == png_bytes(fresh) == {'000000.png': png_bytes(fresh)['000000.png']}
+
+
+def test_resume_needs_the_same_content_not_the_same_path(nets, made_folder, tmp_path):
+    folder = tmp_path / 'out'
+    shutil.copytree(made_folder, folder)
+    copy = tmp_path / 'renamed-copy.pkl'
+    shutil.copy(nets['uncond'], copy)
+    result = cli('--network', copy, '--outdir', folder, '--seeds=0-3', '--steps=2')
+    assert 'Generating 2 images' in result.output and '2 already there' in result.output
+    manifest = json.loads((folder / 'manifest.json').read_text())
+    assert manifest['complete'] and manifest['seeds'] == '0-3' and manifest['num_images'] == 4
+    fresh = tmp_path / 'fresh'
+    cli('--network', nets['uncond'], '--outdir', fresh, '--seeds=0-3', '--steps=2')
+    assert png_bytes(folder) == png_bytes(fresh)
+    assert json.loads((fresh / 'manifest.json').read_text())['settings'] == manifest['settings']
+
+
+def test_folder_with_pngs_but_no_manifest_is_refused(nets, made_folder, tmp_path):
+    folder = tmp_path / 'out'
+    shutil.copytree(made_folder, folder)
+    (folder / 'manifest.json').unlink()
+    before = folder_state(folder)
+    result = cli('--network', nets['uncond'], '--outdir', folder, '--seeds=0-1', '--steps=2', expect_ok=False)
+    assert_clean_error(result, 'no manifest.json', '--force')
+    assert folder_state(folder) == before
+    (folder / 'manifest.json').write_text('{not json')
+    result = cli('--network', nets['uncond'], '--outdir', folder, '--seeds=0-1', '--steps=2', expect_ok=False)
+    assert_clean_error(result, 'manifest.json', 'cannot read it', '--force')
+    cli('--network', nets['uncond'], '--outdir', folder, '--seeds=0-1', '--steps=2', '--force')
+    assert png_bytes(folder) == png_bytes(made_folder)
+
+
+def test_manifest_records_what_the_sampler_received(nets, tmp_path, monkeypatch):
+    """A keyword the sampler gets is recorded even when no manifest code knows it (later options are covered)."""
+    received = []
+    original = sampling.sample_batch
+
+    def spy(net, seeds, **kwargs):
+        received.append(kwargs)
+        return original(net, seeds, **kwargs)
+    monkeypatch.setattr(sampling, 'sample_batch', spy)
+    cli('--network', nets['cond'], '--outdir', tmp_path, '--seeds=0', '--steps=2', '--class=1', '--S_churn=2')
+    settings = json.loads((tmp_path / 'manifest.json').read_text())['settings']
+    (call,) = received
+    call.pop('device')
+    assert settings['sampler'] == json.loads(json.dumps(generate.manifest_lib.fingerprint(call)))
+    assert settings['sampler']['class_idx'] == 1 and settings['sampler']['S_churn'] == 2
+
+    from training import manifest
+    extra = dict(call, gnet=make_tiny_net(seed=1), guidance=1.5)
+    other = dict(call, gnet=make_tiny_net(seed=2), guidance=1.5)
+    base = manifest.describe_settings('0' * 64, load_network(nets['cond']), extra)
+    differences = manifest.settings_differences(base, manifest.describe_settings('0' * 64,
+                                                                                 load_network(nets['cond']), other))
+    assert [d.split(':')[0] for d in differences] == ['gnet']
+
+
+def test_two_processes_resume_and_refuse_like_one(nets, tmp_path):
+    """Under torchrun rank 0 checks the folder and writes the manifest; a refusal is printed once, no traceback
+    from our processes."""
+    folder = tmp_path / 'out'
+    flags = ['--network', str(nets['uncond']), '--outdir', str(folder), '--steps=2', '--device=cpu']
+    torchrun = ['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'generate.py']
+    cli(*flags, '--seeds=0-3')  # test_world_size_and_batch_invariance covers a two-process run that writes
+    manifest = json.loads((folder / 'manifest.json').read_text())
+    assert manifest['complete'] and manifest['seeds'] == '0-3'
+    before = folder_state(folder)
+    proc = run_python([*torchrun, *flags, '--seeds=0-5', '--steps=3'], env=dict(OMP_NUM_THREADS='1'), check=False)
+    assert proc.returncode != 0
+    errors = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith('Error:')]
+    assert len(errors) == 1 and 'num_steps' in errors[0] and '--force' in errors[0], proc.stderr[-2000:]
+    # No traceback from our processes (torchrun's own report of the non-zero exit follows, from its launcher).
+    assert f'File "{REPO_ROOT}' not in proc.stderr and 'generate.py", line' not in proc.stderr
+    assert folder_state(folder) == before

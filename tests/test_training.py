@@ -101,6 +101,8 @@ def ddp_run(data_zip, tmp_path_factory) -> Path:
            str(REPO_ROOT / 'train.py'), *tiny_train_args(data_zip, outdir, **DDP_ARGS)]
     proc = subprocess.run(cmd, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # DDP is built with the buffer option this PyTorch names without deprecation: no FutureWarning per rank.
+    assert 'FutureWarning' not in proc.stderr and 'broadcast_buffers' not in proc.stderr, proc.stderr[-3000:]
     return _only('00000-*', outdir)
 
 
@@ -352,12 +354,20 @@ def test_dry_run_prints_options_and_writes_nothing(data_zip: Path, tmp_path: Pat
     assert not (tmp_path / 'runs').exists()
 
 
-def test_diverging_loss_stops_with_one_line(data_zip: Path, tmp_path: Path):
+@pytest.mark.parametrize('dump', [1, 1000])
+def test_diverging_loss_stops_with_one_line(data_zip: Path, tmp_path: Path, dump: int):
+    """The advice names a training state that exists (the newest), or says that there is none."""
     proc = _train(tiny_train_args(data_zip, tmp_path, lr=1e30, lr_rampup=0, duration=5 * STEP_IMAGES / 1e6,
-                                  tick=STEP_IMAGES / 1e3), check=False)
+                                  tick=STEP_IMAGES / 1e3, dump=dump), check=False)
     assert proc.returncode == 1
-    assert 'Error: the training loss became' in proc.stderr and 'lower --lr' in proc.stderr
+    (error,) = [line for line in proc.stderr.splitlines() if line.startswith('Error:')]
+    assert 'Error: the training loss became' in error and 'lower --lr' in error
     assert 'Traceback' not in proc.stderr
+    states = sorted(tmp_path.glob('*/training-state-*.pt'))
+    if states:
+        assert f'--resume={states[-1]}' in error
+    else:
+        assert dump == 1000 and 'no training state was written' in error and '--resume' not in error
 
 
 def test_resume_auto_picks_the_newest_state_of_the_matching_run(tmp_path: Path):

@@ -19,6 +19,7 @@ in its place (one line says so).
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import pickle
@@ -33,6 +34,7 @@ from torch_utils.distributed import print0
 
 EXPECTED_FORMATS = 'a network snapshot (.pkl with an "ema" network) or a training state (.pt with an "ema" network)'
 PICKLE_PROTOCOL_MARK = 0x80  # first byte of pickles written with protocol 2 or later
+HASH_CHUNK_BYTES = 1 << 20  # network files are hashed in pieces of this size, never held twice in memory
 
 
 class NetworkLoadError(ValueError):
@@ -115,6 +117,25 @@ def load_network(path_or_url: Union[str, os.PathLike], device: Optional[Union[st
     if eval_mode:
         net.eval().requires_grad_(False)
     return net
+
+
+def network_file_sha256(path_or_url: Union[str, os.PathLike], prefer_weights: bool = True) -> str:
+    """SHA-256 (hex) of the bytes :func:`load_network` reads for ``path_or_url``: the weights-only sibling when it
+    would be preferred, the download cache's copy for a URL. Names the network by content, not by path.
+
+    Raises :class:`NetworkLoadError` when the file cannot be read.
+    """
+    from training import export  # late: export imports this module
+    source = os.fspath(path_or_url)
+    source = (export.preferred_sibling(source) if prefer_weights else None) or source
+    digest = hashlib.sha256()
+    try:
+        with dnnlib.util.open_url(source, verbose=False) as f:
+            for chunk in iter(lambda: f.read(HASH_CHUNK_BYTES), b''):
+                digest.update(chunk)
+    except OSError as err:
+        raise NetworkLoadError(f'{source}: cannot read it ({err}); expected {EXPECTED_FORMATS}') from None
+    return digest.hexdigest()
 
 
 def network_summary(net: Any) -> dict[str, Any]:

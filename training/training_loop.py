@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 import json
 import os
 import pickle
@@ -344,7 +345,7 @@ def training_loop(
     ddp = None
     if dist.is_distributed():
         ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == 'cuda' else None,
-                                                        broadcast_buffers=False)
+                                                        **_ddp_buffer_options())
     ema = copy.deepcopy(net).requires_grad_(False).eval()
 
     # Where training starts.
@@ -502,8 +503,7 @@ def training_loop(
                 stats_file.flush()
             if not np.isfinite(loss_mean):
                 raise TrainingError(f'the training loss became {loss_mean} at {cur_nimg / 1e3:.3f} kimg '
-                                    f'(tick {cur_tick}); lower --lr or check the data, then resume from the last '
-                                    f'training state')
+                                    f'(tick {cur_tick}); {_nan_advice(run_dir, resume_state_dump)}')
             if stopping and not done:
                 done = True
                 dist.print0()
@@ -541,6 +541,36 @@ def training_loop(
         stats_file.close()
     dist.print0()
     dist.print0('Exiting...')
+
+
+def _ddp_buffer_options() -> dict[str, bool]:
+    """DDP keywords that stop it copying rank 0's buffers before every forward pass.
+
+    The buffers (resampling filters, Fourier frequencies) are built identically on every rank and never change,
+    so the per-forward broadcast EDM turned off stays off. PyTorch versions that name this ``forward_sync_buffers``
+    deprecate ``broadcast_buffers`` with a FutureWarning per rank; older versions only know ``broadcast_buffers``.
+    The one-time copy at start-up that ``forward_sync_buffers=False`` keeps copies identical values.
+    """
+    parameters = inspect.signature(torch.nn.parallel.DistributedDataParallel.__init__).parameters
+    if 'forward_sync_buffers' in parameters:
+        return dict(forward_sync_buffers=False)
+    return dict(broadcast_buffers=False)
+
+
+def _nan_advice(run_dir: str, resume_state_dump: Optional[str]) -> str:
+    """What to do after a NaN/Inf loss: resume from the newest training state that exists, or start over."""
+    states = []
+    for name in os.listdir(run_dir) if run_dir and os.path.isdir(run_dir) else []:
+        match = re.fullmatch(r'training-state-(\d+)\.pt', name)
+        if match:
+            states.append((int(match.group(1)), os.path.join(run_dir, name)))
+    if resume_state_dump is not None and os.path.isfile(resume_state_dump):
+        match = re.fullmatch(r'training-state-(\d+)\.pt', os.path.basename(resume_state_dump))
+        states.append((int(match.group(1)) if match else -1, resume_state_dump))
+    if not states:
+        return ('no training state was written before it (one is written every --dump ticks), so start over '
+                'with a lower --lr or check the data')
+    return f'lower --lr or check the data, then continue with --resume={max(states)[1]}'
 
 
 def ema_decay(cur_nimg: int, batch_size: int, halflife_kimg: float, rampup_ratio: Optional[float]) -> float:

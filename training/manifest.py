@@ -1,0 +1,311 @@
+"""What made a folder of generated images: the manifest ``generate.py`` writes beside its PNGs.
+
+A folder is resumed (existing PNGs kept) only when its manifest records exactly the settings of the new command,
+and ``fid.py calc`` refuses to pool images whose folders record different settings. The settings are derived from
+what generation actually uses, not from a list of flags:
+
+* ``network_sha256``: SHA-256 of the network file's bytes (the cached copy for a URL);
+* ``sampler``: every keyword argument handed to ``training.sampler.sample_batch`` (solver, steps, sigma range, rho,
+  S_*, class, PFGM++ D, noise injection, and whatever later options add), modules among them named by a hash of
+  their tensors;
+* ``net_class`` and the network options applied after loading (precision, memory layout, compile, quantization,
+  device type), which change the arithmetic and so the pixels.
+
+Manifest layout (JSON): ``format``, ``settings`` (compared), and informational entries (``seeds``, ``complete``,
+``nfe_per_image``, ...). Image files a generator names ``{seed:06d}.png`` (optionally inside ``{thousands:06d}/``)
+are the ones ``--force`` clears.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import zipfile
+from typing import Any, Optional
+
+import torch
+
+import dnnlib
+
+MANIFEST_NAME = 'manifest.json'
+#: Written into every manifest; bump when the meaning of ``settings`` changes, so old folders are not resumed.
+MANIFEST_FORMAT = 'pfgmpp-generate/1'
+
+_SEED_PNG = re.compile(r'\d+\.png')
+_SEED_DIR = re.compile(r'\d+')
+#: Differences listed in one error line before "and N more".
+MAX_LISTED = 4
+
+
+class ManifestError(ValueError):
+    """A folder whose recorded settings forbid what was asked; the message is one line naming the folder.
+
+    ``origins`` lists the subfolders (relative, '.' for the top) whose images would have been pooled, if any.
+    """
+
+    def __init__(self, message: str, origins: Optional[list[str]] = None):
+        super().__init__(message)
+        self.origins = origins or []
+
+
+# ----------------------------------------------------------------------------
+# Settings.
+
+
+def tensor_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over names, dtypes, shapes and bytes of ``tensors`` (order-independent)."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().to('cpu').contiguous()
+        digest.update(f'{name}|{t.dtype}|{list(t.shape)}|'.encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b'')
+    return digest.hexdigest()
+
+
+def fingerprint(value: Any) -> Any:
+    """A JSON value standing for ``value`` such that different values give different fingerprints.
+
+    Numbers, strings, booleans and None stay as they are (non-finite floats as strings); containers recurse;
+    modules become their class and a hash of their state dict; tensors a hash of their bytes; callables their
+    qualified name; anything else its ``repr``.
+    """
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, dict):
+        return {str(k): fingerprint(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(value, (list, tuple)):
+        return [fingerprint(v) for v in value]
+    if isinstance(value, (torch.nn.Module, torch.Tensor)):
+        return _torch_fingerprint(value)
+    if isinstance(value, torch.device):
+        return value.type
+    if callable(value):
+        return f'{getattr(value, "__module__", "")}.{getattr(value, "__qualname__", repr(value))}'
+    return repr(value)
+
+
+def _torch_fingerprint(value: torch.nn.Module | torch.Tensor) -> dict[str, str]:
+    """Modules: class and a hash of every parameter and buffer; tensors: a hash of their bytes."""
+    if isinstance(value, torch.Tensor):
+        return dict(tensor_sha256=tensor_sha256({'': value}))
+    return dict(module=f'{type(value).__module__}.{type(value).__qualname__}', sha256=tensor_sha256(value.state_dict()))
+
+
+def describe_settings(network_sha256: str, net: torch.nn.Module, sampler_call: dict[str, Any],
+                      **options: Any) -> dict[str, Any]:
+    """The settings that decide the pixels of a folder, as a JSON-ready dict.
+
+    ``sampler_call`` is exactly the keyword dict passed to ``training.sampler.sample_batch`` (without the seeds
+    and the device); ``options`` are the network options applied after loading (precision, quantization, ...).
+    """
+    return json.loads(json.dumps(dict(network_sha256=network_sha256,
+                                      net_class=f'{type(net).__module__}.{type(net).__qualname__}',
+                                      sampler=fingerprint(sampler_call), **fingerprint(options))))
+
+
+def _flatten(value: Any, prefix: str = '') -> dict[str, Any]:
+    if isinstance(value, dict) and value and not ({'sha256', 'tensor_sha256'} & set(value)):
+        flat: dict[str, Any] = {}
+        for key, item in value.items():
+            flat.update(_flatten(item, f'{prefix}{key}.'))
+        return flat
+    return {prefix[:-1]: value}
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else value
+    if isinstance(value, dict):
+        text = next((v for k, v in value.items() if k.endswith('sha256')), text)
+    if re.fullmatch(r'[0-9a-f]{64}', text):
+        return f'sha256 {text[:12]}...'
+    return text if len(text) <= 40 else text[:37] + '...'
+
+
+def settings_differences(recorded: dict[str, Any], wanted: dict[str, Any],
+                         labels: tuple[str, str] = ('in the folder', 'now')) -> list[str]:
+    """``['num_steps: 18 in the folder, 10 now', ...]``; empty when the settings agree exactly."""
+    old, new = _flatten(recorded), _flatten(wanted)
+    lines = []
+    for key in sorted(set(old) | set(new)):
+        if old.get(key, '<unset>') != new.get(key, '<unset>'):
+            name = key.removeprefix('sampler.')
+            lines.append(f'{name}: {_short(old.get(key, "unset"))} {labels[0]}, {_short(new.get(key, "unset"))} '
+                         f'{labels[1]}')
+    return lines
+
+
+def summarize(differences: list[str]) -> str:
+    listed = '; '.join(differences[:MAX_LISTED])
+    return listed + (f'; and {len(differences) - MAX_LISTED} more' if len(differences) > MAX_LISTED else '')
+
+
+# ----------------------------------------------------------------------------
+# Output folders.
+
+
+def read_manifest(folder: str) -> Optional[dict[str, Any]]:
+    """The folder's manifest, or None when it has none. Raises ManifestError when it exists but is unusable."""
+    path = os.path.join(folder, MANIFEST_NAME)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding='utf-8') as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as err:
+        raise ManifestError(f'{path}: cannot read it ({err}); expected the JSON manifest generate.py writes') \
+            from None
+    if not isinstance(manifest, dict) or manifest.get('format') != MANIFEST_FORMAT \
+            or not isinstance(manifest.get('settings'), dict):
+        found = manifest.get('format', 'no format entry') if isinstance(manifest, dict) else type(manifest).__name__
+        raise ManifestError(f'{path}: written by another version of generate.py ({found}; expected '
+                            f'{MANIFEST_FORMAT}), so its settings cannot be compared')
+    return manifest
+
+
+def write_manifest(folder: str, manifest: dict[str, Any]) -> None:
+    """Write ``manifest`` (format entry added) under a temporary name, then rename it into place."""
+    os.makedirs(folder, exist_ok=True)
+    with dnnlib.util.atomic_write(os.path.join(folder, MANIFEST_NAME), 'w') as f:
+        json.dump(dict(format=MANIFEST_FORMAT, **manifest), f, indent=2)
+        f.write('\n')
+
+
+def generated_pngs(folder: str) -> list[str]:
+    """Paths of the PNGs a generator names by seed in ``folder`` and its numeric subfolders."""
+    found = []
+    if not os.path.isdir(folder):
+        return found
+    for entry in os.scandir(folder):
+        if entry.is_file() and _SEED_PNG.fullmatch(entry.name):
+            found.append(entry.path)
+        elif entry.is_dir() and _SEED_DIR.fullmatch(entry.name):
+            found.extend(sub.path for sub in os.scandir(entry.path)
+                         if sub.is_file() and _SEED_PNG.fullmatch(sub.name))
+    return sorted(found)
+
+
+def clear_generated(folder: str) -> int:
+    """Delete the seed-named PNGs, emptied numeric subfolders and the manifest of ``folder``; returns the count."""
+    pngs = generated_pngs(folder)
+    for path in pngs:
+        os.remove(path)
+    for entry in list(os.scandir(folder)) if os.path.isdir(folder) else []:
+        if entry.is_dir() and _SEED_DIR.fullmatch(entry.name) and not os.listdir(entry.path):
+            os.rmdir(entry.path)
+    manifest = os.path.join(folder, MANIFEST_NAME)
+    if os.path.isfile(manifest):
+        os.remove(manifest)
+    return len(pngs)
+
+
+def check_resumable(folder: str, settings: dict[str, Any]) -> Optional[dict[str, Any]]:
+    """Decide whether new images may join ``folder``; returns its manifest (None for a new folder).
+
+    Raises ManifestError when the folder records other settings, or holds seed-named PNGs without a manifest.
+    """
+    manifest = read_manifest(folder)
+    if manifest is None:
+        pngs = generated_pngs(folder)
+        if pngs:
+            raise ManifestError(f'{folder} holds {len(pngs)} PNG(s) but no {MANIFEST_NAME} saying how they were '
+                                f'made (e.g. {os.path.relpath(pngs[0], folder)})')
+        return None
+    differences = settings_differences(manifest['settings'], settings)
+    if differences:
+        raise ManifestError(f'{folder} holds images made with other settings ({summarize(differences)})')
+    return manifest
+
+
+# ----------------------------------------------------------------------------
+# Folders of images for FID.
+
+
+def _image_extensions() -> set[str]:
+    import PIL.Image
+    PIL.Image.init()
+    return {ext.lower() for ext in PIL.Image.EXTENSION}
+
+
+def _list_files(path: str) -> list[str]:
+    """Relative '/'-separated names of the files in a folder or ZIP."""
+    if os.path.isdir(path):
+        names = []
+        for root, _dirs, files in os.walk(path):
+            rel_root = os.path.relpath(root, path).replace(os.sep, '/')
+            names.extend(name if rel_root == '.' else f'{rel_root}/{name}' for name in files)
+        return names
+    with zipfile.ZipFile(path) as archive:
+        return [name for name in archive.namelist() if not name.endswith('/')]
+
+
+def _read_member(path: str, name: str) -> bytes:
+    if os.path.isdir(path):
+        with open(os.path.join(path, name), 'rb') as f:
+            return f.read()
+    with zipfile.ZipFile(path) as archive:
+        return archive.read(name)
+
+
+def image_origins(path: str) -> dict[str, Optional[dict[str, Any]]]:
+    """Where the images of a folder or ZIP come from: origin -> its recorded settings (None: no manifest).
+
+    An image's origin is the nearest folder above it holding a manifest; images without one are grouped by their
+    folder with all-digit folder names left out (generate.py's --subdirs and dataset_tool.py's numbered folders
+    split one set of images, not several).
+    """
+    extensions = _image_extensions()
+    files = _list_files(path)
+    manifest_dirs = {name.rpartition('/')[0] for name in files
+                     if name == MANIFEST_NAME or name.endswith('/' + MANIFEST_NAME)}
+    origins: dict[str, Optional[dict[str, Any]]] = {}
+    for name in files:
+        if os.path.splitext(name)[1].lower() not in extensions:
+            continue
+        parts = name.split('/')[:-1]
+        origin = None
+        for depth in range(len(parts), -1, -1):
+            if '/'.join(parts[:depth]) in manifest_dirs:
+                origin = '/'.join(parts[:depth])
+                break
+        if origin is None:
+            origins.setdefault('/'.join(p for p in parts if not _SEED_DIR.fullmatch(p)) + '\0', None)
+        elif origin not in origins:
+            member = f'{origin}/{MANIFEST_NAME}' if origin else MANIFEST_NAME
+            try:
+                manifest = json.loads(_read_member(path, member))
+                settings = manifest['settings'] if isinstance(manifest, dict) else None
+            except (OSError, ValueError, KeyError):
+                settings = None
+            origins[origin] = settings if isinstance(settings, dict) else None
+    return origins
+
+
+def check_single_origin(path: str) -> None:
+    """Raise ManifestError when the images under ``path`` were made by different runs or settings.
+
+    Several origins are fine only when every one has a manifest and all record the same settings (e.g. seed
+    ranges generated into separate folders with one command line).
+    """
+    origins = image_origins(path)
+    if len(origins) <= 1:
+        return
+    names = sorted(origins)
+    shown = [(n.rstrip('\0') or '.') for n in names]
+    recorded = [origins[n] for n in names]
+    if all(r is not None for r in recorded):
+        for name, settings in zip(shown[1:], recorded[1:]):
+            differences = settings_differences(recorded[0], settings, (f'in {shown[0]}', f'in {name}'))
+            if differences:
+                raise ManifestError(f'{path}: holds images made with different settings ({shown[0]} and {name} '
+                                    f'differ: {summarize(differences)})', origins=shown)
+        return
+    listed = ', '.join(shown[:MAX_LISTED]) + (f' and {len(shown) - MAX_LISTED} more' if len(shown) > MAX_LISTED
+                                              else '')
+    unrecorded = [s for s, r in zip(shown, recorded) if r is None]
+    raise ManifestError(f'{path}: holds images of {len(shown)} different origins ({listed}), '
+                        f'{len(unrecorded)} without a {MANIFEST_NAME} recording how they were made', origins=shown)
