@@ -256,3 +256,18 @@ def test_killed_rank_ends_the_job_and_resume_auto_continues(data_zip: Path, tmp_
     assert final['step'] == LONG_STEPS * STEP_IMAGES and final['world_size'] == 1
     ticks = [json.loads(line)['Progress/kimg']['mean'] for line in (run / 'stats.jsonl').read_text().splitlines()]
     assert ticks[-1] == pytest.approx(LONG_STEPS * STEP_IMAGES / 1e3)
+
+
+def test_resume_auto_finds_the_run_of_another_process_count(tmp_path: Path):
+    import dnnlib
+    import train
+
+    run = tmp_path / '00003-tiny-uncond-ddpmpp-edm-gpus2-batch8-fp32'
+    run.mkdir()
+    (run / 'training-state-000004.pt').write_bytes(b'')
+    (tmp_path / '00004-tiny-uncond-ddpmpp-edm-gpus2-batch16-fp32').mkdir()  # another batch: another run
+    opts = dnnlib.EasyDict(outdir=str(tmp_path), nosubdir=False, name=None, resume='auto')
+    for world in (1, 2, 16):
+        desc = f'tiny-uncond-ddpmpp-edm-gpus{world}-batch8-fp32'
+        assert train._choose_run_dir(opts, desc) == (str(run), str(run / 'training-state-000004.pt'))
+    assert train._choose_run_dir(opts, 'tiny-uncond-ddpmpp-edm-gpus1-batch16-fp32')[1] is None
