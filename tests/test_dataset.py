@@ -300,6 +300,14 @@ def test_zip_reader_zip64_extras_of_the_central_directory(tmp_path: Path) -> Non
     reader = ZipMembers(str(tmp_path / 'zip64.zip'))
     assert [reader.read(k) for k in range(len(payloads))] == list(payloads.values())
 
+    # A last entry whose name would run past the end of the directory is reported, not read out of bounds.
+    data = bytearray((tmp_path / 'plain.zip').read_bytes())
+    last = data.rfind(zipfile.stringCentralDir)
+    data[last + 28:last + 30] = struct.pack('<H', 200)
+    (tmp_path / 'overrun.zip').write_bytes(bytes(data))
+    with pytest.raises(DatasetError, match=r'overrun\.zip: corrupt ZIP central directory at byte \d+'):
+        ZipMembers(str(tmp_path / 'overrun.zip'))
+
 
 # ----------------------------------------------------------------------------
 # Errors.
