@@ -153,7 +153,8 @@ class ZipMembers:
             walked.append(pos)
             pos += fixed + sum(struct.unpack_from('<3H', directory, pos + _CENTRAL_ENTRY.fields['name_len'][1]))
         if pos > len(directory):
-            raise DatasetError(f'{self.path}: corrupt ZIP central directory at byte {walked[-1]} (entry runs past its end)')
+            raise DatasetError(f'{self.path}: corrupt ZIP central directory at byte {walked[-1]} '
+                               f'(entry runs past its end)')
         starts = np.array(walked, dtype=np.int64)
         return starts, _central_entries(table, starts)
 
