@@ -60,6 +60,7 @@ ADAM_SETTINGS = dict(betas=[0.9, 0.999], eps=1e-8, fused=True)
 NETWORK_OVERRIDES = (('cbase', 'model_channels'), ('cres', 'channel_mult'), ('nblock', 'num_blocks'))
 
 STATE_PATTERN = re.compile(r'training-state-(\d+)\.pt')
+PROCESS_COUNT_IN_DESC = re.compile(r'-gpus\d+-')
 
 
 def _int_list(value: Any) -> Optional[list[int]]:
@@ -86,12 +87,18 @@ def _newest_state(run_dir: str) -> Optional[str]:
 
 
 def _run_dirs(outdir: str, desc: str) -> list[tuple[int, str]]:
-    """Existing run directories ``{id:05d}-{desc}`` under ``outdir``, as (id, path)."""
+    """Existing run directories ``{id:05d}-{desc}`` under ``outdir``, as (id, path).
+
+    The process count in the name (``-gpus{N}-``) is not compared: a run continues on any number of nodes.
+    """
+    def kind(name: str) -> str:
+        return PROCESS_COUNT_IN_DESC.sub('-gpus*-', name, count=1)
+
     found = []
     if os.path.isdir(outdir):
         for name in os.listdir(outdir):
             match = re.fullmatch(r'(\d+)-(.*)', name)
-            if match and match.group(2) == desc and os.path.isdir(os.path.join(outdir, name)):
+            if match and kind(match.group(2)) == kind(desc) and os.path.isdir(os.path.join(outdir, name)):
                 found.append((int(match.group(1)), os.path.join(outdir, name)))
     return sorted(found)
 
@@ -397,6 +404,7 @@ def main(**kwargs: Any) -> None:
         device = dist.init(opts.device)
     except RuntimeError as err:
         raise click.UsageError(f'--device: {err}') from None
+    failed = False
     try:
         for note in (dist.limit_intra_op_threads(device), _cpu_precision(opts, device)):
             if note:
@@ -459,8 +467,14 @@ def main(**kwargs: Any) -> None:
         finally:
             if logger is not None:
                 logger.close()
+    except BaseException:
+        failed = True
+        raise
     finally:
-        dist.shutdown()
+        # After a failure another rank may never reach the shutdown barrier (it was killed, or failed on its own):
+        # leave without waiting; the process exit closes the group and torchrun ends the job naming the rank.
+        if not (failed and dist.is_distributed()):
+            dist.shutdown()
 
 
 if __name__ == '__main__':

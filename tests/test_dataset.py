@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import pickle
+import struct
 import zipfile
 from pathlib import Path
 
@@ -258,6 +259,54 @@ def test_zip_reader_large_member_count_uses_zip64_directory(tmp_path: Path) -> N
     reader = ZipMembers(str(path))
     assert reader.names.size == 70000
     assert reader.read(69999) == (69999).to_bytes(3, 'little') and reader.find('012345.bin') == 12345
+
+
+def _move_to_zip64_extras(source: Path, dest: Path, moved: list[tuple[str, ...]], lead: dict[int, bytes]) -> None:
+    """Copy ``source`` with the central directory's sizes and offsets of entry k named in ``moved[k]`` ('usize',
+    'csize', 'offset') moved into a zip64 extra field, as writers store them past 4 GiB; ``lead[k]`` is an extra
+    field placed before that record."""
+    data = source.read_bytes()
+    eocd_pos = data.rfind(zipfile.stringEndArchive)
+    eocd = list(struct.unpack_from(zipfile.structEndArchive, data, eocd_pos))
+    pos, end, directory = eocd[6], eocd[6] + eocd[5], b''
+    for k in range(eocd[4]):
+        fields = list(struct.unpack_from(zipfile.structCentralDir, data, pos))
+        name_len, extra_len, comment_len = fields[12:15]
+        rest = data[pos + zipfile.sizeCentralDir:pos + zipfile.sizeCentralDir + name_len + extra_len + comment_len]
+        values = []
+        for key, index in (('usize', 11), ('csize', 10), ('offset', 18)):
+            if key in moved[k]:
+                values.append(fields[index])
+                fields[index] = 0xFFFFFFFF
+        extra = lead.get(k, b'') + (struct.pack(f'<2H{len(values)}Q', 1, 8 * len(values), *values) if values else b'')
+        fields[13] = extra_len + len(extra)
+        directory += struct.pack(zipfile.structCentralDir, *fields) + rest[:name_len] + extra + rest[name_len:]
+        pos += zipfile.sizeCentralDir + name_len + extra_len + comment_len
+    assert pos == end
+    eocd[5] = len(directory)
+    dest.write_bytes(data[:eocd[6]] + directory + struct.pack(zipfile.structEndArchive, *eocd))
+
+
+def test_zip_reader_zip64_extras_of_the_central_directory(tmp_path: Path) -> None:
+    payloads = {f'm{k}.bin': bytes([k]) * (10 + k) for k in range(5)}
+    with zipfile.ZipFile(tmp_path / 'plain.zip', 'w') as zf:
+        for name, data in payloads.items():
+            zf.writestr(name, data, compress_type=zipfile.ZIP_DEFLATED if name == 'm1.bin' else zipfile.ZIP_STORED)
+    moved = [('usize', 'csize', 'offset'), ('offset',), ('usize', 'csize'), (), ('csize', 'offset')]
+    lead = {2: struct.pack('<2H2s', 0xCAFE, 2, b'xy')}  # another extra field first: the one-by-one path
+    _move_to_zip64_extras(tmp_path / 'plain.zip', tmp_path / 'zip64.zip', moved, lead)
+    with zipfile.ZipFile(tmp_path / 'zip64.zip') as zf:  # the archive is valid: zipfile reads it too
+        assert {name: zf.read(name) for name in zf.namelist()} == payloads
+    reader = ZipMembers(str(tmp_path / 'zip64.zip'))
+    assert [reader.read(k) for k in range(len(payloads))] == list(payloads.values())
+
+    # A last entry whose name would run past the end of the directory is reported, not read out of bounds.
+    data = bytearray((tmp_path / 'plain.zip').read_bytes())
+    last = data.rfind(zipfile.stringCentralDir)
+    data[last + 28:last + 30] = struct.pack('<H', 200)
+    (tmp_path / 'overrun.zip').write_bytes(bytes(data))
+    with pytest.raises(DatasetError, match=r'overrun\.zip: corrupt ZIP central directory at byte \d+'):
+        ZipMembers(str(tmp_path / 'overrun.zip'))
 
 
 # ----------------------------------------------------------------------------
