@@ -129,7 +129,7 @@ def main(D_list: str, solvers: str, steps_text: str, ref_steps: int, fit: int, n
         return
     if 'restart' in solver_list:
         try:
-            sampling.check_fast_options('restart', 2, interval, sigma_min=sigma_min, sigma_max=sigma_max)
+            sampling.check_fast_options('restart', sampling.MIN_STEPS['restart'], interval, sigma_min=sigma_min, sigma_max=sigma_max)
         except ValueError as err:
             raise click.BadParameter(str(err), param_hint='--restart-interval') from None
 

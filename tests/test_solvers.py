@@ -140,12 +140,14 @@ def test_log_snr_spacing_is_uniform_in_log_sigma():
 
 def test_place_level_keeps_levels_decreasing():
     steps = torch.cat([sampling.edm_noise_levels(8, 0.002, 80.0, 7.0), torch.zeros(1, dtype=torch.float64)])
-    for level in (0.002, 0.0021, 0.14, 0.3, 5.0, 79.0):
+    for level in (0.0021, 0.14, 0.3, 5.0, 79.0):
         placed, index = sampling.place_level(steps, level)
-        assert float(placed[index]) == level and 0 < index < 8
+        assert float(placed[index]) == level and 0 < index < 7
+        assert float(placed[7]) == float(steps[7])  # sigma_min stays
         assert bool((placed.diff() < 0).all())
-    with pytest.raises(ValueError):
-        sampling.place_level(steps, 0.001)
+    for outside in (0.001, 0.002, 80.0):
+        with pytest.raises(ValueError):
+            sampling.place_level(steps, outside)
 
 
 # ----------------------------------------------------------------------------
@@ -260,7 +262,9 @@ def test_default_sampler_and_spacing_edm_are_the_edm_sampler():
     (['--solver=dpmpp2m', '--sweep-steps=2,8'], 'at least 3 steps'),
     (['--solver=foo'], "'--solver'"),
     (['--solver=restart', '--restart-interval=0.5,0.3'], '--restart-interval'),
+    (['--solver=restart', '--steps=2'], 'at least 3 steps'),
     (['--solver=restart', '--restart-interval=0.001,0.3'], 'noise range'),
+    (['--solver=restart', '--restart-interval=0.002,0.3'], 'noise range'),
     (['--solver=restart', '--restart-interval=0.1,100'], 'noise range'),
     (['--solver=restart', '--restart-interval=0.1'], '--restart-interval'),
     (['--solver=restart', '--restart-repeats=0'], '--restart-repeats'),
@@ -294,3 +298,19 @@ def test_generate_runs_every_fast_solver_on_the_lab_network(tmp_path):
         assert result.exit_code == 0, result.output
         assert f'{nfe} network evaluations each' in result.output
         assert len(list(out.glob('*.png'))) == 3
+
+
+def test_solver_lab_and_nfe_benchmarks_run(tmp_path):
+    from bench import solver_lab, solver_nfe
+    result = CliRunner().invoke(solver_lab.main, ['--D=8,inf', '--steps=4,8', '--ref-steps=16', '--seeds=0-1',
+                                                  f'--json={tmp_path / "lab.json"}'])
+    assert result.exit_code == 0, result.output
+    assert '| 8 | dpmpp3m |' in result.output and '| inf | restart |' in result.output
+    network = tmp_path / 'lab.pkl'
+    result = CliRunner().invoke(solver_lab.main, ['--D=8', f'--save-network={network}'])
+    assert result.exit_code == 0 and network.is_file()
+    result = CliRunner().invoke(solver_nfe.main, [f'--network=lab={network}', '--seeds=0-1', '--ref-steps=8',
+                                                  '--configs=heun,dpmpp2m', f'--outdir={tmp_path / "nfe"}'])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / 'nfe' / 'solver-nfe-lab-rms.png').is_file()
+    assert '| lab | dpmpp2m |' in (tmp_path / 'nfe' / 'solver-nfe.md').read_text()

@@ -77,7 +77,7 @@ ALL_SOLVERS = SOLVERS + FAST_SOLVERS
 # Order of the DPM-Solver++ multistep methods, and the fewest --steps at which each reaches it: order - 1
 # warm-up steps, one step at full order, and the final step to sigma = 0.
 MULTISTEP_ORDER = {'dpmpp2m': 2, 'dpmpp3m': 3}
-MIN_STEPS = {'dpmpp2m': 3, 'dpmpp3m': 4, 'restart': 2}
+MIN_STEPS = {'dpmpp2m': 3, 'dpmpp3m': 4, 'restart': 3}
 # How the noise levels are spaced (EDM sampler and fast solvers).
 SPACINGS = ('edm', 'logsnr')
 # Restart sampling defaults: the restart interval [t_min, t_max], the number of restarts K and the Heun
@@ -593,19 +593,18 @@ def solve_ode(net: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, class_labels
 def place_level(t_steps: torch.Tensor, level: float) -> tuple[torch.Tensor, int]:
     """Move the interior time step nearest to ``level`` (in log sigma) onto it; returns (new steps, its index).
 
-    Interior: neither the first level nor a final 0. The Restart paper instead moves t_min to the nearest
-    time step; moving the step keeps the restart interval exactly where the user put it, so the sampler's
-    output converges as the steps grow. The nearest step is one whose neighbours enclose ``level``, so the
-    levels stay decreasing. Raises ValueError when there is no interior level or ``level`` is out of range.
+    Interior: neither the first level nor the last positive one (sigma_min stays where it is) nor a final 0.
+    The Restart paper instead moves t_min to the nearest time step; moving the step keeps the restart interval
+    exactly where the user put it, so the sampler's output converges as the steps grow. The nearest step is one
+    whose neighbours enclose ``level``, so the levels stay decreasing. Raises ValueError when there is no
+    interior level or ``level`` is out of range.
     """
     positive = int((t_steps > 0).sum())
-    if positive < 2:
-        raise ValueError('need at least 2 steps to place a level between the first and the last')
-    # The last level comes from a power or an exp: allow it to exceed the requested sigma_min by rounding.
-    slack = 1 - 8 * torch.finfo(torch.float64).eps
-    if not float(t_steps[positive - 1]) * slack <= level < float(t_steps[0]):
-        raise ValueError(f'level {level:g} lies outside [{float(t_steps[positive - 1]):g}, {float(t_steps[0]):g})')
-    distance = (t_steps[1:positive].log() - math.log(level)).abs()
+    if positive < 3:
+        raise ValueError('need at least 3 noise levels to place one between the first and the last')
+    if not float(t_steps[positive - 1]) < level < float(t_steps[0]):
+        raise ValueError(f'level {level:g} lies outside ({float(t_steps[positive - 1]):g}, {float(t_steps[0]):g})')
+    distance = (t_steps[1:positive - 1].log() - math.log(level)).abs()
     index = int(distance.argmin()) + 1
     placed = t_steps.clone()
     placed[index] = level
@@ -652,7 +651,7 @@ def check_fast_options(solver: str, num_steps: int = 18, restart_interval: Optio
     _check_steps(num_steps)
     if num_steps < MIN_STEPS[solver]:
         kind = (f'a multistep method of order {MULTISTEP_ORDER[solver]}' if solver in MULTISTEP_ORDER
-                else 'it restarts between the first and the last time step')
+                else 'it restarts at a time step between the first and the last one')
         raise ValueError(f'{solver} needs at least {MIN_STEPS[solver]} steps ({kind}), got {num_steps}')
     restart_given = [name for name, value in (('restart_interval', restart_interval),
                                               ('restart_repeats', restart_repeats),
@@ -667,9 +666,9 @@ def check_fast_options(solver: str, num_steps: int = 18, restart_interval: Optio
         t_min, t_max = (float(v) for v in restart_interval)
         if not (math.isfinite(t_min) and math.isfinite(t_max) and 0 < t_min < t_max):
             raise ValueError(f'restart_interval t_min,t_max must satisfy 0 < t_min < t_max, got {t_min:g},{t_max:g}')
-        if not (sigma_min <= t_min and t_max <= sigma_max):
+        if not (sigma_min < t_min and t_max <= sigma_max):
             raise ValueError(f'restart_interval {t_min:g},{t_max:g} must lie within the sampled noise range '
-                             f'[{sigma_min:g}, {sigma_max:g}]')
+                             f'({sigma_min:g}, {sigma_max:g}]')
     for name, value in (('restart_repeats', restart_repeats), ('restart_steps', restart_steps)):
         if value is not None and (int(value) != value or value < 1):
             raise ValueError(f'{name} must be a positive integer, got {value!r}')
