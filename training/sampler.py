@@ -143,14 +143,19 @@ class PerSeedRandom:
 # EDM sampler.
 
 
+def _step_fractions(num_steps: int, device: Union[str, torch.device]) -> torch.Tensor:
+    """i / (num_steps - 1) for i = 0 .. num_steps - 1 (float64); all zeros for a single step."""
+    index = torch.arange(num_steps, dtype=torch.float64, device=device)
+    return index / (num_steps - 1) if num_steps > 1 else torch.zeros_like(index)
+
+
 def edm_noise_levels(num_steps: int, sigma_min: float, sigma_max: float, rho: float,
                      device: Union[str, torch.device] = 'cpu') -> torch.Tensor:
     """``num_steps`` noise levels from sigma_max down to sigma_min, evenly spaced in sigma**(1/rho).
 
     float64. A single step starts at sigma_max (the reference formula divides 0 by 0 there).
     """
-    index = torch.arange(num_steps, dtype=torch.float64, device=device)
-    fraction = index / (num_steps - 1) if num_steps > 1 else torch.zeros_like(index)
+    fraction = _step_fractions(num_steps, device)
     top = sigma_max ** (1.0 / rho)
     bottom = sigma_min ** (1.0 / rho)
     return (top + fraction * (bottom - top)) ** rho
@@ -164,8 +169,7 @@ def log_snr_noise_levels(num_steps: int, sigma_min: float, sigma_max: float,
     time steps that DPM-Solver (Lu et al. 2022, section 3.3) recommends for few-step sampling: every step
     has the same size h in lambda. A single step starts at sigma_max.
     """
-    index = torch.arange(num_steps, dtype=torch.float64, device=device)
-    fraction = index / (num_steps - 1) if num_steps > 1 else torch.zeros_like(index)
+    fraction = _step_fractions(num_steps, device)
     top, bottom = math.log(sigma_max), math.log(sigma_min)
     return (top + fraction * (bottom - top)).exp()
 
@@ -420,8 +424,7 @@ def ablation_sampler(
     vp_beta_min = log_top - 0.5 * vp_beta_d
 
     # Noise levels of the chosen discretisation.
-    index = torch.arange(num_steps, dtype=torch.float64, device=device)
-    fraction = index / (num_steps - 1) if num_steps > 1 else torch.zeros_like(index)
+    fraction = _step_fractions(num_steps, device)
     if discretization == 'vp':
         sigma_steps = vp_sigma(1 + fraction * (epsilon_s - 1), vp_beta_d, vp_beta_min)
     elif discretization == 've':
