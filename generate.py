@@ -325,8 +325,8 @@ def check_noise_range(sampler_kwargs: dict) -> None:
 
 
 # Sampler keyword -> the flag that sets it, so library errors name the flag.
-SAMPLER_FLAGS = {'num_steps': '--steps', 'restart_interval': '--restart-interval', 'restart_repeats': '--restart-repeats',
-                 'restart_steps': '--restart-steps', 'S_churn': '--S_churn', 'noise_injection': '--alpha',
+SAMPLER_FLAGS = {'num_steps': '--steps', 'restart_interval': '--restart-interval',
+                 'restart_repeats': '--restart-repeats', 'restart_steps': '--restart-steps', 'S_churn': '--S_churn', 'noise_injection': '--alpha',
                  'discretization': '--disc', 'schedule': '--schedule', 'scaling': '--scaling', 'spacing': '--spacing'}
 
 
@@ -350,7 +350,8 @@ def check_solver_flags(sampler_kwargs: dict, step_counts: Sequence[int]) -> None
         if name in sampling.FAST_SOLVERS:
             for n in step_counts:
                 sampling.check_fast_options(name, n, kwargs.get('restart_interval'), kwargs.get('restart_repeats'),
-                                            kwargs.get('restart_steps'), kwargs.get('sigma_min', sampling.EDM_SIGMA_MIN),
+                                            kwargs.get('restart_steps'),
+                                            kwargs.get('sigma_min', sampling.EDM_SIGMA_MIN),
                                             kwargs.get('sigma_max', sampling.EDM_SIGMA_MAX))
     except ValueError as err:
         raise click.UsageError(sampler_error(err)) from None

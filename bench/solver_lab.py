@@ -129,11 +129,13 @@ def main(D_list: str, solvers: str, steps_text: str, ref_steps: int, fit: int, n
         return
     if 'restart' in solver_list:
         try:
-            sampling.check_fast_options('restart', sampling.MIN_STEPS['restart'], interval, sigma_min=sigma_min, sigma_max=sigma_max)
+            sampling.check_fast_options('restart', sampling.MIN_STEPS['restart'], interval, sigma_min=sigma_min,
+                                        sigma_max=sigma_max)
         except ValueError as err:
             raise click.BadParameter(str(err), param_hint='--restart-interval') from None
 
-    print(f'Exact denoiser of {num_data} images of {channels}x{resolution}x{resolution} (N={channels * resolution ** 2}),'
+    print(f'Exact denoiser of {num_data} images of {channels}x{resolution}x{resolution} '
+          f'(N={channels * resolution ** 2}),'
           f' {len(seeds)} samples, sigma {sigma_max:g} -> {sigma_min:g}, {spacing} spacing; error = RMS over samples'
           f' and pixels of x(sigma_min) - reference (RK4, {ref_steps} steps in log sigma, float64)')
     started = time.time()

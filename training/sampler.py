@@ -122,7 +122,9 @@ class PerSeedRandom:
         return self.randn(x.shape[1:], dtype=x.dtype).to(x.device)
 
     def perturbation(self, x: torch.Tensor, sigma: float, D: Optional[float] = None) -> torch.Tensor:
-        """Noise shaped like ``x`` (float64) from the perturbation kernel at noise level ``sigma``, one slice per generator.
+        """Noise shaped like ``x`` (float64) from the perturbation kernel at noise level ``sigma``.
+
+        One slice per generator, so each sample's noise depends on its seed alone.
 
         PFGM++ kernel for finite ``D``, Gaussian ``sigma * randn`` for D None/inf
         (:func:`training.pfgmpp.sample_perturbation`, exact: no clipping).
@@ -880,7 +882,8 @@ def sample_batch(net: Denoiser, seeds: Sequence[int], device: Union[str, torch.d
 
     ``sampler_kwargs`` go to :func:`edm_sampler`, to :func:`ablation_sampler`
     when any of solver (euler|heun)/discretization/schedule/scaling is given, or to :func:`fast_sampler` for
-    solver dpmpp2m|dpmpp3m|restart (Restart's noise comes from the per-seed generators, after the labels). None values mean
+    solver dpmpp2m|dpmpp3m|restart (Restart's noise comes from the per-seed generators, after the labels).
+    None values mean
     "use the default" (as click passes unset options). ``memory_format`` is the layout of the sampler state;
     None follows the network's convolution weights (channels_last after ``net.to(memory_format=...)``).
     """
