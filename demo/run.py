@@ -93,7 +93,7 @@ def reported_value(stdout: str) -> float:
 
 @click.command()
 @click.option('--outdir', default='demo-out', show_default=True, help='Where everything is written')
-@click.option('--kimg', default=50.0, show_default=True, type=click.FloatRange(min=0.1),
+@click.option('--kimg', default=40.0, show_default=True, type=click.FloatRange(min=0.1),
               help='Training length of each model, in thousands of images')
 @click.option('--nproc', default=2, show_default=True, type=click.IntRange(min=1), help='torchrun processes')
 @click.option('--aug-dim', default=128, show_default=True, type=click.IntRange(min=1), help='PFGM++ D')

@@ -54,7 +54,7 @@ def train(images: torch.Tensor, labels: torch.Tensor, epochs: int, batch: int, l
         for start in range(0, images.shape[0], batch):
             idx = order[start:start + batch]
             loss = F.cross_entropy(net(random_shift(images[idx], generator)), labels[idx])
-            optimizer.zero_grad(set_to_none=True)
+            net.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
