@@ -126,7 +126,8 @@ def check_output_file(path: Optional[str], flag: str) -> None:
 
 def load_detector(path_or_url: Optional[str] = None, device: torch.device | str = 'cpu',
                   verbose: bool = True) -> torch.nn.Module:
-    """Load a feature detector pickle (default: NVIDIA's Inception-v3 from :data:`DETECTOR_URL`).
+    """Load a feature detector pickle (default: NVIDIA's Inception-v3 from :data:`DETECTOR_URL`), or a weights-only
+    detector file (recognised by content, see :func:`_load_weights_detector`).
 
     URLs go through dnnlib's download cache (``DNNLIB_CACHE_DIR``), so the detector is fetched once per machine.
     The pickle is a ``torch_utils.persistence`` object; unpickling runs code stored in it, so use trusted files.
@@ -146,6 +147,10 @@ def load_detector(path_or_url: Optional[str] = None, device: torch.device | str 
             raise click.ClickException(f'--detector {source}: no such file')
         stream = open(source, 'rb')
     with stream:
+        is_archive = zipfile.is_zipfile(stream)  # torch.save archives are ZIPs; detector pickles are not
+        stream.seek(0)
+        if is_archive:
+            return _load_weights_detector(stream.read(), source, device)
         try:
             detector = pickle.load(stream)
         except Exception as err:  # a truncated or foreign file can fail in many ways; all mean the same here
@@ -169,6 +174,18 @@ def _describe_non_npz(head: bytes) -> str:
         if head.startswith(magic):
             return kind
     return 'text' if all(32 <= b < 127 or b in b'\t\r\n' for b in head) else 'unrecognised binary data'
+def _load_weights_detector(data: bytes, source: str, device: torch.device | str) -> torch.nn.Module:
+    """A feature detector stored as a weights-only file (``training.export`` format), such as the demo's digits
+    classifier; loading it runs no code from the file."""
+    from training import export
+    try:
+        net = export.load_weights_bytes(data, source)
+    except export.WeightsFormatError as err:
+        raise click.ClickException(f'--detector {err}') from None
+    if f'{type(net).__module__}.{type(net).__name__}' not in export.DETECTOR_CLASSES:
+        raise click.ClickException(f'--detector {source}: holds a {type(net).__name__}, not a feature detector; '
+                                   f'expected a detector pickle or a weights-only {", ".join(export.DETECTOR_CLASSES)}')
+    return net.eval().requires_grad_(False).to(device)
 
 
 def load_ref_stats(path_or_url: str) -> tuple[np.ndarray, np.ndarray]:

@@ -18,6 +18,7 @@ Examples::
 from __future__ import annotations
 
 import glob
+import importlib.util
 import json
 import os
 import re
@@ -57,7 +58,8 @@ LSUN_SIGMA_SCALE = 380.0 / 80.0
 #: the parameters: 26 ms instead of 89 ms per step for the CIFAR DDPM++ on 2 CPU cores.
 ADAM_SETTINGS = dict(betas=[0.9, 0.999], eps=1e-8, fused=True)
 #: Flags that override a network preset entry when given.
-NETWORK_OVERRIDES = (('cbase', 'model_channels'), ('cres', 'channel_mult'), ('nblock', 'num_blocks'))
+NETWORK_OVERRIDES = (('cbase', 'model_channels'), ('cres', 'channel_mult'), ('nblock', 'num_blocks'),
+                     ('attn', 'attn_resolutions'))
 
 STATE_PATTERN = re.compile(r'training-state-(\d+)\.pt')
 PROCESS_COUNT_IN_DESC = re.compile(r'-gpus\d+-')
@@ -68,6 +70,19 @@ def _int_list(value: Any) -> Optional[list[int]]:
         return None
     try:
         return dnnlib.util.parse_int_list(value, name='--cres')
+    except ValueError as err:
+        raise click.BadParameter(str(err)) from None
+
+
+def _attn_list(value: Optional[str]) -> Optional[list[int]]:
+    """--attn: resolutions that get self-attention, or "none" (small images, where attention at full resolution
+    is the costliest layer of the U-Net)."""
+    if value is None:
+        return None
+    if value.strip().lower() == 'none':
+        return []
+    try:
+        return dnnlib.util.parse_int_list(value, name='--attn')
     except ValueError as err:
         raise click.BadParameter(str(err)) from None
 
@@ -159,6 +174,8 @@ def _check_options(opts: dnnlib.EasyDict) -> None:
             raise click.UsageError(f'--resume {opts.resume}: no such file')
     if opts.transfer is not None and not dnnlib.util.is_url(opts.transfer) and not os.path.isfile(opts.transfer):
         raise click.UsageError(f'--transfer {opts.transfer}: no such file (expected a network-snapshot .pkl)')
+    if opts.tensorboard and importlib.util.find_spec('tensorboard') is None:
+        raise click.UsageError('--tensorboard needs the optional tensorboard package: pip install tensorboard')
 
 
 def _describe_dataset(c: dnnlib.EasyDict, opts: dnnlib.EasyDict) -> str:
@@ -271,6 +288,8 @@ def build_config(opts: dnnlib.EasyDict, world: int) -> tuple[dnnlib.EasyDict, st
     c.kimg_per_tick, c.snapshot_ticks, c.state_dump_ticks = opts.tick, opts.snap, opts.dump
     c.snapshot_format = opts.snap_format
     c.cudnn_benchmark, c.channels_last, c.compile = opts.bench, opts.channels_last, opts.compile
+    if opts.tensorboard:
+        c.tensorboard = True
     if opts.transfer is not None:
         c.resume_pkl = opts.transfer
         c.ema_rampup_ratio = None
@@ -336,6 +355,8 @@ def _prepare_run_dir(c: dnnlib.EasyDict) -> None:
               callback=lambda _ctx, _param, value: _int_list(value))
 @click.option('--nblock', help='Residual blocks per resolution  [default: varies]', metavar='INT',
               type=click.IntRange(min=1))
+@click.option('--attn', help='Resolutions with self-attention, or none  [default: varies]', metavar='LIST|none',
+              callback=lambda _ctx, _param, value: _attn_list(value))
 @click.option('--lr', help='Learning rate', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True),
               default=10e-4, show_default=True)
 @click.option('--lr-rampup', help='Learning-rate warm-up length', metavar='KIMG', type=click.FloatRange(min=0),
@@ -364,6 +385,8 @@ def _prepare_run_dir(c: dnnlib.EasyDict) -> None:
 @click.option('--device', help='Training device  [default: cuda if available]', type=click.Choice(['cpu', 'cuda']))
 @click.option('--channels-last', help='Channels-last memory layout', metavar='BOOL', type=bool, default=False,
               show_default=True)
+@click.option('--tensorboard', help='Also write the stats.jsonl scalars as TensorBoard events (optional extra)',
+              is_flag=True)
 @click.option('--compile', help='torch.compile the network', metavar='BOOL', type=bool, default=False,
               show_default=True)
 # I/O-related.

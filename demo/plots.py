@@ -1,106 +1,160 @@
-"""Dependency-free charts for the demos: line plots drawn with Pillow.
+"""Charts and picture sheets for the demos and studies.
 
-matplotlib would be the usual choice, but the demo must run on a bare CPU machine with
-only the project's requirements, so a small hand-rolled chart is the cheaper dependency.
+Charts go through matplotlib's Agg backend (no display needed): line charts with optional error bars and log axes,
+the shapes studies report (metric against D, NFE, noise, with confidence intervals). Picture sheets are drawn
+pixel-exact with Pillow: image tiles enlarged by nearest-neighbour with a gap between them, in captioned blocks, so
+small images such as the 16x16 digits read as separate images.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+import os
+from typing import Mapping, Optional, Sequence, Union
 
+import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+import dnnlib
 
 # A colour-blind-friendly palette (Okabe & Ito).
 PALETTE = ['#0072B2', '#D55E00', '#009E73', '#CC79A7', '#E69F00', '#56B4E9', '#000000', '#F0E442']
+CHART_SIZE_INCHES = (7.2, 4.4)
+CHART_DPI = 100
+GAP_COLOUR = 255        # white gaps between tiles: the digits are white on black
+CAPTION_FONT_SIZE = 14  # pixels
+
+#: A series is (xs, ys) or (xs, ys, yerr); yerr is one half-width per point or a (lower, upper) pair of arrays,
+#: as matplotlib's errorbar takes them (e.g. the two sides of a bootstrap confidence interval).
+Series = Union[tuple[Sequence[float], Sequence[float]],
+               tuple[Sequence[float], Sequence[float], Union[Sequence[float], Sequence[Sequence[float]]]]]
 
 
-def _nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
-    if not math.isfinite(lo) or not math.isfinite(hi) or hi <= lo:
-        hi = lo + 1.0
-    raw = (hi - lo) / max(count, 1)
-    magnitude = 10 ** math.floor(math.log10(raw))
-    step = min((m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= raw), default=raw)
-    first = math.ceil(lo / step) * step
-    ticks = []
-    value = first
-    while value <= hi + 1e-9 * step:
-        ticks.append(round(value, 12))
-        value += step
-    return ticks
+def _pyplot():
+    """matplotlib's pyplot on the Agg backend; one clear line when matplotlib is missing."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError('plots need matplotlib: pip install -r requirements.txt (or pip install matplotlib)') \
+            from None
+    matplotlib.use('Agg', force=True)
+    import matplotlib.pyplot as plt
+    return plt
 
 
-def line_chart(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], path: str, title: str = '',
-               xlabel: str = '', ylabel: str = '', log_y: bool = False, size: tuple[int, int] = (720, 440)) -> None:
-    """Write a PNG line chart: ``series`` maps a legend name to (xs, ys)."""
-    width, height = size
-    left, right, top, bottom = 70, 160, 40, 50
-    image = Image.new('RGB', size, 'white')
-    draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default()
+def line_chart(series: Mapping[str, Series], path: str, title: str = '', xlabel: str = '', ylabel: str = '',
+               log_x: bool = False, log_y: bool = False, markers: Optional[bool] = None) -> str:
+    """Write a PNG line chart: ``series`` maps a legend name to (xs, ys) or (xs, ys, yerr). Returns ``path``.
 
-    def transform_y(v: float) -> float:
-        return math.log10(v) if log_y else v
-
-    points = [(x, transform_y(y)) for xs, ys in series.values() for x, y in zip(xs, ys)
-              if math.isfinite(y) and (not log_y or y > 0)]
-    if not points:
-        points = [(0.0, 0.0), (1.0, 1.0)]
-    x_lo, x_hi = min(p[0] for p in points), max(p[0] for p in points)
-    y_lo, y_hi = min(p[1] for p in points), max(p[1] for p in points)
-    if x_hi == x_lo:
-        x_hi = x_lo + 1
-    if y_hi == y_lo:
-        y_hi = y_lo + 1
-    pad = 0.05 * (y_hi - y_lo)
-    y_lo, y_hi = y_lo - pad, y_hi + pad
-
-    def to_px(x: float, y: float) -> tuple[float, float]:
-        px = left + (x - x_lo) / (x_hi - x_lo) * (width - left - right)
-        py = height - bottom - (y - y_lo) / (y_hi - y_lo) * (height - top - bottom)
-        return px, py
-
-    # Axes, ticks and grid.
-    draw.rectangle([left, top, width - right, height - bottom], outline='black')
-    for tick in _nice_ticks(x_lo, x_hi):
-        px, _ = to_px(tick, y_lo)
-        draw.line([px, top, px, height - bottom], fill='#e6e6e6')
-        draw.text((px - 10, height - bottom + 5), f'{tick:g}', fill='black', font=font)
-    for tick in _nice_ticks(y_lo, y_hi):
-        _, py = to_px(x_lo, tick)
-        draw.line([left, py, width - right, py], fill='#e6e6e6')
-        label = f'{10 ** tick:.3g}' if log_y else f'{tick:.3g}'
-        draw.text((5, py - 6), label, fill='black', font=font)
-
-    for index, (name, (xs, ys)) in enumerate(series.items()):
-        colour = PALETTE[index % len(PALETTE)]
-        pixels = [to_px(x, transform_y(y)) for x, y in zip(xs, ys) if math.isfinite(y) and (not log_y or y > 0)]
-        if len(pixels) > 1:
-            draw.line(pixels, fill=colour, width=2)
-        for px, py in pixels if len(pixels) <= 40 else []:
-            draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=colour)
-        ly = top + 10 + 18 * index
-        draw.line([width - right + 10, ly + 6, width - right + 30, ly + 6], fill=colour, width=3)
-        draw.text((width - right + 35, ly), name, fill='black', font=font)
-
-    draw.text((left, 12), title, fill='black', font=font)
-    draw.text(((left + width - right) // 2 - 3 * len(xlabel), height - 22), xlabel, fill='black', font=font)
-    draw.text((5, top - 18), ylabel, fill='black', font=font)
-    image.save(path)
+    Non-finite points are left out (and non-positive ones on a log axis), so a diverged run does not hide the
+    others. ``markers`` defaults to on for series of at most 40 points. The file is written under a temporary
+    name and renamed. Raises ValueError for series whose lengths disagree.
+    """
+    plt = _pyplot()
+    from matplotlib import ticker
+    fig, ax = plt.subplots(figsize=CHART_SIZE_INCHES, dpi=CHART_DPI)
+    try:
+        for index, (name, entry) in enumerate(series.items()):
+            xs, ys = np.asarray(entry[0], dtype=np.float64), np.asarray(entry[1], dtype=np.float64)
+            if xs.shape != ys.shape or xs.ndim != 1:
+                raise ValueError(f'series {name!r}: {xs.shape[0] if xs.ndim else 0} x values and '
+                                 f'{ys.shape[0] if ys.ndim else 0} y values; expected equal 1-D lists')
+            keep = np.isfinite(xs) & np.isfinite(ys)
+            if log_x:
+                keep &= xs > 0
+            if log_y:
+                keep &= ys > 0
+            yerr = None
+            if len(entry) > 2 and entry[2] is not None:
+                yerr = np.asarray(entry[2], dtype=np.float64)
+                if yerr.shape[-1] != xs.shape[0] or yerr.ndim not in (1, 2):
+                    raise ValueError(f'series {name!r}: yerr has shape {list(yerr.shape)}; expected [{xs.shape[0]}] '
+                                     f'or [2, {xs.shape[0]}]')
+                yerr = yerr[..., keep]
+            show_markers = keep.sum() <= 40 if markers is None else markers
+            ax.errorbar(xs[keep], ys[keep], yerr=yerr, label=name, color=PALETTE[index % len(PALETTE)],
+                        marker='o' if show_markers else None, markersize=4, capsize=3 if yerr is not None else 0,
+                        linewidth=1.6)
+        for used, axis, set_scale in ((log_x, ax.xaxis, ax.set_xscale), (log_y, ax.yaxis, ax.set_yscale)):
+            if used:
+                set_scale('log')
+                # Plain numbers (0.2, 0.5, 1) rather than powers of ten; minor ticks labelled on short ranges only.
+                axis.set_major_formatter(ticker.LogFormatter(labelOnlyBase=False))
+                axis.set_minor_formatter(ticker.LogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
+        ax.set_title(title)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which='major', color='#e6e6e6')
+        if series:
+            ax.legend(frameon=False)
+        fig.tight_layout()
+        with dnnlib.util.atomic_write(path, 'wb') as f:
+            fig.savefig(f, format='png')
+    finally:
+        plt.close(fig)
+    return path
 
 
-def side_by_side(paths: Sequence[str], captions: Sequence[str], out_path: str, gap: int = 16, scale: int = 1) -> None:
-    """Place images next to each other with a caption above each one, enlarged ``scale`` times (pixel-exact)."""
-    images = [Image.open(p).convert('RGB') for p in paths]
-    images = [im.resize((im.width * scale, im.height * scale), Image.NEAREST) for im in images]
-    caption_height = 20
-    width = sum(im.width for im in images) + gap * (len(images) + 1)
-    height = max(im.height for im in images) + caption_height + 2 * gap
-    canvas = Image.new('RGB', (width, height), 'white')
-    draw = ImageDraw.Draw(canvas)
-    x = gap
-    for im, caption in zip(images, captions):
-        draw.text((x, gap // 2), caption, fill='black', font=ImageFont.load_default())
-        canvas.paste(im, (x, gap + caption_height))
-        x += im.width + gap
-    canvas.save(out_path)
+# ----------------------------------------------------------------------------
+# Picture sheets.
+
+
+def tile_grid(images: np.ndarray, cols: int, scale: int = 4, gap: int = 4) -> Image.Image:
+    """Images uint8 [N, H, W] (gray) or [N, H, W, 3] as a grid of ``cols`` columns, each enlarged ``scale`` times
+    by nearest-neighbour, with ``gap`` pixels of white around and between tiles.
+
+    Size: width ``cols * W * scale + (cols + 1) * gap``, height likewise with ``ceil(N / cols)`` rows.
+    Raises ValueError for an empty batch or non-positive sizes.
+    """
+    images = np.asarray(images)
+    if images.ndim not in (3, 4) or images.shape[0] == 0 or images.dtype != np.uint8:
+        raise ValueError(f'expected uint8 images [N, H, W] or [N, H, W, 3], got {images.dtype} {list(images.shape)}')
+    if cols < 1 or scale < 1 or gap < 0:
+        raise ValueError(f'cols={cols}, scale={scale}, gap={gap}: expected cols, scale >= 1 and gap >= 0')
+    if images.ndim == 3:
+        images = np.repeat(images[..., None], 3, axis=-1)
+    images = images.repeat(scale, axis=1).repeat(scale, axis=2)
+    n, h, w = images.shape[:3]
+    rows = math.ceil(n / cols)
+    canvas = np.full([rows * h + (rows + 1) * gap, cols * w + (cols + 1) * gap, 3], GAP_COLOUR, dtype=np.uint8)
+    for index, image in enumerate(images):
+        top, left = gap + (index // cols) * (h + gap), gap + (index % cols) * (w + gap)
+        canvas[top:top + h, left:left + w] = image
+    return Image.fromarray(canvas, 'RGB')
+
+
+def _font() -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=CAPTION_FONT_SIZE)
+    except TypeError:  # Pillow < 10.1 has only the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def captioned_sheet(blocks: Sequence[tuple[str, Image.Image]], path: str, across: bool = False,
+                    margin: int = 12) -> str:
+    """Write ``blocks`` (caption, picture) stacked top to bottom (or left to right with ``across``), each caption
+    above its picture. Written under a temporary name and renamed; returns ``path``."""
+    font = _font()
+    caption_height = CAPTION_FONT_SIZE + 8
+    sizes = [(image.width, image.height + caption_height) for _, image in blocks]
+    if across:
+        width = sum(w for w, _ in sizes) + margin * (len(blocks) + 1)
+        height = max(h for _, h in sizes) + 2 * margin
+    else:
+        width = max(w for w, _ in sizes) + 2 * margin
+        height = sum(h for _, h in sizes) + margin * (len(blocks) + 1)
+    sheet = Image.new('RGB', (width, height), 'white')
+    draw = ImageDraw.Draw(sheet)
+    x = y = margin
+    for (caption, image), (w, h) in zip(blocks, sizes):
+        draw.text((x, y), caption, fill='black', font=font)
+        sheet.paste(image, (x, y + caption_height))
+        if across:
+            x += w + margin
+        else:
+            y += h + margin
+    if os.path.dirname(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    with dnnlib.util.atomic_write(path, 'wb') as f:
+        sheet.save(f, format='png')
+    return path

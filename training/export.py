@@ -26,6 +26,7 @@ Naming: ``X.pkl`` and ``X.pt`` export to ``X.weights.pt`` by default, and :func:
 
 from __future__ import annotations
 
+import importlib
 import io
 import json
 import os
@@ -44,6 +45,9 @@ WEIGHTS_SUFFIX = '.weights.pt'
 NETWORKS_MODULE = 'training.networks'
 ALLOWED_CLASSES = tuple(f'{NETWORKS_MODULE}.{name}' for name in ('EDMPrecond', 'VPPrecond', 'VEPrecond',
                                                                  'iDDPMPrecond'))
+# Feature detectors of our own that ship as weights-only files (fid.py --detector accepts them).
+DETECTOR_CLASSES = ('training.digits_classifier.DigitsClassifier',)
+ALLOWED_CLASSES += DETECTOR_CLASSES
 # The four preconditioners of EDM (and the PFGM++ fork) share these leading positional parameters; anything
 # else must have been passed by keyword (the training loops always do).
 POSITIONAL_PARAMS = ('img_resolution', 'img_channels', 'label_dim', 'use_fp16')
@@ -107,7 +111,9 @@ def _plain(value: Any, where: str) -> Any:
 
 def class_name_of(module: torch.nn.Module, source: str = 'network') -> str:
     """Our allow-listed class for ``module`` (an instance of ours or of the original code's same-named class)."""
-    name = f'{NETWORKS_MODULE}.{type(module).__name__}'
+    name = f'{type(module).__module__}.{type(module).__name__}'
+    if name not in DETECTOR_CLASSES:
+        name = f'{NETWORKS_MODULE}.{type(module).__name__}'  # ours, or the original code's same-named class
     if name not in ALLOWED_CLASSES:
         raise WeightsFormatError(f'{source}: cannot export a {type(module).__name__}; expected one of the '
                                  f'preconditioners {", ".join(n.rsplit(".", 1)[1] for n in ALLOWED_CLASSES)}')
@@ -144,11 +150,12 @@ def _build(class_name: str, init_kwargs: dict[str, Any], source: str, shapes_onl
 
     ``shapes_only`` builds it on the meta device: tensor names, shapes and dtypes without memory or init cost.
     """
-    import training.networks as networks  # imported late: the CLIs validate flags before paying for it
     if class_name not in ALLOWED_CLASSES:
         raise WeightsFormatError(f'{source}: class_name {class_name!r} is not allowed; expected one of '
                                  f'{", ".join(ALLOWED_CLASSES)}')
-    cls = getattr(networks, class_name.rsplit('.', 1)[1])
+    # Imported late (the CLIs validate flags before paying for it), and only from the allow-list above.
+    module_name, _, name = class_name.rpartition('.')
+    cls = getattr(importlib.import_module(module_name), name)
     try:
         # Construction draws initial weights from the global generator; they are overwritten right after.
         with torch.random.fork_rng(devices=[]), torch.device('meta' if shapes_only else 'cpu'):

@@ -247,6 +247,28 @@ def _json_safe(value: Any) -> Any:
 # ----------------------------------------------------------------------------
 
 
+def open_tensorboard(run_dir: str) -> Any:
+    """A TensorBoard ``SummaryWriter`` writing event files into ``run_dir`` (beside stats.jsonl).
+
+    Raises:
+        ImportError: the optional ``tensorboard`` package is not installed.
+    """
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ImportError('TensorBoard logging needs the tensorboard package (pip install tensorboard)') from None
+    return SummaryWriter(log_dir=run_dir)
+
+
+def write_tensorboard_scalars(writer: Any, stats: dict[str, Any], kimg: float) -> None:
+    """One scalar per statistic of a tick (its mean, as stats.jsonl holds it), at step = whole kimg (EDM's unit)."""
+    for name, value in stats.items():
+        mean = value.get('mean') if isinstance(value, dict) else None
+        if mean is not None:
+            writer.add_scalar(name, mean, global_step=int(kimg))
+    writer.flush()
+
+
 def training_loop(
     run_dir: str = '.',                       # Output directory (rank 0 writes there).
     dataset_kwargs: dict = {},                # Training set: class_name plus its arguments.
@@ -278,6 +300,7 @@ def training_loop(
     rbatch: int = 4096,                       # STF reference batch per rank (includes the training images).
     channels_last: bool = False,              # Keep network and images in channels-last layout.
     compile: bool = False,                    # torch.compile the network for the training forward pass.
+    tensorboard: bool = False,                # Also write each tick's statistics as TensorBoard scalars.
     stop: Optional[StopRequest] = None,       # Shared stop flag (tests); None installs SIGTERM/SIGINT handlers.
 ) -> None:
     """Train; returns when ``total_kimg`` is reached or a stop was requested (after saving)."""
@@ -424,6 +447,7 @@ def training_loop(
         tick_start_time = time.time()
         maintenance_sec = tick_start_time - start_time
         stats_file = None
+        tensorboard_writer = None
         while True:
             # Accumulate gradients over the micro-batches of this rank.
             for p in params:
@@ -501,6 +525,10 @@ def training_loop(
                     stats_file = open(os.path.join(run_dir, 'stats.jsonl'), 'at', encoding='utf-8')
                 stats_file.write(json.dumps(dict(collector.as_dict(), timestamp=time.time())) + '\n')
                 stats_file.flush()
+                if tensorboard:
+                    if tensorboard_writer is None:
+                        tensorboard_writer = open_tensorboard(run_dir)
+                    write_tensorboard_scalars(tensorboard_writer, collector.as_dict(), cur_nimg / 1e3)
             if not np.isfinite(loss_mean):
                 raise TrainingError(f'the training loss became {loss_mean} at {cur_nimg / 1e3:.3f} kimg '
                                     f'(tick {cur_tick}); {_nan_advice(run_dir, resume_state_dump)}')
@@ -539,6 +567,8 @@ def training_loop(
 
     if stats_file is not None:
         stats_file.close()
+    if tensorboard_writer is not None:
+        tensorboard_writer.close()
     dist.print0()
     dist.print0('Exiting...')
 

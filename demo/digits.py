@@ -1,0 +1,82 @@
+"""The demo's data: scikit-learn's handwritten digits prepared as a 16x16 dataset by dataset_tool.py.
+
+scikit-learn ships 1,797 real 8x8 scans (values 0..16, ten classes) inside the package, so no download is needed.
+They are written as PNGs with a ``dataset.json`` of labels and converted by ``dataset_tool.py --resolution=16x16``,
+exactly as a user would prepare their own folder of images.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+from typing import Optional
+
+import numpy as np
+import torch
+from PIL import Image
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DIGIT_LEVELS = 16  # scikit-learn's digits take the values 0..16
+RESOLUTION = 16
+
+
+def run_tool(cmd: list[str], env: Optional[dict] = None, capture: bool = False) -> str:
+    """Run one of the project's tools from the repository root, echoing the command like a shell transcript.
+
+    With ``capture`` the tool's stdout is echoed too and returned. Raises ``subprocess.CalledProcessError``.
+    """
+    print('\n$ ' + ' '.join(shlex.quote(c) for c in cmd), flush=True)
+    path = os.pathsep.join(p for p in (REPO_ROOT, os.environ.get('PYTHONPATH')) if p)
+    full_env = dict(os.environ, PYTHONPATH=path, **(env or {}))
+    if not capture:
+        subprocess.run(cmd, cwd=REPO_ROOT, env=full_env, check=True)
+        return ''
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=full_env, check=True, stdout=subprocess.PIPE, text=True)
+    print(proc.stdout, end='', flush=True)
+    return proc.stdout
+
+
+def write_digits_folder(folder: str) -> int:
+    """Write scikit-learn's digits as PNGs with a dataset.json of labels (dataset_tool's folder input)."""
+    from sklearn.datasets import load_digits  # ships the images inside the package: no download
+    digits = load_digits()
+    os.makedirs(folder, exist_ok=True)
+    labels = []
+    for i, (image, label) in enumerate(zip(digits.images, digits.target)):
+        name = f'digit{i:05d}.png'
+        pixels = np.round(image * (255 / DIGIT_LEVELS)).astype(np.uint8)
+        Image.fromarray(pixels, 'L').save(os.path.join(folder, name))
+        labels.append([name, int(label)])
+    with open(os.path.join(folder, 'dataset.json'), 'w') as f:
+        json.dump({'labels': labels}, f)
+    return len(labels)
+
+
+def make_digits_dataset(workdir: str) -> str:
+    """Write the 16x16 digits dataset ZIP under ``workdir`` (once) and return its path."""
+    dataset = os.path.join(workdir, f'digits-{RESOLUTION}x{RESOLUTION}.zip')
+    if not os.path.exists(dataset):
+        source = os.path.join(workdir, 'digits-8x8')
+        count = write_digits_folder(source)
+        print(f'Wrote {count} scikit-learn digits to {source}')
+        run_tool([sys.executable, 'dataset_tool.py', f'--source={source}', f'--dest={dataset}',
+                  f'--resolution={RESOLUTION}x{RESOLUTION}'])
+    return dataset
+
+
+def load_digits_dataset(dataset: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """All images (uint8 [N, 1, 16, 16]) and integer labels ([N] int64) of a dataset ZIP, in file order."""
+    from training.dataset import ImageFolderDataset
+    data = ImageFolderDataset(path=dataset, use_labels=True)
+    images, onehot = data.get_batch(np.arange(len(data)))
+    return images, onehot.argmax(dim=1)
+
+
+def split_indices(count: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A fixed (train, test) split of ``range(count)``: a seeded permutation, the first part held out."""
+    order = np.random.default_rng(seed).permutation(count)
+    num_test = int(round(count * test_fraction))
+    return np.sort(order[num_test:]), np.sort(order[:num_test])
