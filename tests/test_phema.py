@@ -205,13 +205,16 @@ def test_reconstruct_script_writes_loadable_snapshots_and_one_line_errors(tmp_pa
 # train.py --phema end to end.
 
 STEP_IMAGES = 4
-PHEMA_ARGS = dict(tick=4 * STEP_IMAGES / 1e3, snap=1, dump=1, lr_rampup=0, nosubdir=True, phema='0.05,0.1')
+# Class-conditional with label dropout, so that exact resume also covers the dropped labels (drawn from the
+# generator the loop seeds per micro-batch) and the result serves classifier-free guidance.
+PHEMA_ARGS = dict(tick=4 * STEP_IMAGES / 1e3, snap=1, dump=1, lr_rampup=0, nosubdir=True, phema='0.05,0.1', cond=1,
+                  label_dropout=0.5)
 FULL_STEPS = 8
 
 
 @pytest.fixture(scope='module')
 def data_zip(tmp_path_factory) -> Path:
-    return make_dataset_zip(tmp_path_factory.mktemp('data') / 'tiny.zip', count=16, resolution=8)
+    return make_dataset_zip(tmp_path_factory.mktemp('data') / 'tiny.zip', count=16, resolution=8, num_classes=3)
 
 
 def _train(args: list[str], check: bool = True):
@@ -228,6 +231,7 @@ def test_phema_training_resumes_bit_exactly_and_its_snapshots_load(data_zip, tmp
     _train(tiny_train_args(data_zip, full, duration=FULL_STEPS * STEP_IMAGES / 1e6, **PHEMA_ARGS))
     _train(tiny_train_args(data_zip, split, duration=FULL_STEPS // 2 * STEP_IMAGES / 1e6, **PHEMA_ARGS))
     half = _state(split)
+    assert half['net'].label_dim == 3 and half['net'].model.label_dropout == 0.5
     assert half['step'] == FULL_STEPS // 2 * STEP_IMAGES and half['phema']['stds'] == [0.05, 0.1]
     resumed = _train(tiny_train_args(data_zip, split, duration=FULL_STEPS * STEP_IMAGES / 1e6,
                                      resume=sorted(split.glob('training-state-*.pt'))[-1], **PHEMA_ARGS))
@@ -277,6 +281,10 @@ def test_phema_training_resumes_bit_exactly_and_its_snapshots_load(data_zip, tmp
                                                     '--seeds=0-1', '--steps=2', '--device=cpu', '--force'])
         assert result.exit_code == 0, result.output
         assert len(list((tmp_path / 'png').glob('*.png'))) == 2
+    result = CliRunner().invoke(generate.main, [f'--network={out / "phema-0000000-0.080.pkl"}', '--gnet=uncond',
+                                                '--guidance=2', f'--outdir={tmp_path / "cfg"}', '--seeds=0-1',
+                                                '--steps=2', '--device=cpu'])
+    assert result.exit_code == 0, result.output
     from tests.test_fid import STANDIN
     from tests.conftest import GOLDEN_DIR
     result = CliRunner().invoke(fid.main, ['gen', f'--network={out / "phema-0000000-0.080.pkl"}', '--seeds=0-2',
@@ -287,7 +295,7 @@ def test_phema_training_resumes_bit_exactly_and_its_snapshots_load(data_zip, tmp
 
 @pytest.mark.parametrize('flags,fragment', [(dict(phema='0.5'), 'out of range'), (dict(phema='a,b'), '--phema'),
                                             (dict(phema='0.0501,0.0502'), 'share a file name'),
-                                            (dict(label_dropout=0.1), '--cond=1')])
+                                            (dict(label_dropout=0.1, cond=0), '--cond=1')])
 def test_bad_phema_and_label_dropout_flags(data_zip, tmp_path, flags, fragment):
     import train
     result = CliRunner().invoke(train.main, [str(a) for a in tiny_train_args(data_zip, tmp_path / 'runs', **flags)])

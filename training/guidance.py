@@ -95,12 +95,12 @@ class GuidedDenoiser(torch.nn.Module):
         self.interval = check_interval(interval)
         self.drop_labels = drop_labels or not gnet.label_dim
 
-    def __getattr__(self, name: str) -> Any:
+    def __getattr__(self, attribute: str) -> Any:
         try:
-            return super().__getattr__(name)
+            return super().__getattr__(attribute)
         except AttributeError:
             # The network interface (resolution, labels, sigma range, D, N, ...) is the main network's.
-            return getattr(super().__getattr__('net'), name)
+            return getattr(super().__getattr__('net'), attribute)
 
     def round_sigma(self, sigma: Any) -> torch.Tensor:
         return self.net.round_sigma(sigma)
