@@ -307,3 +307,14 @@ def test_degraded_guide_moves_samples_towards_the_data(D):
     # between two points may switch), and every data point keeps its samples.
     assert (nearest1 == nearest2).double().mean().item() >= 0.95, (nearest1 != nearest2).sum()
     assert len(set(nearest2.tolist())) == len(data)
+
+
+def test_networks_that_record_no_kernel_follow_the_flags(nets):
+    # EDM's networks record neither pfgmpp nor D: with both undeclared, the kernel the flags chose holds for both.
+    guidance_lib.check_guide(_CountingNet(1.0), _CountingNet(2.0), 128.0)
+    # A network that declares PFGM++ is not guided by one that declares nothing (an EDM diffusion network).
+    pfgmpp_net = _load(nets['pfgmpp'])
+    undeclared = _CountingNet(2.0)
+    undeclared.img_resolution, undeclared.img_channels = 8, 3
+    with pytest.raises(guidance_lib.GuidanceError, match='a diffusion model'):
+        guidance_lib.check_guide(pfgmpp_net, undeclared, 64.0)

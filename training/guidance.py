@@ -50,7 +50,8 @@ def check_guide(net: Any, gnet: Any, D: Optional[float] = None) -> None:
 
     Both must make images of the same resolution and channel count, ``gnet`` must take the same class labels or
     none (label_dim 0: an unconditional guide), and both must denoise under the same kernel: ``D`` is the main
-    network's (None = diffusion; the caller may have resolved it from flags), compared with what ``gnet`` records.
+    network's (None = diffusion; the caller may have resolved it from flags), compared with what ``gnet`` records
+    (when neither network records a kernel, as EDM's do not, ``D`` holds for both).
     """
     for name in ('img_resolution', 'img_channels'):
         mine, theirs = getattr(net, name), getattr(gnet, name)
@@ -60,7 +61,9 @@ def check_guide(net: Any, gnet: Any, D: Optional[float] = None) -> None:
     if gnet.label_dim not in (0, net.label_dim):
         raise GuidanceError(f'the guiding network has {gnet.label_dim} classes, the network {net.label_dim}; a guide '
                             f'must use the same label space or be unconditional')
-    guide_D = network_kernel(gnet)
+    # EDM's networks record no kernel; the flags that decided the main network's kernel then speak for both.
+    declares = lambda module: hasattr(module, 'pfgmpp') or hasattr(module, 'D')  # noqa: E731
+    guide_D = network_kernel(gnet) if declares(gnet) or declares(net) else D
     if guide_D != D:
         raise GuidanceError(f'the guiding network is {_describe_kernel(guide_D)}, the network '
                             f'{_describe_kernel(D)}; both must use the same perturbation kernel')

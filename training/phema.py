@@ -113,12 +113,13 @@ def sigma_rel_to_gamma(sigma_rel: Any) -> np.ndarray:
 # Profiles.
 
 
-def ema_beta(sigma_rel: float, nimg: int, batch_size: int) -> float:
+def ema_beta(sigma_rel: float, nimg: int, batch_size: int, gamma: Optional[float] = None) -> float:
     """Decay of the tracked average after the step that brings the count to ``nimg`` images (EDM2 eq. 127).
 
     beta = (1 - batch_size / nimg)^(gamma + 1); 0 on the first step, so the average starts at the weights.
+    ``gamma`` may be passed when known (it is ``sigma_rel_to_gamma(sigma_rel)``), sparing the root finding.
     """
-    gamma = float(sigma_rel_to_gamma(sigma_rel))
+    gamma = float(sigma_rel_to_gamma(sigma_rel)) if gamma is None else gamma
     return (1.0 - batch_size / nimg) ** (gamma + 1.0)
 
 
@@ -193,14 +194,15 @@ class PowerFunctionEMA:
 
     def __init__(self, net: torch.nn.Module, stds: Iterable[float]) -> None:
         self.stds = check_sigma_rel_list(stds)
+        self.gammas = [float(gamma) for gamma in sigma_rel_to_gamma(self.stds)]
         self.emas = [copy.deepcopy(net).requires_grad_(False).eval() for _ in self.stds]
         self._ema_params = [list(ema.parameters()) for ema in self.emas]
 
     @torch.no_grad()
     def update(self, net_params: Sequence[torch.Tensor], nimg: int, batch_size: int) -> None:
         """One step: ``net_params`` are the trained network's (detached) parameters, ``nimg`` the count after it."""
-        for std, params in zip(self.stds, self._ema_params):
-            torch._foreach_lerp_(params, list(net_params), 1.0 - ema_beta(std, nimg, batch_size))
+        for std, gamma, params in zip(self.stds, self.gammas, self._ema_params):
+            torch._foreach_lerp_(params, list(net_params), 1.0 - ema_beta(std, nimg, batch_size, gamma))
 
     @torch.no_grad()
     def networks(self, net: torch.nn.Module) -> list[tuple[float, torch.nn.Module]]:
