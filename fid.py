@@ -385,14 +385,19 @@ def calculate_stats_for_network(net: torch.nn.Module, seeds: Sequence[int], max_
     detector = _as_detector(detector, device)
 
     rank_batches = _rank_batches(ordered, max_batch_size)
-    dist.print0(f'Generating {len(ordered)} images in memory and calculating their statistics...')
+    try:
+        nfe = sampling.sampler_nfe(sampler_kwargs.get('num_steps') or generate.DEFAULT_STEPS, sampler_kwargs)
+    except ValueError as err:
+        raise click.ClickException(generate.sampler_error(err)) from None
+    dist.print0(f'Generating {len(ordered)} images in memory ({nfe} network evaluations each) and calculating '
+                f'their statistics...')
     stats = FeatureStats(device)
     for batch_seeds in dist.progress(rank_batches, unit='batch', total=len(rank_batches)):
         try:
             samples = sampling.sample_batch(net, batch_seeds, device=device, class_idx=class_idx, pfgmpp=pfgmpp,
                                             D=D, **sampler_kwargs)
         except ValueError as err:  # sampler settings the network cannot honour
-            raise click.ClickException(str(err)) from None
+            raise click.ClickException(generate.sampler_error(err)) from None
         stats.add(extract_features(detector, sampling.to_uint8(samples)))
     return stats.compute()
 
@@ -653,6 +658,7 @@ def gen(network_pkl: str, ref_path: Optional[str], seeds: str, class_idx: Option
         err.param_hint = '--seeds'
         raise
     generate.check_noise_range(sampler_kwargs)
+    generate.check_solver_flags(sampler_kwargs, [sampler_kwargs.get('num_steps') or generate.DEFAULT_STEPS])
     seed_ranges = _repeated_seed_ranges(sorted(seed_list), repeat, limit=generate.SEED_LIMIT)
     check_output_file(stats_path, '--save-stats')
     check_output_file(jsonl_path, '--jsonl')

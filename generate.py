@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -250,10 +251,8 @@ def jsonable(value: Any) -> Any:
 
 
 def network_evaluations(num_steps: int, sampler_kwargs: dict) -> int:
-    """Network calls per image: Heun costs two per step except the last."""
-    if sampler_kwargs.get('solver') == 'euler':
-        return num_steps
-    return 2 * num_steps - 1
+    """Network calls per image (NFE) of the sampler these options select (``training.sampler.sampler_nfe``)."""
+    return sampling.sampler_nfe(num_steps, sampler_kwargs)
 
 
 # ----------------------------------------------------------------------------
@@ -283,14 +282,27 @@ SAMPLER_OPTIONS = [
     click.option('--S_noise', 'S_noise', type=float, default=1, show_default=True, metavar='FLOAT',
                  help='Scale of the re-added noise'),
     # EDM's generalised (ablation) sampler: any of these selects it.
-    click.option('--solver', type=click.Choice(sampling.SOLVERS), default=None, metavar='euler|heun',
-                 help='Ablation: ODE solver'),
+    click.option('--solver', type=click.Choice(sampling.ALL_SOLVERS), default=None,
+                 metavar='|'.join(sampling.ALL_SOLVERS),
+                 help='euler|heun: ablation sampler\'s ODE solver; dpmpp2m|dpmpp3m (DPM-Solver++ multistep, 1 NFE '
+                      'per step) or restart (Restart sampling): fast solvers for every network, PFGM++ included'),
     click.option('--disc', 'discretization', type=click.Choice(sampling.DISCRETIZATIONS), default=None,
                  metavar='vp|ve|iddpm|edm', help='Ablation: how the noise levels are spaced'),
     click.option('--schedule', type=click.Choice(sampling.SCHEDULES), default=None, metavar='vp|ve|linear',
                  help='Ablation: noise schedule sigma(t)'),
     click.option('--scaling', type=click.Choice(sampling.SCALINGS), default=None, metavar='vp|none',
                  help='Ablation: signal scaling s(t)'),
+    # Fast solvers (--solver=dpmpp2m|dpmpp3m|restart) and the spacing of the noise levels.
+    click.option('--spacing', type=click.Choice(sampling.SPACINGS), default=None, metavar='|'.join(sampling.SPACINGS),
+                 help='Noise levels of the EDM sampler and the fast solvers: edm (rho-spaced) or logsnr (uniform in '
+                      'log sigma, DPM-Solver\'s choice for few steps)  [default: edm]'),
+    click.option('--restart-interval', 'restart_interval', type=FloatList(), default=None, metavar='LO,HI',
+                 help=f'Restart: noise levels t_min,t_max between which it restarts  '
+                      f'[default: {",".join(map(str, sampling.RESTART_INTERVAL))}]'),
+    click.option('--restart-repeats', 'restart_repeats', type=click.IntRange(min=1), default=None, metavar='K',
+                 help=f'Restart: number of restarts K  [default: {sampling.RESTART_REPEATS}]'),
+    click.option('--restart-steps', 'restart_steps', type=click.IntRange(min=1), default=None, metavar='INT',
+                 help=f'Restart: Heun steps per restart (2 NFE each)  [default: {sampling.RESTART_STEPS}]'),
     # PFGM++ (normally read from the network).
     click.option('--pfgmpp', type=bool, default=None, metavar='BOOL',
                  help='Restate that the network is PFGM++ (an error if the network says otherwise)'),
@@ -387,6 +399,38 @@ def check_noise_range(sampler_kwargs: dict) -> None:
         raise click.BadParameter(f'--sigma_min={lo} must be below --sigma_max={hi}', param_hint='--sigma_min')
 
 
+# Sampler keyword -> the flag that sets it, so library errors name the flag.
+SAMPLER_FLAGS = {'num_steps': '--steps', 'restart_interval': '--restart-interval', 'restart_repeats': '--restart-repeats',
+                 'restart_steps': '--restart-steps', 'S_churn': '--S_churn', 'noise_injection': '--alpha',
+                 'discretization': '--disc', 'schedule': '--schedule', 'scaling': '--scaling', 'spacing': '--spacing'}
+
+
+def sampler_error(err: ValueError) -> str:
+    """A sampler's ValueError as one line that names flags instead of keywords."""
+    message = str(err)
+    for keyword, flag in SAMPLER_FLAGS.items():
+        message = re.sub(rf'(?<![\w-]){keyword}\b', flag, message)
+    return message
+
+
+def check_solver_flags(sampler_kwargs: dict, step_counts: Sequence[int]) -> None:
+    """Refuse solver options that do not fit together, before anything is loaded (one line, naming flags).
+
+    ``step_counts``: the --steps values that will run. The restart interval is checked against the noise range
+    the flags give here and against the network's range once it is loaded.
+    """
+    kwargs = {k: v for k, v in sampler_kwargs.items() if v is not None}
+    try:
+        name = sampling.sampler_name(kwargs)
+        if name in sampling.FAST_SOLVERS:
+            for n in step_counts:
+                sampling.check_fast_options(name, n, kwargs.get('restart_interval'), kwargs.get('restart_repeats'),
+                                            kwargs.get('restart_steps'), kwargs.get('sigma_min', sampling.EDM_SIGMA_MIN),
+                                            kwargs.get('sigma_max', sampling.EDM_SIGMA_MAX))
+    except ValueError as err:
+        raise click.UsageError(sampler_error(err)) from None
+
+
 @click.command(context_settings=dict(max_content_width=120))
 # What to sample from and where the images go.
 @click.option('--network', 'network_pkl', type=str, required=True, metavar='PATH|URL',
@@ -474,6 +518,8 @@ def main(network_pkl: str, outdir: str, seeds: list[int], subdirs: bool, class_i
         except ValueError as err:
             raise click.BadParameter(str(err), param_hint='--sweep-bits' if sweep_bits else '--quantize-bits')
     check_noise_range(sampler_kwargs)
+    check_solver_flags(dict(sampler_kwargs, noise_injection=max([alpha or 0.0] + list(sweep_alpha or []))),
+                       sweep_steps or [num_steps if num_steps is not None else DEFAULT_STEPS])
     if device is not None and not (device == 'cpu' or device.startswith('cuda')):
         raise click.BadParameter(f'{device!r}: expected cpu or cuda', param_hint='--device')
 
@@ -571,7 +617,7 @@ def _generate(network_pkl: str, outdir: str, seeds: list[int], subdirs: bool, cl
             manifest = dict(
                 network=network_source,
                 network_summary=network_summary(net), sweep=run.sweep,
-                sampler='ablation' if ablation else 'edm', sampler_kwargs=kwargs,
+                sampler=sampling.sampler_name(kwargs), sampler_kwargs=kwargs,
                 nfe_per_image=network_evaluations(run.num_steps, kwargs), class_idx=class_idx,
                 pfgmpp=use_pfgmpp, D=D, noise_injection_alpha=run.alpha, quantize_bits=run.bits,
                 quantize_scheme=quantize_scheme if run.bits is not None else None,
@@ -657,7 +703,7 @@ def _generate_run(net: Any, run: Run, seeds: list[int], subdirs: bool, class_idx
                 images = sampling.sample_batch(net, batch_seeds, device=device, class_idx=class_idx,
                                                pfgmpp=use_pfgmpp, D=D, **sampler_kwargs)
             except ValueError as err:
-                raise Failure(str(err)) from None
+                raise Failure(sampler_error(err)) from None
             pixels_hwc = sampling.to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()
             for seed, pixels in zip(batch_seeds, pixels_hwc):
                 save_png(to_pil(pixels), image_path(run.outdir, seed, subdirs))

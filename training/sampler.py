@@ -71,6 +71,22 @@ DISCRETIZATIONS = ('vp', 've', 'iddpm', 'edm')
 SCHEDULES = ('vp', 've', 'linear')
 SCALINGS = ('vp', 'none')
 
+# Solvers beyond the ablation sampler's, valid for every network (PFGM++ or diffusion); see fast_sampler.
+FAST_SOLVERS = ('dpmpp2m', 'dpmpp3m', 'restart')
+ALL_SOLVERS = SOLVERS + FAST_SOLVERS
+# Order of the DPM-Solver++ multistep methods, and the fewest --steps at which each reaches it: order - 1
+# warm-up steps, one step at full order, and the final step to sigma = 0.
+MULTISTEP_ORDER = {'dpmpp2m': 2, 'dpmpp3m': 3}
+MIN_STEPS = {'dpmpp2m': 3, 'dpmpp3m': 4, 'restart': 2}
+# How the noise levels are spaced (EDM sampler and fast solvers).
+SPACINGS = ('edm', 'logsnr')
+# Restart sampling defaults: the restart interval [t_min, t_max], the number of restarts K and the Heun
+# steps per restart (N_restart - 1), as in the Restart paper's released PFGM++ CIFAR-10 setting (Xu et al. 2023,
+# "Restart Sampling for Improving Generative Processes": 18 main steps, [0.14, 0.30], K = 2, N_restart = 3).
+RESTART_INTERVAL = (0.14, 0.30)
+RESTART_REPEATS = 2
+RESTART_STEPS = 2
+
 
 # ----------------------------------------------------------------------------
 # Per-seed randomness.
@@ -105,6 +121,18 @@ class PerSeedRandom:
             raise ValueError(f'batch of {x.shape[0]} samples but {len(self.generators)} generators')
         return self.randn(x.shape[1:], dtype=x.dtype).to(x.device)
 
+    def perturbation(self, x: torch.Tensor, sigma: float, D: Optional[float] = None) -> torch.Tensor:
+        """Noise shaped like ``x`` (float64) from the perturbation kernel at noise level ``sigma``, one slice per generator.
+
+        PFGM++ kernel for finite ``D``, Gaussian ``sigma * randn`` for D None/inf
+        (:func:`training.pfgmpp.sample_perturbation`, exact: no clipping).
+        """
+        if x.shape[0] != len(self.generators):
+            raise ValueError(f'batch of {x.shape[0]} samples but {len(self.generators)} generators')
+        slices = [pfgmpp_lib.sample_perturbation([1, *x.shape[1:]], sigma, D, generator=g, device=self.device,
+                                                 dtype=torch.float64) for g in self.generators]
+        return torch.cat(slices).to(x.device)
+
     def randint(self, high: int) -> torch.Tensor:
         """One integer in ``[0, high)`` per sample (int64, shape ``[len(seeds)]``)."""
         draws = [torch.randint(high, size=[], generator=g, device=self.device) for g in self.generators]
@@ -128,13 +156,44 @@ def edm_noise_levels(num_steps: int, sigma_min: float, sigma_max: float, rho: fl
     return (top + fraction * (bottom - top)) ** rho
 
 
+def log_snr_noise_levels(num_steps: int, sigma_min: float, sigma_max: float,
+                         device: Union[str, torch.device] = 'cpu') -> torch.Tensor:
+    """``num_steps`` noise levels from sigma_max down to sigma_min, evenly spaced in log sigma (float64).
+
+    For the ODE dx/dsigma = (x - D)/sigma the log-SNR is lambda = -log sigma, so these are the "logSNR"
+    time steps that DPM-Solver (Lu et al. 2022, section 3.3) recommends for few-step sampling: every step
+    has the same size h in lambda. A single step starts at sigma_max.
+    """
+    index = torch.arange(num_steps, dtype=torch.float64, device=device)
+    fraction = index / (num_steps - 1) if num_steps > 1 else torch.zeros_like(index)
+    top, bottom = math.log(sigma_max), math.log(sigma_min)
+    return (top + fraction * (bottom - top)).exp()
+
+
+def noise_levels(num_steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0, spacing: str = 'edm',
+                 device: Union[str, torch.device] = 'cpu') -> torch.Tensor:
+    """Decreasing noise levels sigma_max .. sigma_min (float64 [num_steps]) with the given ``spacing``.
+
+    'edm': :func:`edm_noise_levels` (Karras et al. 2022, eq. 5, exponent ``rho``); 'logsnr':
+    :func:`log_snr_noise_levels` (uniform in log sigma, ``rho`` unused). Raises ValueError for other names.
+    """
+    if spacing == 'edm':
+        return edm_noise_levels(num_steps, sigma_min, sigma_max, rho, device)
+    if spacing == 'logsnr':
+        return log_snr_noise_levels(num_steps, sigma_min, sigma_max, device)
+    raise ValueError(f'spacing must be one of {"|".join(SPACINGS)}, got {spacing!r}')
+
+
 def edm_time_steps(net: Denoiser, num_steps: int = 18, sigma_min: float = EDM_SIGMA_MIN,
                    sigma_max: float = EDM_SIGMA_MAX, rho: float = 7.0,
-                   device: Union[str, torch.device] = 'cpu') -> torch.Tensor:
-    """The EDM sampler's noise levels: clamped to the network's range, rounded by it, then a final 0."""
+                   device: Union[str, torch.device] = 'cpu', spacing: str = 'edm') -> torch.Tensor:
+    """The EDM sampler's noise levels: clamped to the network's range, rounded by it, then a final 0.
+
+    ``spacing`` picks how the levels are spaced (:func:`noise_levels`); 'edm' is the EDM sampler's rule.
+    """
     lo = max(sigma_min, net.sigma_min)
     hi = min(sigma_max, net.sigma_max)
-    levels = net.round_sigma(edm_noise_levels(num_steps, lo, hi, rho, device))
+    levels = net.round_sigma(noise_levels(num_steps, lo, hi, rho, spacing, device))
     levels = torch.as_tensor(levels, dtype=torch.float64, device=device)
     return torch.cat([levels, levels.new_zeros(1)])
 
@@ -142,6 +201,21 @@ def edm_time_steps(net: Denoiser, num_steps: int = 18, sigma_min: float = EDM_SI
 def _check_steps(num_steps: int) -> None:
     if int(num_steps) != num_steps or num_steps < 1:
         raise ValueError(f'num_steps must be a positive integer, got {num_steps!r}')
+
+
+def _heun_step(net: Denoiser, x: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor,
+               class_labels: Optional[torch.Tensor], second_order: bool) -> torch.Tensor:
+    """One step of the ODE dx/dsigma = (x - D(x; sigma))/sigma from sigma to sigma_next (float64 state).
+
+    Euler's method, plus Heun's trapezoidal correction when ``second_order`` (EDM, Algorithm 1); 1 or 2 NFE.
+    """
+    slope = (x - net(x, sigma, class_labels).to(torch.float64)) / sigma
+    step = sigma_next - sigma
+    x_next = x + step * slope
+    if second_order:
+        slope_next = (x_next - net(x_next, sigma_next, class_labels).to(torch.float64)) / sigma_next
+        x_next = x + step * (0.5 * slope + 0.5 * slope_next)
+    return x_next
 
 
 def edm_sampler(
@@ -160,6 +234,7 @@ def edm_sampler(
     pfgmpp: bool = False,
     noise_injection: float = 0.0,
     return_trajectory: bool = False,
+    spacing: str = 'edm',
 ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """EDM sampler (Algorithm 2 of Karras et al. 2022); returns float64 samples.
 
@@ -177,9 +252,10 @@ def edm_sampler(
     before that step's churn noise.
 
     With ``return_trajectory`` also returns the state after each step, ``[num_steps, *latents.shape]``.
+    ``spacing`` 'logsnr' replaces the rho-spaced noise levels (:func:`noise_levels`).
     """
     _check_steps(num_steps)
-    t_steps = edm_time_steps(net, num_steps, sigma_min, sigma_max, rho, device=latents.device)
+    t_steps = edm_time_steps(net, num_steps, sigma_min, sigma_max, rho, device=latents.device, spacing=spacing)
     churn = min(S_churn / num_steps, MAX_CHURN_GAMMA)
     gammas = [churn if S_min <= t <= S_max else 0.0 for t in t_steps[:-1].tolist()]
     draw_churn_noise = any(g > 0 for g in gammas)
@@ -201,15 +277,8 @@ def edm_sampler(
             extra_std = (sigma_hat ** 2 - sigma_cur ** 2).sqrt() * S_noise
             x_hat = x + extra_std * randn_like(x)
 
-        # Euler step from sigma_hat to sigma_next.
-        slope = (x_hat - net(x_hat, sigma_hat, class_labels).to(torch.float64)) / sigma_hat
-        step = sigma_next - sigma_hat
-        x = x_hat + step * slope
-
-        # Heun correction, skipped on the last step where sigma_next = 0.
-        if i < num_steps - 1:
-            slope_next = (x - net(x, sigma_next, class_labels).to(torch.float64)) / sigma_next
-            x = x_hat + step * (0.5 * slope + 0.5 * slope_next)
+        # Heun step from sigma_hat to sigma_next; Euler on the last step, where sigma_next = 0.
+        x = _heun_step(net, x_hat, sigma_hat, sigma_next, class_labels, second_order=i < num_steps - 1)
 
         if trajectory is not None:
             trajectory[i] = x
@@ -409,12 +478,308 @@ def ablation_sampler(
     return x
 
 
+# ----------------------------------------------------------------------------
+# Fast solvers: DPM-Solver++ multistep and Restart, for any D.
+#
+# In sigma, the probability-flow ODE of PFGM++ is EDM's, dx/dsigma = (x - D(x; sigma))/sigma, for every D
+# (Xu et al. 2023, PFGM++, section 4): only the prior differs. So the solvers below serve every network.
+
+RenoiseFn = Callable[[torch.Tensor, float], torch.Tensor]
+
+
+def _log_snr(sigma: torch.Tensor) -> torch.Tensor:
+    """lambda = -log sigma, the log signal-to-noise ratio of the EDM parametrisation (alpha = 1)."""
+    return -sigma.log()
+
+
+def _dpmpp_step(x: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor, denoised: torch.Tensor,
+                history: Sequence[tuple[torch.Tensor, torch.Tensor]], order: int) -> torch.Tensor:
+    """One DPM-Solver++ multistep update (data prediction, Lu et al. 2022, arXiv:2211.01095).
+
+    The exact solution in lambda = -log sigma is x(l + h) = e^-h x(l) + integral_0^h e^(u-h) D(l + u) du
+    (variation of constants). D is replaced by the polynomial through ``denoised`` at lambda(sigma) and the
+    ``history`` (pairs (lambda_j, D_j), newest first), of degree ``order - 1`` at most:
+
+    * order 1 (DDIM; equal to an Euler step in sigma): D constant.
+    * order 2, DPM-Solver++(2M), the paper's Algorithm 2: D_eff = (1 + 1/(2r)) D_0 - 1/(2r) D_1 with
+      r = h_1 / h, integrated as a constant.
+    * order 3: the quadratic through D_0, D_1, D_2 integrated exactly,
+      D_0 J_0 + D'(0) J_1 + (D''(0)/2) J_2 with J_k = integral_0^h e^(u-h) u^k du, i.e. J_0 = 1 - e^-h,
+      J_1 = h - J_0, J_2 = h^2 - 2 J_1. (The third-order multistep update of the DPM-Solver code base weights
+      its second difference D2 = h^2 D''/2 by -phi_3 = J_2 / (2 h^2), half of the exact J_2 / h^2; that
+      leaves a local error of order h^3 and makes it a second-order method. ``python -m bench.solver_lab``
+      measures the order of this implementation.)
+
+    A step to sigma_next = 0 returns ``denoised`` (the limit of every order: e^-h = 0, J_0 = 1).
+    """
+    if float(sigma_next) == 0:
+        return denoised
+    lam, lam_next = _log_snr(sigma), _log_snr(sigma_next)
+    h = lam_next - lam
+    j0 = -torch.expm1(-h)
+    x_next = (sigma_next / sigma) * x + j0 * denoised
+    if order < 2 or not history:
+        return x_next
+    lam_1, denoised_1 = history[0]
+    h_1 = lam - lam_1
+    if order == 2 or len(history) < 2:
+        r = h_1 / h
+        return x_next + j0 / (2 * r) * (denoised - denoised_1)
+    lam_2, denoised_2 = history[1]
+    h_2 = lam_1 - lam_2
+    # Newton divided differences of D in lambda; the quadratic's derivatives at the current point follow.
+    first_01 = (denoised - denoised_1) / h_1
+    first_12 = (denoised_1 - denoised_2) / h_2
+    second = (first_01 - first_12) / (h_1 + h_2)
+    slope = first_01 + second * h_1
+    j1 = h - j0
+    j2 = h * h - 2 * j1
+    return x_next + j1 * slope + j2 * second
+
+
+def _rk4_step(net: Denoiser, x: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor,
+              class_labels: Optional[torch.Tensor]) -> torch.Tensor:
+    """Classical 4th-order Runge-Kutta step in s = log sigma, where dx/ds = x - D(x; e^s); 4 NFE.
+
+    For reference solutions (``solve_ode(..., solver='rk4')``): independent of the solvers under test.
+    """
+    s, s_next = sigma.log(), sigma_next.log()
+    h = s_next - s
+    sigma_mid = (0.5 * (s + s_next)).exp()
+
+    def slope(point: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+        return point - net(point, level, class_labels).to(torch.float64)
+    k1 = slope(x, sigma)
+    k2 = slope(x + 0.5 * h * k1, sigma_mid)
+    k3 = slope(x + 0.5 * h * k2, sigma_mid)
+    k4 = slope(x + h * k3, sigma_next)
+    return x + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+
+
+ODE_SOLVERS = ('euler', 'heun', 'dpmpp2m', 'dpmpp3m', 'rk4')
+
+
+def solve_ode(net: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, class_labels: Optional[torch.Tensor] = None,
+              solver: str = 'heun') -> torch.Tensor:
+    """Integrate dx/dsigma = (x - D(x; sigma))/sigma along the noise levels ``sigmas``; returns x at sigmas[-1].
+
+    x: float64 [B, ...] at sigmas[0]. sigmas: decreasing float64 levels > 0, optionally ending with one 0.
+    solver: 'euler' (1 NFE per step), 'heun' (2, EDM's Algorithm 1), 'dpmpp2m' / 'dpmpp3m' (1,
+    :func:`_dpmpp_step`, lower orders while the history fills) or 'rk4' (4, for reference solutions).
+    A step to sigma = 0 is an Euler step, i.e. it returns D(x; sigma) (every solver: the ODE's slope has no
+    limit there). Raises ValueError for an unknown solver or a grid that is not decreasing.
+    """
+    if solver not in ODE_SOLVERS:
+        raise ValueError(f'solver must be one of {"|".join(ODE_SOLVERS)}, got {solver!r}')
+    sigmas = torch.as_tensor(sigmas, dtype=torch.float64, device=x.device)
+    if sigmas.ndim != 1 or not bool((sigmas[1:] < sigmas[:-1]).all()) or float(sigmas.min()) < 0:
+        raise ValueError('sigmas must be a decreasing 1-D sequence of noise levels >= 0')
+    x = x.to(torch.float64)
+    history: list[tuple[torch.Tensor, torch.Tensor]] = []
+    order = MULTISTEP_ORDER.get(solver, 1)
+    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+        final = float(sigma_next) == 0
+        if solver in MULTISTEP_ORDER:
+            denoised = net(x, sigma, class_labels).to(torch.float64)
+            x = _dpmpp_step(x, sigma, sigma_next, denoised, history, order)
+            history = [(_log_snr(sigma), denoised)] + history[:order - 2]
+        elif solver == 'rk4' and not final:
+            x = _rk4_step(net, x, sigma, sigma_next, class_labels)
+        else:
+            x = _heun_step(net, x, sigma, sigma_next, class_labels, second_order=solver != 'euler' and not final)
+    return x
+
+
+def place_level(t_steps: torch.Tensor, level: float) -> tuple[torch.Tensor, int]:
+    """Move the interior time step nearest to ``level`` (in log sigma) onto it; returns (new steps, its index).
+
+    Interior: neither the first level nor a final 0. The Restart paper instead moves t_min to the nearest
+    time step; moving the step keeps the restart interval exactly where the user put it, so the sampler's
+    output converges as the steps grow. The nearest step is one whose neighbours enclose ``level``, so the
+    levels stay decreasing. Raises ValueError when there is no interior level or ``level`` is out of range.
+    """
+    positive = int((t_steps > 0).sum())
+    if positive < 2:
+        raise ValueError('need at least 2 steps to place a level between the first and the last')
+    # The last level comes from a power or an exp: allow it to exceed the requested sigma_min by rounding.
+    slack = 1 - 8 * torch.finfo(torch.float64).eps
+    if not float(t_steps[positive - 1]) * slack <= level < float(t_steps[0]):
+        raise ValueError(f'level {level:g} lies outside [{float(t_steps[positive - 1]):g}, {float(t_steps[0]):g})')
+    distance = (t_steps[1:positive].log() - math.log(level)).abs()
+    index = int(distance.argmin()) + 1
+    placed = t_steps.clone()
+    placed[index] = level
+    return placed, index
+
+
+def restart_ode(net: Denoiser, x: torch.Tensor, t_steps: torch.Tensor, class_labels: Optional[torch.Tensor],
+                renoise: RenoiseFn, restart_interval: tuple[float, float] = RESTART_INTERVAL,
+                restart_repeats: int = RESTART_REPEATS, restart_steps: int = RESTART_STEPS, rho: float = 7.0,
+                spacing: str = 'edm', solver: str = 'heun',
+                round_sigma: Callable[[Any], Any] = torch.as_tensor) -> torch.Tensor:
+    """Restart sampling (Xu et al. 2023, Algorithm 1) along the main time steps ``t_steps``.
+
+    Solves the ODE with ``solver`` from t_steps[0] down to t_min = restart_interval[0] (a main time step is
+    moved onto it, :func:`place_level`), then ``restart_repeats`` times: jumps forward to t_max by adding
+    ``renoise(x, sqrt(t_max^2 - t_min^2))`` and solves back to t_min in ``restart_steps`` steps spaced like the
+    main ones; then finishes the main steps. ``renoise`` returns noise shaped like x: Gaussian with that
+    standard deviation for diffusion, the PFGM++ perturbation kernel at that sigma for finite D (see
+    :func:`fast_sampler`). Returns float64 x at t_steps[-1].
+    """
+    t_min, t_max = (float(v) for v in restart_interval)
+    placed, index = place_level(t_steps, float(round_sigma(t_min)))
+    low = placed[index]
+    x = solve_ode(net, x, placed[:index + 1], class_labels, solver)
+    inner = torch.as_tensor(round_sigma(noise_levels(restart_steps + 1, float(low), t_max, rho, spacing,
+                                                     x.device)), dtype=torch.float64, device=x.device).clone()
+    inner[-1] = low
+    jump = math.sqrt(float(inner[0]) ** 2 - float(low) ** 2)
+    for _ in range(restart_repeats):
+        x = x + renoise(x, jump)
+        x = solve_ode(net, x, inner, class_labels, solver)
+    return solve_ode(net, x, placed[index:], class_labels, solver)
+
+
+def check_fast_options(solver: str, num_steps: int = 18, restart_interval: Optional[Sequence[float]] = None,
+                       restart_repeats: Optional[int] = None, restart_steps: Optional[int] = None,
+                       sigma_min: float = EDM_SIGMA_MIN, sigma_max: float = EDM_SIGMA_MAX) -> None:
+    """Raise ValueError (one line) when ``solver`` and its options do not fit together.
+
+    sigma_min / sigma_max: the range the main time steps really span (after clamping to the network's).
+    """
+    if solver not in FAST_SOLVERS:
+        raise ValueError(f'solver must be one of {"|".join(ALL_SOLVERS)}, got {solver!r}')
+    _check_steps(num_steps)
+    if num_steps < MIN_STEPS[solver]:
+        kind = (f'a multistep method of order {MULTISTEP_ORDER[solver]}' if solver in MULTISTEP_ORDER
+                else 'it restarts between the first and the last time step')
+        raise ValueError(f'{solver} needs at least {MIN_STEPS[solver]} steps ({kind}), got {num_steps}')
+    restart_given = [name for name, value in (('restart_interval', restart_interval),
+                                              ('restart_repeats', restart_repeats),
+                                              ('restart_steps', restart_steps)) if value is not None]
+    if solver != 'restart':
+        if restart_given:
+            raise ValueError(f'{restart_given[0]} only applies to the restart solver, not {solver}')
+        return
+    if restart_interval is not None:
+        if len(restart_interval) != 2:
+            raise ValueError(f'restart_interval needs two noise levels t_min,t_max, got {list(restart_interval)}')
+        t_min, t_max = (float(v) for v in restart_interval)
+        if not (math.isfinite(t_min) and math.isfinite(t_max) and 0 < t_min < t_max):
+            raise ValueError(f'restart_interval t_min,t_max must satisfy 0 < t_min < t_max, got {t_min:g},{t_max:g}')
+        if not (sigma_min <= t_min and t_max <= sigma_max):
+            raise ValueError(f'restart_interval {t_min:g},{t_max:g} must lie within the sampled noise range '
+                             f'[{sigma_min:g}, {sigma_max:g}]')
+    for name, value in (('restart_repeats', restart_repeats), ('restart_steps', restart_steps)):
+        if value is not None and (int(value) != value or value < 1):
+            raise ValueError(f'{name} must be a positive integer, got {value!r}')
+
+
+def fast_sampler(
+    net: Denoiser,
+    latents: torch.Tensor,
+    class_labels: Optional[torch.Tensor] = None,
+    renoise: Optional[RenoiseFn] = None,
+    solver: str = 'dpmpp2m',
+    num_steps: int = 18,
+    sigma_min: float = EDM_SIGMA_MIN,
+    sigma_max: float = EDM_SIGMA_MAX,
+    rho: float = 7.0,
+    spacing: str = 'edm',
+    pfgmpp: bool = False,
+    restart_interval: Optional[Sequence[float]] = None,
+    restart_repeats: Optional[int] = None,
+    restart_steps: Optional[int] = None,
+) -> torch.Tensor:
+    """DPM-Solver++ multistep ('dpmpp2m', 'dpmpp3m') or Restart ('restart') sampling; float64 samples.
+
+    Same time steps and starting point as :func:`edm_sampler` (latents scaled by the first level for diffusion,
+    PFGM++ prior latents used as they are with ``pfgmpp=True``); ``num_steps`` counts time steps, so the NFE
+    is ``num_steps`` for DPM-Solver++ and 2*num_steps - 1 + 2*K*restart_steps for Restart
+    (:func:`sampler_nfe`). Restart needs ``renoise(x, sigma)``: noise shaped like x at noise level sigma
+    drawn from the network's perturbation kernel (:meth:`PerSeedRandom.perturbation`). Restart options left
+    None take the paper's defaults (:data:`RESTART_INTERVAL`, :data:`RESTART_REPEATS`, :data:`RESTART_STEPS`).
+    Raises ValueError for options out of range (:func:`check_fast_options`).
+    """
+    lo, hi = max(sigma_min, net.sigma_min), min(sigma_max, net.sigma_max)
+    check_fast_options(solver, num_steps, restart_interval, restart_repeats, restart_steps, lo, hi)
+    t_steps = edm_time_steps(net, num_steps, sigma_min, sigma_max, rho, device=latents.device, spacing=spacing)
+    x = latents.to(torch.float64)
+    if not pfgmpp:
+        x = x * t_steps[0]
+    if solver != 'restart':
+        return solve_ode(net, x, t_steps, class_labels, solver)
+    if renoise is None:
+        raise ValueError('the restart solver needs a renoise function')
+    return restart_ode(net, x, t_steps, class_labels, renoise,
+                       restart_interval=tuple(restart_interval or RESTART_INTERVAL),
+                       restart_repeats=int(restart_repeats or RESTART_REPEATS),
+                       restart_steps=int(restart_steps or RESTART_STEPS), rho=rho, spacing=spacing,
+                       round_sigma=net.round_sigma)
+
+
 ABLATION_OPTIONS = ('solver', 'discretization', 'schedule', 'scaling')
+RESTART_OPTIONS = ('restart_interval', 'restart_repeats', 'restart_steps')
 
 
 def uses_ablation_sampler(sampler_kwargs: dict) -> bool:
-    """True when the options name any ablation axis (then :func:`ablation_sampler` is used, as in EDM's CLI)."""
+    """True when the options name any ablation axis (then :func:`ablation_sampler` is used, as in EDM's CLI).
+
+    ``solver`` counts only as euler|heun; the fast solvers (:data:`FAST_SOLVERS`) select :func:`fast_sampler`.
+    """
+    if sampler_kwargs.get('solver') in FAST_SOLVERS:
+        return False
     return any(sampler_kwargs.get(key) is not None for key in ABLATION_OPTIONS)
+
+
+def sampler_name(sampler_kwargs: dict) -> str:
+    """Which sampler the options select: 'edm', 'ablation', 'dpmpp2m', 'dpmpp3m' or 'restart'.
+
+    Raises ValueError (one line) for combinations that do not fit: an unknown solver, ablation axes or churn
+    with a fast solver, restart options without the restart solver, ``spacing`` with the ablation sampler
+    (which spaces its steps by ``discretization``), noise injection with a fast solver.
+    """
+    kwargs = {k: v for k, v in sampler_kwargs.items() if v is not None}
+    solver = kwargs.get('solver')
+    if solver is not None and solver not in ALL_SOLVERS:
+        raise ValueError(f'unknown solver {solver!r}; expected one of {"|".join(ALL_SOLVERS)}')
+    if solver not in FAST_SOLVERS:
+        restart = [key for key in RESTART_OPTIONS if key in kwargs]
+        if restart:
+            raise ValueError(f'{restart[0]} only applies to the restart solver')
+        if uses_ablation_sampler(kwargs):
+            if 'spacing' in kwargs:
+                raise ValueError('spacing applies to the EDM sampler and the fast solvers; the ablation sampler '
+                                 '(solver euler|heun, discretization, schedule, scaling) spaces its steps by '
+                                 'discretization')
+            return 'ablation'
+        return 'edm'
+    ablation = [key for key in ABLATION_OPTIONS[1:] if key in kwargs]
+    if ablation:
+        raise ValueError(f'{ablation[0]} belongs to the ablation sampler (solver euler|heun), not to {solver}')
+    if kwargs.get('S_churn', 0) > 0:
+        raise ValueError(f'churn (S_churn > 0) belongs to the EDM sampler, not to {solver}')
+    if kwargs.get('noise_injection', 0) > 0:
+        raise ValueError(f'noise_injection is implemented for the EDM and ablation samplers, not for {solver}')
+    return solver
+
+
+def sampler_nfe(num_steps: int, sampler_kwargs: dict) -> int:
+    """Network evaluations per image for ``num_steps`` time steps with these sampler options.
+
+    EDM / ablation Heun: 2 per step except the last; Euler and DPM-Solver++: 1 per step; Restart: Heun's
+    count plus 2 * restart_steps per restart.
+    """
+    name = sampler_name(sampler_kwargs)
+    solver = sampler_kwargs.get('solver')
+    if name in MULTISTEP_ORDER or (name == 'ablation' and solver == 'euler'):
+        return num_steps
+    heun = 2 * num_steps - 1
+    if name == 'restart':
+        repeats = sampler_kwargs.get('restart_repeats') or RESTART_REPEATS
+        steps = sampler_kwargs.get('restart_steps') or RESTART_STEPS
+        return heun + 2 * repeats * steps
+    return heun
 
 
 # ----------------------------------------------------------------------------
@@ -511,13 +876,15 @@ def sample_batch(net: Denoiser, seeds: Sequence[int], device: Union[str, torch.d
                  memory_format: Optional[torch.memory_format] = None, **sampler_kwargs: Any) -> torch.Tensor:
     """Float64 samples for one batch of seeds, exactly as ``generate.py`` makes them.
 
-    ``sampler_kwargs`` go to :func:`edm_sampler`, or to :func:`ablation_sampler`
-    when any of solver/discretization/schedule/scaling is given. None values mean
+    ``sampler_kwargs`` go to :func:`edm_sampler`, to :func:`ablation_sampler`
+    when any of solver (euler|heun)/discretization/schedule/scaling is given, or to :func:`fast_sampler` for
+    solver dpmpp2m|dpmpp3m|restart (Restart's noise comes from the per-seed generators, after the labels). None values mean
     "use the default" (as click passes unset options). ``memory_format`` is the layout of the sampler state;
     None follows the network's convolution weights (channels_last after ``net.to(memory_format=...)``).
     """
     kwargs = {k: v for k, v in sampler_kwargs.items() if v is not None}
-    ablation = uses_ablation_sampler(kwargs)
+    name = sampler_name(kwargs)
+    ablation = name == 'ablation'
     if ablation and pfgmpp:
         raise ValueError('the ablation sampler (solver/discretization/schedule/scaling) does not support PFGM++ '
                          'networks; use the EDM sampler')
@@ -530,6 +897,13 @@ def sample_batch(net: Denoiser, seeds: Sequence[int], device: Union[str, torch.d
     with torch.no_grad(), networks.prepacked_convolutions(getattr(net, '_net', net)):
         if ablation:
             return ablation_sampler(net, latents, labels, randn_like=rnd.randn_like, **kwargs)
+        if name in FAST_SOLVERS:
+            # Churn settings are inert without churn (sampler_name refused S_churn > 0).
+            fast_kwargs = {k: v for k, v in kwargs.items() if k not in ('S_churn', 'S_min', 'S_max', 'S_noise')}
+
+            def renoise(x: torch.Tensor, sigma: float) -> torch.Tensor:
+                return rnd.perturbation(x, sigma, D if pfgmpp else None)
+            return fast_sampler(net, latents, labels, renoise=renoise, pfgmpp=pfgmpp, **fast_kwargs)
         return edm_sampler(net, latents, labels, randn_like=rnd.randn_like, pfgmpp=pfgmpp, **kwargs)
 
 

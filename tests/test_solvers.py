@@ -1,0 +1,296 @@
+"""Fast solvers (DPM-Solver++ multistep, Restart), noise-level spacings and the exact-denoiser laboratory."""
+
+from __future__ import annotations
+
+import math
+import pickle
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import generate
+from training import exact_denoiser as lab
+from training import pfgmpp as pfgmpp_lib
+from training import sampler as sampling
+from training.network_io import load_network
+
+KERNELS = [8.0, 128.0, 2048.0, None]
+
+
+@pytest.fixture(autouse=True)
+def _single_intra_op_thread(one_intra_op_thread):
+    """Every test here runs tiny problems on one thread (see conftest.one_intra_op_thread)."""
+
+
+def _data(num_points: int = 8, resolution: int = 4) -> torch.Tensor:
+    return lab.gaussian_mixture_data(num_points, 1, resolution, seed=0)
+
+
+# ----------------------------------------------------------------------------
+# The laboratory network.
+
+
+@pytest.mark.parametrize('D', KERNELS)
+def test_exact_denoiser_is_the_posterior_mean(D):
+    data = _data()
+    net = lab.ExactDenoiser(data, D)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn([5, 1, 4, 4], generator=gen, dtype=torch.float64) * 0.7
+    sigma = torch.tensor([0.05, 0.3, 1.0, 4.0, 30.0], dtype=torch.float64)
+    # Independent: explicit distances, log-density of the kernel written out, softmax.
+    distance = (x.reshape(5, 1, -1) - data.reshape(1, 8, -1)).square().sum(-1)
+    s = sigma.reshape(5, 1)
+    log_p = -distance / (2 * s ** 2) if D is None else -(16 + D) / 2 * torch.log(distance + s ** 2 * D)
+    expected = (torch.softmax(log_p, dim=1) @ data.reshape(8, -1)).reshape(x.shape)
+    out = net(x, sigma)
+    assert out.dtype == torch.float64
+    scale = float(data.abs().max())
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e3 * torch.finfo(torch.float64).eps * scale)
+    # float32 in, float32 out; a scalar sigma works like a repeated one.
+    assert net(x.float(), 0.3).dtype == torch.float32
+    torch.testing.assert_close(net(x, 0.3), net(x, torch.full([5], 0.3, dtype=torch.float64)))
+
+
+def test_exact_denoiser_interface_and_errors():
+    net = lab.ExactDenoiser(_data(), 128)
+    assert (net.img_resolution, net.img_channels, net.label_dim, net.N, net.pfgmpp, net.D) == (4, 1, 0, 16, True, 128.0)
+    diffusion = lab.ExactDenoiser(_data(), math.inf)
+    assert diffusion.D is None and diffusion.pfgmpp is False
+    with pytest.raises(ValueError, match='shape'):
+        net(torch.zeros([1, 1, 8, 8], dtype=torch.float64), 1.0)
+    with pytest.raises(ValueError, match='unconditional'):
+        net(torch.zeros([1, 1, 4, 4], dtype=torch.float64), 1.0, torch.ones([1, 3]))
+    with pytest.raises(ValueError, match='D >= 1'):
+        lab.ExactDenoiser(_data(), 0.5)
+
+
+def test_exact_denoiser_snapshot_loads_like_any_network(tmp_path):
+    net = lab.ExactDenoiser(_data(), 8)
+    path = tmp_path / 'lab.pkl'
+    lab.save_snapshot(net, str(path))
+    with open(path, 'rb') as f:
+        assert isinstance(pickle.load(f)['ema'], torch.nn.Module)
+    loaded = load_network(str(path))
+    x = torch.randn([2, 1, 4, 4], dtype=torch.float64)
+    assert torch.equal(loaded(x, 0.5), net(x, 0.5))
+
+
+# ----------------------------------------------------------------------------
+# Solver formulas.
+
+
+def _exact_linear_ode_step(x0: float, sigma: float, sigma_next: float, denoiser_of_lambda) -> float:
+    """x(sigma_next) of dx/dsigma = (x - P(lambda))/sigma by variation of constants and quadrature."""
+    from scipy.integrate import quad
+    lam, h = -math.log(sigma), math.log(sigma / sigma_next)
+    integral, _ = quad(lambda u: math.exp(u - h) * denoiser_of_lambda(lam + u), 0, h, epsabs=1e-14, epsrel=1e-13)
+    return math.exp(-h) * x0 + integral
+
+
+@pytest.mark.parametrize('degree', [0, 1, 2])
+def test_third_order_multistep_integrates_quadratics_exactly(degree):
+    coefficients = [0.3, -0.7, 0.45][:degree + 1]
+
+    def denoiser(lam: float) -> float:
+        return sum(c * lam ** k for k, c in enumerate(coefficients))
+    levels = [3.0, 1.7, 1.1, 0.6]  # uneven steps in lambda
+    lam = [-math.log(s) for s in levels]
+    t = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+    history = [(t(lam[1]), t(denoiser(lam[1]))), (t(lam[0]), t(denoiser(lam[0])))]
+    x = 0.9
+    got = sampling._dpmpp_step(t(x), t(levels[2]), t(levels[3]), t(denoiser(lam[2])), history, order=3)
+    expected = _exact_linear_ode_step(x, levels[2], levels[3], denoiser)
+    assert abs(float(got) - expected) < 1e-12
+
+
+def test_second_order_multistep_local_error_is_third_order():
+    def denoiser(lam: float) -> float:
+        return math.exp(0.5 * lam)
+    errors = []
+    for h in (0.2, 0.1, 0.05):
+        lam = [0.0, h, 2 * h]
+        sig = [math.exp(-v) for v in lam]
+        t = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+        got = sampling._dpmpp_step(t(0.5), t(sig[1]), t(sig[2]), t(denoiser(lam[1])), [(t(lam[0]), t(denoiser(0.0)))],
+                                   order=2)
+        errors.append(abs(float(got) - _exact_linear_ode_step(0.5, sig[1], sig[2], denoiser)))
+    ratios = [errors[i] / errors[i + 1] for i in range(2)]
+    assert all(7 < r < 9 for r in ratios), ratios  # local error ~ h^3
+
+
+def test_first_order_step_is_euler_and_last_step_returns_the_denoised():
+    x, d = torch.tensor([1.3], dtype=torch.float64), torch.tensor([0.2], dtype=torch.float64)
+    s, s_next = torch.tensor(2.0, dtype=torch.float64), torch.tensor(0.5, dtype=torch.float64)
+    euler = x + (s_next - s) * (x - d) / s
+    torch.testing.assert_close(sampling._dpmpp_step(x, s, s_next, d, [], order=1), euler)
+    assert torch.equal(sampling._dpmpp_step(x, s, torch.tensor(0.0, dtype=torch.float64), d, [], 3), d)
+
+
+def test_log_snr_spacing_is_uniform_in_log_sigma():
+    levels = sampling.noise_levels(6, 0.01, 100.0, spacing='logsnr')
+    steps = levels.log().diff()
+    torch.testing.assert_close(steps, torch.full_like(steps, math.log(0.01 / 100.0) / 5))
+    assert math.isclose(float(levels[0]), 100.0) and math.isclose(float(levels[-1]), 0.01)
+    assert torch.equal(sampling.noise_levels(6, 0.01, 100.0, rho=7, spacing='edm'),
+                       sampling.edm_noise_levels(6, 0.01, 100.0, 7))
+    with pytest.raises(ValueError, match='spacing'):
+        sampling.noise_levels(6, 0.01, 100.0, spacing='cosine')
+
+
+def test_place_level_keeps_levels_decreasing():
+    steps = torch.cat([sampling.edm_noise_levels(8, 0.002, 80.0, 7.0), torch.zeros(1, dtype=torch.float64)])
+    for level in (0.002, 0.0021, 0.14, 0.3, 5.0, 79.0):
+        placed, index = sampling.place_level(steps, level)
+        assert float(placed[index]) == level and 0 < index < 8
+        assert bool((placed.diff() < 0).all())
+    with pytest.raises(ValueError):
+        sampling.place_level(steps, 0.001)
+
+
+# ----------------------------------------------------------------------------
+# Convergence on the laboratory: every solver, every D, at its stated order.
+
+# The smooth part of the ODE (sigma from 80 down to 0.5, where the posterior over the data set is still soft),
+# uniform steps in log sigma, so that the step counts below are already in the asymptotic range. The full range
+# down to sigma = 0.002 is measured by `python -m bench.solver_lab` (README).
+LAB_SIGMA_END = 0.5
+LAB_STEPS = [16, 32, 64]
+LAB_SEEDS = [0, 1, 2, 3]
+LAB_RESTART_INTERVAL = (1.0, 2.0)
+ORDER_SLACK = 0.35
+
+
+@pytest.fixture(scope='module')
+def lab_problems():
+    cache = {}
+
+    def get(D):
+        if D not in cache:
+            net = lab.ExactDenoiser(_data(), D, sigma_min=LAB_SIGMA_END)
+            cache[D] = (net, lab.lab_latents(LAB_SEEDS, net), {})
+        return cache[D]
+    return get
+
+
+def _lab_run(net, latents, solver, steps):
+    return lab.lab_solution(net, latents, LAB_SEEDS, solver, steps, spacing='logsnr',
+                            restart_interval=LAB_RESTART_INTERVAL)
+
+
+@pytest.mark.parametrize('solver', lab.LAB_SOLVERS)
+@pytest.mark.parametrize('D', KERNELS, ids=lab.kernel_name)
+def test_solver_converges_at_its_order_on_the_exact_denoiser(lab_problems, D, solver):
+    net, latents, references = lab_problems(D)
+    kind = 'restart-rk4' if solver == 'restart' else 'rk4'
+    if kind not in references:
+        references[kind] = _lab_run(net, latents, kind, 4 * LAB_STEPS[-1])
+    errors = [lab.rms_error(_lab_run(net, latents, solver, n), references[kind]) for n in LAB_STEPS]
+    order = lab.fitted_order(LAB_STEPS, errors)
+    assert order > lab.STATED_ORDER[solver] - ORDER_SLACK, (errors, order)
+    assert errors[-1] < errors[0]
+
+
+def test_fitted_order():
+    assert math.isclose(lab.fitted_order([10, 20, 40], [1e-2, 2.5e-3, 6.25e-4]), 2.0)
+    assert math.isnan(lab.fitted_order([10], [1e-2]))
+
+
+# ----------------------------------------------------------------------------
+# Through sample_batch / generate.py: determinism, NFE, the goldens' path, errors.
+
+FAST_OPTIONS = [dict(solver='dpmpp2m', num_steps=5), dict(solver='dpmpp3m', num_steps=6, spacing='logsnr'),
+                dict(solver='restart', num_steps=5), dict(solver='restart', num_steps=4, restart_interval=[0.5, 3.0],
+                                                          restart_repeats=3, restart_steps=1)]
+
+
+@pytest.mark.parametrize('options', FAST_OPTIONS, ids=lambda o: '-'.join(str(v) for v in o.values()))
+@pytest.mark.parametrize('D', [8.0, None], ids=lab.kernel_name)
+def test_fast_solver_images_depend_only_on_the_seed(D, options):
+    net = lab.ExactDenoiser(_data(16), D)
+    pfgmpp = D is not None
+    seeds = [3, 11, 7]
+    together = sampling.sample_batch(net, seeds, pfgmpp=pfgmpp, D=D, **options)
+    assert together.dtype == torch.float64 and bool(together.isfinite().all())
+    for i, seed in enumerate(seeds):
+        alone = sampling.sample_batch(net, [seed], pfgmpp=pfgmpp, D=D, **options)
+        assert torch.equal(alone[0], together[i])
+    reordered = sampling.sample_batch(net, seeds[::-1], pfgmpp=pfgmpp, D=D, **options)
+    assert torch.equal(reordered.flip(0), together)
+
+
+@pytest.mark.parametrize('D', [8.0, None], ids=lab.kernel_name)
+def test_restart_noise_follows_the_kernel_and_the_seed(D):
+    net = lab.ExactDenoiser(_data(16), D)
+    pfgmpp = D is not None
+    options = dict(solver='restart', num_steps=5, restart_interval=[0.2, 1.0], restart_repeats=1, restart_steps=2)
+    a = sampling.sample_batch(net, [0, 1], pfgmpp=pfgmpp, D=D, **options)
+    b = sampling.sample_batch(net, [0, 1], pfgmpp=pfgmpp, D=D, **dict(options, restart_repeats=2))
+    assert not torch.equal(a, b)  # the noise really enters
+    # The jump is the perturbation kernel at sqrt(t_max^2 - t_min^2) from each seed's generator.
+    rnd = sampling.PerSeedRandom([5, 6])
+    x = torch.zeros([2, 1, 4, 4], dtype=torch.float64)
+    noise = rnd.perturbation(x, 0.7, D)
+    gens = pfgmpp_lib.seed_generators([6])
+    expected = pfgmpp_lib.sample_perturbation([1, 1, 4, 4], 0.7, D, generator=gens[0], dtype=torch.float64)
+    assert torch.equal(noise[1:], expected)
+
+
+@pytest.mark.parametrize('options', FAST_OPTIONS + [dict(num_steps=4), dict(num_steps=4, spacing='logsnr')],
+                         ids=lambda o: '-'.join(str(v) for v in o.values()))
+def test_printed_nfe_counts_network_calls(options):
+    net = lab.ExactDenoiser(_data(), 128)
+    sampling.sample_batch(net, [0, 1], pfgmpp=True, D=128, **options)
+    assert net.evaluations == sampling.sampler_nfe(options['num_steps'], options)
+
+
+def test_default_sampler_and_spacing_edm_are_the_edm_sampler():
+    net = lab.ExactDenoiser(_data(), 128)
+    plain = sampling.sample_batch(net, [0, 1], pfgmpp=True, D=128, num_steps=5)
+    assert torch.equal(plain, sampling.sample_batch(net, [0, 1], pfgmpp=True, D=128, num_steps=5, spacing='edm'))
+    # The Heun solver of solve_ode on the EDM time steps is the EDM sampler without churn, bit for bit.
+    latents = lab.lab_latents([0, 1], net)
+    t_steps = sampling.edm_time_steps(net, 5)
+    torch.testing.assert_close(sampling.solve_ode(net, latents, t_steps, solver='heun'),
+                               sampling.edm_sampler(net, latents, num_steps=5, pfgmpp=True), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize('args, fragment', [
+    (['--solver=dpmpp3m', '--steps=3'], 'at least 4 steps'),
+    (['--solver=dpmpp2m', '--sweep-steps=2,8'], 'at least 3 steps'),
+    (['--solver=foo'], "'--solver'"),
+    (['--solver=restart', '--restart-interval=0.5,0.3'], '--restart-interval'),
+    (['--solver=restart', '--restart-interval=0.001,0.3'], 'noise range'),
+    (['--solver=restart', '--restart-interval=0.1,100'], 'noise range'),
+    (['--solver=restart', '--restart-interval=0.1'], '--restart-interval'),
+    (['--solver=restart', '--restart-repeats=0'], '--restart-repeats'),
+    (['--solver=dpmpp2m', '--restart-steps=2'], '--restart-steps'),
+    (['--restart-repeats=2'], '--restart-repeats'),
+    (['--solver=dpmpp2m', '--disc=vp'], '--disc'),
+    (['--solver=dpmpp2m', '--S_churn=10'], '--S_churn'),
+    (['--solver=restart', '--alpha=0.1'], '--alpha'),
+    (['--solver=heun', '--spacing=logsnr'], '--spacing'),
+])
+def test_bad_solver_options_give_one_clear_line(tmp_path, args, fragment):
+    path = tmp_path / 'lab.pkl'
+    lab.save_snapshot(lab.ExactDenoiser(_data(), 128), str(path))
+    result = CliRunner().invoke(generate.main, [f'--network={path}', f'--outdir={tmp_path / "out"}', '--seeds=0-1',
+                                                *args])
+    assert result.exit_code != 0, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert 'Traceback' not in result.output
+    error_lines = [line for line in result.output.splitlines() if line.startswith('Error')]
+    assert len(error_lines) == 1 and fragment in error_lines[0], result.output
+    assert not (tmp_path / 'out').exists() or not any((tmp_path / 'out').iterdir())
+
+
+def test_generate_runs_every_fast_solver_on_the_lab_network(tmp_path):
+    path = tmp_path / 'lab.pkl'
+    lab.save_snapshot(lab.ExactDenoiser(_data(), 8), str(path))
+    for solver, nfe in (('dpmpp2m', 6), ('dpmpp3m', 6), ('restart', 2 * 6 - 1 + 2 * 2 * 2)):
+        out = tmp_path / solver
+        result = CliRunner().invoke(generate.main, [f'--network={path}', f'--outdir={out}', '--seeds=0-2',
+                                                    f'--solver={solver}', '--steps=6', '--batch=2'])
+        assert result.exit_code == 0, result.output
+        assert f'{nfe} network evaluations each' in result.output
+        assert len(list(out.glob('*.png'))) == 3
