@@ -22,7 +22,7 @@ import generate
 from tests._sampler_nets import make_tiny_net, save_snapshot
 from tests.conftest import GOLDEN_DIR
 from training import guidance as guidance_lib
-from training import pfgmpp as pfgmpp_lib
+from training.exact_denoiser import ExactDenoiser
 from training import sampler as sampling
 
 STANDIN = GOLDEN_DIR / 'fid/detector-standin.pkl'
@@ -171,15 +171,23 @@ def test_unconditional_guide_gets_no_labels(nets):
 # Every solver, PFGM++, fid.py gen.
 
 
-@pytest.mark.parametrize('options', [dict(solver='euler'), dict(discretization='vp', schedule='vp', scaling='vp'),
-                                     dict(S_churn=10.0)])
-def test_guidance_works_with_the_samplers(nets, options):
-    net, gnet = _load(nets['uncond']), _load(nets['weak'])
+SOLVER_OPTIONS = [dict(solver='euler'), dict(discretization='vp', schedule='vp', scaling='vp'), dict(S_churn=10.0),
+                  dict(solver='dpmpp2m'), dict(solver='dpmpp3m'), dict(solver='restart', restart_steps=1)]
+
+
+# The ablation sampler takes no PFGM++ networks; every other sampler is tried with both kinds.
+@pytest.mark.parametrize('kind,options', [(kind, options) for kind in ('uncond', 'pfgmpp') for options in SOLVER_OPTIONS
+                                          if kind == 'uncond' or not sampling.uses_ablation_sampler(options)])
+def test_guidance_works_with_every_solver(nets, kind, options):
+    net, gnet = _load(nets[kind]), _load(nets[f'{kind}_weak' if kind == 'pfgmpp' else 'weak'])
+    if kind == 'pfgmpp':
+        options = dict(options, pfgmpp=True, D=64)
     seeds = [0, 1, 2]
-    kwargs = dict(num_steps=3, **options)
+    kwargs = dict(num_steps=4, **options)  # dpmpp3m needs 4
+    D = options.get('D')
     plain = sampling.sample_batch(net, seeds, **kwargs)
-    same = sampling.sample_batch(guidance_lib.guided_denoiser(net, gnet, 1.0), seeds, **kwargs)
-    guided = sampling.sample_batch(guidance_lib.guided_denoiser(net, gnet, 2.0), seeds, **kwargs)
+    same = sampling.sample_batch(guidance_lib.guided_denoiser(net, gnet, 1.0, D=D), seeds, **kwargs)
+    guided = sampling.sample_batch(guidance_lib.guided_denoiser(net, gnet, 2.0, D=D), seeds, **kwargs)
     assert torch.equal(plain, same) and not torch.equal(plain, guided) and torch.isfinite(guided).all()
 
 
@@ -262,29 +270,27 @@ def test_guides_that_do_not_fit_fail_with_one_line(nets, tmp_path, network, flag
 
 
 class _BlurredExactDenoiser(torch.nn.Module):
-    """The ideal denoiser of ``data`` blurred by an isotropic Gaussian of std ``blur``, for any kernel D.
+    """The ideal denoiser of ``data`` blurred by an isotropic Gaussian of std ``blur``: a deliberately degraded model.
 
     With z = y + blur * n the blurred data, E[z | x] = (sigma^2 E[y | x; sigma_t] + blur^2 x) / sigma_t^2 with
-    sigma_t^2 = sigma^2 + blur^2; E[y | x; sigma_t] is the exact denoiser of the data set
-    (:func:`training.pfgmpp.stable_target_field`). Exact for diffusion; for PFGM++ the same construction, a denoiser
-    that is too blurry by ``blur``.
+    sigma_t^2 = sigma^2 + blur^2, where E[y | x; sigma_t] is the laboratory's exact denoiser
+    (:class:`training.exact_denoiser.ExactDenoiser`). Exact for diffusion; for PFGM++ the same construction, a
+    denoiser that is too blurry by ``blur``.
     """
 
     def __init__(self, data: torch.Tensor, D, blur: float) -> None:
         super().__init__()
-        self.data, self.D, self.blur = data, D, blur
-        self.pfgmpp = D is not None
-        self.img_channels, self.img_resolution, self.label_dim = data.shape[1], data.shape[2], 0
-        self.sigma_min, self.sigma_max, self.N = 0.002, 80.0, data[0].numel()
+        self.exact, self.blur = ExactDenoiser(data, D), blur
+        for name in ('img_resolution', 'img_channels', 'label_dim', 'sigma_min', 'sigma_max', 'pfgmpp', 'D', 'N'):
+            setattr(self, name, getattr(self.exact, name))
 
     def round_sigma(self, sigma):
         return torch.as_tensor(sigma)
 
     def forward(self, x, sigma, class_labels=None):
-        sigma = torch.as_tensor(sigma, dtype=torch.float64)
+        x, sigma = x.to(torch.float64), torch.as_tensor(sigma, dtype=torch.float64)
         total = sigma ** 2 + self.blur ** 2
-        exact = pfgmpp_lib.stable_target_field(x.to(torch.float64), total.sqrt(), self.data, D=self.D)
-        return (sigma ** 2 * exact + self.blur ** 2 * x.to(torch.float64)) / total
+        return (sigma ** 2 * self.exact(x, total.sqrt()) + self.blur ** 2 * x) / total
 
 
 LAB_BLUR, LAB_GUIDE_BLUR, LAB_SAMPLES, LAB_STEPS = 0.1, 0.3, 200, 12
