@@ -377,7 +377,10 @@ def make_guide(net: torch.nn.Module, gnet_source: Optional[str], guidance: float
             return guidance_lib.guided_denoiser(module, gnet, guidance, interval, drop_labels=drop_labels, D=D)
         except guidance_lib.GuidanceError as err:
             raise click.BadParameter(f'{gnet_source}: {err}', param_hint='--gnet') from None
-    guide(net)  # a guide that does not fit fails here, before any work
+    if guide(net) is not net:  # a guide that does not fit fails here, before any work
+        where = f' for {interval[0]:g} <= sigma <= {interval[1]:g}' if interval else ''
+        dist.print0(f'Guidance W={guidance:g} by {gnet_source}: every network evaluation{where} also evaluates the '
+                    f'guide, so up to twice the NFE below are paid.')
     return guide
 
 
