@@ -738,11 +738,13 @@ def _repeated_seed_ranges(seeds: list[int], repeat: int, limit: int) -> list[lis
 @click.option('--batch', 'max_batch_size', help='Maximum batch size', metavar='INT', type=click.IntRange(min=1),
               default=64, show_default=True)
 @generate.sampler_options
+@generate.guidance_options
 @_report_options
 @_detector_options
 def gen(network_pkl: str, ref_path: Optional[str], seeds: str, class_idx: Optional[int], max_batch_size: int,
         pfgmpp: Optional[bool], aug_dim: Optional[int], repeat: int, stats_path: Optional[str],
-        jsonl_path: Optional[str], detector_path: Optional[str], device: Optional[str], **sampler_kwargs: Any) -> None:
+        jsonl_path: Optional[str], detector_path: Optional[str], device: Optional[str], gnet: Optional[str],
+        guidance: float, guidance_interval: Optional[tuple[float, float]], **sampler_kwargs: Any) -> None:
     """FID of a network, from images generated in memory (no PNGs are written).
 
     The statistics equal those of generate.py with the same flags followed by calc on its folder (same
@@ -778,6 +780,7 @@ def gen(network_pkl: str, ref_path: Optional[str], seeds: str, class_idx: Option
             dist.print0(precision_note)
             network_io.apply_speed_options(net, precision)
         use_pfgmpp, D = generate.resolve_pfgmpp(net, pfgmpp, aug_dim)
+        net = generate.make_guide(net, gnet, guidance, guidance_interval, D, device_obj)(net)
         if class_idx is not None and class_idx >= net.label_dim:
             raise click.BadParameter(f'{class_idx} is out of range; the network has {net.label_dim} classes',
                                      param_hint='--class')
@@ -795,7 +798,8 @@ def gen(network_pkl: str, ref_path: Optional[str], seeds: str, class_idx: Option
             record = dict(command='gen', network=network_pkl, num_images=len(run_seeds), ref=ref_path,
                           detector=detector_path or DETECTOR_URL, seeds=generate.compact_seeds(run_seeds),
                           repeat=index, class_idx=class_idx, pfgmpp=use_pfgmpp, D=D,
-                          sampler_kwargs=generate.jsonable(kwargs))
+                          sampler_kwargs=generate.jsonable(kwargs),
+                          guidance=generate.guidance_record(gnet, guidance, guidance_interval))
             fid = _finish_run(ref, mu, sigma, _numbered_stats_path(stats_path, index, repeat), record, started)
             if fid is not None:
                 fids.append(fid)

@@ -27,6 +27,7 @@ from tqdm import tqdm
 import dnnlib
 from torch_utils import distributed as dist
 from torch_utils import host_memory
+from training import guidance as guidance_lib
 from training import pfgmpp as pfgmpp_lib
 from training import manifest as manifest_lib
 from training import quantize
@@ -314,6 +315,83 @@ def sampler_options(fn: Callable) -> Callable:
     return fn
 
 
+def _parse_interval(_ctx: Any, _param: Any, value: Optional[str]) -> Optional[tuple[float, float]]:
+    if value is None:
+        return None
+    try:
+        lo, hi = (float(item) for item in value.split(','))
+        return guidance_lib.check_interval((lo, hi))
+    except ValueError as err:
+        reason = str(err) if isinstance(err, guidance_lib.GuidanceError) else 'expected two numbers SIGMA_LO,SIGMA_HI'
+        raise click.BadParameter(f'{value}: {reason}') from None
+
+
+#: Guidance flags (EDM2's autoguidance and classifier-free guidance), shared with ``fid.py gen``.
+GUIDANCE_OPTIONS = [
+    click.option('--gnet', 'gnet', type=str, default=None, metavar='PATH|URL|uncond',
+                 help='Guiding network for --guidance (autoguidance: a weaker one; CFG: an unconditional one, or '
+                      f'"{guidance_lib.DROPPED_LABEL}" for --network itself with its label dropped)'),
+    click.option('--guidance', type=float, default=1.0, show_default=True, metavar='W',
+                 help='Guidance weight: D_gnet + W*(D_net - D_gnet); 1 = unguided'),
+    click.option('--guidance-interval', 'guidance_interval', type=str, default=None, metavar='LO,HI',
+                 callback=_parse_interval, help='Guide only at noise levels LO <= sigma <= HI  [default: all]'),
+]
+
+
+def guidance_options(fn: Callable) -> Callable:
+    """Decorator adding :data:`GUIDANCE_OPTIONS` to a click command."""
+    for option in reversed(GUIDANCE_OPTIONS):
+        fn = option(fn)
+    return fn
+
+
+def make_guide(net: torch.nn.Module, gnet_source: Optional[str], guidance: float,
+               interval: Optional[tuple[float, float]], D: Optional[int], device: torch.device,
+               precision: Optional[str] = None,
+               channels_last: bool = False) -> Callable[[torch.nn.Module], torch.nn.Module]:
+    """Load and check the --gnet guide once; the result wraps ``net`` (or a quantized/compiled copy) in guidance.
+
+    The wrapper returns its argument itself when unguided (no --gnet, or --guidance=1).
+    """
+    if gnet_source is None:
+        for flag, given in (('--guidance', guidance != 1), ('--guidance-interval', interval is not None)):
+            if given:
+                raise click.BadParameter('needs a guiding network: give --gnet=PATH (or '
+                                         f'--gnet={guidance_lib.DROPPED_LABEL} for classifier-free guidance)',
+                                         param_hint=flag)
+        return lambda module: module
+    drop_labels = gnet_source == guidance_lib.DROPPED_LABEL
+    gnet = None
+    if not drop_labels:
+        try:
+            gnet = load_network(gnet_source, device)
+            network_io.apply_speed_options(gnet, precision, channels_last)
+        except (NetworkLoadError, ValueError) as err:
+            raise click.BadParameter(str(err), param_hint='--gnet') from None
+
+    def guide(module: torch.nn.Module) -> torch.nn.Module:
+        try:
+            return guidance_lib.guided_denoiser(module, gnet, guidance, interval, drop_labels=drop_labels, D=D)
+        except guidance_lib.GuidanceError as err:
+            raise click.BadParameter(f'{gnet_source}: {err}', param_hint='--gnet') from None
+    if guide(net) is not net:  # a guide that does not fit fails here, before any work
+        where = f' for {interval[0]:g} <= sigma <= {interval[1]:g}' if interval else ''
+        dist.print0(f'Guidance W={guidance:g} by {gnet_source}: every network evaluation{where} also evaluates the '
+                    f'guide, so up to twice the NFE below are paid.')
+    return guide
+
+
+def guidance_record(gnet_source: Optional[str], guidance: float,
+                    interval: Optional[tuple[float, float]]) -> Optional[dict]:
+    """The guidance settings for manifests and result lines (None when unguided)."""
+    if gnet_source is None or guidance == 1:
+        return None
+    network = gnet_source
+    if gnet_source != guidance_lib.DROPPED_LABEL and not dnnlib.util.is_url(gnet_source, allow_file_urls=True):
+        network = os.path.abspath(gnet_source)
+    return dict(gnet=network, weight=guidance, interval=list(interval) if interval else None)
+
+
 def check_noise_range(sampler_kwargs: dict) -> None:
     """--sigma_min must lie below --sigma_max when both are given."""
     lo, hi = sampler_kwargs.get('sigma_min'), sampler_kwargs.get('sigma_max')
@@ -401,6 +479,7 @@ def check_solver_flags(sampler_kwargs: dict, step_counts: Sequence[int]) -> None
 @click.option('--batch', 'max_batch_size', type=click.IntRange(min=1), default=64, show_default=True, metavar='INT',
               help='Images sampled together (per process)')
 @sampler_options
+@guidance_options
 # Robustness studies of the PFGM++ paper.
 @click.option('--alpha', type=NON_NEGATIVE, default=None, metavar='FLOAT',
               help='Inject noise: x += alpha*t_i*randn before every step  [default: 0]')
@@ -434,7 +513,8 @@ def main(network_pkl: str, outdir: str, seeds: list[int], subdirs: bool, class_i
          quantize_bits: Optional[int], quantize_scheme: str, sweep_steps: Optional[list[int]],
          sweep_alpha: Optional[list[float]], sweep_bits: Optional[list[int]], force: bool, grid: Optional[str],
          device: Optional[str], precision: Optional[str], channels_last: bool, compile_net: bool,
-         num_steps: Optional[int],
+         num_steps: Optional[int], gnet: Optional[str], guidance: float,
+         guidance_interval: Optional[tuple[float, float]],
          **sampler_kwargs: Any) -> None:
     """Generate images with a trained EDM or PFGM++ network.
 
@@ -458,6 +538,11 @@ def main(network_pkl: str, outdir: str, seeds: list[int], subdirs: bool, class_i
     python generate.py --outdir=sweep --seeds=0-9999 --network=net.pkl --sweep-steps=5,10,18
     python generate.py --outdir=sweep --seeds=0-9999 --network=net.pkl --sweep-alpha=0,0.1,0.2
     python generate.py --outdir=sweep --seeds=0-9999 --network=net.pkl --sweep-bits=4,6,8
+
+    \b
+    # Autoguidance by an earlier snapshot, and classifier-free guidance of a --label-dropout network
+    python generate.py --outdir=out --network=net.pkl --gnet=early.pkl --guidance=2
+    python generate.py --outdir=out --network=net.pkl --gnet=uncond --guidance=1.5 --guidance-interval=0.3,5
     """
     if network_pkl is None:
         raise click.UsageError(missing_network_advice(outdir, seeds))
@@ -492,7 +577,7 @@ def main(network_pkl: str, outdir: str, seeds: list[int], subdirs: bool, class_i
         _generate(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, pfgmpp, aug_dim, quantize_scheme,
                   force, grid, dev, plan_runs(outdir, num_steps, alpha, quantize_bits, sweep_steps, sweep_alpha,
                                                sweep_bits), sampler_kwargs, precision=precision, channels_last=channels_last,
-                  compile_net=compile_net)
+                  compile_net=compile_net, guidance=(gnet, guidance, guidance_interval))
     except OSError as err:
         # Network reading reports its own errors; this is a write that failed (disk full, quota, read-only).
         # Files are written under temporary names, so every image already there is complete.
@@ -505,7 +590,8 @@ def main(network_pkl: str, outdir: str, seeds: list[int], subdirs: bool, class_i
 def _generate(network_pkl: str, outdir: str, seeds: list[int], subdirs: bool, class_idx: Optional[int],
               max_batch_size: int, pfgmpp_flag: Optional[bool], aug_dim: Optional[int], quantize_scheme: str,
               force: bool, grid: Optional[str], device: torch.device, runs: list[Run], cli_kwargs: dict,
-              precision: Optional[str] = None, channels_last: bool = False, compile_net: bool = False) -> None:
+              precision: Optional[str] = None, channels_last: bool = False, compile_net: bool = False,
+              guidance: tuple[Optional[str], float, Optional[tuple[float, float]]] = (None, 1.0, None)) -> None:
     def check_output_dirs() -> None:
         try:
             dnnlib.util.check_writable_dir(outdir, '--outdir')
@@ -540,6 +626,8 @@ def _generate(network_pkl: str, outdir: str, seeds: list[int], subdirs: bool, cl
     if class_idx is not None and class_idx >= net.label_dim:
         raise click.BadParameter(f'{class_idx} is out of range; expected 0..{net.label_dim - 1} '
                                  f'(the network has {net.label_dim} classes)', param_hint='--class')
+    gnet_source, guidance_weight, guidance_interval = guidance
+    guide = make_guide(net, gnet_source, guidance_weight, guidance_interval, D, device, precision, channels_last)
     base_kwargs = {k: v for k, v in cli_kwargs.items() if v is not None}
     ablation = sampling.uses_ablation_sampler(base_kwargs)
     if ablation and use_pfgmpp:
@@ -575,6 +663,7 @@ def _generate(network_pkl: str, outdir: str, seeds: list[int], subdirs: bool, cl
             run_net = quantized_cache[run.bits]
         elif compile_net:
             run_net = compiled_net = compiled_net or torch.compile(net)
+        run_net = guide(run_net)
         kwargs = dict(base_kwargs, num_steps=run.num_steps)
         if run.alpha:
             kwargs['noise_injection'] = run.alpha
@@ -582,7 +671,8 @@ def _generate(network_pkl: str, outdir: str, seeds: list[int], subdirs: bool, cl
         sampler_call = dict(class_idx=class_idx, pfgmpp=use_pfgmpp, D=D, **kwargs)
         options = dict(precision=_effective_precision(net), channels_last=channels_last, compile=compile_net,
                        quantize_bits=run.bits, quantize_scheme=quantize_scheme if run.bits is not None else None,
-                       device=device.type, subdirs=subdirs)
+                       device=device.type, subdirs=subdirs,
+                       guidance=guidance_record(gnet_source, guidance_weight, guidance_interval))
         info = dict(
             network=network_source, network_summary=network_summary(net), sweep=run.sweep,
             sampler=sampling.sampler_name(kwargs), sampler_kwargs=kwargs,
@@ -590,7 +680,7 @@ def _generate(network_pkl: str, outdir: str, seeds: list[int], subdirs: bool, cl
             pfgmpp=use_pfgmpp, D=D, noise_injection_alpha=run.alpha, quantize_bits=run.bits,
             quantize_scheme=quantize_scheme if run.bits is not None else None,
             quantized_weights=(len(quantize.quantized_weight_names(net)) if run.bits is not None else 0),
-            subdirs=subdirs,
+            subdirs=subdirs, guidance=options['guidance'],
         )
         settings = functools.partial(_describe_run, network_sha256, net, sampler_call, options)
         _generate_run(run_net, run, seeds, subdirs, max_batch_size, sampler_call, force, device, info, settings)

@@ -65,6 +65,17 @@ STATE_PATTERN = re.compile(r'training-state-(\d+)\.pt')
 PROCESS_COUNT_IN_DESC = re.compile(r'-gpus\d+-')
 
 
+def _float_list(value: str, flag: str) -> list[float]:
+    """'0.05,0.1' -> [0.05, 0.1]; a one-line usage error names ``flag`` otherwise."""
+    try:
+        numbers = [float(item) for item in str(value).split(',') if item.strip()]
+    except ValueError:
+        raise click.UsageError(f'{flag} {value}: expected comma-separated numbers such as 0.05,0.1') from None
+    if not numbers:
+        raise click.UsageError(f'{flag}: no numbers given')
+    return numbers
+
+
 def _int_list(value: Any) -> Optional[list[int]]:
     if value is None:
         return None
@@ -172,6 +183,14 @@ def _check_options(opts: dnnlib.EasyDict) -> None:
                                    f'previous run, or "auto"')
         if not os.path.isfile(opts.resume):
             raise click.UsageError(f'--resume {opts.resume}: no such file')
+    if opts.phema is not None:
+        from training import phema
+        try:
+            opts.phema = phema.check_sigma_rel_list(_float_list(opts.phema, '--phema'))
+        except phema.PhemaError as err:
+            raise click.UsageError(str(err)) from None
+    if opts.label_dropout and not opts.cond:
+        raise click.UsageError('--label-dropout trains classifier-free guidance and needs class labels (--cond=1)')
     if opts.transfer is not None and not dnnlib.util.is_url(opts.transfer) and not os.path.isfile(opts.transfer):
         raise click.UsageError(f'--transfer {opts.transfer}: no such file (expected a network-snapshot .pkl)')
     if opts.tensorboard and importlib.util.find_spec('tensorboard') is None:
@@ -276,6 +295,9 @@ def build_config(opts: dnnlib.EasyDict, world: int) -> tuple[dnnlib.EasyDict, st
         c.network_kwargs.augment_dim = AUGMENT_LABEL_DIM
     precision = _precision(opts)
     c.network_kwargs.update(dropout=opts.dropout, use_fp16=precision == 'fp16')
+    if opts.label_dropout:
+        # The U-Net zeroes whole label vectors from the global generator, which the loop seeds per micro-batch.
+        c.network_kwargs.label_dropout = opts.label_dropout
     if precision == 'bf16':
         # bf16 also on CPU (native bf16 dot products on recent x86); fp16 stays CUDA-only, as the original's --fp16.
         c.network_kwargs.update(use_bf16=True, reduced_precision_on_cpu=True)
@@ -283,6 +305,8 @@ def build_config(opts: dnnlib.EasyDict, world: int) -> tuple[dnnlib.EasyDict, st
     c.total_kimg = opts.duration * 1000
     c.lr_rampup_kimg = opts.lr_rampup
     c.ema_halflife_kimg = opts.ema * 1000
+    if opts.phema:
+        c.phema_stds = list(opts.phema)
     c.update(pfgmpp=opts.pfgmpp, D=opts.aug_dim, stf=opts.stf, rbatch=opts.rbatch)
     c.batch_size, c.batch_gpu, c.loss_scaling = opts.batch, opts.batch_gpu, opts.ls
     c.kimg_per_tick, c.snapshot_ticks, c.state_dump_ticks = opts.tick, opts.snap, opts.dump
@@ -363,6 +387,10 @@ def _prepare_run_dir(c: dnnlib.EasyDict) -> None:
               default=10000, show_default=True)
 @click.option('--ema', help='EMA half-life', metavar='MIMG', type=click.FloatRange(min=0), default=0.5,
               show_default=True)
+@click.option('--phema', help='Also track power-function EMAs for post-hoc EMA (reconstruct_phema.py)',
+              metavar='STD,...', type=str, default=None)
+@click.option('--label-dropout', 'label_dropout', help='Drop class labels with this probability (for CFG)',
+              metavar='FLOAT', type=click.FloatRange(min=0, max=1, max_open=True), default=0, show_default=True)
 @click.option('--dropout', help='Dropout probability', metavar='FLOAT', type=click.FloatRange(min=0, max=1),
               default=0.13, show_default=True)
 @click.option('--augment', help='Augment probability', metavar='FLOAT', type=click.FloatRange(min=0, max=1),

@@ -18,6 +18,8 @@ Files written to ``run_dir`` (rank 0, each written to a temporary name and renam
     ``network-snapshot-{kimg:06d}.pkl`` pickle of ``dict(ema, loss_fn, augment_pipe, dataset_kwargs)`` with the
                                         modules as persistence objects (evaluation mode, CPU), as EDM writes it
     ``training-state-{kimg:06d}.pt``    ``torch.save`` of the training state below
+    ``network-snapshot-{kimg:07d}-{std:.3f}.pkl``  with ``phema_stds`` (``--phema``), one per tracked power-function
+                                        EMA, plus a ``phema`` entry with the exact image count (``training/phema.py``)
 
 Training state (``training-state-*.pt``)
     Keys the original PFGM++ code writes and reads, with the same meaning:
@@ -34,6 +36,7 @@ Training state (``training-state-*.pt``)
         ``rng``              one dict per rank: ``torch``, ``cuda`` (or None), ``numpy``, ``python`` states
         ``world_size``, ``seed``, ``batch_size``, ``loss_scaling``
         ``options``          the loop's keyword arguments (JSON-compatible), for reference
+        ``phema``            with ``--phema``: the tracked sigma_rel values and their averaged weights
     Loading needs ``torch.load(..., weights_only=False)`` because of the pickled modules: load only files you trust.
 """
 
@@ -301,6 +304,7 @@ def training_loop(
     channels_last: bool = False,              # Keep network and images in channels-last layout.
     compile: bool = False,                    # torch.compile the network for the training forward pass.
     tensorboard: bool = False,                # Also write each tick's statistics as TensorBoard scalars.
+    phema_stds: Optional[list] = None,        # Post-hoc EMA: sigma_rel of each tracked power-function EMA.
     stop: Optional[StopRequest] = None,       # Shared stop flag (tests); None installs SIGTERM/SIGINT handlers.
 ) -> None:
     """Train; returns when ``total_kimg`` is reached or a stop was requested (after saving)."""
@@ -370,6 +374,7 @@ def training_loop(
         ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == 'cuda' else None,
                                                         **_ddp_buffer_options())
     ema = copy.deepcopy(net).requires_grad_(False).eval()
+    power_emas = _power_emas(net, phema_stds)
 
     # Where training starts.
     cur_nimg = int(round(resume_kimg * 1000))
@@ -393,6 +398,7 @@ def training_loop(
         if kimg_tag is not None:
             fallback = os.path.join(os.path.dirname(resume_state_dump), f'network-snapshot-{kimg_tag.group(1)}.pkl')
         load_training_state(data, net, ema, optimizer, source=resume_state_dump, ema_fallback=fallback)
+        _load_power_emas(power_emas, data, resume_state_dump)
         cur_nimg = int(data['step']) if 'step' in data else cur_nimg
         if data.get('format') == STATE_FORMAT:
             cur_tick = int(data['cur_tick'])
@@ -483,6 +489,8 @@ def training_loop(
                 torch._foreach_copy_(ema_params, torch._foreach_lerp(params_data, ema_params, ema_beta))
 
             cur_nimg += batch_size
+            if power_emas is not None:
+                power_emas.update(params_data, cur_nimg, batch_size)
             data_position += stream_per_step
             done = cur_nimg >= total_nimg
             stopping = vote()
@@ -545,6 +553,9 @@ def training_loop(
                                     dataset_kwargs=dataset_kwargs)
                 if snapshot_format in ('weights', 'both') and dist.is_main():
                     _write_weights(snapshot_path, ema, kimg=cur_nimg / 1e3)
+                if power_emas is not None:
+                    _write_power_ema_snapshots(run_dir, power_emas, net, cur_nimg, batch_size, loss_fn=loss_fn,
+                                               augment_pipe=augment_pipe, dataset_kwargs=dataset_kwargs)
             if state_dump_ticks is not None and (done or (cur_tick % state_dump_ticks == 0 and cur_tick != 0)):
                 state = dict(net=net, ema=ema, optimizer_state=optimizer.state_dict(), step=cur_nimg,
                              format=STATE_FORMAT, format_version=STATE_VERSION, cur_tick=cur_tick + 1,
@@ -552,6 +563,8 @@ def training_loop(
                              sampler=sampler.state_dict(data_position), rng=_gather_objects(_host_rng_state(device)),
                              world_size=world, seed=seed, batch_size=batch_size, loss_scaling=loss_scaling,
                              options=options)
+                if power_emas is not None:
+                    state['phema'] = power_emas.state_dict()
                 if dist.is_main():
                     _save_atomically(os.path.join(run_dir, f'training-state-{kimg_name}.pt'),
                                      functools.partial(torch.save, state))
@@ -609,7 +622,46 @@ def ema_decay(cur_nimg: int, batch_size: int, halflife_kimg: float, rampup_ratio
     return 0.5 ** (batch_size / max(halflife, 1e-8))
 
 
-def _write_snapshot(path: str, ema: torch.nn.Module, loss_fn: Any, augment_pipe: Any, dataset_kwargs: dict) -> None:
+def _power_emas(net: torch.nn.Module, stds: Optional[list]) -> Any:
+    """The post-hoc EMA tracker for ``--phema`` (None without it)."""
+    if not stds:
+        return None
+    from training import phema
+    try:
+        return phema.PowerFunctionEMA(net, stds)
+    except phema.PhemaError as err:
+        raise TrainingError(str(err)) from None
+
+
+def _load_power_emas(power_emas: Any, data: dict, source: str) -> None:
+    """Restore the tracked post-hoc EMAs of a training state; they cannot start half-way through training."""
+    from training import phema
+    saved = data.get('phema')
+    if power_emas is None:
+        if saved:
+            dist.print0(f'Note: {source} tracks post-hoc EMAs (--phema); this run without --phema drops them.')
+        return
+    if not saved:
+        raise TrainingError(f'--phema: {source} tracks no post-hoc EMA; a power-function EMA averages the whole '
+                            f'run, so it must be on from the start (resume without --phema)')
+    try:
+        power_emas.load_state_dict(saved, source=source)
+    except phema.PhemaError as err:
+        raise TrainingError(str(err)) from None
+
+
+def _write_power_ema_snapshots(run_dir: str, power_emas: Any, net: torch.nn.Module, nimg: int, batch_size: int,
+                               **snapshot: Any) -> None:
+    """One ``network-snapshot-{kimg:07d}-{std:.3f}.pkl`` per tracked sigma_rel, with its exact image count."""
+    from training import phema
+    for std, averaged in power_emas.networks(net):
+        path = os.path.join(run_dir, phema.snapshot_name(phema.TRACKED_PREFIX, nimg, std))
+        _write_snapshot(path, ema=averaged, **snapshot,
+                        extra={phema.RECORD_KEY: phema.snapshot_record(nimg, std, batch_size=batch_size)})
+
+
+def _write_snapshot(path: str, ema: torch.nn.Module, loss_fn: Any, augment_pipe: Any, dataset_kwargs: dict,
+                    extra: Optional[dict] = None) -> None:
     """EDM's network-snapshot layout: evaluation-mode CPU copies of the modules, written by rank 0."""
     def frozen_cpu_copy(module: Any) -> Any:
         if not isinstance(module, torch.nn.Module):
@@ -619,7 +671,7 @@ def _write_snapshot(path: str, ema: torch.nn.Module, loss_fn: Any, augment_pipe:
         return clone.cpu()
 
     data = dict(ema=frozen_cpu_copy(ema), loss_fn=loss_fn, augment_pipe=frozen_cpu_copy(augment_pipe),
-                dataset_kwargs=dict(dataset_kwargs))
+                dataset_kwargs=dict(dataset_kwargs), **(extra or {}))
     if dist.is_main():
         _save_atomically(path, functools.partial(pickle.dump, data))
 
