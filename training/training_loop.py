@@ -263,12 +263,15 @@ def open_tensorboard(run_dir: str) -> Any:
     return SummaryWriter(log_dir=run_dir)
 
 
-def write_tensorboard_scalars(writer: Any, stats: dict[str, Any], kimg: float) -> None:
-    """One scalar per statistic of a tick (its mean, as stats.jsonl holds it), at step = whole kimg (EDM's unit)."""
+def write_tensorboard_scalars(writer: Any, stats: dict[str, Any], nimg: int) -> None:
+    """One scalar per statistic of a tick (its mean, as stats.jsonl holds it), at step = images seen so far.
+
+    Images rather than whole kimg keep short runs (ticks of a fraction of a kimg) apart on the step axis.
+    """
     for name, value in stats.items():
         mean = value.get('mean') if isinstance(value, dict) else None
         if mean is not None:
-            writer.add_scalar(name, mean, global_step=int(kimg))
+            writer.add_scalar(name, mean, global_step=int(nimg))
     writer.flush()
 
 
@@ -536,7 +539,7 @@ def training_loop(
                 if tensorboard:
                     if tensorboard_writer is None:
                         tensorboard_writer = open_tensorboard(run_dir)
-                    write_tensorboard_scalars(tensorboard_writer, collector.as_dict(), cur_nimg / 1e3)
+                    write_tensorboard_scalars(tensorboard_writer, collector.as_dict(), cur_nimg)
             if not np.isfinite(loss_mean):
                 raise TrainingError(f'the training loss became {loss_mean} at {cur_nimg / 1e3:.3f} kimg '
                                     f'(tick {cur_tick}); {_nan_advice(run_dir, resume_state_dump)}')
