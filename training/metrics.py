@@ -24,13 +24,16 @@ from __future__ import annotations
 import dataclasses
 import os
 import warnings
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 import scipy.linalg
 import torch
 
 import dnnlib
+
+#: Feature arrays: numpy on the host, or tensors already on the device the metric runs on.
+Array = Union[np.ndarray, torch.Tensor]
 
 #: Metric names accepted by ``--metrics``, and the result keys each one reports (DESIGN section 7).
 METRICS = ('fid', 'fd_dinov2', 'kid', 'pr')
@@ -92,12 +95,16 @@ def missing_reference_keys(metrics: Sequence[str], available: Sequence[str]) -> 
 # Frechet distance.
 
 
-def feature_moments(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean [d] and unbiased covariance [d, d] (divided by n - 1) of features [n, d], in float64."""
-    features = np.asarray(features, dtype=np.float64)
-    if features.ndim != 2 or features.shape[0] < 2:
-        raise MetricError(f'features of shape {list(features.shape)}; need [n, d] with n >= 2 for a covariance')
-    return features.mean(axis=0), np.cov(features, rowvar=False).reshape(features.shape[1], features.shape[1])
+def feature_moments(features: Array) -> tuple[np.ndarray, np.ndarray]:
+    """Mean [d] and unbiased covariance [d, d] (divided by n - 1) of features [n, d], computed in float64 on the
+    features' device (numpy arrays: the CPU), returned as numpy arrays."""
+    data = torch.as_tensor(features).to(torch.float64)
+    if data.ndim != 2 or data.shape[0] < 2:
+        raise MetricError(f'features of shape {list(data.shape)}; need [n, d] with n >= 2 for a covariance')
+    mu = data.mean(dim=0)
+    centered = data - mu
+    sigma = centered.T @ centered / (data.shape[0] - 1)
+    return mu.cpu().numpy(), sigma.cpu().numpy()
 
 
 def frechet_distance(mu: np.ndarray, sigma: np.ndarray, mu_ref: np.ndarray, sigma_ref: np.ndarray) -> float:
@@ -130,7 +137,8 @@ def frechet_distance(mu: np.ndarray, sigma: np.ndarray, mu_ref: np.ndarray, sigm
 # KID.
 
 
-def _check_pair(features: np.ndarray, ref_features: np.ndarray, minimum: int, what: str) -> None:
+def _check_pair(features: Array, ref_features: Array, minimum: int,
+                what: str) -> None:
     for name, array in (('generated', features), ('reference', ref_features)):
         if array.ndim != 2 or array.shape[0] < minimum:
             raise MetricError(f'{what} needs at least {minimum} {name} feature vectors; got shape '
@@ -145,35 +153,39 @@ def kid_subset_size(num: int, num_ref: int, subset_size: int = KID_SUBSET_SIZE) 
     return min(subset_size, num, num_ref)
 
 
-def _polynomial_kernel(base: np.ndarray) -> np.ndarray:
-    """base ** KID_DEGREE by repeated products (a float power costs several times more per element)."""
-    result = base.copy()
-    for _ in range(KID_DEGREE - 1):
-        result *= base
-    return result
+def _kernel_sum(a: torch.Tensor, b: torch.Tensor, skip_diagonal: bool) -> float:
+    """Sum of (a.b / d + 1)^KID_DEGREE over all pairs of rows (or all pairs i != j).
+
+    The dot products are taken in the features' own dtype (float32 for detector features: their rounding is
+    random and averages out over the m^2 terms); the kernel values and the sums are float64, where the estimate's
+    small difference of large sums is decided."""
+    gram = (a @ b.T).to(torch.float64) / a.shape[1] + 1
+    values = gram ** KID_DEGREE
+    return float(values.sum() - (values.diagonal().sum() if skip_diagonal else 0))
 
 
-def kernel_inception_distance(features: np.ndarray, ref_features: np.ndarray, generator: np.random.Generator,
-                              num_subsets: int = KID_NUM_SUBSETS, subset_size: int = KID_SUBSET_SIZE) -> float:
+def kernel_inception_distance(features: Array, ref_features: Array,
+                              generator: np.random.Generator, num_subsets: int = KID_NUM_SUBSETS,
+                              subset_size: int = KID_SUBSET_SIZE, device: torch.device | str = 'cpu') -> float:
     """KID: the unbiased MMD^2 estimate with k(x, y) = (x.y / d + 1)^3, averaged over random subsets.
 
     Binkowski et al. 2018, eq. 4: for subsets X, Y of m points each,
     MMD^2_u = sum_{i != j} [k(x_i, x_j) + k(y_i, y_j)] / (m (m - 1)) - 2 sum_{i, j} k(x_i, y_j) / m^2.
     Each of ``num_subsets`` subsets draws m = min(subset_size, n, n_ref) generated and m reference rows without
-    replacement from ``generator``. Features [n, d] and [n_ref, d]; computed in float64 (the estimate is a small
-    difference of sums of m^2 terms near 1). Raises MetricError for fewer than 2 rows or mismatched d.
+    replacement from ``generator``. Features [n, d] and [n_ref, d] (float32 or float64, both the same), on
+    ``device``. Raises MetricError for fewer than 2 rows or mismatched d.
     """
     _check_pair(features, ref_features, 2, 'KID')
-    m = kid_subset_size(features.shape[0], ref_features.shape[0], subset_size)
-    scale = 1.0 / features.shape[1]
+    gen_t = torch.as_tensor(features, device=device)
+    ref_t = torch.as_tensor(ref_features, device=device).to(gen_t.dtype)
+    m = kid_subset_size(gen_t.shape[0], ref_t.shape[0], subset_size)
     total = 0.0
     for _ in range(num_subsets):
-        x = np.asarray(features[generator.choice(features.shape[0], m, replace=False)], dtype=np.float64)
-        y = np.asarray(ref_features[generator.choice(ref_features.shape[0], m, replace=False)], dtype=np.float64)
-        kxx, kyy, kxy = (_polynomial_kernel(a @ b.T * scale + 1) for a, b in ((x, x), (y, y), (x, y)))
-        within = (kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / (m * (m - 1))
-        total += within - 2 * kxy.sum() / (m * m)
-    return float(total / num_subsets)
+        x = gen_t[torch.as_tensor(generator.choice(gen_t.shape[0], m, replace=False), device=device)]
+        y = ref_t[torch.as_tensor(generator.choice(ref_t.shape[0], m, replace=False), device=device)]
+        within = (_kernel_sum(x, x, skip_diagonal=True) + _kernel_sum(y, y, skip_diagonal=True)) / (m * (m - 1))
+        total += within - 2 * _kernel_sum(x, y, skip_diagonal=False) / (m * m)
+    return total / num_subsets
 
 
 # ----------------------------------------------------------------------------
@@ -190,7 +202,7 @@ def _squared_distances(rows: torch.Tensor, cols: torch.Tensor, cols_sq: torch.Te
     return dist, slack
 
 
-def manifold_radii(features: np.ndarray, k: int = PR_NEIGHBOURS, device: torch.device | str = 'cpu',
+def manifold_radii(features: Array, k: int = PR_NEIGHBOURS, device: torch.device | str = 'cpu',
                    block: int = DISTANCE_BLOCK) -> np.ndarray:
     """Squared distance [n] from each row of ``features`` [n, d] to its k-th nearest other row (same set).
 
@@ -200,7 +212,7 @@ def manifold_radii(features: np.ndarray, k: int = PR_NEIGHBOURS, device: torch.d
     if features.shape[0] <= k:
         raise MetricError(f'precision/recall with k={k} needs more than {k} images in each set; got '
                           f'{features.shape[0]}')
-    data = torch.as_tensor(np.asarray(features), device=device).to(torch.float64)
+    data = torch.as_tensor(features, device=device).to(torch.float64)
     data_sq = data.square().sum(dim=1)
     radii = []
     for start in range(0, data.shape[0], block):
@@ -209,17 +221,17 @@ def manifold_radii(features: np.ndarray, k: int = PR_NEIGHBOURS, device: torch.d
     return torch.cat(radii).cpu().numpy()
 
 
-def inside_manifold(points: np.ndarray, centers: np.ndarray, radii: np.ndarray, device: torch.device | str = 'cpu',
+def inside_manifold(points: Array, centers: Array, radii: np.ndarray, device: torch.device | str = 'cpu',
                     block: int = DISTANCE_BLOCK) -> np.ndarray:
     """For each row of ``points`` [n, d]: is it within the radius of some row of ``centers`` [m, d]? bool [n].
 
     ``radii`` [m] are squared radii from :func:`manifold_radii`. A distance that equals a radius up to the Gram
     formula's round-off counts as inside, so a set always lies inside its own manifold.
     """
-    centers_t = torch.as_tensor(np.asarray(centers), device=device).to(torch.float64)
+    centers_t = torch.as_tensor(centers, device=device).to(torch.float64)
     centers_sq = centers_t.square().sum(dim=1)
     radii_t = torch.as_tensor(radii, device=device, dtype=torch.float64)
-    data = torch.as_tensor(np.asarray(points), device=device).to(torch.float64)
+    data = torch.as_tensor(points, device=device).to(torch.float64)
     inside = []
     for start in range(0, data.shape[0], block):
         dist, slack = _squared_distances(data[start:start + block], centers_t, centers_sq)
@@ -227,7 +239,7 @@ def inside_manifold(points: np.ndarray, centers: np.ndarray, radii: np.ndarray, 
     return torch.cat(inside).cpu().numpy()
 
 
-def precision_recall(features: np.ndarray, ref_features: np.ndarray, k: int = PR_NEIGHBOURS,
+def precision_recall(features: Array, ref_features: Array, k: int = PR_NEIGHBOURS,
                      device: torch.device | str = 'cpu') -> tuple[float, float]:
     """Improved precision and recall (Kynkaanniemi et al. 2019) of generated ``features`` [n, d] against
     ``ref_features`` [n_ref, d], with k-nearest-neighbour manifolds (k = 3). Both in [0, 1].
@@ -240,7 +252,7 @@ def precision_recall(features: np.ndarray, ref_features: np.ndarray, k: int = PR
     return float(precision), _recall(features, ref_features, k, device)
 
 
-def _recall(features: np.ndarray, ref_features: np.ndarray, k: int, device: torch.device | str) -> float:
+def _recall(features: Array, ref_features: Array, k: int, device: torch.device | str) -> float:
     return float(inside_manifold(ref_features, features, manifold_radii(features, k, device), device).mean())
 
 
@@ -283,7 +295,7 @@ def compute_metrics(metrics: Sequence[str], gen: dict[str, Features], ref: dict[
             results[metric] = frechet_distance(source.mu, source.sigma, ref[mu_key], ref[sigma_key])
         elif metric == 'kid':
             results['kid'] = kernel_inception_distance(source.features, ref['features'],
-                                                       np.random.default_rng(seed))
+                                                       np.random.default_rng(seed), device=device)
         else:
             results['precision'], results['recall'] = precision_recall(source.features, ref['features'],
                                                                        device=device)
@@ -304,26 +316,29 @@ def bootstrap_intervals(metrics: Sequence[str], gen: dict[str, Features], ref: d
     """
     rng = np.random.default_rng(seed)
     count = next(iter(gen.values())).count
+    on_device = {name: torch.as_tensor(gen[name].features, device=device) for name in {DETECTOR_OF[m] for m in metrics}}
+    ref_features = None if 'features' not in ref else torch.as_tensor(ref['features'], device=device)
     precision_inside = None
     if 'pr' in metrics:
-        source = gen[INCEPTION].features
         radii = manifold_radii(ref['features'], PR_NEIGHBOURS, device)
-        precision_inside = inside_manifold(source, ref['features'], radii, device)
+        precision_inside = inside_manifold(gen[INCEPTION].features, ref['features'], radii, device)
     samples: dict[str, list[float]] = {key: [] for key in result_keys(metrics)}
     for _ in progress(range(num_resamples)):
         index = rng.integers(0, count, size=count)
         distinct = np.unique(index)
         for metric in metrics:
-            features = gen[DETECTOR_OF[metric]].features
+            features = on_device[DETECTOR_OF[metric]]
             if metric in ('fid', 'fd_dinov2'):
                 mu_key, sigma_key = REF_KEYS[metric]
-                samples[metric].append(frechet_distance(*feature_moments(features[index]), ref[mu_key],
-                                                        ref[sigma_key]))
+                moments = feature_moments(features[torch.as_tensor(index, device=device)])
+                samples[metric].append(frechet_distance(*moments, ref[mu_key], ref[sigma_key]))
             elif metric == 'kid':
-                samples['kid'].append(kernel_inception_distance(features[distinct], ref['features'], rng))
+                samples['kid'].append(kernel_inception_distance(features[torch.as_tensor(distinct, device=device)],
+                                                                ref_features, rng, device=device))
             else:
                 samples['precision'].append(float(precision_inside[index].mean()))
-                samples['recall'].append(_recall(features[distinct], ref['features'], PR_NEIGHBOURS, device))
+                samples['recall'].append(_recall(features[torch.as_tensor(distinct, device=device)], ref_features,
+                                                 PR_NEIGHBOURS, device))
     tail = (1 - confidence) / 2
     return {key: (float(np.quantile(values, tail)), float(np.quantile(values, 1 - tail)))
             for key, values in samples.items()}
