@@ -240,3 +240,24 @@ def test_gen_reports_every_metric(golden_dir, narrow_detector, tmp_path, monkeyp
     assert {'precision', 'recall', 'kid', 'fid', 'precision_ci', 'fid_ci'} <= set(record)
     assert record['num_images'] == 6 and record['kid_subset_size'] == 6
     assert _last_line(result.stdout) == f'{record["precision"]:g}'
+
+
+@pytest.mark.parametrize('case', ['nan-features', 'flat-features', 'dinov2-shape'])
+def test_malformed_metric_arrays_in_ref(tmp_path, case):
+    path = tmp_path / 'ref.npz'
+    arrays = dict(mu=np.zeros(4), sigma=np.eye(4), features=np.ones((5, 4), np.float32), fd_dinov2_mu=np.zeros(3),
+                  fd_dinov2_sigma=np.eye(3))
+    if case == 'nan-features':
+        arrays['features'][2, 1] = np.nan
+        wanted, pattern = ['kid'], 'features holds 1 NaN/inf'
+    elif case == 'flat-features':
+        arrays['features'] = np.ones(8, np.float32)
+        wanted, pattern = ['pr'], r'features has shape \[8\]; expected \[n, D\]'
+    else:
+        arrays['fd_dinov2_sigma'] = np.eye(2)
+        wanted, pattern = ['fd_dinov2'], r'fd_dinov2_mu has shape \[3\] and fd_dinov2_sigma \[2, 2\]'
+    np.savez(path, **arrays)
+    with pytest.raises(fid.click.ClickException, match=pattern) as info:
+        fid.load_reference(str(path), wanted)
+    assert str(path) in info.value.message
+    assert sorted(fid.load_reference(str(path), ['fid'])) == ['mu', 'sigma']  # other metrics' arrays are not read
