@@ -18,13 +18,11 @@ import json
 import os
 import pickle
 import time
-import warnings
 import zipfile
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import click
 import numpy as np
-import scipy.linalg
 import torch
 
 import dnnlib
@@ -33,6 +31,7 @@ from torch_utils import distributed as dist
 from torch_utils import host_memory
 from training import manifest as manifest_lib
 from training import network_io
+from training import metrics
 from training import sampler as sampling
 from training.dataset import DatasetError, ImageFolderDataset
 
@@ -44,8 +43,14 @@ DETECTOR_URL = ('https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/
 ENV_DOWNLOAD_ATTEMPTS = 'PFGMPP_DOWNLOAD_ATTEMPTS'
 ENV_DOWNLOAD_TIMEOUT = 'PFGMPP_DOWNLOAD_TIMEOUT'
 
-#: Imaginary parts of sqrtm(sigma @ sigma_ref) above this fraction of its largest real entry are reported.
-SQRTM_IMAG_TOLERANCE = 1e-6
+#: Reference files keep the features of at most this many images for KID and precision/recall (a seeded subset).
+REF_FEATURES_DEFAULT = 50000
+
+#: Seed of the reference-feature subset, of KID's subsets and of the bootstrap resamples: results are reproducible.
+METRICS_SEED = 0
+
+#: Coverage of the --bootstrap intervals.
+BOOTSTRAP_CONFIDENCE = 0.95
 
 
 # ----------------------------------------------------------------------------
@@ -98,13 +103,19 @@ def save_stats(path: str, mu: np.ndarray, sigma: np.ndarray, flag: str = '--save
 
     Like ``np.savez`` given a file name, a missing ``.npz`` suffix is added.
     """
+    return save_arrays(path, dict(mu=mu, sigma=sigma), flag)
+
+
+def save_arrays(path: str, arrays: dict[str, np.ndarray], flag: str = '--save-stats') -> str:
+    """Write named arrays as an uncompressed ``.npz`` (keys :data:`training.metrics.REF_KEYS`), atomically; returns
+    the path used (``.npz`` added when missing)."""
     if not path.endswith('.npz'):
         path += '.npz'
     try:
         if os.path.dirname(path):
             os.makedirs(os.path.dirname(path), exist_ok=True)
         with dnnlib.util.atomic_write(path) as f:
-            np.savez(f, mu=mu, sigma=sigma)
+            np.savez(f, **arrays)
     except OSError as err:  # disk full, quota, read-only: atomic_write left nothing under the final name
         raise click.ClickException(f'{flag} {path}: cannot write the statistics ({err.strerror or err})') from None
     return path
@@ -189,10 +200,22 @@ def _load_weights_detector(data: bytes, source: str, device: torch.device | str)
 
 
 def load_ref_stats(path_or_url: str) -> tuple[np.ndarray, np.ndarray]:
-    """Read and validate reference statistics: an ``.npz`` with ``mu`` [D] and ``sigma`` [D, D], all finite.
+    """Read and validate reference statistics: an ``.npz`` with ``mu`` [D] and ``sigma`` [D, D], all finite."""
+    arrays = load_reference(path_or_url, ['fid'])
+    return arrays['mu'], arrays['sigma']
 
-    Every problem is one ``click.ClickException`` line naming the file and what was expected; numpy's own messages
-    (such as its refusal to unpickle) are not passed on.
+
+def _ref_metrics_hint(metrics_needing: str) -> str:
+    return f'write one with fid.py ref --metrics={metrics_needing}'
+
+
+def load_reference(path_or_url: str, metric_names: Sequence[str] = ('fid',)) -> dict[str, np.ndarray]:
+    """Read and validate the reference arrays the chosen metrics need (:data:`training.metrics.REF_KEYS`).
+
+    ``mu``/``sigma`` (FID; NVIDIA's files hold only these) and ``fd_dinov2_mu``/``fd_dinov2_sigma`` must be [D] and
+    [D, D]; ``features`` (KID, precision/recall) [n, D] with n >= 2; all finite. Moments come back as float64,
+    features as stored. Every problem is one ``click.ClickException`` line naming the file and what was expected;
+    numpy's own messages (such as its refusal to unpickle) are not passed on.
     """
     label = f'--ref {path_or_url}'
     expected = 'expected an .npz archive with arrays mu [D] and sigma [D, D] (as fid.py ref writes)'
@@ -200,6 +223,7 @@ def load_ref_stats(path_or_url: str) -> tuple[np.ndarray, np.ndarray]:
         stream = dnnlib.util.open_url(path_or_url, cache=True, verbose=dist.is_main(), **_download_kwargs())
     except OSError as err:
         raise click.ClickException(f'{label}: cannot open ({err})') from None
+    wanted = sorted({key for name in metric_names for key in metrics.REF_KEYS[name]})
     with stream:
         try:
             data = stream.read()
@@ -209,29 +233,41 @@ def load_ref_stats(path_or_url: str) -> tuple[np.ndarray, np.ndarray]:
         raise click.ClickException(f'{label}: holds {_describe_non_npz(data[:16])}, not an .npz archive; {expected}')
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as archive:
-            missing = {'mu', 'sigma'} - set(archive.files)
-            if missing:
-                raise click.ClickException(f'{label}: missing {", ".join(sorted(missing))}; found keys '
+            missing = metrics.missing_reference_keys(metric_names, archive.files)
+            if 'fid' in missing:  # the message of the FID-only format
+                raise click.ClickException(f'{label}: missing {", ".join(missing["fid"])}; found keys '
                                            f'{sorted(archive.files)}; {expected}')
-            mu, sigma = archive['mu'], archive['sigma']
+            if missing:
+                names = ','.join(missing)
+                raise click.ClickException(
+                    f'{label}: holds no {", ".join(sorted({k for keys in missing.values() for k in keys}))} '
+                    f'for --metrics={names} (found keys {sorted(archive.files)}); {_ref_metrics_hint(names)}')
+            arrays = {key: archive[key] for key in wanted}
     except click.ClickException:
         raise
     except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError) as err:
         # A ZIP whose members are not .npy arrays, object arrays (pickles), truncated members.
         kind = 'object (pickled) arrays' if 'pickle' in str(err) else f'unreadable members ({type(err).__name__})'
         raise click.ClickException(f'{label}: a ZIP archive with {kind}; {expected}') from None
-    for name, array in (('mu', mu), ('sigma', sigma)):
+    for name, array in arrays.items():
         if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
             raise click.ClickException(f'{label}: {name} has dtype {array.dtype}; expected floating point')
-    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]) or mu.shape[0] == 0:
-        raise click.ClickException(f'{label}: mu has shape {list(mu.shape)} and sigma {list(sigma.shape)}; '
-                                   f'expected [D] and [D, D]')
-    mu, sigma = mu.astype(np.float64), sigma.astype(np.float64)
-    for name, array in (('mu', mu), ('sigma', sigma)):
-        bad = int(np.count_nonzero(~np.isfinite(array)))
+    for mu_key, sigma_key in (metrics.REF_KEYS['fid'], metrics.REF_KEYS['fd_dinov2']):
+        if mu_key not in arrays:
+            continue
+        mu, sigma = arrays[mu_key], arrays[sigma_key]
+        if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]) or mu.shape[0] == 0:
+            raise click.ClickException(f'{label}: {mu_key} has shape {list(mu.shape)} and {sigma_key} '
+                                       f'{list(sigma.shape)}; expected [D] and [D, D]')
+        arrays[mu_key], arrays[sigma_key] = mu.astype(np.float64), sigma.astype(np.float64)
+    if 'features' in arrays and (arrays['features'].ndim != 2 or arrays['features'].shape[0] < 2):
+        raise click.ClickException(f'{label}: features has shape {list(arrays["features"].shape)}; expected [n, D] '
+                                   f'with n >= 2')
+    for name in wanted:
+        bad = int(np.count_nonzero(~np.isfinite(arrays[name])))
         if bad:
             raise click.ClickException(f'{label}: {name} holds {bad} NaN/inf value(s)')
-    return mu, sigma
+    return arrays
 
 
 # ----------------------------------------------------------------------------
@@ -321,6 +357,7 @@ class FeatureStats:
         gram = dist.all_reduce(self.gram.clone())
         mu = total / count
         sigma = (gram - torch.outer(mu, mu) * count) / (count - 1)
+        self.count_all = count
         return mu.to('cpu').numpy(), sigma.to('cpu').numpy()
 
 
@@ -392,6 +429,102 @@ def check_single_origin(image_path: str, flag: str = '--images') -> None:
         raise click.ClickException(f'{flag} {image_path}: cannot list its files ({err})') from None
 
 
+class FeatureCollector:
+    """One pass of several detectors over image batches: per detector, the float64 moments (:class:`FeatureStats`)
+    and, for the detectors in ``keep``, the features themselves (float32, as the detectors return them).
+
+    Batches are added with the ids of their items (dataset index or seed); :meth:`compute` (a collective) returns
+    :class:`training.metrics.Features` per detector, the kept features gathered on rank 0 in id order.
+    ``keep_ids`` limits the kept features to those ids (a reference's subset); None keeps all.
+    """
+
+    def __init__(self, detectors: dict[str, torch.nn.Module], keep: set[str], device: torch.device,
+                 keep_ids: Optional[np.ndarray] = None):
+        self.detectors = detectors
+        self.keep = keep
+        self.keep_ids = keep_ids
+        self.stats = {name: FeatureStats(device) for name in detectors}
+        self.kept: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {name: [] for name in keep}
+
+    def add(self, images: torch.Tensor, ids: Sequence[int]) -> None:
+        ids = np.asarray(ids, dtype=np.int64)
+        chosen = None if self.keep_ids is None else np.isin(ids, self.keep_ids)
+        for name, detector in self.detectors.items():
+            features = extract_features(detector, images)
+            self.stats[name].add(features)
+            if name in self.keep:
+                rows = features.to('cpu', torch.float32).numpy()
+                self.kept[name].append((ids, rows) if chosen is None else (ids[chosen], rows[chosen]))
+
+    def compute(self) -> dict[str, metrics.Features]:
+        result = {}
+        for name in self.detectors:
+            mu, sigma = self.stats[name].compute()
+            features = None
+            if name in self.keep:
+                parts = dist.gather_object(self.kept[name])
+                if parts is not None:
+                    pieces = [piece for part in parts for piece in part]
+                    ids = np.concatenate([i for i, _ in pieces])
+                    features = np.concatenate([f for _, f in pieces])[np.argsort(ids, kind='stable')]
+            result[name] = metrics.Features(mu=mu, sigma=sigma, count=self.stats[name].count_all, features=features)
+        return result
+
+
+def _as_detectors(detectors: dict[str, Optional[torch.nn.Module | str]],
+                  device: torch.device) -> dict[str, torch.nn.Module]:
+    """Load what is not loaded yet: the Inception detector by path/URL, DINOv2 from a local copy or torch.hub."""
+    loaded = {}
+    for name, detector in detectors.items():
+        if isinstance(detector, torch.nn.Module):
+            loaded[name] = detector
+        elif name == metrics.INCEPTION:
+            loaded[name] = _as_detector(detector, device)
+        else:
+            loaded[name] = _as_dinov2(detector, device)
+    return loaded
+
+
+def _as_dinov2(source: Optional[str], device: torch.device) -> torch.nn.Module:
+    dist.print0('Loading DINOv2 ViT-L/14...')
+
+    def load() -> torch.nn.Module:
+        try:
+            return metrics.load_dinov2(source, device)
+        except (metrics.MetricError, metrics.DetectorUnavailable) as err:
+            raise click.ClickException(str(err)) from None
+    return _rank0_first(load)
+
+
+def calculate_features(image_path: str, detectors: dict[str, Optional[torch.nn.Module | str]],
+                       keep: set[str] = frozenset(), keep_ids: Optional[np.ndarray] = None,
+                       num_expected: Optional[int] = None, seed: int = 0, max_batch_size: int = 64,
+                       num_workers: int = 3, prefetch_factor: int = 2, device: Optional[torch.device | str] = None,
+                       flag: str = '--images') -> dict[str, metrics.Features]:
+    """One pass of every detector in ``detectors`` (name -> module, or path/URL/None to load) over the images of a
+    folder or ZIP, sharded over the torchrun ranks; see :class:`FeatureCollector` for ``keep``/``keep_ids``.
+
+    ``num_expected``/``seed`` select exactly that many images as ``fid.py calc --num/--seed`` do.
+    """
+    device = torch.device(device) if device is not None else dist.get_device()
+    dist.print0(f'Reading images from {image_path} ...')
+    dataset = open_image_dataset(image_path, num_expected=num_expected, seed=seed, flag=flag)
+    images = _CheckedImages(dataset, source=f'{flag} {image_path}')
+    collector = FeatureCollector(_as_detectors(detectors, device), set(keep), device, keep_ids)
+
+    rank_batches = _rank_batches(range(len(images)), max_batch_size)
+    loader = torch.utils.data.DataLoader(
+        images, batch_sampler=rank_batches, collate_fn=_collate_images, num_workers=num_workers,
+        prefetch_factor=(prefetch_factor if num_workers > 0 else None), pin_memory=(device.type == 'cuda'))
+
+    dist.print0(f'Calculating statistics for {len(images)} images...')
+    for ids, batch in zip(rank_batches, dist.progress(loader, unit='batch', total=len(rank_batches))):
+        if isinstance(batch, _ImageReadError):
+            raise click.ClickException(batch.message)
+        collector.add(batch.to(device, non_blocking=True), ids)
+    return collector.compute()
+
+
 def calculate_inception_stats(image_path: str, num_expected: Optional[int] = None, seed: int = 0,
                               max_batch_size: int = 64, num_workers: int = 3, prefetch_factor: int = 2,
                               device: Optional[torch.device | str] = None,
@@ -402,24 +535,44 @@ def calculate_inception_stats(image_path: str, num_expected: Optional[int] = Non
     ``detector`` is a loaded module or a path/URL for :func:`load_detector` (None: the Inception URL).
     ``num_expected``/``seed`` select exactly that many images as ``fid.py calc --num/--seed`` do.
     """
+    result = calculate_features(image_path, {metrics.INCEPTION: detector}, num_expected=num_expected, seed=seed,
+                                max_batch_size=max_batch_size, num_workers=num_workers,
+                                prefetch_factor=prefetch_factor, device=device, flag=flag)[metrics.INCEPTION]
+    return result.mu, result.sigma
+
+
+def calculate_features_for_network(net: torch.nn.Module, seeds: Sequence[int],
+                                   detectors: dict[str, Optional[torch.nn.Module | str]],
+                                   keep: set[str] = frozenset(), max_batch_size: int = 64,
+                                   device: Optional[torch.device | str] = None, class_idx: Optional[int] = None,
+                                   pfgmpp: bool = False, D: Optional[int] = None,
+                                   **sampler_kwargs: Any) -> dict[str, metrics.Features]:
+    """One pass of every detector over the images ``net`` generates for ``seeds``, made in memory and never
+    written out (see :func:`calculate_stats_for_network`); kept features are in seed order."""
+    ordered = sorted(int(s) for s in seeds)
+    repeated = sorted({s for s, t in zip(ordered, ordered[1:]) if s == t})
+    if repeated:
+        raise click.ClickException(f'--seeds lists seed {repeated[0]} more than once; each image is counted once')
+    if len(ordered) < 2:
+        raise click.ClickException(f'--seeds gives {len(ordered)} image(s); need at least 2 for a covariance')
     device = torch.device(device) if device is not None else dist.get_device()
-    dist.print0(f'Reading images from {image_path} ...')
-    dataset = open_image_dataset(image_path, num_expected=num_expected, seed=seed, flag=flag)
-    images = _CheckedImages(dataset, source=f'{flag} {image_path}')
-    detector = _as_detector(detector, device)
+    collector = FeatureCollector(_as_detectors(detectors, device), set(keep), device)
 
-    rank_batches = _rank_batches(range(len(images)), max_batch_size)
-    loader = torch.utils.data.DataLoader(
-        images, batch_sampler=rank_batches, collate_fn=_collate_images, num_workers=num_workers,
-        prefetch_factor=(prefetch_factor if num_workers > 0 else None), pin_memory=(device.type == 'cuda'))
-
-    dist.print0(f'Calculating statistics for {len(images)} images...')
-    stats = FeatureStats(device)
-    for batch in dist.progress(loader, unit='batch', total=len(rank_batches)):
-        if isinstance(batch, _ImageReadError):
-            raise click.ClickException(batch.message)
-        stats.add(extract_features(detector, batch.to(device, non_blocking=True)))
-    return stats.compute()
+    rank_batches = _rank_batches(ordered, max_batch_size)
+    try:
+        nfe = sampling.sampler_nfe(sampler_kwargs.get('num_steps') or generate.DEFAULT_STEPS, sampler_kwargs)
+    except ValueError as err:
+        raise click.ClickException(generate.sampler_error(err)) from None
+    dist.print0(f'Generating {len(ordered)} images in memory ({nfe} network evaluations each) and calculating '
+                f'their statistics...')
+    for batch_seeds in dist.progress(rank_batches, unit='batch', total=len(rank_batches)):
+        try:
+            samples = sampling.sample_batch(net, batch_seeds, device=device, class_idx=class_idx, pfgmpp=pfgmpp,
+                                            D=D, **sampler_kwargs)
+        except ValueError as err:  # sampler settings the network cannot honour
+            raise click.ClickException(generate.sampler_error(err)) from None
+        collector.add(sampling.to_uint8(samples), batch_seeds)
+    return collector.compute()
 
 
 def calculate_stats_for_network(net: torch.nn.Module, seeds: Sequence[int], max_batch_size: int = 64,
@@ -434,57 +587,19 @@ def calculate_stats_for_network(net: torch.nn.Module, seeds: Sequence[int], max_
     generate.py and then ``fid.py calc`` on its folder. ``sampler_kwargs`` are those of
     ``training.sampler.sample_batch`` (None means the default).
     """
-    ordered = sorted(int(s) for s in seeds)
-    repeated = sorted({s for s, t in zip(ordered, ordered[1:]) if s == t})
-    if repeated:
-        raise click.ClickException(f'--seeds lists seed {repeated[0]} more than once; each image is counted once')
-    if len(ordered) < 2:
-        raise click.ClickException(f'--seeds gives {len(ordered)} image(s); need at least 2 for a covariance')
-    device = torch.device(device) if device is not None else dist.get_device()
-    detector = _as_detector(detector, device)
-
-    rank_batches = _rank_batches(ordered, max_batch_size)
-    try:
-        nfe = sampling.sampler_nfe(sampler_kwargs.get('num_steps') or generate.DEFAULT_STEPS, sampler_kwargs)
-    except ValueError as err:
-        raise click.ClickException(generate.sampler_error(err)) from None
-    dist.print0(f'Generating {len(ordered)} images in memory ({nfe} network evaluations each) and calculating '
-                f'their statistics...')
-    stats = FeatureStats(device)
-    for batch_seeds in dist.progress(rank_batches, unit='batch', total=len(rank_batches)):
-        try:
-            samples = sampling.sample_batch(net, batch_seeds, device=device, class_idx=class_idx, pfgmpp=pfgmpp,
-                                            D=D, **sampler_kwargs)
-        except ValueError as err:  # sampler settings the network cannot honour
-            raise click.ClickException(generate.sampler_error(err)) from None
-        stats.add(extract_features(detector, sampling.to_uint8(samples)))
-    return stats.compute()
+    result = calculate_features_for_network(net, seeds, {metrics.INCEPTION: detector}, max_batch_size=max_batch_size,
+                                            device=device, class_idx=class_idx, pfgmpp=pfgmpp, D=D,
+                                            **sampler_kwargs)[metrics.INCEPTION]
+    return result.mu, result.sigma
 
 
 def calculate_fid_from_inception_stats(mu: np.ndarray, sigma: np.ndarray, mu_ref: np.ndarray,
                                        sigma_ref: np.ndarray) -> float:
-    """Frechet distance between two Gaussians: |mu - mu_ref|^2 + tr(S + S_ref - 2 sqrtm(S S_ref)), real part.
-
-    sqrtm of a product of covariances can pick up imaginary round-off; only the real part is used, with a warning
-    giving the magnitude when it is more than round-off.
-    """
-    if mu.shape != mu_ref.shape or sigma.shape != sigma_ref.shape:
-        raise click.ClickException(f'statistics have {mu.shape[0]} features but the reference has {mu_ref.shape[0]}; '
-                                   f'the reference must come from the same detector')
-    mean_term = np.square(mu - mu_ref).sum()
-    root = scipy.linalg.sqrtm(sigma @ sigma_ref)
-    if isinstance(root, tuple):  # SciPy versions that still return (root, error estimate)
-        root = root[0]
-    if not np.all(np.isfinite(root)):
-        raise click.ClickException('sqrtm(sigma @ sigma_ref) is not finite; the statistics are degenerate')
-    if np.iscomplexobj(root):
-        imag = float(np.abs(root.imag).max())
-        scale = max(float(np.abs(root.real).max()), np.finfo(np.float64).tiny)
-        if imag > SQRTM_IMAG_TOLERANCE * scale:
-            warnings.warn(f'FID: sqrtm(sigma @ sigma_ref) has imaginary parts up to {imag:.3g} (largest real entry '
-                          f'{scale:.3g}); using the real part', RuntimeWarning, stacklevel=2)
-        root = root.real
-    return float(mean_term + np.trace(sigma) + np.trace(sigma_ref) - 2 * np.trace(root))
+    """Frechet distance between two Gaussians (:func:`training.metrics.frechet_distance`), errors as one line."""
+    try:
+        return metrics.frechet_distance(mu, sigma, mu_ref, sigma_ref)
+    except metrics.MetricError as err:
+        raise click.ClickException(str(err)) from None
 
 
 # ----------------------------------------------------------------------------
@@ -513,6 +628,30 @@ def _report_options(fn: Callable) -> Callable:
                       metavar='NPZ', type=str, default=None)(fn)
     fn = click.option('--repeat', help='Evaluate this many times and report each and the minimum', metavar='INT',
                       type=click.IntRange(min=1), default=1, show_default=True)(fn)
+    fn = click.option('--bootstrap', help='Bootstrap resamples for a 95% confidence interval of each metric  '
+                      '[default: none]', metavar='INT', type=click.IntRange(min=0), default=0)(fn)
+    return _metric_options(fn)
+
+
+class _MetricList(click.ParamType):
+    name = 'list'
+
+    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> list[str]:
+        if isinstance(value, list):
+            return value
+        try:
+            return metrics.parse_metrics(str(value))
+        except metrics.MetricError as err:
+            self.fail(f'{err}; expected a comma-separated list of {", ".join(metrics.METRICS)}', param, ctx)
+
+
+def _metric_options(fn: Callable) -> Callable:
+    """--metrics and the DINOv2 source, shared by ref, calc and gen."""
+    fn = click.option('--dinov2', 'dinov2_path', metavar='DIR', type=str, default=None,
+                      help='Local copy of github.com/facebookresearch/dinov2 for fd_dinov2, with '
+                      f'{metrics.DINOV2_WEIGHTS_FILE} inside  [default: download through torch.hub]')(fn)
+    fn = click.option('--metrics', 'metric_names', help=f'Metrics to compute: {",".join(metrics.METRICS)}',
+                      metavar='LIST', type=_MetricList(), default='fid', show_default=True)(fn)
     return fn
 
 
@@ -560,15 +699,17 @@ def _session(device: Optional[str]) -> Iterator[torch.device]:
     dist.shutdown()
 
 
-def _load_ref_on_main(ref_path: Optional[str]) -> Optional[tuple[np.ndarray, np.ndarray]]:
-    """Rank 0 reads and checks the reference; its error, if any, stops every rank (None elsewhere / without)."""
+def _load_ref_on_main(ref_path: Optional[str], metric_names: Sequence[str] = ('fid',)) \
+        -> Optional[dict[str, np.ndarray]]:
+    """Rank 0 reads the reference and checks it holds what every chosen metric needs, before any feature; its
+    error, if any, stops every rank (None elsewhere / without)."""
     if ref_path is None:
         return None
-    loaded: list[tuple[np.ndarray, np.ndarray]] = []
+    loaded: list[dict[str, np.ndarray]] = []
 
     def load() -> None:
         dist.print0(f'Reading reference statistics {ref_path} ...')
-        loaded.append(load_ref_stats(ref_path))
+        loaded.append(load_reference(ref_path, metric_names))
     generate.on_main_rank(load)
     return loaded[0] if loaded else None
 
@@ -580,49 +721,137 @@ def probe_feature_dim(detector: torch.nn.Module, image_shape: Sequence[int], dev
     return int(extract_features(detector, probe).shape[1])
 
 
-def check_ref_features(ref: Optional[tuple[np.ndarray, np.ndarray]], ref_path: Optional[str],
-                       detector: torch.nn.Module, image_shape: Sequence[int], device: torch.device) -> None:
-    """Before any statistics are computed: the reference must have as many features as the detector returns."""
+def check_ref_features(ref: Optional[dict[str, np.ndarray]], ref_path: Optional[str],
+                       detectors: dict[str, torch.nn.Module], image_shape: Sequence[int], device: torch.device) -> None:
+    """Before any statistics are computed: the reference's arrays of the ``--detector`` features (``mu``,
+    ``sigma``, ``features``) must have as many features as that detector returns. (DINOv2 is one fixed model.)"""
     def check() -> None:
-        if ref is None:
+        keys = sorted({key for metric, of in metrics.DETECTOR_OF.items() if of == metrics.INCEPTION
+                       for key in metrics.REF_KEYS[metric] if ref is not None and key in ref})
+        if not keys or metrics.INCEPTION not in detectors:
             return
-        dim = probe_feature_dim(detector, image_shape, device)
-        if ref[0].shape[0] != dim:
-            raise click.ClickException(f'--ref {ref_path}: has {ref[0].shape[0]} features but the detector returns '
-                                       f'{dim}; expected reference statistics made with the same detector')
+        dim = probe_feature_dim(detectors[metrics.INCEPTION], image_shape, device)
+        for key in keys:
+            if ref[key].shape[-1] != dim:
+                raise click.ClickException(f'--ref {ref_path}: {key} has {ref[key].shape[-1]} features but the '
+                                           f'detector returns {dim}; expected reference statistics made with the '
+                                           f'same detector')
     generate.on_main_rank(check)
 
 
-def _finish_run(ref: Optional[tuple[np.ndarray, np.ndarray]], mu: np.ndarray, sigma: np.ndarray,
-                stats_path: Optional[str], record: dict[str, Any], started: float) -> Optional[float]:
-    """Rank 0: save statistics if asked and compute the FID; returns it (None without --ref or off rank 0)."""
+def _detector_sources(metric_names: Sequence[str], detector_path: Optional[str],
+                      dinov2_path: Optional[str]) -> dict[str, Optional[str]]:
+    sources = {metrics.INCEPTION: detector_path, metrics.DINOV2: dinov2_path}
+    return {name: sources[name] for name in metrics.detectors_for(metric_names)}
+
+
+def _stats_arrays(metric_names: Sequence[str], features: dict[str, metrics.Features]) -> dict[str, np.ndarray]:
+    """The arrays a reference file holds for these metrics (:data:`training.metrics.REF_KEYS`)."""
+    arrays: dict[str, np.ndarray] = {}
+    for name in metric_names:
+        source = features[metrics.DETECTOR_OF[name]]
+        if name in ('fid', 'fd_dinov2'):
+            mu_key, sigma_key = metrics.REF_KEYS[name]
+            arrays.update({mu_key: source.mu, sigma_key: source.sigma})
+        else:
+            arrays['features'] = source.features
+    return arrays
+
+
+def _check_bootstrap(bootstrap: int, ref_path: Optional[str]) -> None:
+    if bootstrap == 1:
+        raise click.BadParameter('one resample gives no interval; use 0 (none) or at least 2 (e.g. 200)',
+                                 param_hint='--bootstrap')
+    if bootstrap and ref_path is None:
+        raise click.UsageError('--bootstrap needs --ref: the interval is of a metric against a reference')
+
+
+def _finish_run(ref: Optional[dict[str, np.ndarray]], metric_names: Sequence[str],
+                features: dict[str, metrics.Features], stats_path: Optional[str], record: dict[str, Any],
+                started: float, bootstrap: int = 0, device: torch.device | str = 'cpu') -> Optional[dict[str, float]]:
+    """Rank 0: save statistics if asked and compute the metrics (and their intervals) into ``record``; returns
+    the values (None without --ref or off rank 0)."""
     if not dist.is_main():
         return None
     if stats_path is not None:
-        written = save_stats(stats_path, mu, sigma)
+        written = save_arrays(stats_path, _stats_arrays(metric_names, features))
         print(f'Saved statistics to "{written}"')
     if ref is None:
         return None
-    fid = calculate_fid_from_inception_stats(mu, sigma, *ref)
-    record.update(fid=fid, elapsed_s=round(time.time() - started, 3))
-    return fid
+    try:
+        results = metrics.compute_metrics(metric_names, features, ref, seed=METRICS_SEED, device=device)
+        intervals = {}
+        if bootstrap:
+            dist.print0(f'Bootstrapping {bootstrap} resamples...')
+            intervals = metrics.bootstrap_intervals(metric_names, features, ref, bootstrap, BOOTSTRAP_CONFIDENCE,
+                                                    seed=METRICS_SEED, device=device,
+                                                    progress=lambda it: dist.progress(it, unit='resample'))
+    except metrics.MetricError as err:
+        raise click.ClickException(f'--ref {record["ref"]}: {err}') from None
+    record.update(results)
+    if 'features' in ref and ({'kid', 'pr'} & set(metric_names)):
+        record['num_ref_features'] = int(ref['features'].shape[0])
+    if 'kid' in metric_names:
+        record['kid_subsets'] = metrics.KID_NUM_SUBSETS
+        record['kid_subset_size'] = metrics.kid_subset_size(record['num_images'], record['num_ref_features'])
+    if bootstrap:
+        record.update({f'{key}_ci': list(bounds) for key, bounds in intervals.items()})
+        record.update(bootstrap=bootstrap, confidence=BOOTSTRAP_CONFIDENCE)
+    record['elapsed_s'] = round(time.time() - started, 3)
+    return results
 
 
-def _report(fids: list[float], records: list[dict[str, Any]], jsonl_path: Optional[str], label: str) -> None:
-    """Print the FIDs (the last stdout line is always the reported figure) and append the JSON lines."""
-    if not dist.is_main() or not fids:
+#: How the per-repeat lines name each result (the summary lines use the result keys themselves).
+_DISPLAY_NAMES = dict(fid='FID', fd_dinov2='FD_DINOv2', kid='KID', precision='Precision', recall='Recall')
+
+
+def _counts(record: dict[str, Any], key: str) -> str:
+    """What a value was computed from, printed beside it."""
+    text = f'{record["num_images"]} images'
+    if key == 'kid':
+        text += (f' vs {record["num_ref_features"]} reference; {record["kid_subsets"]} subsets of '
+                 f'{record["kid_subset_size"]}')
+    elif key in ('precision', 'recall'):
+        text += f' vs {record["num_ref_features"]} reference; k={metrics.PR_NEIGHBOURS}'
+    if f'{key}_ci' in record:
+        low, high = record[f'{key}_ci']
+        text += (f'; {record["confidence"]:.0%} CI [{low:g}, {high:g}] from {record["bootstrap"]} bootstrap '
+                 f'resamples')
+    return text
+
+
+def _report(results: list[dict[str, float]], records: list[dict[str, Any]], jsonl_path: Optional[str],
+            label: str) -> None:
+    """Print each result as ``name value  (counts)`` and, last, the first result alone (the minimum over repeats):
+    the last stdout line is always the reported figure. Append the JSON lines."""
+    if not dist.is_main() or not results:
         return
-    if len(fids) > 1:
+    keys = list(results[0])
+    if len(results) > 1:
         for record in records:
-            print(f'FID {record["fid"]:g}  ({label} {record[label]})')
-        print(f'Minimum over {len(fids)} repeats:')
-    print(f'{min(fids):g}')
+            for key in keys:
+                print(f'{_DISPLAY_NAMES[key]} {record[key]:g}  ({label} {record[label]}; {_counts(record, key)})')
+        print(f'Minimum over {len(results)} repeats:')
+        summaries = {key: metrics.summarize_repeats([r[key] for r in results]) for key in keys}
+        for key, summary in summaries.items():
+            print(f'{key} {summary["min"]:g}  ({records[0]["num_images"]} images each; mean {summary["mean"]:g}, '
+                  f'std {summary["std"]:g} over {len(results)} repeats)')
+    else:
+        for key in keys:
+            print(f'{key} {records[0][key]:g}  ({_counts(records[0], key)})')
+    print(f'{min(r[keys[0]] for r in results):g}')
     if jsonl_path is not None:
         for record in records:
             _append_json_line(jsonl_path, record)
-        if len(fids) > 1:
-            summary = {k: v for k, v in records[0].items() if k not in ('fid', 'elapsed_s', 'repeat', label)}
-            summary.update(fid_min=min(fids), fids=fids, repeats=len(fids), **{label: [r[label] for r in records]},
+        if len(results) > 1:
+            per_run = {*keys, *(f'{key}_ci' for key in keys), 'elapsed_s', 'repeat', label}
+            summary = {k: v for k, v in records[0].items() if k not in per_run}
+            for key, values in summaries.items():
+                summary.update({f'{key}_{stat}': value for stat, value in values.items()})
+                summary[f'{key}_values'] = [r[key] for r in results]
+            if 'fid' in keys:
+                summary['fids'] = [r['fid'] for r in results]
+            summary.update(repeats=len(results), **{label: [r[label] for r in records]},
                            elapsed_s=round(sum(r['elapsed_s'] for r in records), 3))
             _append_json_line(jsonl_path, summary)
 
@@ -658,9 +887,10 @@ def _numbered_stats_path(stats_path: Optional[str], index: int, repeats: int) ->
 @_workers_option
 @_detector_options
 def calc(image_path: str, ref_path: Optional[str], num_expected: int, seed: int, batch: int, repeat: int,
-         stats_path: Optional[str], jsonl_path: Optional[str], detector_path: Optional[str], num_workers: int,
-         device: Optional[str], allow_mixed: bool) -> None:
-    """FID of a folder or ZIP of images.
+         bootstrap: int, metric_names: list[str], dinov2_path: Optional[str], stats_path: Optional[str],
+         jsonl_path: Optional[str], detector_path: Optional[str], num_workers: int, device: Optional[str],
+         allow_mixed: bool) -> None:
+    """FID (and the other --metrics) of a folder or ZIP of images.
 
     Exactly --num images are used: a --seed-selected subset when there are more, an error when there are fewer.
     With --repeat=K the subset seeds are --seed, --seed+1, ..., which needs more images than --num.
@@ -669,10 +899,11 @@ def calc(image_path: str, ref_path: Optional[str], num_expected: int, seed: int,
     """
     if ref_path is None and stats_path is None:
         raise click.UsageError('give --ref to compute an FID, --save-stats to keep the statistics, or both')
+    _check_bootstrap(bootstrap, ref_path)
     check_output_file(stats_path, '--save-stats')
     check_output_file(jsonl_path, '--jsonl')
     with _session(device) as device_obj:
-        ref = _load_ref_on_main(ref_path)
+        ref = _load_ref_on_main(ref_path, metric_names)
         images = open_image_dataset(image_path, num_expected=num_expected)  # look before a long download
         if not allow_mixed:
             generate.on_main_rank(lambda: check_single_origin(image_path))
@@ -681,21 +912,23 @@ def calc(image_path: str, ref_path: Optional[str], num_expected: int, seed: int,
             if available <= num_expected:
                 raise click.ClickException(f'--images {image_path}: --repeat={repeat} draws different subsets of '
                                            f'--num={num_expected} images, but there are only {available}')
-        detector = _as_detector(detector_path, device_obj)
-        check_ref_features(ref, ref_path, detector, [int(n) for n in images.image_shape], device_obj)
-        fids, records = [], []
+        detectors = _as_detectors(_detector_sources(metric_names, detector_path, dinov2_path), device_obj)
+        check_ref_features(ref, ref_path, detectors, [int(n) for n in images.image_shape], device_obj)
+        keep = metrics.needs_features(metric_names, bootstrap)
+        results, records = [], []
         for index in range(repeat):
             started = time.time()
-            mu, sigma = calculate_inception_stats(image_path, num_expected=num_expected, seed=seed + index,
-                                                  max_batch_size=batch, num_workers=num_workers, device=device_obj,
-                                                  detector=detector)
+            features = calculate_features(image_path, detectors, keep, num_expected=num_expected, seed=seed + index,
+                                          max_batch_size=batch, num_workers=num_workers, device=device_obj)
             record = dict(command='calc', images=image_path, num_images=num_expected, ref=ref_path,
-                          detector=detector_path or DETECTOR_URL, seed=seed + index, repeat=index)
-            fid = _finish_run(ref, mu, sigma, _numbered_stats_path(stats_path, index, repeat), record, started)
-            if fid is not None:
-                fids.append(fid)
+                          **_detector_record(metric_names, detector_path, dinov2_path), seed=seed + index,
+                          repeat=index)
+            values = _finish_run(ref, metric_names, features, _numbered_stats_path(stats_path, index, repeat),
+                                 record, started, bootstrap, device_obj)
+            if values is not None:
+                results.append(values)
                 records.append(record)
-        _report(fids, records, jsonl_path, label='seed')
+        _report(results, records, jsonl_path, label='seed')
 
 
 @main.command()
@@ -703,18 +936,43 @@ def calc(image_path: str, ref_path: Optional[str], num_expected: int, seed: int,
 @click.option('--dest', 'dest_path', help='Where to write the statistics', metavar='NPZ', type=str, required=True)
 @click.option('--batch', help='Maximum batch size', metavar='INT', type=click.IntRange(min=1), default=64,
               show_default=True)
+@click.option('--ref-features', 'max_ref_features', metavar='INT', type=click.IntRange(min=2),
+              default=REF_FEATURES_DEFAULT, show_default=True,
+              help='For kid/pr: keep the Inception features of at most this many images (a seeded subset)')
+@_metric_options
 @_workers_option
 @_detector_options
-def ref(dataset_path: str, dest_path: str, batch: int, detector_path: Optional[str], num_workers: int,
-        device: Optional[str]) -> None:
-    """Reference statistics of a dataset (all of its images), for calc --ref."""
+def ref(dataset_path: str, dest_path: str, batch: int, max_ref_features: int, metric_names: list[str],
+        dinov2_path: Optional[str], detector_path: Optional[str], num_workers: int, device: Optional[str]) -> None:
+    """Reference statistics of a dataset (all of its images), for calc --ref.
+
+    The file holds what the chosen --metrics need: mu/sigma (fid), fd_dinov2_mu/fd_dinov2_sigma (fd_dinov2) and
+    the features of up to --ref-features images (kid, pr).
+    """
     check_output_file(dest_path, '--dest')
     with _session(device) as device_obj:
-        mu, sigma = calculate_inception_stats(dataset_path, max_batch_size=batch, num_workers=num_workers,
-                                              device=device_obj, detector=detector_path, flag='--data')
+        keep = metrics.needs_features(metric_names, bootstrap=0)
+        count = len(open_image_dataset(dataset_path, flag='--data'))
+        keep_ids = None
+        if keep and count > max_ref_features:
+            keep_ids = np.sort(np.random.default_rng(METRICS_SEED).permutation(count)[:max_ref_features])
+        features = calculate_features(dataset_path, _detector_sources(metric_names, detector_path, dinov2_path),
+                                      keep, keep_ids, max_batch_size=batch, num_workers=num_workers,
+                                      device=device_obj, flag='--data')
         if dist.is_main():
-            written = save_stats(dest_path, mu, sigma, flag='--dest')
+            written = save_arrays(dest_path, _stats_arrays(metric_names, features), flag='--dest')
             print(f'Saved dataset reference statistics to "{written}"')
+
+
+def _detector_record(metric_names: Sequence[str], detector_path: Optional[str],
+                     dinov2_path: Optional[str]) -> dict[str, str]:
+    """The detectors behind a result, for its JSON line."""
+    record = {}
+    if metrics.INCEPTION in metrics.detectors_for(metric_names):
+        record['detector'] = detector_path or DETECTOR_URL
+    if metrics.DINOV2 in metrics.detectors_for(metric_names):
+        record['dinov2'] = dinov2_path or metrics.DINOV2_HUB_REPO
+    return dict(record, metrics=list(metric_names))
 
 
 def _repeated_seed_ranges(seeds: list[int], repeat: int, limit: int) -> list[list[int]]:
@@ -742,10 +1000,11 @@ def _repeated_seed_ranges(seeds: list[int], repeat: int, limit: int) -> list[lis
 @_report_options
 @_detector_options
 def gen(network_pkl: str, ref_path: Optional[str], seeds: str, class_idx: Optional[int], max_batch_size: int,
-        pfgmpp: Optional[bool], aug_dim: Optional[int], repeat: int, stats_path: Optional[str],
-        jsonl_path: Optional[str], detector_path: Optional[str], device: Optional[str], gnet: Optional[str],
-        guidance: float, guidance_interval: Optional[tuple[float, float]], **sampler_kwargs: Any) -> None:
-    """FID of a network, from images generated in memory (no PNGs are written).
+        pfgmpp: Optional[bool], aug_dim: Optional[int], repeat: int, bootstrap: int, metric_names: list[str],
+        dinov2_path: Optional[str], stats_path: Optional[str], jsonl_path: Optional[str],
+        detector_path: Optional[str], device: Optional[str], gnet: Optional[str], guidance: float,
+        guidance_interval: Optional[tuple[float, float]], **sampler_kwargs: Any) -> None:
+    """FID (and the other --metrics) of a network, from images generated in memory (no PNGs are written).
 
     The statistics equal those of generate.py with the same flags followed by calc on its folder (same
     images, same uint8 quantization). With --repeat=K the seed list is shifted past itself K-1 times and the
@@ -755,6 +1014,7 @@ def gen(network_pkl: str, ref_path: Optional[str], seeds: str, class_idx: Option
 
     if ref_path is None and stats_path is None:
         raise click.UsageError('give --ref to compute an FID, --save-stats to keep the statistics, or both')
+    _check_bootstrap(bootstrap, ref_path)
     try:
         seed_list = generate.SeedList().convert(seeds, None, None)
     except click.BadParameter as err:
@@ -766,7 +1026,7 @@ def gen(network_pkl: str, ref_path: Optional[str], seeds: str, class_idx: Option
     check_output_file(stats_path, '--save-stats')
     check_output_file(jsonl_path, '--jsonl')
     with _session(device) as device_obj:
-        ref = _load_ref_on_main(ref_path)
+        ref = _load_ref_on_main(ref_path, metric_names)
 
         def load() -> torch.nn.Module:
             dist.print0(f'Reading network {network_pkl} ...')
@@ -785,26 +1045,28 @@ def gen(network_pkl: str, ref_path: Optional[str], seeds: str, class_idx: Option
             raise click.BadParameter(f'{class_idx} is out of range; the network has {net.label_dim} classes',
                                      param_hint='--class')
         kwargs = {key: value for key, value in sampler_kwargs.items() if value is not None}
-        detector = _as_detector(detector_path, device_obj)
-        check_ref_features(ref, ref_path, detector, [net.img_channels, net.img_resolution, net.img_resolution],
+        detectors = _as_detectors(_detector_sources(metric_names, detector_path, dinov2_path), device_obj)
+        check_ref_features(ref, ref_path, detectors, [net.img_channels, net.img_resolution, net.img_resolution],
                            device_obj)
+        keep = metrics.needs_features(metric_names, bootstrap)
 
-        fids, records = [], []
+        results, records = [], []
         for index, run_seeds in enumerate(seed_ranges):
             started = time.time()
-            mu, sigma = calculate_stats_for_network(net, run_seeds, max_batch_size=max_batch_size, device=device_obj,
-                                                    detector=detector, class_idx=class_idx, pfgmpp=use_pfgmpp, D=D,
-                                                    **kwargs)
+            features = calculate_features_for_network(net, run_seeds, detectors, keep, max_batch_size=max_batch_size,
+                                                      device=device_obj, class_idx=class_idx, pfgmpp=use_pfgmpp,
+                                                      D=D, **kwargs)
             record = dict(command='gen', network=network_pkl, num_images=len(run_seeds), ref=ref_path,
-                          detector=detector_path or DETECTOR_URL, seeds=generate.compact_seeds(run_seeds),
-                          repeat=index, class_idx=class_idx, pfgmpp=use_pfgmpp, D=D,
-                          sampler_kwargs=generate.jsonable(kwargs),
+                          **_detector_record(metric_names, detector_path, dinov2_path),
+                          seeds=generate.compact_seeds(run_seeds), repeat=index, class_idx=class_idx,
+                          pfgmpp=use_pfgmpp, D=D, sampler_kwargs=generate.jsonable(kwargs),
                           guidance=generate.guidance_record(gnet, guidance, guidance_interval))
-            fid = _finish_run(ref, mu, sigma, _numbered_stats_path(stats_path, index, repeat), record, started)
-            if fid is not None:
-                fids.append(fid)
+            values = _finish_run(ref, metric_names, features, _numbered_stats_path(stats_path, index, repeat),
+                                 record, started, bootstrap, device_obj)
+            if values is not None:
+                results.append(values)
                 records.append(record)
-        _report(fids, records, jsonl_path, label='seeds')
+        _report(results, records, jsonl_path, label='seeds')
 
 
 if __name__ == '__main__':

@@ -130,6 +130,15 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
+def gather_object(obj: Any, dst: int = 0) -> Optional[list[Any]]:
+    """Every rank's picklable ``obj``, as a list by rank, on rank ``dst`` (None on the others)."""
+    if not is_distributed():
+        return [obj]
+    gathered: Optional[list[Any]] = [None] * get_world_size() if get_rank() == dst else None
+    dist.gather_object(obj, gathered, dst=dst)
+    return gathered
+
+
 def shard(items: Iterable[Any]) -> list[Any]:
     """The items this rank handles: every world_size-th item starting at its rank."""
     return list(items)[get_rank()::get_world_size()]
