@@ -14,7 +14,7 @@ images of a fixed set of seeds (the same per-seed latents as generate.py, ``trai
 
 The reference level is Heun with 18 steps (35 NFE, EDM's default); for each configuration the table reports the
 smallest swept NFE whose metric is at or below that level. Output: a JSON file, a Markdown table and one chart per
-network and metric (``demo.plots``, Pillow).
+network and metric (``demo.plots``, matplotlib).
 
     python -m bench.solver_nfe --network=D128=runs/pfgmpp/network-snapshot-000080.pkl \\
         --network=inf=runs/edm/network-snapshot-000080.pkl --seeds=0-15 --outdir=solver-nfe
@@ -144,7 +144,7 @@ def markdown(results: list[dict[str, Any]]) -> str:
 
 
 def plot(result: dict[str, Any], path: str, metric: str = 'rms') -> None:
-    """Metric against NFE per configuration, with the Heun-35 level as a flat line (demo.plots, Pillow)."""
+    """Metric against NFE per configuration, with the Heun-35 level as a flat line (demo.plots)."""
     from demo.plots import line_chart
     # Restart's images are other samples, not approximations of the ODE solution: no RMS curve for it.
     series = {name: ([r['nfe'] for r in c['rows']], [r[metric] for r in c['rows']])

@@ -183,8 +183,13 @@ def test_generate_and_fid_on_two_nodes_match_one_node(two_node_run: tuple[Path, 
             output = run_two_nodes('generate.py', args, 'generate')
         assert output.count('Done.') == 1
         images[layout] = _files(outdir)
-    assert sorted(images['one']) == [f'{seed:06d}.png' for seed in range(6)]
-    assert images['one'] == images['two']
+    manifests = {layout: json.loads((tmp_path / f'images-{layout}' / 'manifest.json').read_text())
+                 for layout in ('one', 'two')}
+    assert manifests['one']['settings'] == manifests['two']['settings']  # the folders record the same settings
+    pngs = {layout: {name: digest for name, digest in files.items() if name.endswith('.png')}
+            for layout, files in images.items()}
+    assert sorted(pngs['one']) == [f'{seed:06d}.png' for seed in range(6)]
+    assert pngs['one'] == pngs['two']
 
     stats = {}
     for layout in ('one', 'two'):
