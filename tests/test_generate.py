@@ -406,13 +406,17 @@ PIXEL_OPTIONS = [
     (['--solver=euler'], 'solver'),
     (['--alpha=0.1'], 'noise_injection'),
     (['--quantize-bits=6'], 'quantize_bits'),
-    (['--precision=bf16'], 'use_bf16'),
+    # Without oneDNN bf16 kernels --precision=bf16 runs fp32 (one printed line): the pixels, and so the recorded
+    # settings, stay those of the folder, and resuming it is right.
+    pytest.param(['--precision=bf16'], 'use_bf16', marks=pytest.mark.skipif(
+        not cpu_support.bf16_supported(), reason='bf16 falls back to fp32 on this CPU: same pixels, same settings')),
     (['--channels-last'], 'channels_last'),
     (['--subdirs'], 'subdirs'),
 ]
 
 
-@pytest.mark.parametrize('flags,named', PIXEL_OPTIONS, ids=[f[0][0] for f in PIXEL_OPTIONS])
+@pytest.mark.parametrize('flags,named', PIXEL_OPTIONS,
+                         ids=[(f.values if hasattr(f, 'values') else f)[0][0] for f in PIXEL_OPTIONS])
 def test_reused_outdir_with_other_settings_is_refused(nets, made_folder, tmp_path, flags, named):
     folder = tmp_path / 'out'
     shutil.copytree(made_folder, folder)
