@@ -6,6 +6,7 @@ import functools
 import http.server
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -514,6 +515,8 @@ def test_two_processes_resume_and_refuse_like_one(nets, tmp_path):
     assert proc.returncode != 0
     errors = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith('Error:')]
     assert len(errors) == 1 and 'num_steps' in errors[0] and '--force' in errors[0], proc.stderr[-2000:]
-    # No traceback from our processes (torchrun's own report of the non-zero exit follows, from its launcher).
-    assert f'File "{REPO_ROOT}' not in proc.stderr and 'generate.py", line' not in proc.stderr
+    # No traceback through the project's code; torchrun's own report (from the venv, which may sit in the
+    # repository, as in CI) may follow any failed rank.
+    own_frames = re.findall(rf'File "{re.escape(str(REPO_ROOT))}/(?!\.venv/)[^"]*"', proc.stderr)
+    assert not own_frames and 'generate.py", line' not in proc.stderr
     assert folder_state(folder) == before
