@@ -104,7 +104,7 @@ def feature_moments(features: Array) -> tuple[np.ndarray, np.ndarray]:
     mu = data.mean(dim=0)
     centered = data - mu
     sigma = centered.T @ centered / (data.shape[0] - 1)
-    return mu.cpu().numpy(), sigma.cpu().numpy()
+    return tuple(moment.to('cpu').numpy() for moment in (mu, sigma))
 
 
 def frechet_distance(mu: np.ndarray, sigma: np.ndarray, mu_ref: np.ndarray, sigma_ref: np.ndarray) -> float:
