@@ -267,7 +267,7 @@ GOLDEN_STATE = 'snapshots/training-state-000000.pt'
 
 def test_original_training_state_loads_into_our_network(golden_dir: Path):
     from training import networks
-    from training.training_loop import load_training_state
+    from training.training_state import load_training_state
 
     expected = torch.load(golden_dir / 'snapshots/training-state-000000.expected.pt', weights_only=True)
     data = torch.load(golden_dir / GOLDEN_STATE, map_location='cpu', weights_only=False)

@@ -5,6 +5,10 @@ One code path serves a single process and ``torchrun`` (see ``torch_utils.distri
 ``num_accumulation_rounds`` micro-batches of ``batch_gpu`` images whose gradients are accumulated; DDP averages
 them across ranks.
 
+Reading order: :func:`training_loop` sets up (the ``_build_*``/``_open_*`` functions), resumes (:func:`_resume`),
+then runs the step loop; at the end of each tick it reports (:class:`_TickReporter`) and writes checkpoints
+(:func:`_save_snapshots`, :func:`training.training_state.save_training_state`).
+
 Randomness
     Every micro-batch re-seeds the loop's loss generator (noise levels, noise, augmentation) and torch's global
     generator (dropout) from ``(seed, position of the micro-batch in the global data stream)``. Together with the
@@ -17,27 +21,9 @@ Files written to ``run_dir`` (rank 0, each written to a temporary name and renam
     ``stats.jsonl``                     one JSON line per tick (training_stats averages plus a timestamp)
     ``network-snapshot-{kimg:06d}.pkl`` pickle of ``dict(ema, loss_fn, augment_pipe, dataset_kwargs)`` with the
                                         modules as persistence objects (evaluation mode, CPU), as EDM writes it
-    ``training-state-{kimg:06d}.pt``    ``torch.save`` of the training state below
+    ``training-state-{kimg:06d}.pt``    ``torch.save`` of a training state (keys: :mod:`training.training_state`)
     ``network-snapshot-{kimg:07d}-{std:.3f}.pkl``  with ``phema_stds`` (``--phema``), one per tracked power-function
                                         EMA, plus a ``phema`` entry with the exact image count (``training/phema.py``)
-
-Training state (``training-state-*.pt``)
-    Keys the original PFGM++ code writes and reads, with the same meaning:
-        ``net``             the network being trained (persistence module, training mode)
-        ``ema``             the EMA network (persistence module)
-        ``optimizer_state`` ``optimizer.state_dict()``
-        ``step``            images seen so far (``cur_nimg``)
-    Keys this loop adds for exact resumption (absent from the original's files, which therefore resume with a
-    fresh data order and fresh random states):
-        ``format``           :data:`STATE_FORMAT`; ``format_version``: :data:`STATE_VERSION`
-        ``cur_tick``         index of the next tick; ``tick_start_nimg``: ``step`` at the start of that tick
-        ``data_position``    global data-stream index of the next step's first image
-        ``sampler``          :meth:`InfiniteSampler.state_dict` at ``data_position``
-        ``rng``              one dict per rank: ``torch``, ``cuda`` (or None), ``numpy``, ``python`` states
-        ``world_size``, ``seed``, ``batch_size``, ``loss_scaling``
-        ``options``          the loop's keyword arguments (JSON-compatible), for reference
-        ``phema``            with ``--phema``: the tracked sigma_rel values and their averaged weights
-    Loading needs ``torch.load(..., weights_only=False)`` because of the pickled modules: load only files you trust.
 """
 
 from __future__ import annotations
@@ -49,11 +35,10 @@ import json
 import os
 import pickle
 import random
-import re
 import signal
 import threading
 import time
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import psutil
@@ -62,10 +47,9 @@ import torch
 import dnnlib
 from torch_utils import distributed as dist
 from torch_utils import misc, training_stats
+from training import training_state
+from training.training_state import TrainingError
 
-#: Marks a training state written by this loop (the original's states have no such key).
-STATE_FORMAT = 'pfgmpp-training-state'
-STATE_VERSION = 1
 #: Name of the per-element training loss in training_stats / stats.jsonl.
 LOSS_STAT = 'Loss/loss'
 #: Gradients are scrubbed of NaN/Inf before each optimiser step; infinities become these values.
@@ -74,10 +58,6 @@ GRAD_CLAMP = 1e5
 STREAM_INIT, STREAM_LOSS, STREAM_DROPOUT, STREAM_LOADER, STREAM_HOST = 1, 2, 3, 4, 5
 
 _MASK64 = (1 << 64) - 1
-
-
-class TrainingError(RuntimeError):
-    """A problem with the configuration or the inputs, reported to the user as one line."""
 
 
 # ----------------------------------------------------------------------------
@@ -150,129 +130,7 @@ class _StopVote:
 
 
 # ----------------------------------------------------------------------------
-# Host random states.
-
-
-def _host_rng_state(device: torch.device) -> dict:
-    return dict(torch=torch.get_rng_state(),
-                cuda=torch.cuda.get_rng_state(device) if device.type == 'cuda' else None,
-                numpy=np.random.get_state(), python=random.getstate())
-
-
-def _set_host_rng_state(state: dict, device: torch.device) -> None:
-    torch.set_rng_state(state['torch'])
-    if device.type == 'cuda' and state.get('cuda') is not None:
-        torch.cuda.set_rng_state(state['cuda'], device)
-    np.random.set_state(state['numpy'])
-    random.setstate(state['python'])
-
-
-def _gather_objects(obj: Any) -> list[Any]:
-    if not dist.is_distributed():
-        return [obj]
-    out: list[Any] = [None] * dist.get_world_size()
-    torch.distributed.all_gather_object(out, obj)
-    return out
-
-
-# ----------------------------------------------------------------------------
-# Loading what a previous run left.
-
-
-def read_training_state(path: str) -> dict:
-    """``torch.load`` a training state (ours or the original's) with a one-line error on failure."""
-    try:
-        data = torch.load(path, map_location='cpu', weights_only=False)
-    except FileNotFoundError:
-        raise TrainingError(f'--resume {path}: no such file') from None
-    except Exception as err:  # pickle, zip and persistence errors all mean "not a usable state"
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise TrainingError(f'--resume {path}: cannot read it as a training state ({first})') from None
-    if not isinstance(data, dict) or not isinstance(data.get('net'), torch.nn.Module) \
-            or 'optimizer_state' not in data:
-        keys = sorted(map(str, data.keys())) if isinstance(data, dict) else type(data).__name__
-        raise TrainingError(f'--resume {path}: expected a training state with "net" and "optimizer_state", '
-                            f'found {keys}')
-    return data
-
-
-def load_training_state(data: dict, net: torch.nn.Module, ema: torch.nn.Module,
-                        optimizer: Optional[torch.optim.Optimizer] = None, source: str = 'training state',
-                        ema_fallback: Optional[str] = None) -> None:
-    """Copy the weights (and optimiser state) of a loaded training state into ``net``/``ema``/``optimizer``.
-
-    A state without ``ema`` (EDM writes none) takes the EMA from the network snapshot ``ema_fallback`` when
-    that file exists, as EDM's resume does, and from ``net`` otherwise.
-    """
-    try:
-        misc.copy_params_and_buffers(data['net'], net, require_all=True)
-        if isinstance(data.get('ema'), torch.nn.Module):
-            misc.copy_params_and_buffers(data['ema'], ema, require_all=True)
-        elif ema_fallback is not None and os.path.isfile(ema_fallback):
-            with open(ema_fallback, 'rb') as f:
-                snapshot = pickle.load(f)
-            misc.copy_params_and_buffers(snapshot['ema'], ema, require_all=True)
-        else:
-            dist.print0(f'Note: {source} has no EMA network; the EMA restarts from the network weights.')
-            misc.copy_params_and_buffers(data['net'], ema, require_all=True)
-        if optimizer is not None:
-            saved_optimizer = data['optimizer_state']
-            optimizer.load_state_dict(saved_optimizer)
-    except (ValueError, KeyError, RuntimeError) as err:
-        raise TrainingError(f'--resume {source}: does not fit the network built from the current options '
-                            f'({str(err).splitlines()[0]}); use the --arch/--cbase/--cres/... of the original run'
-                            ) from None
-
-
-# ----------------------------------------------------------------------------
-# Writing.
-
-
-def _save_atomically(path: str, writer: Callable[[Any], None]) -> None:
-    try:
-        with dnnlib.util.atomic_write(path, 'wb') as f:
-            writer(f)
-    except OSError as err:  # disk full, quota, read-only: the temporary file is gone, earlier files are intact
-        raise TrainingError(f'{path}: cannot write it ({err.strerror or err}); earlier snapshots and training '
-                            f'states are complete') from None
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    return str(value)
-
-
-# ----------------------------------------------------------------------------
-
-
-def open_tensorboard(run_dir: str) -> Any:
-    """A TensorBoard ``SummaryWriter`` writing event files into ``run_dir`` (beside stats.jsonl).
-
-    Raises:
-        ImportError: the optional ``tensorboard`` package is not installed.
-    """
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise ImportError('TensorBoard logging needs the tensorboard package (pip install tensorboard)') from None
-    return SummaryWriter(log_dir=run_dir)
-
-
-def write_tensorboard_scalars(writer: Any, stats: dict[str, Any], nimg: int) -> None:
-    """One scalar per statistic of a tick (its mean, as stats.jsonl holds it), at step = images seen so far.
-
-    Images rather than whole kimg keep short runs (ticks of a fraction of a kimg) apart on the step axis.
-    """
-    for name, value in stats.items():
-        mean = value.get('mean') if isinstance(value, dict) else None
-        if mean is not None:
-            writer.add_scalar(name, mean, global_step=int(nimg))
-    writer.flush()
+# The loop.
 
 
 def training_loop(
@@ -310,135 +168,61 @@ def training_loop(
     phema_stds: Optional[list] = None,        # Post-hoc EMA: sigma_rel of each tracked power-function EMA.
     stop: Optional[StopRequest] = None,       # Shared stop flag (tests); None installs SIGTERM/SIGINT handlers.
 ) -> None:
-    """Train; returns when ``total_kimg`` is reached or a stop was requested (after saving)."""
+    """Train; returns when ``total_kimg`` is reached or a stop was requested (after saving).
+
+    Raises:
+        TrainingError: a configuration that does not fit (batch geometry, --phema, --transfer), an unusable
+            training state, a NaN/Inf loss (with advice on where to continue), or a file that cannot be written.
+    """
     options = _json_safe({k: v for k, v in locals().items() if k != 'stop'})
     start_time = time.time()
     device = torch.device(device) if device is not None else dist.get_device()
     rank, world = dist.get_rank(), dist.get_world_size()
-
-    # Process-wide generators: derived per rank so ranks differ, as in the original.
-    # Full float32 matmuls and convolutions (no TF32, no reduced-precision fp16 sums), as the original.
-    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
-    cudnn.benchmark = cudnn_benchmark
-    cudnn.allow_tf32 = matmul.allow_tf32 = matmul.allow_fp16_reduced_precision_reduction = False
-    host_seed = derive_seed(seed, STREAM_HOST, rank)
-    np.random.seed(host_seed % (1 << 31))
-    random.seed(host_seed)
-
-    # Batch geometry.
-    if batch_size % world != 0:
-        raise TrainingError(f'--batch {batch_size} must be divisible by the number of processes ({world})')
-    batch_per_rank = batch_size // world
-    if stf:
-        if rbatch < batch_per_rank:
-            raise TrainingError(f'--rbatch {rbatch} must be at least the per-process batch ({batch_per_rank})')
-        batch_gpu, rounds, loaded_per_rank = rbatch, 1, rbatch
-    else:
-        batch_gpu = batch_per_rank if batch_gpu is None else min(batch_gpu, batch_per_rank)
-        if batch_per_rank % batch_gpu != 0:
-            raise TrainingError(f'--batch {batch_size} must be divisible by processes ({world}) x --batch-gpu '
-                                f'({batch_gpu}) = {world * batch_gpu}')
-        rounds, loaded_per_rank = batch_per_rank // batch_gpu, batch_per_rank
+    _configure_process(seed, rank, cudnn_benchmark)
+    batch_per_rank, batch_gpu, rounds, loaded_per_rank = _batch_geometry(batch_size, batch_gpu, world, stf, rbatch)
     stream_per_step = loaded_per_rank * world
     # Image counts, rounded so that fractional kimg from the command line (0.24 -> 240.00000000000003) are exact.
     total_nimg = round(total_kimg * 1000)
     tick_nimg = max(round(kimg_per_tick * 1000), 1)
 
-    # Dataset and network.
+    # Data, network, loss, optimiser, augmentation and EMAs.
     dist.print0(f'Opening the dataset {dataset_kwargs.get("path", "")}...')
     dataset = dnnlib.util.construct_class_by_name(**dataset_kwargs)
     sampler = misc.InfiniteSampler(dataset, rank=rank, num_replicas=world, seed=seed, block_size=loaded_per_rank)
-
-    dist.print0('Building the network...')
     interface = dict(img_resolution=dataset.resolution, img_channels=dataset.num_channels,
                      label_dim=dataset.label_dim, pfgmpp=pfgmpp, D=D)
-    torch.manual_seed(derive_seed(seed, STREAM_INIT))  # identical initial weights on every rank
-    net = dnnlib.util.construct_class_by_name(**network_kwargs, **interface)
-    net.to(device).train().requires_grad_(True)
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    if channels_last:
-        net.to(memory_format=torch.channels_last)
-    if dist.is_main():
-        probe_batch = min(batch_gpu, batch_per_rank)  # not the whole STF reference batch
-        with torch.no_grad():
-            probe = [torch.zeros([probe_batch, net.img_channels, net.img_resolution, net.img_resolution],
-                                 device=device), torch.ones([probe_batch], device=device),
-                     torch.zeros([probe_batch, net.label_dim], device=device)]
-            misc.print_module_summary(net, probe, max_nesting=2)
-
+    net = _build_network(network_kwargs, interface, seed, device, channels_last,
+                         probe_batch=min(batch_gpu, batch_per_rank))  # not the whole STF reference batch
     dist.print0('Creating loss, optimizer and augmentation...')
     loss_kwargs = dict(loss_kwargs)
     loss_kwargs.setdefault('D', D if pfgmpp else None)
     loss_fn = dnnlib.util.construct_class_by_name(**loss_kwargs)
     optimizer = dnnlib.util.construct_class_by_name(params=net.parameters(), **optimizer_kwargs)
     augment_pipe = dnnlib.util.construct_class_by_name(**augment_kwargs) if augment_kwargs is not None else None
-    ddp = None
-    if dist.is_distributed():
-        ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == 'cuda' else None,
-                                                        **_ddp_buffer_options())
+    ddp = _wrap_ddp(net, device)
     ema = copy.deepcopy(net).requires_grad_(False).eval()
-    power_emas = _power_emas(net, phema_stds)
+    power_emas = _build_power_emas(net, phema_stds)
 
-    # Where training starts.
-    cur_nimg = int(round(resume_kimg * 1000))
-    cur_tick = 0
-    data_position = None
+    # Where training starts: the beginning, a transferred snapshot, or a training state.
+    cur_nimg, cur_tick, data_position = int(round(resume_kimg * 1000)), 0, None
     if resume_pkl is not None:
-        from training.network_io import NetworkLoadError, load_network
-        dist.print0(f'Transfer: starting from the weights of {resume_pkl}')
-        try:
-            source_net = load_network(resume_pkl, device='cpu')
-            misc.copy_params_and_buffers(src_module=source_net, dst_module=net, require_all=False)
-            misc.copy_params_and_buffers(src_module=source_net, dst_module=ema, require_all=False)
-        except (NetworkLoadError, ValueError) as err:
-            raise TrainingError(f'--transfer: {err}') from None
-        del source_net
+        _transfer_weights(resume_pkl, net, ema)
     if resume_state_dump is not None:
-        dist.print0(f'Resuming from the training state {resume_state_dump}')
-        data = read_training_state(resume_state_dump)
-        kimg_tag = re.fullmatch(r'training-state-(\d+)\.pt', os.path.basename(resume_state_dump))
-        fallback = None
-        if kimg_tag is not None:
-            fallback = os.path.join(os.path.dirname(resume_state_dump), f'network-snapshot-{kimg_tag.group(1)}.pkl')
-        load_training_state(data, net, ema, optimizer, source=resume_state_dump, ema_fallback=fallback)
-        _load_power_emas(power_emas, data, resume_state_dump)
-        cur_nimg = int(data['step']) if 'step' in data else cur_nimg
-        if data.get('format') == STATE_FORMAT:
-            cur_tick = int(data['cur_tick'])
-            data_position = int(data['data_position'])
-            sampler.load_state_dict(data['sampler'])
-            rng = data['rng']
-            if len(rng) == world:
-                _set_host_rng_state(rng[rank], device)
-            else:
-                dist.print0(f'Note: the state was written by {len(rng)} process(es), this run has {world}; data '
-                            f'order continues exactly, host random states restart.')
-        else:
-            cur_tick = cur_nimg // tick_nimg
-            dist.print0('Note: this training state was written by the original code; it has no data position or '
-                        'random states, so the data order cannot be restored (training continues with a fresh '
-                        'order; network, EMA, optimizer and step are restored).')
-        del data
+        cur_nimg, cur_tick, data_position = _resume(resume_state_dump, cur_nimg, tick_nimg, net, ema, optimizer,
+                                                    power_emas, sampler, device)
     if data_position is None:
         # No recorded position: continue the stream numbering where the step count says, with a fresh order.
         data_position = (cur_nimg // batch_size) * stream_per_step
         if data_position:
             sampler.restart_at(data_position, derive_seed(seed, STREAM_LOADER, data_position))
+    data_iter = _open_data_iterator(dataset, sampler, batch_gpu, data_loader_kwargs, device,
+                                    derive_seed(seed, STREAM_LOADER, rank, data_position))
 
-    # Data loader: the sampler runs in this process, so its position is ours to track.
-    loader_kwargs = dict(data_loader_kwargs)
-    if not loader_kwargs.get('num_workers'):
-        loader_kwargs.pop('prefetch_factor', None)
-        loader_kwargs.pop('multiprocessing_context', None)
-    if device.type != 'cuda':
-        loader_kwargs['pin_memory'] = False
-    loader_generator = torch.Generator().manual_seed(derive_seed(seed, STREAM_LOADER, rank, data_position))
-    data_iter: Iterator = iter(torch.utils.data.DataLoader(dataset=dataset, sampler=sampler, batch_size=batch_gpu,
-                                                           generator=loader_generator, **loader_kwargs))
-
+    # What every step uses.
     forward_net: torch.nn.Module = ddp if ddp is not None else net
     if compile:
         forward_net = torch.compile(forward_net)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     loss_generator = torch.Generator(device=device)
     augment = functools.partial(augment_pipe, generator=loss_generator) if augment_pipe is not None else None
     params = list(net.parameters())
@@ -446,17 +230,16 @@ def training_loop(
     params_data = [p.detach() for p in params]
     ema_params = list(ema.parameters())
     base_lr = optimizer_kwargs['lr']
+    snapshot_contents = dict(loss_fn=loss_fn, augment_pipe=augment_pipe, dataset_kwargs=dataset_kwargs)
 
     stop = stop if stop is not None else StopRequest()
-    with stop:
+    with stop, _TickReporter(run_dir, device, start_time, tensorboard) as report_tick:
         vote = _StopVote(stop)
         dist.print0(f'Training for {total_kimg:g} kimg...')
         dist.print0()
         tick_start_nimg = cur_nimg
         tick_start_time = time.time()
         maintenance_sec = tick_start_time - start_time
-        stats_file = None
-        tensorboard_writer = None
         while True:
             # Accumulate gradients over the micro-batches of this rank.
             for p in params:
@@ -487,59 +270,25 @@ def training_loop(
                     torch.nan_to_num(p.grad, nan=0, posinf=GRAD_CLAMP, neginf=-GRAD_CLAMP, out=p.grad)
             optimizer.step()
 
+            # EMAs of the weights.
             ema_beta = ema_decay(cur_nimg, batch_size, ema_halflife_kimg, ema_rampup_ratio)
             with torch.no_grad():
                 torch._foreach_copy_(ema_params, torch._foreach_lerp(params_data, ema_params, ema_beta))
-
             cur_nimg += batch_size
             if power_emas is not None:
                 power_emas.update(params_data, cur_nimg, batch_size)
+
+            # A tick ends every tick_nimg images, at the end, on a stop request, and after the first step of a run.
             data_position += stream_per_step
             done = cur_nimg >= total_nimg
             stopping = vote()
             if not (done or stopping or cur_tick == 0 or cur_nimg >= tick_start_nimg + tick_nimg):
                 continue
 
-            # Tick: status line, statistics, snapshots.
+            # Status line and statistics; a NaN/Inf loss ends training with advice.
             tick_end_time = time.time()
-            report0 = training_stats.report0
-            report0('Progress/tick', cur_tick)
-            report0('Progress/kimg', cur_nimg / 1e3)
-            report0('Timing/total_sec', tick_end_time - start_time)
-            report0('Timing/sec_per_tick', tick_end_time - tick_start_time)
-            report0('Timing/sec_per_kimg', (tick_end_time - tick_start_time) / max(cur_nimg - tick_start_nimg, 1) * 1e3)
-            report0('Timing/maintenance_sec', maintenance_sec)
-            report0('Resources/cpu_mem_gb', psutil.Process(os.getpid()).memory_info().rss / 2**30)
-            gpu_mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == 'cuda' else 0.0
-            gpu_reserved = torch.cuda.max_memory_reserved(device) / 2**30 if device.type == 'cuda' else 0.0
-            report0('Resources/peak_gpu_mem_gb', gpu_mem)
-            report0('Resources/peak_gpu_mem_reserved_gb', gpu_reserved)
-            if device.type == 'cuda':
-                torch.cuda.reset_peak_memory_stats(device)
-            collector = training_stats.default_collector
-            collector.update()
-            loss_mean = collector.mean(LOSS_STAT)
-            dist.print0(' '.join([
-                f'tick {cur_tick:<5d}',
-                f'kimg {cur_nimg / 1e3:<9.3f}',
-                f'time {dnnlib.util.format_time(tick_end_time - start_time):<12s}',
-                f'sec/tick {tick_end_time - tick_start_time:<7.1f}',
-                f'sec/kimg {collector.mean("Timing/sec_per_kimg"):<7.2f}',
-                f'maintenance {maintenance_sec:<6.1f}',
-                f'cpumem {collector.mean("Resources/cpu_mem_gb"):<6.2f}',
-                f'gpumem {gpu_mem:<6.2f}',
-                f'reserved {gpu_reserved:<6.2f}',
-                f'loss {loss_mean:.4f}',
-            ]))
-            if dist.is_main():
-                if stats_file is None:
-                    stats_file = open(os.path.join(run_dir, 'stats.jsonl'), 'at', encoding='utf-8')
-                stats_file.write(json.dumps(dict(collector.as_dict(), timestamp=time.time())) + '\n')
-                stats_file.flush()
-                if tensorboard:
-                    if tensorboard_writer is None:
-                        tensorboard_writer = open_tensorboard(run_dir)
-                    write_tensorboard_scalars(tensorboard_writer, collector.as_dict(), cur_nimg)
+            loss_mean = report_tick(cur_tick, cur_nimg, tick_start_nimg, tick_start_time, tick_end_time,
+                                    maintenance_sec)
             if not np.isfinite(loss_mean):
                 raise TrainingError(f'the training loss became {loss_mean} at {cur_nimg / 1e3:.3f} kimg '
                                     f'(tick {cur_tick}); {_nan_advice(run_dir, resume_state_dump)}')
@@ -548,29 +297,19 @@ def training_loop(
                 dist.print0()
                 dist.print0('Stop requested: saving and exiting...')
 
-            kimg_name = f'{int(cur_nimg // 1000):06d}'
+            # Network snapshots and the training state.
+            tag = training_state.kimg_tag(cur_nimg)
             if snapshot_ticks is not None and (done or cur_tick % snapshot_ticks == 0):
-                snapshot_path = os.path.join(run_dir, f'network-snapshot-{kimg_name}.pkl')
-                if snapshot_format in ('pkl', 'both'):
-                    _write_snapshot(snapshot_path, ema=ema, loss_fn=loss_fn, augment_pipe=augment_pipe,
-                                    dataset_kwargs=dataset_kwargs)
-                if snapshot_format in ('weights', 'both') and dist.is_main():
-                    _write_weights(snapshot_path, ema, kimg=cur_nimg / 1e3)
-                if power_emas is not None:
-                    _write_power_ema_snapshots(run_dir, power_emas, net, cur_nimg, batch_size, loss_fn=loss_fn,
-                                               augment_pipe=augment_pipe, dataset_kwargs=dataset_kwargs)
+                _save_snapshots(run_dir, tag, cur_nimg, ema, snapshot_format, net, power_emas, batch_size,
+                                **snapshot_contents)
             if state_dump_ticks is not None and (done or (cur_tick % state_dump_ticks == 0 and cur_tick != 0)):
-                state = dict(net=net, ema=ema, optimizer_state=optimizer.state_dict(), step=cur_nimg,
-                             format=STATE_FORMAT, format_version=STATE_VERSION, cur_tick=cur_tick + 1,
-                             tick_start_nimg=cur_nimg, data_position=data_position,
-                             sampler=sampler.state_dict(data_position), rng=_gather_objects(_host_rng_state(device)),
-                             world_size=world, seed=seed, batch_size=batch_size, loss_scaling=loss_scaling,
-                             options=options)
-                if power_emas is not None:
-                    state['phema'] = power_emas.state_dict()
+                state = training_state.make_training_state(
+                    net=net, ema=ema, optimizer=optimizer, cur_nimg=cur_nimg, next_tick=cur_tick + 1,
+                    data_position=data_position, sampler=sampler, device=device, seed=seed, batch_size=batch_size,
+                    loss_scaling=loss_scaling, options=options, power_emas=power_emas)
                 if dist.is_main():
-                    _save_atomically(os.path.join(run_dir, f'training-state-{kimg_name}.pt'),
-                                     functools.partial(torch.save, state))
+                    training_state.save_training_state(
+                        os.path.join(run_dir, training_state.state_file_name(tag)), state)
                 del state
                 dist.barrier()
 
@@ -581,12 +320,71 @@ def training_loop(
             if done:
                 break
 
-    if stats_file is not None:
-        stats_file.close()
-    if tensorboard_writer is not None:
-        tensorboard_writer.close()
     dist.print0()
     dist.print0('Exiting...')
+
+
+# ----------------------------------------------------------------------------
+# Setup.
+
+
+def _configure_process(seed: int, rank: int, cudnn_benchmark: bool) -> None:
+    """Numerics and process-wide generators: full float32 matmuls and convolutions (no TF32, no reduced-precision
+    fp16 sums), as the original; numpy and Python generators derived per rank so ranks differ, as the original."""
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    cudnn.benchmark = cudnn_benchmark
+    cudnn.allow_tf32 = matmul.allow_tf32 = matmul.allow_fp16_reduced_precision_reduction = False
+    host_seed = derive_seed(seed, STREAM_HOST, rank)
+    np.random.seed(host_seed % (1 << 31))
+    random.seed(host_seed)
+
+
+def _batch_geometry(batch_size: int, batch_gpu: Optional[int], world: int, stf: bool,
+                    rbatch: int) -> tuple[int, int, int, int]:
+    """(images per rank and step, images per micro-batch, micro-batches per step, images loaded per rank and step).
+
+    With STF each rank loads its whole reference batch (``rbatch``) in one micro-batch; the first images of it
+    are the ones trained on.
+    """
+    if batch_size % world != 0:
+        raise TrainingError(f'--batch {batch_size} must be divisible by the number of processes ({world})')
+    batch_per_rank = batch_size // world
+    if stf:
+        if rbatch < batch_per_rank:
+            raise TrainingError(f'--rbatch {rbatch} must be at least the per-process batch ({batch_per_rank})')
+        return batch_per_rank, rbatch, 1, rbatch
+    batch_gpu = batch_per_rank if batch_gpu is None else min(batch_gpu, batch_per_rank)
+    if batch_per_rank % batch_gpu != 0:
+        raise TrainingError(f'--batch {batch_size} must be divisible by processes ({world}) x --batch-gpu '
+                            f'({batch_gpu}) = {world * batch_gpu}')
+    return batch_per_rank, batch_gpu, batch_per_rank // batch_gpu, batch_per_rank
+
+
+def _build_network(network_kwargs: dict, interface: dict, seed: int, device: torch.device, channels_last: bool,
+                   probe_batch: int) -> torch.nn.Module:
+    """The network in training mode on ``device``, with identical initial weights on every rank; rank 0 prints
+    its summary from one forward pass of ``probe_batch`` images."""
+    dist.print0('Building the network...')
+    torch.manual_seed(derive_seed(seed, STREAM_INIT))
+    net = dnnlib.util.construct_class_by_name(**network_kwargs, **interface)
+    net.to(device).train().requires_grad_(True)
+    if channels_last:
+        net.to(memory_format=torch.channels_last)
+    if dist.is_main():
+        with torch.no_grad():
+            probe = [torch.zeros([probe_batch, net.img_channels, net.img_resolution, net.img_resolution],
+                                 device=device), torch.ones([probe_batch], device=device),
+                     torch.zeros([probe_batch, net.label_dim], device=device)]
+            misc.print_module_summary(net, probe, max_nesting=2)
+    return net
+
+
+def _wrap_ddp(net: torch.nn.Module, device: torch.device) -> Optional[torch.nn.parallel.DistributedDataParallel]:
+    """DDP around ``net`` when distributed (None otherwise)."""
+    if not dist.is_distributed():
+        return None
+    return torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == 'cuda' else None,
+                                                     **_ddp_buffer_options())
 
 
 def _ddp_buffer_options() -> dict[str, bool]:
@@ -603,29 +401,7 @@ def _ddp_buffer_options() -> dict[str, bool]:
     return dict(broadcast_buffers=False)
 
 
-def _nan_advice(run_dir: str, resume_state_dump: Optional[str]) -> str:
-    """What to do after a NaN/Inf loss: resume from the newest training state that exists, or start over."""
-    states = []
-    for name in os.listdir(run_dir) if run_dir and os.path.isdir(run_dir) else []:
-        match = re.fullmatch(r'training-state-(\d+)\.pt', name)
-        if match:
-            states.append((int(match.group(1)), os.path.join(run_dir, name)))
-    if resume_state_dump is not None and os.path.isfile(resume_state_dump):
-        match = re.fullmatch(r'training-state-(\d+)\.pt', os.path.basename(resume_state_dump))
-        states.append((int(match.group(1)) if match else -1, resume_state_dump))
-    if not states:
-        return ('no training state was written before it (one is written every --dump ticks), so start over '
-                'with a lower --lr or check the data')
-    return f'lower --lr or check the data, then continue with --resume={max(states)[1]}'
-
-
-def ema_decay(cur_nimg: int, batch_size: int, halflife_kimg: float, rampup_ratio: Optional[float]) -> float:
-    """Per-step EMA decay for a half-life in images, capped early in training at ``rampup_ratio * cur_nimg``."""
-    halflife = halflife_kimg * 1000 if rampup_ratio is None else min(halflife_kimg * 1000, cur_nimg * rampup_ratio)
-    return 0.5 ** (batch_size / max(halflife, 1e-8))
-
-
-def _power_emas(net: torch.nn.Module, stds: Optional[list]) -> Any:
+def _build_power_emas(net: torch.nn.Module, stds: Optional[list]) -> Any:
     """The post-hoc EMA tracker for ``--phema`` (None without it)."""
     if not stds:
         return None
@@ -636,21 +412,209 @@ def _power_emas(net: torch.nn.Module, stds: Optional[list]) -> Any:
         raise TrainingError(str(err)) from None
 
 
-def _load_power_emas(power_emas: Any, data: dict, source: str) -> None:
-    """Restore the tracked post-hoc EMAs of a training state; they cannot start half-way through training."""
-    from training import phema
-    saved = data.get('phema')
-    if power_emas is None:
-        if saved:
-            dist.print0(f'Note: {source} tracks post-hoc EMAs (--phema); this run without --phema drops them.')
-        return
-    if not saved:
-        raise TrainingError(f'--phema: {source} tracks no post-hoc EMA; a power-function EMA averages the whole '
-                            f'run, so it must be on from the start (resume without --phema)')
+def _open_data_iterator(dataset: Any, sampler: misc.InfiniteSampler, batch_gpu: int, data_loader_kwargs: dict,
+                        device: torch.device, loader_seed: int) -> Iterator:
+    """Micro-batches of ``(uint8 images, labels)``; the sampler runs in this process, so its position is ours to
+    track."""
+    loader_kwargs = dict(data_loader_kwargs)
+    if not loader_kwargs.get('num_workers'):
+        loader_kwargs.pop('prefetch_factor', None)
+        loader_kwargs.pop('multiprocessing_context', None)
+    if device.type != 'cuda':
+        loader_kwargs['pin_memory'] = False
+    loader_generator = torch.Generator().manual_seed(loader_seed)
+    return iter(torch.utils.data.DataLoader(dataset=dataset, sampler=sampler, batch_size=batch_gpu,
+                                            generator=loader_generator, **loader_kwargs))
+
+
+def ema_decay(cur_nimg: int, batch_size: int, halflife_kimg: float, rampup_ratio: Optional[float]) -> float:
+    """Per-step EMA decay for a half-life in images, capped early in training at ``rampup_ratio * cur_nimg``."""
+    halflife = halflife_kimg * 1000 if rampup_ratio is None else min(halflife_kimg * 1000, cur_nimg * rampup_ratio)
+    return 0.5 ** (batch_size / max(halflife, 1e-8))
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+# ----------------------------------------------------------------------------
+# Resume.
+
+
+def _transfer_weights(resume_pkl: str, net: torch.nn.Module, ema: torch.nn.Module) -> None:
+    """--transfer: start ``net`` and ``ema`` from the EMA weights of a network snapshot (names that match)."""
+    from training.network_io import NetworkLoadError, load_network
+    dist.print0(f'Transfer: starting from the weights of {resume_pkl}')
     try:
-        power_emas.load_state_dict(saved, source=source)
-    except phema.PhemaError as err:
-        raise TrainingError(str(err)) from None
+        source_net = load_network(resume_pkl, device='cpu')
+        misc.copy_params_and_buffers(src_module=source_net, dst_module=net, require_all=False)
+        misc.copy_params_and_buffers(src_module=source_net, dst_module=ema, require_all=False)
+    except (NetworkLoadError, ValueError) as err:
+        raise TrainingError(f'--transfer: {err}') from None
+
+
+def _resume(path: str, cur_nimg: int, tick_nimg: int, net: torch.nn.Module, ema: torch.nn.Module,
+            optimizer: torch.optim.Optimizer, power_emas: Any, sampler: misc.InfiniteSampler,
+            device: torch.device) -> tuple[int, int, Optional[int]]:
+    """Load the training state ``path`` into the training objects; returns (images seen, next tick, data position).
+
+    ``cur_nimg`` is the progress to assume when the state does not record it. The data position is None for a
+    state written by the original code: it records no position or random states.
+    """
+    dist.print0(f'Resuming from the training state {path}')
+    data = training_state.read_training_state(path)
+    tag = training_state.STATE_PATTERN.fullmatch(os.path.basename(path))
+    fallback = None
+    if tag is not None:
+        fallback = os.path.join(os.path.dirname(path), _snapshot_file_name(tag.group(1)))
+    training_state.load_training_state(data, net, ema, optimizer, source=path, ema_fallback=fallback)
+    training_state.load_power_emas(power_emas, data, path)
+    cur_nimg = int(data['step']) if 'step' in data else cur_nimg
+    if data.get('format') != training_state.STATE_FORMAT:
+        dist.print0('Note: this training state was written by the original code; it has no data position or '
+                    'random states, so the data order cannot be restored (training continues with a fresh '
+                    'order; network, EMA, optimizer and step are restored).')
+        return cur_nimg, cur_nimg // tick_nimg, None
+    sampler.load_state_dict(data['sampler'])
+    rng = data['rng']
+    if len(rng) == dist.get_world_size():
+        training_state.set_host_rng_state(rng[dist.get_rank()], device)
+    else:
+        dist.print0(f'Note: the state was written by {len(rng)} process(es), this run has {dist.get_world_size()}; '
+                    f'data order continues exactly, host random states restart.')
+    return cur_nimg, int(data['cur_tick']), int(data['data_position'])
+
+
+# ----------------------------------------------------------------------------
+# Tick reporting.
+
+
+class _TickReporter:
+    """The end of a tick: statistics into training_stats, the status line, and (rank 0) a stats.jsonl line and
+    TensorBoard scalars. The files open at the first tick and close with the ``with`` block."""
+
+    def __init__(self, run_dir: str, device: torch.device, start_time: float, tensorboard: bool) -> None:
+        self.run_dir, self.device, self.start_time, self.tensorboard = run_dir, device, start_time, tensorboard
+        self.stats_file: Any = None
+        self.tensorboard_writer: Any = None
+
+    def __enter__(self) -> '_TickReporter':
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.stats_file is not None:
+            self.stats_file.close()
+        if self.tensorboard_writer is not None:
+            self.tensorboard_writer.close()
+
+    def __call__(self, cur_tick: int, cur_nimg: int, tick_start_nimg: int, tick_start_time: float,
+                 tick_end_time: float, maintenance_sec: float) -> float:
+        """Report the tick that ends now; returns its mean training loss over all ranks."""
+        device = self.device
+        report0 = training_stats.report0
+        report0('Progress/tick', cur_tick)
+        report0('Progress/kimg', cur_nimg / 1e3)
+        report0('Timing/total_sec', tick_end_time - self.start_time)
+        report0('Timing/sec_per_tick', tick_end_time - tick_start_time)
+        report0('Timing/sec_per_kimg', (tick_end_time - tick_start_time) / max(cur_nimg - tick_start_nimg, 1) * 1e3)
+        report0('Timing/maintenance_sec', maintenance_sec)
+        report0('Resources/cpu_mem_gb', psutil.Process(os.getpid()).memory_info().rss / 2**30)
+        gpu_mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == 'cuda' else 0.0
+        gpu_reserved = torch.cuda.max_memory_reserved(device) / 2**30 if device.type == 'cuda' else 0.0
+        report0('Resources/peak_gpu_mem_gb', gpu_mem)
+        report0('Resources/peak_gpu_mem_reserved_gb', gpu_reserved)
+        if device.type == 'cuda':
+            torch.cuda.reset_peak_memory_stats(device)
+        collector = training_stats.default_collector
+        collector.update()
+        loss_mean = collector.mean(LOSS_STAT)
+        dist.print0(' '.join([
+            f'tick {cur_tick:<5d}',
+            f'kimg {cur_nimg / 1e3:<9.3f}',
+            f'time {dnnlib.util.format_time(tick_end_time - self.start_time):<12s}',
+            f'sec/tick {tick_end_time - tick_start_time:<7.1f}',
+            f'sec/kimg {collector.mean("Timing/sec_per_kimg"):<7.2f}',
+            f'maintenance {maintenance_sec:<6.1f}',
+            f'cpumem {collector.mean("Resources/cpu_mem_gb"):<6.2f}',
+            f'gpumem {gpu_mem:<6.2f}',
+            f'reserved {gpu_reserved:<6.2f}',
+            f'loss {loss_mean:.4f}',
+        ]))
+        if dist.is_main():
+            if self.stats_file is None:
+                self.stats_file = open(os.path.join(self.run_dir, 'stats.jsonl'), 'at', encoding='utf-8')
+            self.stats_file.write(json.dumps(dict(collector.as_dict(), timestamp=time.time())) + '\n')
+            self.stats_file.flush()
+            if self.tensorboard:
+                if self.tensorboard_writer is None:
+                    self.tensorboard_writer = open_tensorboard(self.run_dir)
+                write_tensorboard_scalars(self.tensorboard_writer, collector.as_dict(), cur_nimg)
+        return loss_mean
+
+
+def open_tensorboard(run_dir: str) -> Any:
+    """A TensorBoard ``SummaryWriter`` writing event files into ``run_dir`` (beside stats.jsonl).
+
+    Raises:
+        ImportError: the optional ``tensorboard`` package is not installed.
+    """
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ImportError('TensorBoard logging needs the tensorboard package (pip install tensorboard)') from None
+    return SummaryWriter(log_dir=run_dir)
+
+
+def write_tensorboard_scalars(writer: Any, stats: dict[str, Any], nimg: int) -> None:
+    """One scalar per statistic of a tick (its mean, as stats.jsonl holds it), at step = images seen so far.
+
+    Images rather than whole kimg keep short runs (ticks of a fraction of a kimg) apart on the step axis.
+    """
+    for name, value in stats.items():
+        mean = value.get('mean') if isinstance(value, dict) else None
+        if mean is not None:
+            writer.add_scalar(name, mean, global_step=int(nimg))
+    writer.flush()
+
+
+def _nan_advice(run_dir: str, resume_state_dump: Optional[str]) -> str:
+    """What to do after a NaN/Inf loss: resume from the newest training state that exists, or start over."""
+    states = training_state.list_states(run_dir)
+    if resume_state_dump is not None and os.path.isfile(resume_state_dump):
+        kimg = training_state.state_kimg(resume_state_dump)
+        states.append((kimg if kimg is not None else -1, resume_state_dump))
+    if not states:
+        return ('no training state was written before it (one is written every --dump ticks), so start over '
+                'with a lower --lr or check the data')
+    return f'lower --lr or check the data, then continue with --resume={max(states)[1]}'
+
+
+# ----------------------------------------------------------------------------
+# Checkpointing.
+
+
+def _snapshot_file_name(tag: str) -> str:
+    """``network-snapshot-{tag}.pkl`` for a :func:`training.training_state.kimg_tag`."""
+    return f'network-snapshot-{tag}.pkl'
+
+
+def _save_snapshots(run_dir: str, tag: str, nimg: int, ema: torch.nn.Module, snapshot_format: str,
+                    net: torch.nn.Module, power_emas: Any, batch_size: int, **contents: Any) -> None:
+    """The snapshots of this tick: EDM's pickle and/or the weights-only file (``snapshot_format``), and with
+    ``--phema`` one pickle per tracked power-function EMA. ``contents``: the snapshot's other entries."""
+    snapshot_path = os.path.join(run_dir, _snapshot_file_name(tag))
+    if snapshot_format in ('pkl', 'both'):
+        _write_snapshot(snapshot_path, ema=ema, **contents)
+    if snapshot_format in ('weights', 'both') and dist.is_main():
+        _write_weights(snapshot_path, ema, kimg=nimg / 1e3)
+    if power_emas is not None:
+        _write_power_ema_snapshots(run_dir, power_emas, net, nimg, batch_size, **contents)
 
 
 def _write_power_ema_snapshots(run_dir: str, power_emas: Any, net: torch.nn.Module, nimg: int, batch_size: int,
@@ -676,7 +640,7 @@ def _write_snapshot(path: str, ema: torch.nn.Module, loss_fn: Any, augment_pipe:
     data = dict(ema=frozen_cpu_copy(ema), loss_fn=loss_fn, augment_pipe=frozen_cpu_copy(augment_pipe),
                 dataset_kwargs=dict(dataset_kwargs), **(extra or {}))
     if dist.is_main():
-        _save_atomically(path, functools.partial(pickle.dump, data))
+        training_state.save_atomically(path, functools.partial(pickle.dump, data))
 
 
 def _write_weights(snapshot_path: str, ema: torch.nn.Module, kimg: float) -> None:
@@ -686,4 +650,4 @@ def _write_weights(snapshot_path: str, ema: torch.nn.Module, kimg: float) -> Non
         record = export.network_record(ema, metadata=dict(kimg=kimg), source='--snap-format')
     except export.WeightsFormatError as err:
         raise TrainingError(str(err)) from None
-    _save_atomically(export.weights_path_for(snapshot_path), functools.partial(torch.save, record))
+    training_state.save_atomically(export.weights_path_for(snapshot_path), functools.partial(torch.save, record))
