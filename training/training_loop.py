@@ -38,7 +38,7 @@ import random
 import signal
 import threading
 import time
-from typing import Any, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 import numpy as np
 import psutil
@@ -49,6 +49,9 @@ from torch_utils import distributed as dist
 from torch_utils import misc, training_stats
 from training import training_state
 from training.training_state import TrainingError
+
+if TYPE_CHECKING:
+    from training.phema import PowerFunctionEMA
 
 #: Name of the per-element training loss in training_stats / stats.jsonl.
 LOSS_STAT = 'Loss/loss'
@@ -278,7 +281,7 @@ def training_loop(
             if power_emas is not None:
                 power_emas.update(params_data, cur_nimg, batch_size)
 
-            # A tick ends every tick_nimg images, at the end, on a stop request, and after the first step of a run.
+            # A tick ends after tick_nimg images, at the end, on a stop request; tick 0 is a single step.
             data_position += stream_per_step
             done = cur_nimg >= total_nimg
             stopping = vote()
@@ -401,7 +404,7 @@ def _ddp_buffer_options() -> dict[str, bool]:
     return dict(broadcast_buffers=False)
 
 
-def _build_power_emas(net: torch.nn.Module, stds: Optional[list]) -> Any:
+def _build_power_emas(net: torch.nn.Module, stds: Optional[list]) -> Optional[PowerFunctionEMA]:
     """The post-hoc EMA tracker for ``--phema`` (None without it)."""
     if not stds:
         return None
@@ -460,8 +463,8 @@ def _transfer_weights(resume_pkl: str, net: torch.nn.Module, ema: torch.nn.Modul
 
 
 def _resume(path: str, cur_nimg: int, tick_nimg: int, net: torch.nn.Module, ema: torch.nn.Module,
-            optimizer: torch.optim.Optimizer, power_emas: Any, sampler: misc.InfiniteSampler,
-            device: torch.device) -> tuple[int, int, Optional[int]]:
+            optimizer: torch.optim.Optimizer, power_emas: Optional[PowerFunctionEMA],
+            sampler: misc.InfiniteSampler, device: torch.device) -> tuple[int, int, Optional[int]]:
     """Load the training state ``path`` into the training objects; returns (images seen, next tick, data position).
 
     ``cur_nimg`` is the progress to assume when the state does not record it. The data position is None for a
@@ -605,7 +608,8 @@ def _snapshot_file_name(tag: str) -> str:
 
 
 def _save_snapshots(run_dir: str, tag: str, nimg: int, ema: torch.nn.Module, snapshot_format: str,
-                    net: torch.nn.Module, power_emas: Any, batch_size: int, **contents: Any) -> None:
+                    net: torch.nn.Module, power_emas: Optional[PowerFunctionEMA], batch_size: int,
+                    **contents: Any) -> None:
     """The snapshots of this tick: EDM's pickle and/or the weights-only file (``snapshot_format``), and with
     ``--phema`` one pickle per tracked power-function EMA. ``contents``: the snapshot's other entries."""
     snapshot_path = os.path.join(run_dir, _snapshot_file_name(tag))
@@ -617,8 +621,8 @@ def _save_snapshots(run_dir: str, tag: str, nimg: int, ema: torch.nn.Module, sna
         _write_power_ema_snapshots(run_dir, power_emas, net, nimg, batch_size, **contents)
 
 
-def _write_power_ema_snapshots(run_dir: str, power_emas: Any, net: torch.nn.Module, nimg: int, batch_size: int,
-                               **snapshot: Any) -> None:
+def _write_power_ema_snapshots(run_dir: str, power_emas: PowerFunctionEMA, net: torch.nn.Module, nimg: int,
+                               batch_size: int, **snapshot: Any) -> None:
     """One ``network-snapshot-{kimg:07d}-{std:.3f}.pkl`` per tracked sigma_rel, with its exact image count."""
     from training import phema
     for std, averaged in power_emas.networks(net):

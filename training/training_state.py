@@ -31,7 +31,7 @@ import os
 import pickle
 import random
 import re
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -39,6 +39,9 @@ import torch
 import dnnlib
 from torch_utils import distributed as dist
 from torch_utils import misc
+
+if TYPE_CHECKING:
+    from training.phema import PowerFunctionEMA
 
 #: Marks a training state written by our loop (the original's states have no such key).
 STATE_FORMAT = 'pfgmpp-training-state'
@@ -167,14 +170,15 @@ def load_training_state(data: dict, net: torch.nn.Module, ema: torch.nn.Module,
             dist.print0(f'Note: {source} has no EMA network; the EMA restarts from the network weights.')
             misc.copy_params_and_buffers(data['net'], ema, require_all=True)
         if optimizer is not None:
-            optimizer.load_state_dict(data['optimizer_state'])
+            saved_optimizer = data['optimizer_state']
+            optimizer.load_state_dict(saved_optimizer)
     except (ValueError, KeyError, RuntimeError) as err:
         raise TrainingError(f'--resume {source}: does not fit the network built from the current options '
                             f'({str(err).splitlines()[0]}); use the --arch/--cbase/--cres/... of the original run'
                             ) from None
 
 
-def load_power_emas(power_emas: Any, data: dict, source: str) -> None:
+def load_power_emas(power_emas: Optional[PowerFunctionEMA], data: dict, source: str) -> None:
     """Restore the post-hoc EMAs (``--phema``) a training state tracks into ``power_emas`` (None: not tracked).
 
     Raises:
@@ -217,7 +221,7 @@ def save_atomically(path: str, writer: Callable[[Any], None]) -> None:
 def make_training_state(*, net: torch.nn.Module, ema: torch.nn.Module, optimizer: torch.optim.Optimizer,
                         cur_nimg: int, next_tick: int, data_position: int, sampler: misc.InfiniteSampler,
                         device: torch.device, seed: int, batch_size: int, loss_scaling: float,
-                        options: dict[str, Any], power_emas: Any = None) -> dict[str, Any]:
+                        options: dict[str, Any], power_emas: Optional[PowerFunctionEMA] = None) -> dict[str, Any]:
     """The dict a training state holds (keys above) at the end of a tick; every rank must call it.
 
     It gathers the host random states of all ranks (a collective call when distributed).
