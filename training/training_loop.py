@@ -237,14 +237,7 @@ def _save_atomically(path: str, writer: Callable[[Any], None]) -> None:
                             f'states are complete') from None
 
 
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    return str(value)
+_json_safe = dnnlib.util.json_safe  # the project's one JSON sanitiser
 
 
 # ----------------------------------------------------------------------------
