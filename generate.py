@@ -1,6 +1,7 @@
 """Generate images with a trained EDM or PFGM++ network.
 
-A thin command line over ``training/sampler.py``: the flags of EDM's and PFGM++'s
+A thin command line over ``training/sampler.py``, with the flags it shares with ``fid.py gen`` in
+``training/cli.py``: the flags of EDM's and PFGM++'s
 generate.py keep their names and meaning, plus resumable output (existing PNGs
 are skipped unless --force), a preview grid, and the robustness studies of the
 PFGM++ paper (noise injection, weight quantization, step-count sweeps).
