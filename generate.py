@@ -1,6 +1,7 @@
 """Generate images with a trained EDM or PFGM++ network.
 
-A thin command line over ``training/sampler.py``: the flags of EDM's and PFGM++'s
+A thin command line over ``training/sampler.py``, with the flags it shares with ``fid.py gen`` in
+``training/cli.py``: the flags of EDM's and PFGM++'s
 generate.py keep their names and meaning, plus resumable output (existing PNGs
 are skipped unless --force), a preview grid, and the robustness studies of the
 PFGM++ paper (noise injection, weight quantization, step-count sweeps).
@@ -27,82 +28,19 @@ from tqdm import tqdm
 import dnnlib
 from torch_utils import distributed as dist
 from torch_utils import host_memory
-from training import guidance as guidance_lib
 from training import pfgmpp as pfgmpp_lib
 from training import manifest as manifest_lib
 from training import quantize
 from training import sampler as sampling
 from training import network_io
+from training.cli import (DEFAULT_STEPS, NON_NEGATIVE, Failure, FloatList, IntList, SeedList, check_noise_range,
+                          check_solver_flags, compact_seeds, guidance_options, guidance_record, make_guide,
+                          network_evaluations, on_main_rank, resolve_pfgmpp, sampler_error,
+                          sampler_options)
 from training.network_io import NetworkLoadError, load_network, network_summary
 
-SEED_LIMIT = 1 << 32            # seeds index 32-bit generator seeds; larger values would alias smaller ones
 IMAGES_PER_SUBDIR = 1000        # --subdirs groups seeds by thousands, as EDM does
 GRID_MAX_IMAGES = 256           # a preview grid shows at most this many images (the first seeds)
-DEFAULT_STEPS = 18
-
-# ----------------------------------------------------------------------------
-# Flag parsing.
-
-
-class SeedList(click.ParamType):
-    """Comma-separated seeds and inclusive ranges, e.g. 0-63,100; each in 0..2**32-1."""
-
-    name = 'LIST'
-
-    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> list[int]:
-        if isinstance(value, list):
-            return value
-        try:
-            seeds = dnnlib.util.parse_int_list(value, name='--seeds')
-        except ValueError as err:
-            self.fail(str(err).removeprefix('--seeds: '), param, ctx)
-        bad = [s for s in seeds if not 0 <= s < SEED_LIMIT]
-        if bad:
-            self.fail(f'seed {bad[0]} is out of range; expected integers in 0..{SEED_LIMIT - 1}', param, ctx)
-        return list(dict.fromkeys(seeds))  # drop repeats, keep order
-
-
-class IntList(click.ParamType):
-    """Comma-separated integers or ranges (for the sweeps)."""
-
-    name = 'LIST'
-
-    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> list[int]:
-        if isinstance(value, list):
-            return value
-        try:
-            return list(dict.fromkeys(dnnlib.util.parse_int_list(value)))
-        except ValueError as err:
-            self.fail(str(err).removeprefix('value: '), param, ctx)
-
-
-class FloatList(click.ParamType):
-    """Comma-separated non-negative numbers (for --sweep-alpha)."""
-
-    name = 'LIST'
-
-    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> list[float]:
-        if isinstance(value, list):
-            return value
-        numbers = []
-        for item in str(value).split(','):
-            if not item.strip():
-                continue
-            try:
-                number = float(item)
-            except ValueError:
-                self.fail(f'cannot parse {item.strip()!r}; expected numbers like "0,0.05,0.1"', param, ctx)
-            if not (math.isfinite(number) and number >= 0):
-                self.fail(f'{item.strip()} is not a finite number >= 0', param, ctx)
-            numbers.append(number)
-        if not numbers:
-            self.fail('no numbers given', param, ctx)
-        return list(dict.fromkeys(numbers))
-
-
-class Failure(click.ClickException):
-    """A one-line error for the user (no traceback)."""
-
 
 # ----------------------------------------------------------------------------
 # One generation run (a sweep makes several).
@@ -148,37 +86,6 @@ def plan_runs(outdir: str, steps: Optional[int], alpha: Optional[float], bits: O
     return runs
 
 
-def resolve_pfgmpp(net: Any, pfgmpp_flag: Optional[bool], aug_dim: Optional[int]) -> tuple[bool, Optional[int]]:
-    """PFGM++ settings from the network; the flags may restate them but never contradict them."""
-    declared = getattr(net, 'pfgmpp', None)
-    if declared is not None:
-        declared = bool(declared)
-        net_D = getattr(net, 'D', None)
-        if pfgmpp_flag is not None and pfgmpp_flag != declared:
-            raise click.BadParameter(f'--pfgmpp={pfgmpp_flag} contradicts the network, which was trained with '
-                                     f'pfgmpp={declared}; drop the flag', param_hint='--pfgmpp')
-        if aug_dim is not None and not declared:
-            raise click.BadParameter(f'--aug_dim={aug_dim} given, but the network is a diffusion model '
-                                     f'(pfgmpp=False); drop the flag', param_hint='--aug_dim')
-        if aug_dim is not None and net_D is not None and aug_dim != net_D:
-            raise click.BadParameter(f'--aug_dim={aug_dim} contradicts the network, which was trained with '
-                                     f'D={net_D}; drop the flag', param_hint='--aug_dim')
-        if declared and net_D is None and aug_dim is None:
-            raise click.BadParameter('the network is a PFGM++ model but does not record D; give --aug_dim',
-                                     param_hint='--aug_dim')
-        return declared, (int(net_D if net_D is not None else aug_dim) if declared else None)
-    # Networks from the original EDM code record neither: the flags decide.
-    if pfgmpp_flag:
-        if aug_dim is None:
-            raise click.BadParameter('--pfgmpp=True needs --aug_dim: this network does not record its D',
-                                     param_hint='--aug_dim')
-        return True, aug_dim
-    if aug_dim is not None:
-        raise click.BadParameter(f'--aug_dim={aug_dim} only applies to PFGM++ sampling; add --pfgmpp=True',
-                                 param_hint='--aug_dim')
-    return False, None
-
-
 def image_path(outdir: str, seed: int, subdirs: bool) -> str:
     folder = os.path.join(outdir, f'{seed // IMAGES_PER_SUBDIR * IMAGES_PER_SUBDIR:06d}') if subdirs else outdir
     return os.path.join(folder, f'{seed:06d}.png')
@@ -222,181 +129,8 @@ def grid_path_for(grid: str, run: Run) -> str:
     return f'{stem}-{run.tag}{ext or ".png"}'
 
 
-def compact_seeds(seeds: Sequence[int]) -> str:
-    """[0, 1, 2, 5] -> '0-2,5' (manifests stay small for 50k seeds)."""
-    parts, start, prev = [], None, None
-    for s in seeds:
-        if start is not None and s == prev + 1:
-            prev = s
-            continue
-        if start is not None:
-            parts.append(f'{start}-{prev}' if prev != start else f'{start}')
-        start = prev = s
-    if start is not None:
-        parts.append(f'{start}-{prev}' if prev != start else f'{start}')
-    return ','.join(parts)
-
-
-def jsonable(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    return value
-
-
-def network_evaluations(num_steps: int, sampler_kwargs: dict) -> int:
-    """Network calls per image (NFE) of the sampler these options select (``training.sampler.sampler_nfe``)."""
-    return sampling.sampler_nfe(num_steps, sampler_kwargs)
-
-
 # ----------------------------------------------------------------------------
 # The command.
-
-
-POSITIVE = click.FloatRange(min=0, min_open=True)
-NON_NEGATIVE = click.FloatRange(min=0)
-
-#: The sampler flags (EDM sampler, ablation sampler, PFGM++ restatements), shared with ``fid.py gen``.
-SAMPLER_OPTIONS = [
-    # EDM sampler.
-    click.option('--steps', 'num_steps', type=click.IntRange(min=1), default=None, metavar='INT',
-                 help=f'Sampler steps; Heun costs 2*steps-1 network calls  [default: {DEFAULT_STEPS}]'),
-    click.option('--sigma_min', type=POSITIVE, default=None, metavar='FLOAT',
-                 help='Smallest noise level  [default: 0.002, or per --disc]'),
-    click.option('--sigma_max', type=POSITIVE, default=None, metavar='FLOAT',
-                 help='Largest noise level  [default: 80, or per --disc]'),
-    click.option('--rho', type=POSITIVE, default=7, show_default=True, metavar='FLOAT',
-                 help='Exponent that spaces the noise levels'),
-    click.option('--S_churn', 'S_churn', type=NON_NEGATIVE, default=0, show_default=True, metavar='FLOAT',
-                 help='Churn: how much noise the stochastic sampler re-adds'),
-    click.option('--S_min', 'S_min', type=NON_NEGATIVE, default=0, show_default=True, metavar='FLOAT',
-                 help='Churn only at noise levels from here ...'),
-    click.option('--S_max', 'S_max', type=NON_NEGATIVE, default='inf', show_default=True, metavar='FLOAT',
-                 help="... up to here (EDM's default holds; the PFGM++ fork's generate.py defaulted to 0)"),
-    click.option('--S_noise', 'S_noise', type=float, default=1, show_default=True, metavar='FLOAT',
-                 help="Scale of the re-added noise (EDM's default holds; the PFGM++ fork's defaulted to 0)"),
-    # EDM's generalised (ablation) sampler: any of these selects it.
-    click.option('--solver', type=click.Choice(sampling.ALL_SOLVERS), default=None,
-                 metavar='|'.join(sampling.ALL_SOLVERS),
-                 help='euler|heun: ablation sampler\'s ODE solver; dpmpp2m|dpmpp3m (DPM-Solver++ multistep, 1 NFE '
-                      'per step) or restart (Restart sampling): fast solvers for every network, PFGM++ included'),
-    click.option('--disc', 'discretization', type=click.Choice(sampling.DISCRETIZATIONS), default=None,
-                 metavar='vp|ve|iddpm|edm', help='Ablation: how the noise levels are spaced'),
-    click.option('--schedule', type=click.Choice(sampling.SCHEDULES), default=None, metavar='vp|ve|linear',
-                 help='Ablation: noise schedule sigma(t)'),
-    click.option('--scaling', type=click.Choice(sampling.SCALINGS), default=None, metavar='vp|none',
-                 help='Ablation: signal scaling s(t)'),
-    # Fast solvers (--solver=dpmpp2m|dpmpp3m|restart) and the spacing of the noise levels.
-    click.option('--spacing', type=click.Choice(sampling.SPACINGS), default=None, metavar='|'.join(sampling.SPACINGS),
-                 help='Noise levels of the EDM sampler and the fast solvers: edm (rho-spaced) or logsnr (uniform in '
-                      'log sigma, DPM-Solver\'s choice for few steps)  [default: edm]'),
-    click.option('--restart-interval', 'restart_interval', type=FloatList(), default=None, metavar='LO,HI',
-                 help=f'Restart: noise levels t_min,t_max between which it restarts  '
-                      f'[default: {",".join(map(str, sampling.RESTART_INTERVAL))}]'),
-    click.option('--restart-repeats', 'restart_repeats', type=click.IntRange(min=1), default=None, metavar='K',
-                 help=f'Restart: number of restarts K  [default: {sampling.RESTART_REPEATS}]'),
-    click.option('--restart-steps', 'restart_steps', type=click.IntRange(min=1), default=None, metavar='INT',
-                 help=f'Restart: Heun steps per restart (2 NFE each)  [default: {sampling.RESTART_STEPS}]'),
-    # PFGM++ (normally read from the network).
-    click.option('--pfgmpp', type=bool, default=None, metavar='BOOL',
-                 help='Restate that the network is PFGM++ (an error if the network says otherwise)'),
-    click.option('--aug_dim', type=click.IntRange(min=1), default=None, metavar='INT',
-                 help='Restate its augmented dimensions D (an error if the network says otherwise)'),
-]
-
-
-def sampler_options(fn: Callable) -> Callable:
-    """Decorator adding :data:`SAMPLER_OPTIONS` to a click command."""
-    for option in reversed(SAMPLER_OPTIONS):
-        fn = option(fn)
-    return fn
-
-
-def _parse_interval(_ctx: Any, _param: Any, value: Optional[str]) -> Optional[tuple[float, float]]:
-    if value is None:
-        return None
-    try:
-        lo, hi = (float(item) for item in value.split(','))
-        return guidance_lib.check_interval((lo, hi))
-    except ValueError as err:
-        reason = str(err) if isinstance(err, guidance_lib.GuidanceError) else 'expected two numbers SIGMA_LO,SIGMA_HI'
-        raise click.BadParameter(f'{value}: {reason}') from None
-
-
-#: Guidance flags (EDM2's autoguidance and classifier-free guidance), shared with ``fid.py gen``.
-GUIDANCE_OPTIONS = [
-    click.option('--gnet', 'gnet', type=str, default=None, metavar='PATH|URL|uncond',
-                 help='Guiding network for --guidance (autoguidance: a weaker one; CFG: an unconditional one, or '
-                      f'"{guidance_lib.DROPPED_LABEL}" for --network itself with its label dropped)'),
-    click.option('--guidance', type=float, default=1.0, show_default=True, metavar='W',
-                 help='Guidance weight: D_gnet + W*(D_net - D_gnet); 1 = unguided'),
-    click.option('--guidance-interval', 'guidance_interval', type=str, default=None, metavar='LO,HI',
-                 callback=_parse_interval, help='Guide only at noise levels LO <= sigma <= HI  [default: all]'),
-]
-
-
-def guidance_options(fn: Callable) -> Callable:
-    """Decorator adding :data:`GUIDANCE_OPTIONS` to a click command."""
-    for option in reversed(GUIDANCE_OPTIONS):
-        fn = option(fn)
-    return fn
-
-
-def make_guide(net: torch.nn.Module, gnet_source: Optional[str], guidance: float,
-               interval: Optional[tuple[float, float]], D: Optional[int], device: torch.device,
-               precision: Optional[str] = None,
-               channels_last: bool = False) -> Callable[[torch.nn.Module], torch.nn.Module]:
-    """Load and check the --gnet guide once; the result wraps ``net`` (or a quantized/compiled copy) in guidance.
-
-    The wrapper returns its argument itself when unguided (no --gnet, or --guidance=1).
-    """
-    if gnet_source is None:
-        for flag, given in (('--guidance', guidance != 1), ('--guidance-interval', interval is not None)):
-            if given:
-                raise click.BadParameter('needs a guiding network: give --gnet=PATH (or '
-                                         f'--gnet={guidance_lib.DROPPED_LABEL} for classifier-free guidance)',
-                                         param_hint=flag)
-        return lambda module: module
-    drop_labels = gnet_source == guidance_lib.DROPPED_LABEL
-    gnet = None
-    if not drop_labels:
-        try:
-            gnet = load_network(gnet_source, device)
-            network_io.apply_speed_options(gnet, precision, channels_last)
-        except (NetworkLoadError, ValueError) as err:
-            raise click.BadParameter(str(err), param_hint='--gnet') from None
-
-    def guide(module: torch.nn.Module) -> torch.nn.Module:
-        try:
-            return guidance_lib.guided_denoiser(module, gnet, guidance, interval, drop_labels=drop_labels, D=D)
-        except guidance_lib.GuidanceError as err:
-            raise click.BadParameter(f'{gnet_source}: {err}', param_hint='--gnet') from None
-    if guide(net) is not net:  # a guide that does not fit fails here, before any work
-        where = f' for {interval[0]:g} <= sigma <= {interval[1]:g}' if interval else ''
-        dist.print0(f'Guidance W={guidance:g} by {gnet_source}: every network evaluation{where} also evaluates the '
-                    f'guide, so up to twice the NFE below are paid.')
-    return guide
-
-
-def guidance_record(gnet_source: Optional[str], guidance: float,
-                    interval: Optional[tuple[float, float]]) -> Optional[dict]:
-    """The guidance settings for manifests and result lines (None when unguided)."""
-    if gnet_source is None or guidance == 1:
-        return None
-    network = gnet_source
-    if gnet_source != guidance_lib.DROPPED_LABEL and not dnnlib.util.is_url(gnet_source, allow_file_urls=True):
-        network = os.path.abspath(gnet_source)
-    return dict(gnet=network, weight=guidance, interval=list(interval) if interval else None)
-
-
-def check_noise_range(sampler_kwargs: dict) -> None:
-    """--sigma_min must lie below --sigma_max when both are given."""
-    lo, hi = sampler_kwargs.get('sigma_min'), sampler_kwargs.get('sigma_max')
-    if lo is not None and hi is not None and not lo < hi:
-        raise click.BadParameter(f'--sigma_min={lo} must be below --sigma_max={hi}', param_hint='--sigma_min')
 
 
 #: The PFGM++ fork's generate.py sampled every checkpoint it found in --outdir, into --outdir/ckpt_{kimg:06d}.
@@ -433,38 +167,6 @@ def missing_network_advice(outdir: str, seeds: list[int]) -> str:
     return (f'--network is required (the PFGM++ fork\'s generate.py scanned --outdir for checkpoints); run once '
             f'per checkpoint{f" ({len(found)} found in {outdir})" if found else ""}, e.g. python generate.py '
             f'--network={example} --outdir={folder} --seeds={compact_seeds(seeds)} --subdirs')
-# Sampler keyword -> the flag that sets it, so library errors name the flag.
-SAMPLER_FLAGS = {'num_steps': '--steps', 'restart_interval': '--restart-interval',
-                 'restart_repeats': '--restart-repeats', 'restart_steps': '--restart-steps', 'S_churn': '--S_churn', 'noise_injection': '--alpha',
-                 'discretization': '--disc', 'schedule': '--schedule', 'scaling': '--scaling', 'spacing': '--spacing'}
-
-
-def sampler_error(err: ValueError) -> str:
-    """A sampler's ValueError as one line that names flags instead of keywords."""
-    message = str(err)
-    for keyword, flag in SAMPLER_FLAGS.items():
-        message = re.sub(rf'(?<![\w-]){keyword}\b', flag, message)
-    return message
-
-
-def check_solver_flags(sampler_kwargs: dict, step_counts: Sequence[int]) -> None:
-    """Refuse solver options that do not fit together, before anything is loaded (one line, naming flags).
-
-    ``step_counts``: the --steps values that will run. The restart interval is checked against the noise range
-    the flags give here and against the network's range once it is loaded.
-    """
-    kwargs = {k: v for k, v in sampler_kwargs.items() if v is not None}
-    try:
-        name = sampling.sampler_name(kwargs)
-        if name in sampling.FAST_SOLVERS:
-            for n in step_counts:
-                sampling.check_fast_options(name, n, kwargs.get('restart_interval'), kwargs.get('restart_repeats'),
-                                            kwargs.get('restart_steps'),
-                                            kwargs.get('sigma_min', sampling.EDM_SIGMA_MIN),
-                                            kwargs.get('sigma_max', sampling.EDM_SIGMA_MAX))
-    except ValueError as err:
-        raise click.UsageError(sampler_error(err)) from None
-
 
 @click.command(context_settings=dict(max_content_width=120))
 # What to sample from and where the images go.
@@ -602,16 +304,11 @@ def _generate(network_pkl: str, outdir: str, seeds: list[int], subdirs: bool, cl
     on_main_rank(check_output_dirs)
 
     # Rank 0 loads first so that a URL is downloaded to the cache once.
-    if not dist.is_main():
-        dist.barrier()
     dist.print0(f'Reading the network {network_pkl} ...')
     try:
-        net = load_network(network_pkl, device)
+        net = dist.rank0_first(lambda: load_network(network_pkl, device))
     except NetworkLoadError as err:
         raise click.BadParameter(str(err), param_hint='--network') from None
-    finally:
-        if dist.is_main():
-            dist.barrier()
 
     precision, precision_note = network_io.precision_for_device(net, precision, device)
     if precision_note:
@@ -692,25 +389,6 @@ def _generate(network_pkl: str, outdir: str, seeds: list[int], subdirs: bool, cl
     dist.print0('Done.')
 
 
-def on_main_rank(task: Callable[[], Any]) -> Any:
-    """Run ``task`` on rank 0 and hand its result, or its error, to every rank.
-
-    Every rank then raises the same one-line error instead of waiting forever for a rank that stopped.
-    """
-    outcome: tuple[Any, Optional[str]] = (None, None)
-    if dist.is_main():
-        try:
-            outcome = (task(), None)
-        except click.ClickException as err:
-            outcome = (None, err.format_message())
-        except OSError as err:  # disk full, read-only folder: every rank must stop, not only this one
-            outcome = (None, f'cannot write {err.filename or "under --outdir"} ({err.strerror or err})')
-    result, error = dist.broadcast_object(outcome)
-    if error is not None:
-        raise Failure(error)
-    return result
-
-
 def _describe_run(network_sha256: Callable[[], str], net: Any, sampler_call: dict, options: dict) -> dict:
     return manifest_lib.describe_settings(network_sha256(), net, sampler_call, **options)
 
@@ -746,7 +424,7 @@ def _prepare_folder(run: Run, seeds: list[int], force: bool, settings: dict, inf
             raise Failure(f'--outdir {err}; add --force to delete them and start over, or choose another '
                           f'--outdir') from None
     held = _seed_union(previous, seeds)
-    manifest = dict(settings=settings, **jsonable(info), seeds=compact_seeds(held), num_images=len(held),
+    manifest = dict(settings=settings, **dnnlib.util.json_safe(info), seeds=compact_seeds(held), num_images=len(held),
                     complete=False)
     try:
         manifest_lib.write_manifest(run.outdir, manifest)

@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import dnnlib  # noqa: E402
-import fid  # noqa: E402
+from training import features as feature_lib  # noqa: E402  (fid.py's library)
 
 DEFAULT_DETECTOR = Path(__file__).resolve().parent.parent.parent / 'shared' / 'golden' / 'fid' / 'detector-standin.pkl'
 
@@ -67,7 +67,7 @@ def main(detector_path: str, num: int, resolution: int, batch: int, workers: str
          sqrtm_dim: int, json_path: str | None) -> None:
     """Measure FID feature throughput."""
     device_obj = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
-    detector = fid.load_detector(detector_path, device=device_obj)
+    detector = feature_lib.load_detector(detector_path, device=device_obj)
     results: dict = dict(detector=detector_path, device=str(device_obj), num_images=num, resolution=resolution,
                          batch=batch, torch_threads=torch.get_num_threads(), cpu_count=os.cpu_count())
     print(f'device {device_obj}, {torch.get_num_threads()} torch threads, {num} images of {resolution}x{resolution}, '
@@ -79,9 +79,9 @@ def main(detector_path: str, num: int, resolution: int, batch: int, workers: str
     images = images.to(device_obj)
 
     def in_memory(accumulate: bool) -> None:
-        stats = fid.FeatureStats(device_obj)
+        stats = feature_lib.FeatureStats(device_obj)
         for start in range(0, num, batch):
-            features = fid.extract_features(detector, images[start:start + batch])
+            features = feature_lib.extract_features(detector, images[start:start + batch])
             if accumulate:
                 stats.add(features)
         if device_obj.type == 'cuda':
@@ -102,7 +102,7 @@ def main(detector_path: str, num: int, resolution: int, batch: int, workers: str
         results['pipeline_images_per_s'] = {}
         for count in dnnlib.util.parse_int_list(workers, name='--workers'):
             def pipeline() -> None:
-                fid.calculate_inception_stats(str(folder), num_expected=num, max_batch_size=batch,
+                feature_lib.calculate_inception_stats(str(folder), num_expected=num, max_batch_size=batch,
                                               num_workers=count, device=device_obj, detector=detector)
             with open(os.devnull, 'w') as quiet:  # keep the figures readable: silence the library's progress lines
                 stdout, sys.stdout = sys.stdout, quiet
@@ -118,7 +118,7 @@ def main(detector_path: str, num: int, resolution: int, batch: int, workers: str
         b = rng.normal(size=(sqrtm_dim, sqrtm_dim + 8))
         sigma, sigma_ref = a @ a.T / sqrtm_dim, b @ b.T / sqrtm_dim
         mu = np.zeros(sqrtm_dim)
-        seconds = _time(lambda: fid.calculate_fid_from_inception_stats(mu, sigma, mu, sigma_ref), 1)
+        seconds = _time(lambda: feature_lib.calculate_fid_from_inception_stats(mu, sigma, mu, sigma_ref), 1)
         results['fid_from_stats_seconds'] = seconds
         results['sqrtm_dim'] = sqrtm_dim
         print(f'FID from stats at D={sqrtm_dim} (scipy sqrtm): {seconds:.2f} s')

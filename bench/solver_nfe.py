@@ -67,19 +67,21 @@ def sample(net: torch.nn.Module, seeds: list[int], batch: int, **options: Any) -
 
 
 class FrechetMetric:
-    """FD of generated uint8 images to a data set's detector features (fid.py's code), or None without detector."""
+    """FD of generated uint8 images to a data set's detector features (fid.py's library), or None without
+    detector."""
 
     def __init__(self, detector_path: str, data_path: str):
-        import fid  # the FD code lives in the fid.py tool
-        self.fid = fid
-        self.detector = fid.load_detector(detector_path, device='cpu', verbose=False)
-        self.ref = fid.calculate_inception_stats(data_path, device='cpu', detector=self.detector, num_workers=0)
+        from training import features  # late: only runs with a detector pay for the metric imports
+        self.features = features
+        self.detector = features.load_detector(detector_path, device='cpu', verbose=False)
+        self.ref = features.calculate_inception_stats(data_path, device='cpu', detector=self.detector,
+                                                      num_workers=0)
 
     def __call__(self, images: torch.Tensor) -> float:
-        stats = self.fid.FeatureStats('cpu')
-        stats.add(self.fid.extract_features(self.detector, sampling.to_uint8(images)))
+        stats = self.features.FeatureStats('cpu')
+        stats.add(self.features.extract_features(self.detector, sampling.to_uint8(images)))
         mu, sigma = stats.compute()
-        return float(self.fid.calculate_fid_from_inception_stats(mu, sigma, *self.ref))
+        return float(self.features.calculate_fid_from_inception_stats(mu, sigma, *self.ref))
 
 
 def measure(label: str, net: torch.nn.Module, seeds: list[int], batch: int, ref_steps: int,

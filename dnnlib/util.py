@@ -1,5 +1,5 @@
 """General helpers: attribute dicts, logging, name lookup, URL access with a cache,
-integer-range parsing and atomic file writes.
+integer-range parsing, JSON-safe values and atomic file writes.
 
 Everything here is free of torch so that the CLIs can report bad input before
 paying for the torch import.
@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import importlib
 import io
+import math
 import os
 import re
 import sys
@@ -19,7 +20,7 @@ import time
 import types
 import urllib.parse
 import urllib.request
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 # ----------------------------------------------------------------------------
 # Attribute-style dictionary.
@@ -140,6 +141,26 @@ def parse_int_list(text: Any, name: str = 'value') -> list[int]:
     if not result:
         raise ValueError(f'{name}: no integers given')
     return result
+
+
+def json_safe(value: Any, leaf: Callable[[Any], Any] = str, sort_keys: bool = False) -> Any:
+    """``value`` as plain JSON data: what ``json.dumps`` writes as strict JSON, and what reads back equal.
+
+    None, booleans, integers and strings stay; finite floats stay, non-finite ones become ``'inf'``, ``'-inf'``,
+    ``'nan'`` (strict JSON has no such numbers); tuples become lists; dict keys become strings (sorted with
+    ``sort_keys``); any other value becomes ``leaf(value)`` (its ``str`` by default), which must be JSON data.
+    The one JSON sanitiser of the project: manifests, result lines and the training options use it.
+    """
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, dict):
+        items = sorted(value.items(), key=lambda kv: str(kv[0])) if sort_keys else value.items()
+        return {str(k): json_safe(v, leaf, sort_keys) for k, v in items}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v, leaf, sort_keys) for v in value]
+    return leaf(value)
 
 
 # ----------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 import torch.distributed as dist
@@ -111,6 +111,21 @@ def barrier() -> None:
             dist.barrier(device_ids=[get_device().index])
         else:
             dist.barrier()
+
+
+def rank0_first(work: Callable[[], Any]) -> Any:
+    """Run ``work`` on every rank, rank 0 before the others, and return its result.
+
+    A file behind a URL is then downloaded into the cache once. Rank 0 releases the others even when ``work``
+    fails; they then meet the same error instead of waiting forever.
+    """
+    if not is_main():
+        barrier()
+    try:
+        return work()
+    finally:
+        if is_main():
+            barrier()
 
 
 def all_reduce(tensor: torch.Tensor, op: str = 'sum') -> torch.Tensor:

@@ -3,9 +3,11 @@
 Network snapshots (``.pkl``) and training states (``.pt``) are pickles: loading one executes whatever code it
 carries, so they should only be loaded from people you trust. The weights-only format is safe to share:
 
-    python -m training.export --input network-snapshot-000200.pkl            # -> network-snapshot-000200.weights.pt
-    python -m training.export --input training-state-000200.pt --output net.weights.pt
-    python -m training.export --check --input net.weights.pt                  # load it and print a summary
+    python export.py --input network-snapshot-000200.pkl            # -> network-snapshot-000200.weights.pt
+    python export.py --input training-state-000200.pt --output net.weights.pt
+    python export.py --check --input net.weights.pt                  # load it and print a summary
+
+(``export.py`` is the command line over this module; ``python -m training.export`` runs it too.)
 
 File layout (``torch.save`` of plain values only, read back with ``torch.load(weights_only=True)``)::
 
@@ -31,13 +33,11 @@ import io
 import json
 import os
 import zipfile
-from typing import Any, NoReturn, Optional, Union
+from typing import Any, Optional, Union
 
-import click
 import torch
 
 import dnnlib
-from training.network_io import NetworkLoadError
 
 FORMAT = 'pfgmpp-weights'
 VERSION = 1
@@ -54,6 +54,14 @@ POSITIONAL_PARAMS = ('img_resolution', 'img_channels', 'label_dim', 'use_fp16')
 MAX_LISTED_MISMATCHES = 8
 MARKER_WINDOW = 64  # bytes at the start of the archive's data.pkl that must hold the format marker
 EXPECTED = f'a {FORMAT} file written by `python -m training.export`'
+
+
+class NetworkLoadError(ValueError):
+    """A network file that cannot be used; the message names the file and what was expected.
+
+    Defined here, below :mod:`training.network_io` (which reads every network format, this one included, and
+    re-exports the class), so that neither module imports the other late.
+    """
 
 
 class WeightsFormatError(NetworkLoadError):
@@ -321,107 +329,33 @@ def load_weights(path_or_url: Union[str, os.PathLike], device: Optional[Union[st
     return net
 
 
-def summary(net: torch.nn.Module) -> dict[str, Any]:
-    """What a user wants to know about a network before generating with it."""
-    from training.network_io import network_summary
-    info = network_summary(net)
-    info['parameters'] = sum(p.numel() for p in net.parameters())
-    info['tensors'] = len(net.state_dict())
-    return info
+def __getattr__(name: str) -> Any:
+    """``training.export.main``: the command of the top-level ``export.py``, imported on first use only (the
+    library never imports a script when it is imported)."""
+    if name == 'main':
+        return _script().main
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
 
 
-# ----------------------------------------------------------------------------
-# Command line.
+def _script_path() -> str:
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'export.py')
 
 
-def _fail(message: str) -> NoReturn:
-    raise click.ClickException(message)
+def _script() -> Any:
+    """The top-level ``export.py`` beside the ``training`` package (loaded by path, once)."""
+    global _SCRIPT
+    if _SCRIPT is None:
+        import importlib.util
+        spec = importlib.util.spec_from_file_location('export', _script_path())
+        _SCRIPT = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(_SCRIPT)
+    return _SCRIPT
 
 
-def _load_input(source: str) -> tuple[torch.nn.Module, str]:
-    """The network in ``source`` (exactly that file, no sibling preference) and the name of its format."""
-    from training.network_io import load_network
-    try:
-        with dnnlib.util.open_url(source, verbose=False) as f:
-            kind = FORMAT if looks_like_weights_file(f.read()) else 'pickle'
-        return load_network(source, device='cpu', prefer_weights=False), kind
-    except NetworkLoadError as err:
-        _fail(f'--input {err}')
-    except OSError as err:
-        _fail(f'--input {source}: cannot read it ({err.strerror or err})')
-
-
-@click.command(context_settings=dict(max_content_width=120))
-@click.option('--input', 'input_path', help='Network snapshot .pkl, training state .pt or weights file',
-              metavar='PATH|URL', type=str, required=True)
-@click.option('--output', 'output_path', help=f'Weights-only file  [default: input name with {WEIGHTS_SUFFIX}]',
-              metavar='PATH', type=str, default=None)
-@click.option('--force', help='Replace an existing --output', is_flag=True)
-@click.option('--check', help='Only load --input and print a summary (nothing is written)', is_flag=True)
-def main(input_path: str, output_path: Optional[str], force: bool, check: bool) -> None:
-    """Convert a network snapshot or training state into a weights-only file that is safe to share.
-
-    The output holds the network's constructor keywords (JSON) and its tensors and loads with
-    torch.load(weights_only=True). Reading --input itself unpickles it: only convert files you trust.
-    generate.py and fid.py load weights-only files directly, and prefer X.weights.pt to X.pkl / X.pt
-    when both lie side by side.
-
-    \b
-    python -m training.export --input network-snapshot-000200.pkl
-    python -m training.export --input training-state-000200.pt --output net.weights.pt
-    python -m training.export --check --input net.weights.pt
-    """
-    if check:
-        if output_path is not None:
-            raise click.UsageError('--check writes nothing; drop --output')
-        net, kind = _load_input(input_path)
-        info = summary(net)
-        print(f'{input_path}: {kind}, {info.pop("class")} with {info.pop("parameters"):,} parameters')
-        print(json.dumps(info, sort_keys=True))
-        print(json.dumps(constructor_kwargs_of(net, input_path), sort_keys=True))
-        return
-
-    if output_path is None:
-        if dnnlib.util.is_url(input_path, allow_file_urls=True):
-            raise click.UsageError('--output is needed when --input is a URL')
-        output_path = weights_path_for(input_path)
-        if output_path == input_path:
-            raise click.UsageError(f'--input {input_path} already has the {WEIGHTS_SUFFIX} name; give --output')
-    if os.path.abspath(output_path) == os.path.abspath(input_path):
-        raise click.UsageError('--output must differ from --input')
-    if os.path.isdir(output_path):
-        _fail(f'--output {output_path}: is a directory; expected a file name')
-    if os.path.exists(output_path) and not force:
-        _fail(f'--output {output_path}: already exists (pass --force to replace it)')
-
-    net, _kind = _load_input(input_path)
-    try:
-        dnnlib.util.check_writable_dir(os.path.dirname(os.path.abspath(output_path)), '--output')
-    except OSError as err:
-        _fail(str(err))
-
-    try:
-        export_weights(net, output_path, metadata=dict(source=os.path.basename(input_path)))
-    except WeightsFormatError as err:
-        _fail(f'--input {err}')
-    except OSError as err:
-        _fail(f'--output {output_path}: cannot write it ({err.strerror or err}); nothing was written')
-
-    # Read the file back exactly as generate.py will, so a bad export is caught here and not later.
-    try:
-        reloaded = load_weights(output_path)
-        original = net.state_dict()
-        differing = [k for k, v in reloaded.state_dict().items() if not torch.equal(v, original[k])]
-        if differing:
-            raise WeightsFormatError(f'{len(differing)} tensor(s) changed in the round trip (first: {differing[0]})')
-    except WeightsFormatError as err:
-        os.remove(output_path)
-        _fail(f'--output {output_path}: the written file does not read back ({err}); it was removed')
-    info = summary(reloaded)
-    size_mb = os.path.getsize(output_path) / 2 ** 20
-    print(f'Wrote {output_path} ({size_mb:.1f} MiB): {info["class"]} with {info["parameters"]:,} parameters, '
-          f'{info["tensors"]} tensors')
+_SCRIPT: Any = None
 
 
 if __name__ == '__main__':
-    main()
+    # ``python -m training.export ...`` keeps working: it runs the script with the same arguments.
+    import runpy
+    runpy.run_path(_script_path(), run_name='__main__')

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import re
 import zipfile
@@ -68,18 +67,14 @@ def tensor_sha256(tensors: dict[str, torch.Tensor]) -> str:
 def fingerprint(value: Any) -> Any:
     """A JSON value standing for ``value`` such that different values give different fingerprints.
 
-    Numbers, strings, booleans and None stay as they are (non-finite floats as strings); containers recurse;
+    Plain values as :func:`dnnlib.util.json_safe` writes them (non-finite floats as strings, dict keys sorted);
     modules become their class and a hash of their state dict; tensors a hash of their bytes; callables their
     qualified name; anything else its ``repr``.
     """
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else str(value)
-    if isinstance(value, dict):
-        return {str(k): fingerprint(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
-    if isinstance(value, (list, tuple)):
-        return [fingerprint(v) for v in value]
+    return dnnlib.util.json_safe(value, leaf=_leaf_fingerprint, sort_keys=True)
+
+
+def _leaf_fingerprint(value: Any) -> Any:
     if isinstance(value, (torch.nn.Module, torch.Tensor)):
         return _torch_fingerprint(value)
     if isinstance(value, torch.device):

@@ -8,7 +8,7 @@
 * a training state ``training-state-*.pt`` -- a ``torch.save`` dict with an
   ``ema`` module (the PFGM++ code and our training loop write them);
 * a pickled module on its own;
-* a weights-only file ``*.weights.pt`` written by ``python -m training.export``
+* a weights-only file ``*.weights.pt`` written by ``python export.py`` (format: :mod:`training.export`)
   (recognised by its content, loaded with ``torch.load(weights_only=True)``).
 
 Pickles and training states execute code while loading (pickle,
@@ -31,14 +31,12 @@ import torch
 import dnnlib
 from torch_utils import cpu_support
 from torch_utils.distributed import print0
+from training import export
+from training.export import NetworkLoadError  # noqa: F401  (the error of every network format; defined there)
 
 EXPECTED_FORMATS = 'a network snapshot (.pkl with an "ema" network) or a training state (.pt with an "ema" network)'
 PICKLE_PROTOCOL_MARK = 0x80  # first byte of pickles written with protocol 2 or later
 HASH_CHUNK_BYTES = 1 << 20  # network files are hashed in pieces of this size, never held twice in memory
-
-
-class NetworkLoadError(ValueError):
-    """A network file that cannot be used; the message names the file and what was expected."""
 
 
 def _read_source(source: str) -> bytes:
@@ -100,7 +98,6 @@ def load_network(path_or_url: Union[str, os.PathLike], device: Optional[Union[st
     naming the file for anything that is not such a file. With ``prefer_weights``, a
     weights-only sibling (``X.weights.pt`` for ``X.pkl``) is loaded instead.
     """
-    from training import export  # late: export imports this module
     source = os.fspath(path_or_url)
     sibling = export.preferred_sibling(source) if prefer_weights else None
     if sibling is not None:
@@ -125,7 +122,6 @@ def network_file_sha256(path_or_url: Union[str, os.PathLike], prefer_weights: bo
 
     Raises :class:`NetworkLoadError` when the file cannot be read.
     """
-    from training import export  # late: export imports this module
     source = os.fspath(path_or_url)
     source = (export.preferred_sibling(source) if prefer_weights else None) or source
     digest = hashlib.sha256()

@@ -71,6 +71,8 @@ DISCRETIZATIONS = ('vp', 've', 'iddpm', 'edm')
 SCHEDULES = ('vp', 've', 'linear')
 SCALINGS = ('vp', 'none')
 
+# Steps of the EDM sampler when none are given (EDM's CIFAR-10 setting, 35 NFE with Heun).
+DEFAULT_STEPS = 18
 # Solvers beyond the ablation sampler's, valid for every network (PFGM++ or diffusion); see fast_sampler.
 FAST_SOLVERS = ('dpmpp2m', 'dpmpp3m', 'restart')
 ALL_SOLVERS = SOLVERS + FAST_SOLVERS

@@ -177,7 +177,7 @@ def training_loop(
         TrainingError: a configuration that does not fit (batch geometry, --phema, --transfer), an unusable
             training state, a NaN/Inf loss (with advice on where to continue), or a file that cannot be written.
     """
-    options = _json_safe({k: v for k, v in locals().items() if k != 'stop'})
+    options = dnnlib.util.json_safe({k: v for k, v in locals().items() if k != 'stop'})
     start_time = time.time()
     device = torch.device(device) if device is not None else dist.get_device()
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -434,16 +434,6 @@ def ema_decay(cur_nimg: int, batch_size: int, halflife_kimg: float, rampup_ratio
     """Per-step EMA decay for a half-life in images, capped early in training at ``rampup_ratio * cur_nimg``."""
     halflife = halflife_kimg * 1000 if rampup_ratio is None else min(halflife_kimg * 1000, cur_nimg * rampup_ratio)
     return 0.5 ** (batch_size / max(halflife, 1e-8))
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    return str(value)
 
 
 # ----------------------------------------------------------------------------

@@ -1,0 +1,368 @@
+"""The scripts' shared command-line layer: flags, flag checks and one-line errors.
+
+generate.py, fid.py and the other top-level scripts import this module and the library (``training/``,
+``torch_utils/``, ``dnnlib/``), never each other. What lives here is what more than one command needs:
+
+* click parameter types for lists: :class:`SeedList` (--seeds), :class:`IntList`, :class:`FloatList`;
+* the sampler flags (:func:`sampler_options`) and their checks before anything is loaded
+  (:func:`check_noise_range`, :func:`check_solver_flags`, :func:`sampler_error` naming flags instead of keywords,
+  :func:`network_evaluations`);
+* the PFGM++ restatement flags resolved against a loaded network (:func:`resolve_pfgmpp`);
+* the guidance flags (:func:`guidance_options`, :func:`make_guide`, :func:`guidance_record`);
+* :func:`on_main_rank`: work that rank 0 alone does (checking a folder, reading a reference file), its result or
+  its one-line error handed to every torchrun rank (work every rank does, rank 0 first, is
+  ``torch_utils.distributed.rank0_first``).
+
+Library code raises plain exceptions (``ValueError`` subclasses such as ``NetworkLoadError`` or
+``training.features.FeatureError``) whose message is a complete line; this layer turns them into click errors
+(``Error: ...``, exit code 1 or 2) that ``dnnlib.util.run_click_command`` prints once.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from typing import Any, Callable, Optional, Sequence
+
+import click
+import torch
+
+import dnnlib
+from torch_utils import distributed as dist
+from training import guidance as guidance_lib
+from training import network_io
+from training import sampler as sampling
+from training.network_io import NetworkLoadError, load_network
+
+SEED_LIMIT = 1 << 32            # seeds index 32-bit generator seeds; larger values would alias smaller ones
+DEFAULT_STEPS = sampling.DEFAULT_STEPS   # --steps when not given
+
+# ----------------------------------------------------------------------------
+# Lists.
+
+
+class SeedList(click.ParamType):
+    """Comma-separated seeds and inclusive ranges, e.g. 0-63,100; each in 0..2**32-1."""
+
+    name = 'LIST'
+
+    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> list[int]:
+        if isinstance(value, list):
+            return value
+        try:
+            seeds = dnnlib.util.parse_int_list(value, name='--seeds')
+        except ValueError as err:
+            self.fail(str(err).removeprefix('--seeds: '), param, ctx)
+        bad = [s for s in seeds if not 0 <= s < SEED_LIMIT]
+        if bad:
+            self.fail(f'seed {bad[0]} is out of range; expected integers in 0..{SEED_LIMIT - 1}', param, ctx)
+        return list(dict.fromkeys(seeds))  # drop repeats, keep order
+
+
+class IntList(click.ParamType):
+    """Comma-separated integers or ranges (for the sweeps)."""
+
+    name = 'LIST'
+
+    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> list[int]:
+        if isinstance(value, list):
+            return value
+        try:
+            return list(dict.fromkeys(dnnlib.util.parse_int_list(value)))
+        except ValueError as err:
+            self.fail(str(err).removeprefix('value: '), param, ctx)
+
+
+class FloatList(click.ParamType):
+    """Comma-separated non-negative numbers (for --sweep-alpha)."""
+
+    name = 'LIST'
+
+    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> list[float]:
+        if isinstance(value, list):
+            return value
+        numbers = []
+        for item in str(value).split(','):
+            if not item.strip():
+                continue
+            try:
+                number = float(item)
+            except ValueError:
+                self.fail(f'cannot parse {item.strip()!r}; expected numbers like "0,0.05,0.1"', param, ctx)
+            if not (math.isfinite(number) and number >= 0):
+                self.fail(f'{item.strip()} is not a finite number >= 0', param, ctx)
+            numbers.append(number)
+        if not numbers:
+            self.fail('no numbers given', param, ctx)
+        return list(dict.fromkeys(numbers))
+
+
+class Failure(click.ClickException):
+    """A one-line error for the user (no traceback)."""
+
+
+def compact_seeds(seeds: Sequence[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2,5' (manifests stay small for 50k seeds)."""
+    parts, start, prev = [], None, None
+    for s in seeds:
+        if start is not None and s == prev + 1:
+            prev = s
+            continue
+        if start is not None:
+            parts.append(f'{start}-{prev}' if prev != start else f'{start}')
+        start = prev = s
+    if start is not None:
+        parts.append(f'{start}-{prev}' if prev != start else f'{start}')
+    return ','.join(parts)
+
+
+def network_evaluations(num_steps: int, sampler_kwargs: dict) -> int:
+    """Network calls per image (NFE) of the sampler these options select (``training.sampler.sampler_nfe``)."""
+    return sampling.sampler_nfe(num_steps, sampler_kwargs)
+
+
+# ----------------------------------------------------------------------------
+# Sampler flags and their checks.
+
+
+POSITIVE = click.FloatRange(min=0, min_open=True)
+NON_NEGATIVE = click.FloatRange(min=0)
+
+#: The sampler flags (EDM sampler, ablation sampler, PFGM++ restatements) of generate.py and ``fid.py gen``.
+SAMPLER_OPTIONS = [
+    # EDM sampler.
+    click.option('--steps', 'num_steps', type=click.IntRange(min=1), default=None, metavar='INT',
+                 help=f'Sampler steps; Heun costs 2*steps-1 network calls  [default: {DEFAULT_STEPS}]'),
+    click.option('--sigma_min', type=POSITIVE, default=None, metavar='FLOAT',
+                 help='Smallest noise level  [default: 0.002, or per --disc]'),
+    click.option('--sigma_max', type=POSITIVE, default=None, metavar='FLOAT',
+                 help='Largest noise level  [default: 80, or per --disc]'),
+    click.option('--rho', type=POSITIVE, default=7, show_default=True, metavar='FLOAT',
+                 help='Exponent that spaces the noise levels'),
+    click.option('--S_churn', 'S_churn', type=NON_NEGATIVE, default=0, show_default=True, metavar='FLOAT',
+                 help='Churn: how much noise the stochastic sampler re-adds'),
+    click.option('--S_min', 'S_min', type=NON_NEGATIVE, default=0, show_default=True, metavar='FLOAT',
+                 help='Churn only at noise levels from here ...'),
+    click.option('--S_max', 'S_max', type=NON_NEGATIVE, default='inf', show_default=True, metavar='FLOAT',
+                 help="... up to here (EDM's default holds; the PFGM++ fork's generate.py defaulted to 0)"),
+    click.option('--S_noise', 'S_noise', type=float, default=1, show_default=True, metavar='FLOAT',
+                 help="Scale of the re-added noise (EDM's default holds; the PFGM++ fork's defaulted to 0)"),
+    # EDM's generalised (ablation) sampler: any of these selects it.
+    click.option('--solver', type=click.Choice(sampling.ALL_SOLVERS), default=None,
+                 metavar='|'.join(sampling.ALL_SOLVERS),
+                 help='euler|heun: ablation sampler\'s ODE solver; dpmpp2m|dpmpp3m (DPM-Solver++ multistep, 1 NFE '
+                      'per step) or restart (Restart sampling): fast solvers for every network, PFGM++ included'),
+    click.option('--disc', 'discretization', type=click.Choice(sampling.DISCRETIZATIONS), default=None,
+                 metavar='vp|ve|iddpm|edm', help='Ablation: how the noise levels are spaced'),
+    click.option('--schedule', type=click.Choice(sampling.SCHEDULES), default=None, metavar='vp|ve|linear',
+                 help='Ablation: noise schedule sigma(t)'),
+    click.option('--scaling', type=click.Choice(sampling.SCALINGS), default=None, metavar='vp|none',
+                 help='Ablation: signal scaling s(t)'),
+    # Fast solvers (--solver=dpmpp2m|dpmpp3m|restart) and the spacing of the noise levels.
+    click.option('--spacing', type=click.Choice(sampling.SPACINGS), default=None, metavar='|'.join(sampling.SPACINGS),
+                 help='Noise levels of the EDM sampler and the fast solvers: edm (rho-spaced) or logsnr (uniform in '
+                      'log sigma, DPM-Solver\'s choice for few steps)  [default: edm]'),
+    click.option('--restart-interval', 'restart_interval', type=FloatList(), default=None, metavar='LO,HI',
+                 help=f'Restart: noise levels t_min,t_max between which it restarts  '
+                      f'[default: {",".join(map(str, sampling.RESTART_INTERVAL))}]'),
+    click.option('--restart-repeats', 'restart_repeats', type=click.IntRange(min=1), default=None, metavar='K',
+                 help=f'Restart: number of restarts K  [default: {sampling.RESTART_REPEATS}]'),
+    click.option('--restart-steps', 'restart_steps', type=click.IntRange(min=1), default=None, metavar='INT',
+                 help=f'Restart: Heun steps per restart (2 NFE each)  [default: {sampling.RESTART_STEPS}]'),
+    # PFGM++ (normally read from the network).
+    click.option('--pfgmpp', type=bool, default=None, metavar='BOOL',
+                 help='Restate that the network is PFGM++ (an error if the network says otherwise)'),
+    click.option('--aug_dim', type=click.IntRange(min=1), default=None, metavar='INT',
+                 help='Restate its augmented dimensions D (an error if the network says otherwise)'),
+]
+
+
+def sampler_options(fn: Callable) -> Callable:
+    """Decorator adding :data:`SAMPLER_OPTIONS` to a click command."""
+    for option in reversed(SAMPLER_OPTIONS):
+        fn = option(fn)
+    return fn
+
+
+def check_noise_range(sampler_kwargs: dict) -> None:
+    """--sigma_min must lie below --sigma_max when both are given."""
+    lo, hi = sampler_kwargs.get('sigma_min'), sampler_kwargs.get('sigma_max')
+    if lo is not None and hi is not None and not lo < hi:
+        raise click.BadParameter(f'--sigma_min={lo} must be below --sigma_max={hi}', param_hint='--sigma_min')
+
+
+# Sampler keyword -> the flag that sets it, so library errors name the flag.
+SAMPLER_FLAGS = {'num_steps': '--steps', 'restart_interval': '--restart-interval',
+                 'restart_repeats': '--restart-repeats', 'restart_steps': '--restart-steps', 'S_churn': '--S_churn', 'noise_injection': '--alpha',
+                 'discretization': '--disc', 'schedule': '--schedule', 'scaling': '--scaling', 'spacing': '--spacing'}
+
+
+def sampler_error(err: ValueError) -> str:
+    """A sampler's ValueError as one line that names flags instead of keywords."""
+    message = str(err)
+    for keyword, flag in SAMPLER_FLAGS.items():
+        message = re.sub(rf'(?<![\w-]){keyword}\b', flag, message)
+    return message
+
+
+def check_solver_flags(sampler_kwargs: dict, step_counts: Sequence[int]) -> None:
+    """Refuse solver options that do not fit together, before anything is loaded (one line, naming flags).
+
+    ``step_counts``: the --steps values that will run. The restart interval is checked against the noise range
+    the flags give here and against the network's range once it is loaded.
+    """
+    kwargs = {k: v for k, v in sampler_kwargs.items() if v is not None}
+    try:
+        name = sampling.sampler_name(kwargs)
+        if name in sampling.FAST_SOLVERS:
+            for n in step_counts:
+                sampling.check_fast_options(name, n, kwargs.get('restart_interval'), kwargs.get('restart_repeats'),
+                                            kwargs.get('restart_steps'),
+                                            kwargs.get('sigma_min', sampling.EDM_SIGMA_MIN),
+                                            kwargs.get('sigma_max', sampling.EDM_SIGMA_MAX))
+    except ValueError as err:
+        raise click.UsageError(sampler_error(err)) from None
+
+
+# ----------------------------------------------------------------------------
+# PFGM++ flags.
+
+
+def resolve_pfgmpp(net: Any, pfgmpp_flag: Optional[bool], aug_dim: Optional[int]) -> tuple[bool, Optional[int]]:
+    """PFGM++ settings from the network; the flags may restate them but never contradict them."""
+    declared = getattr(net, 'pfgmpp', None)
+    if declared is not None:
+        declared = bool(declared)
+        net_D = getattr(net, 'D', None)
+        if pfgmpp_flag is not None and pfgmpp_flag != declared:
+            raise click.BadParameter(f'--pfgmpp={pfgmpp_flag} contradicts the network, which was trained with '
+                                     f'pfgmpp={declared}; drop the flag', param_hint='--pfgmpp')
+        if aug_dim is not None and not declared:
+            raise click.BadParameter(f'--aug_dim={aug_dim} given, but the network is a diffusion model '
+                                     f'(pfgmpp=False); drop the flag', param_hint='--aug_dim')
+        if aug_dim is not None and net_D is not None and aug_dim != net_D:
+            raise click.BadParameter(f'--aug_dim={aug_dim} contradicts the network, which was trained with '
+                                     f'D={net_D}; drop the flag', param_hint='--aug_dim')
+        if declared and net_D is None and aug_dim is None:
+            raise click.BadParameter('the network is a PFGM++ model but does not record D; give --aug_dim',
+                                     param_hint='--aug_dim')
+        return declared, (int(net_D if net_D is not None else aug_dim) if declared else None)
+    # Networks from the original EDM code record neither: the flags decide.
+    if pfgmpp_flag:
+        if aug_dim is None:
+            raise click.BadParameter('--pfgmpp=True needs --aug_dim: this network does not record its D',
+                                     param_hint='--aug_dim')
+        return True, aug_dim
+    if aug_dim is not None:
+        raise click.BadParameter(f'--aug_dim={aug_dim} only applies to PFGM++ sampling; add --pfgmpp=True',
+                                 param_hint='--aug_dim')
+    return False, None
+
+
+# ----------------------------------------------------------------------------
+# Guidance flags.
+
+
+def _parse_interval(_ctx: Any, _param: Any, value: Optional[str]) -> Optional[tuple[float, float]]:
+    if value is None:
+        return None
+    try:
+        lo, hi = (float(item) for item in value.split(','))
+        return guidance_lib.check_interval((lo, hi))
+    except ValueError as err:
+        reason = str(err) if isinstance(err, guidance_lib.GuidanceError) else 'expected two numbers SIGMA_LO,SIGMA_HI'
+        raise click.BadParameter(f'{value}: {reason}') from None
+
+
+#: Guidance flags (EDM2's autoguidance and classifier-free guidance) of generate.py and ``fid.py gen``.
+GUIDANCE_OPTIONS = [
+    click.option('--gnet', 'gnet', type=str, default=None, metavar='PATH|URL|uncond',
+                 help='Guiding network for --guidance (autoguidance: a weaker one; CFG: an unconditional one, or '
+                      f'"{guidance_lib.DROPPED_LABEL}" for --network itself with its label dropped)'),
+    click.option('--guidance', type=float, default=1.0, show_default=True, metavar='W',
+                 help='Guidance weight: D_gnet + W*(D_net - D_gnet); 1 = unguided'),
+    click.option('--guidance-interval', 'guidance_interval', type=str, default=None, metavar='LO,HI',
+                 callback=_parse_interval, help='Guide only at noise levels LO <= sigma <= HI  [default: all]'),
+]
+
+
+def guidance_options(fn: Callable) -> Callable:
+    """Decorator adding :data:`GUIDANCE_OPTIONS` to a click command."""
+    for option in reversed(GUIDANCE_OPTIONS):
+        fn = option(fn)
+    return fn
+
+
+def make_guide(net: torch.nn.Module, gnet_source: Optional[str], guidance: float,
+               interval: Optional[tuple[float, float]], D: Optional[int], device: torch.device,
+               precision: Optional[str] = None,
+               channels_last: bool = False) -> Callable[[torch.nn.Module], torch.nn.Module]:
+    """Load and check the --gnet guide once; the result wraps ``net`` (or a quantized/compiled copy) in guidance.
+
+    The wrapper returns its argument itself when unguided (no --gnet, or --guidance=1).
+    """
+    if gnet_source is None:
+        for flag, given in (('--guidance', guidance != 1), ('--guidance-interval', interval is not None)):
+            if given:
+                raise click.BadParameter('needs a guiding network: give --gnet=PATH (or '
+                                         f'--gnet={guidance_lib.DROPPED_LABEL} for classifier-free guidance)',
+                                         param_hint=flag)
+        return lambda module: module
+    drop_labels = gnet_source == guidance_lib.DROPPED_LABEL
+    gnet = None
+    if not drop_labels:
+        try:
+            gnet = load_network(gnet_source, device)
+            network_io.apply_speed_options(gnet, precision, channels_last)
+        except (NetworkLoadError, ValueError) as err:
+            raise click.BadParameter(str(err), param_hint='--gnet') from None
+
+    def guide(module: torch.nn.Module) -> torch.nn.Module:
+        try:
+            return guidance_lib.guided_denoiser(module, gnet, guidance, interval, drop_labels=drop_labels, D=D)
+        except guidance_lib.GuidanceError as err:
+            raise click.BadParameter(f'{gnet_source}: {err}', param_hint='--gnet') from None
+    if guide(net) is not net:  # a guide that does not fit fails here, before any work
+        where = f' for {interval[0]:g} <= sigma <= {interval[1]:g}' if interval else ''
+        dist.print0(f'Guidance W={guidance:g} by {gnet_source}: every network evaluation{where} also evaluates the '
+                    f'guide, so up to twice the NFE below are paid.')
+    return guide
+
+
+def guidance_record(gnet_source: Optional[str], guidance: float,
+                    interval: Optional[tuple[float, float]]) -> Optional[dict]:
+    """The guidance settings for manifests and result lines (None when unguided)."""
+    if gnet_source is None or guidance == 1:
+        return None
+    network = gnet_source
+    if gnet_source != guidance_lib.DROPPED_LABEL and not dnnlib.util.is_url(gnet_source, allow_file_urls=True):
+        network = os.path.abspath(gnet_source)
+    return dict(gnet=network, weight=guidance, interval=list(interval) if interval else None)
+
+
+# ----------------------------------------------------------------------------
+# torchrun ranks.
+
+
+def on_main_rank(task: Callable[[], Any]) -> Any:
+    """Run ``task`` on rank 0 only and hand its result, or its error, to every rank.
+
+    Every rank then raises the same one-line error instead of waiting forever for a rank that stopped. Errors
+    passed on: click's, the library's one-line ``ValueError`` subclasses, and ``OSError`` (disk full, read-only
+    folder).
+    """
+    outcome: tuple[Any, Optional[str]] = (None, None)
+    if dist.is_main():
+        try:
+            outcome = (task(), None)
+        except click.ClickException as err:
+            outcome = (None, err.format_message())
+        except ValueError as err:  # the library's one-line errors (NetworkLoadError, FeatureError, ...)
+            outcome = (None, str(err))
+        except OSError as err:  # disk full, read-only folder: every rank must stop, not only this one
+            outcome = (None, f'cannot write {err.filename or "under --outdir"} ({err.strerror or err})')
+    result, error = dist.broadcast_object(outcome)
+    if error is not None:
+        raise Failure(error)
+    return result
