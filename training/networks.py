@@ -37,34 +37,15 @@ attributes and may be changed after construction (for example on a network rebui
 Self-attention goes through ``torch.nn.functional.scaled_dot_product_attention`` (the original used an explicit
 softmax with a hand-written backward); both agree to float32 rounding.
 """
-import contextlib
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torch_utils import cpu_support, persistence
+from torch_utils import persistence
 
 silu = F.silu
-
-
-def dropout(x, p, training):
-    """Inverted dropout, as ``F.dropout``: zero each element with probability ``p``, scale the rest by 1/(1-p).
-
-    On CPU the keep mask comes from ``torch.rand_like`` (global generator) compared with ``p``, which costs about half
-    of ``F.dropout``'s Bernoulli sampling (that was 5% of a CIFAR-10 training step); the mask is stored in ``x``'s
-    layout and dtype, and the gradient is masked and scaled the same way. Elsewhere ``F.dropout`` is used as is
-    (on CUDA it is one fused kernel).
-    """
-    if not training or p == 0:
-        return x
-    if x.device.type != 'cpu':
-        return F.dropout(x, p=p, training=True)
-    if p == 1:
-        return x * 0
-    keep = torch.rand_like(x, dtype=torch.float32).ge_(p)
-    return x * keep.to(x.dtype).div_(1 - p)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -130,74 +111,6 @@ def _depthwise(kernel, channels):
     return kernel.expand(channels, 1, -1, -1)
 
 
-def _is_box_filter(taps):
-    return len(taps) == 2 and taps[0] == taps[1] != 0
-
-
-def _is_channels_last(x):
-    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Inference with prepacked convolution weights (CPU, oneDNN).
-#
-# A CPU convolution reorders its weight into oneDNN's blocked layout on every call; for a CIFAR-10 DDPM++ that is
-# about 6% of a float32 forward pass, and the inference primitive is a little faster than the training one that
-# F.conv2d uses. Inside ``prepacked_convolutions(net)`` each Conv2d of ``net`` reorders its weight once per
-# (dtype, input shape) and reuses it. The results are oneDNN's own convolution of the same numbers.
-
-
-def _packed_ops_available():
-    mkldnn = getattr(torch.ops, 'mkldnn', None)
-    return (torch.backends.mkldnn.is_available() and hasattr(torch._C._nn, 'mkldnn_reorder_conv2d_weight')
-            and mkldnn is not None and hasattr(mkldnn, '_convolution_pointwise'))
-
-
-def _can_use_packed_weights(x):
-    # Channels-last only: for NCHW inputs the packed primitive returns a channels-last result, and converting it
-    # back would cost more than the packing saves. oneDNN reorders bfloat16 weights only on CPUs with bfloat16
-    # kernels; elsewhere bfloat16 takes F.conv2d.
-    packable = x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and cpu_support.bf16_supported())
-    return (x.device.type == 'cpu' and _is_channels_last(x) and packable
-            and not torch.is_grad_enabled() and not torch.compiler.is_compiling())
-
-
-def _packed_conv2d(conv, x, packs):
-    padding = [conv.weight.shape[-1] // 2] * 2
-    unit = [1, 1]
-    key = (x.dtype, tuple(x.shape))
-    entry = packs.get(key)
-    if entry is None or entry[0] != conv.weight._version:  # the weights changed in place since they were packed
-        weight = conv.weight.detach().to(x.dtype)
-        packed = torch._C._nn.mkldnn_reorder_conv2d_weight(weight.to_mkldnn(), padding, unit, unit, 1, list(x.shape))
-        bias = None if conv.bias is None else conv.bias.detach().to(x.dtype)
-        packs[key] = entry = (conv.weight._version, packed, bias)
-    return torch.ops.mkldnn._convolution_pointwise(x, entry[1], entry[2], padding, unit, unit, 1, 'none', [], '')
-
-
-@contextlib.contextmanager
-def prepacked_convolutions(net):
-    """Run ``net``'s CPU convolutions on weights reordered once for oneDNN, for the duration of the block.
-
-    Applies to gradient-free float32 and bfloat16 calls on channels-last CPU tensors outside torch.compile (see
-    ``--channels-last``; bfloat16 only where ``torch_utils.cpu_support.bf16_supported()``); anything else (NCHW, CUDA,
-    autograd, float16, compiled graphs) takes the ordinary path, and
-    ``net`` may be any callable. The packed copies (about the size of the weights) are dropped on exit. Weights changed
-    in place inside the block are repacked. Modules that are not this file's Conv2d (for instance a network
-    unpickled from the original code) are left alone. Without oneDNN the block changes nothing.
-    """
-    modules = net.modules() if isinstance(net, nn.Module) and _packed_ops_available() else []
-    convs = [m for m in modules if hasattr(m, '_convolve') and getattr(m, 'weight', None) is not None
-             and '_inference_packs' not in m.__dict__]  # nested blocks leave the outer block's packs alone
-    for conv in convs:
-        conv.__dict__['_inference_packs'] = {}
-    try:
-        yield net
-    finally:
-        for conv in convs:
-            conv.__dict__.pop('_inference_packs', None)
-
-
 @persistence.persistent_class
 class Conv2d(nn.Module):
     """2-D convolution with optional FIR up- or down-sampling by a factor of two.
@@ -220,9 +133,6 @@ class Conv2d(nn.Module):
         self.weight = _new_param([out_channels, in_channels, kernel, kernel], init_weight, **fans) if kernel else None
         self.bias = _new_param([out_channels], init_bias, **fans) if (kernel and bias) else None
         self.register_buffer('resample_filter', _separable_filter(resample_filter) if (up or down) else None)
-        # The 2-tap box filter makes the transposed convolution of ``up`` a nearest-neighbour upsampling: every
-        # output pixel is one input pixel times exactly 1.0, so F.interpolate gives bit-identical values faster.
-        self.nearest_up = up and not fused_resample and _is_box_filter(resample_filter)
 
     def forward(self, x):
         if self.weight is not None and self.fused_resample and (self.up or self.down):
@@ -238,9 +148,6 @@ class Conv2d(nn.Module):
         pad = (f.shape[-1] - 1) // 2
         if self.down:
             return F.conv2d(x, _depthwise(f, self.in_channels), groups=self.in_channels, stride=2, padding=pad)
-        # oneDNN's depthwise transposed convolution is slow for bfloat16 and for channels-last float32 inputs.
-        if self.__dict__.get('nearest_up', False) and (x.dtype != torch.float32 or _is_channels_last(x)):
-            return F.interpolate(x, scale_factor=2, mode='nearest')
         return F.conv_transpose2d(x, _depthwise(f * 4, self.in_channels), groups=self.in_channels, stride=2,
                                   padding=pad)
 
@@ -258,10 +165,7 @@ class Conv2d(nn.Module):
         return x if b is None else x + b.reshape(1, -1, 1, 1)
 
     def _convolve(self, x):
-        """The plain stride-1 convolution with this layer's weights, prepacked when inference allows it."""
-        packs = self.__dict__.get('_inference_packs')
-        if packs is not None and _can_use_packed_weights(x):
-            return _packed_conv2d(self, x, packs)
+        """The stride-1 convolution with this layer's weights (padded to keep the size)."""
         w = self.weight.to(x.dtype)
         b = None if self.bias is None else self.bias.to(x.dtype)
         return F.conv2d(x, w, b, padding=w.shape[-1] // 2)
@@ -281,21 +185,8 @@ class GroupNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_channels))
 
     def forward(self, x):
-        if _slow_bf16_group_norm(x, self.num_groups):
-            return F.group_norm(x.float(), self.num_groups, self.weight, self.bias, self.eps).to(x.dtype)
         dtype = x.dtype
         return F.group_norm(x, self.num_groups, self.weight.to(dtype), self.bias.to(dtype), self.eps)
-
-
-# PyTorch's CPU GroupNorm for bfloat16 channels-last inputs slows down 3-4x (backward) when a group holds fewer
-# channels than this; in float32 it does not. Normalising those in float32 (and rounding the result to bfloat16, as
-# the bfloat16 kernel does) is faster and no less accurate.
-BF16_GROUP_NORM_MIN_CHANNELS_PER_GROUP = 16
-
-
-def _slow_bf16_group_norm(x, num_groups):
-    return (x.dtype == torch.bfloat16 and x.device.type == 'cpu' and _is_channels_last(x)
-            and x.shape[1] // num_groups < BF16_GROUP_NORM_MIN_CHANNELS_PER_GROUP)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -370,11 +261,14 @@ class UNetBlock(nn.Module):
             h = silu(torch.addcmul(shift, self.norm1(h), scale + 1))
         else:
             h = silu(self.norm1(h + params))
-        h = self.conv1(dropout(h, self.dropout, self.training))
+        h = self.conv1(self._dropout(h))
         x = self._scaled(h + shortcut)
         if self.num_heads:
             x = self._scaled(self.proj(self._attend(x)) + x)
         return x
+
+    def _dropout(self, x):
+        return F.dropout(x, p=self.dropout, training=self.training)
 
     def _scaled(self, x):
         return x if self.skip_scale == 1 else x * self.skip_scale  # x * 1 would be an exact no-op pass

@@ -62,6 +62,7 @@ import torch
 import dnnlib
 from torch_utils import distributed as dist
 from torch_utils import misc, training_stats
+from training import cpu_speed
 
 #: Marks a training state written by this loop (the original's states have no such key).
 STATE_FORMAT = 'pfgmpp-training-state'
@@ -358,6 +359,7 @@ def training_loop(
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     if channels_last:
         net.to(memory_format=torch.channels_last)
+    cpu_speed.accelerate(net)  # faster CPU layers (prepacking, bf16 GroupNorm, dropout mask); pickles stay plain
     if dist.is_main():
         probe_batch = min(batch_gpu, batch_per_rank)  # not the whole STF reference batch
         with torch.no_grad():
