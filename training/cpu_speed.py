@@ -55,8 +55,8 @@ from torch import nn
 from torch_utils import cpu_support
 from torch_utils.host_memory import retain_freed_host_memory
 
-__all__ = ['Acceleration', 'accelerate', 'dropout', 'packed_convolutions_available', 'retain_freed_host_memory',
-           'BF16_GROUP_NORM_MIN_CHANNELS_PER_GROUP']
+__all__ = ['Acceleration', 'accelerate', 'dropout', 'is_accelerated', 'packed_convolutions_available',
+           'retain_freed_host_memory', 'BF16_GROUP_NORM_MIN_CHANNELS_PER_GROUP']
 
 # Below this many channels per group PyTorch's CPU GroupNorm for bfloat16 channels-last inputs takes a slow path
 # (mostly in the backward pass); float32 does not.

@@ -1,7 +1,7 @@
 """Samplers for EDM-style denoisers and PFGM++ networks.
 
 Every sampler takes any callable ``net(x, sigma, class_labels)`` that returns the
-denoised estimate D(x; sigma) and exposes the attributes of DESIGN section 2:
+denoised estimate D(x; sigma) and exposes the network interface (:class:`Denoiser`):
 ``img_resolution``, ``img_channels``, ``label_dim``, ``sigma_min``, ``sigma_max``
 and ``round_sigma(sigma)``. The preconditioned networks of ``training.networks``
 qualify, and so does any user-written denoiser with those attributes.
@@ -33,7 +33,8 @@ from training import pfgmpp as pfgmpp_lib
 
 
 class Denoiser(Protocol):
-    """What a sampler needs from a network (DESIGN section 2)."""
+    """What a sampler needs from a network: the interface every preconditioner of ``training.networks`` has, which
+    also lets a state dict or a pickle move between this code and the original."""
 
     img_resolution: int
     img_channels: int
