@@ -332,6 +332,32 @@ def test_embedded_network_source_imports_only_what_the_original_provides():
     assert 'torch._C' not in source and 'torch.ops' not in source
 
 
+def test_pickle_of_an_accelerated_network_loads_with_only_the_original_helper_modules(tmp_path):
+    """A fresh process that has dnnlib and torch_utils.persistence but none of this project's other modules (as the
+    original code) unpickles the network from its embedded source and computes the same output."""
+    import pickle
+    import shutil
+    from tests.conftest import REPO_ROOT, run_python
+    root = tmp_path / 'original_like'
+    shutil.copytree(REPO_ROOT / 'dnnlib', root / 'dnnlib')
+    (root / 'torch_utils').mkdir()
+    (root / 'torch_utils' / '__init__.py').write_text('')
+    shutil.copy(REPO_ROOT / 'torch_utils' / 'persistence.py', root / 'torch_utils' / 'persistence.py')
+    net = build('EDMPrecond', TINY_SONG, label_dim=5)
+    x, sigma, labels = inputs(label_dim=5)
+    with cpu_speed.accelerate(net):
+        (tmp_path / 'net.pkl').write_bytes(pickle.dumps(dict(ema=net)))
+    with torch.no_grad():
+        torch.save(dict(x=x, sigma=sigma, labels=labels, out=net(x, sigma, labels)), tmp_path / 'expected.pt')
+    code = ('import pickle, sys, torch\n'
+            'net = pickle.load(open("net.pkl", "rb"))["ema"]\n'
+            'e = torch.load("expected.pt")\n'
+            'assert not any(m.startswith(("training", "tests")) for m in sys.modules), sorted(sys.modules)\n'
+            'with torch.no_grad():\n'
+            '    assert torch.equal(net(e["x"], e["sigma"], e["labels"]), e["out"])\n')
+    run_python(['-c', code], cwd=tmp_path, env={'PYTHONPATH': str(root)})
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Fast mode as generate.py runs it on CPU: bf16 U-Net, channels_last, accelerated layers.
 
