@@ -358,6 +358,27 @@ def test_pickle_of_an_accelerated_network_loads_with_only_the_original_helper_mo
     run_python(['-c', code], cwd=tmp_path, env={'PYTHONPATH': str(root)})
 
 
+@pytest.mark.parametrize('arch', [TINY_SONG, TINY_ADM], ids=['song', 'adm'])
+def test_exact_mode_is_bit_identical_when_accelerated(arch):
+    """fp32 in the default layout: apply_speed_options (as generate.py and fid.py call it) changes no bit of the
+    denoiser or of the Heun sampler's images, batch of one included."""
+    from training import network_io
+    from training import sampler as sampling
+    plain = build('EDMPrecond', arch, label_dim=5)
+    x, sigma, labels = inputs(label_dim=5)
+    with torch.no_grad():
+        want = plain(x, sigma, labels)
+    images = sampling.sample_batch(plain, [3, 4], num_steps=3)
+    single = sampling.sample_batch(plain, [4], num_steps=3)
+    network_io.apply_speed_options(plain)
+    assert any(cpu_speed.is_accelerated(m) for m in plain.modules())
+    with torch.no_grad():
+        assert torch.equal(plain(x, sigma, labels), want)
+    assert torch.equal(sampling.sample_batch(plain, [3, 4], num_steps=3), images)
+    assert torch.equal(sampling.sample_batch(plain, [4], num_steps=3), single)
+    assert torch.equal(single[0], images[1])  # the batch of one is padded onto the batched kernels
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Fast mode as generate.py runs it on CPU: bf16 U-Net, channels_last, accelerated layers.
 
