@@ -538,7 +538,7 @@ def gen(network_pkl: str, ref_path: Optional[str], seeds: str, class_idx: Option
         precision, precision_note = network_io.precision_for_device(net, None, device_obj)
         if precision_note:
             dist.print0(precision_note)
-            network_io.apply_speed_options(net, precision)
+        network_io.apply_speed_options(net, precision)
         use_pfgmpp, D = cli.resolve_pfgmpp(net, pfgmpp, aug_dim)
         net = cli.make_guide(net, gnet, guidance, guidance_interval, D, device_obj)(net)
         if class_idx is not None and class_idx >= net.label_dim:

@@ -484,3 +484,15 @@ def test_quantized_network_changes_images_gracefully(tiny_net):
     err = {bits: (sampling.sample_batch(quantize.quantize_network(tiny_net, bits), seeds, num_steps=3) - base)
            .abs().mean().item() for bits in (3, 8, 14)}
     assert err[3] > err[8] > err[14] and err[3] > 0
+
+
+def test_batch_padding_is_a_denoiser_without_look_through(tiny_net):
+    padded = sampling.BatchPadded(tiny_net)
+    for name in ('img_resolution', 'img_channels', 'label_dim', 'sigma_min', 'sigma_max'):
+        assert getattr(padded, name) == getattr(tiny_net, name)
+    assert torch.equal(padded.round_sigma(torch.tensor([0.5])), tiny_net.round_sigma(torch.tensor([0.5])))
+    assert padded.net is tiny_net and not hasattr(padded, 'model')  # the network's other attributes stay its own
+    x = torch.randn(1, tiny_net.img_channels, tiny_net.img_resolution, tiny_net.img_resolution,
+                    generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(padded(x, torch.tensor([2.0])), tiny_net(x.expand(2, -1, -1, -1), torch.tensor(2.0))[:1])

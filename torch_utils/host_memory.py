@@ -2,11 +2,12 @@
 
 With its default, adaptive thresholds glibc keeps returning the memory of freed multi-MiB blocks to the kernel
 (unmapping them, or trimming the top of the heap), so a large CPU tensor often lands on fresh pages and pays a page
-fault per 4 KiB when first written. On our 2-core CI VMs an out-of-place SiLU on a 4 MiB activation takes 2.4 ms
-that way and 0.24 ms on reused memory; over a float32 DDPM++ forward pass that is 10-15%. Fixing glibc's mmap and trim
-thresholds high lets freed blocks be reused.
+fault per 4 KiB when first written; for the multi-MiB activations of a U-Net those faults can cost more than the
+arithmetic of an elementwise op (figures: README, section Speed). Fixing glibc's mmap and trim thresholds high lets
+freed blocks be reused.
 
-``train.py``, ``generate.py`` and ``fid.py`` call :func:`retain_freed_host_memory` at start-up; set
+``train.py``, ``generate.py`` and ``fid.py`` call :func:`retain_freed_host_memory` (also offered by
+``training.cpu_speed``, with the other opt-in speed-ups) at start-up; set
 ``PFGMPP_RETAIN_HOST_MEMORY=0`` to keep glibc's defaults. Any program (the original code included) gets the same
 effect from the environment: ``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=2147483647``.
 """

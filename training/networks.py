@@ -36,35 +36,26 @@ attributes and may be changed after construction (for example on a network rebui
 
 Self-attention goes through ``torch.nn.functional.scaled_dot_product_attention`` (the original used an explicit
 softmax with a hand-written backward); both agree to float32 rounding.
+
+This file is the model and nothing else: ``torch_utils.persistence`` embeds its source in every pickle, which must
+import in the original code too, so it imports only torch and ``torch_utils.persistence``. Faster ways to compute
+the same layers (prepacked oneDNN weights, bfloat16 workarounds, a cheaper dropout mask) are opt-in and installed
+from outside by ``training/cpu_speed.py``, which overrides ``Conv2d._convolve``, ``Conv2d._resample``,
+``GroupNorm.forward`` and ``UNetBlock._dropout``; those methods keep the meaning they have here.
 """
-import contextlib
+from __future__ import annotations
+
 import math
+from typing import Any, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torch_utils import cpu_support, persistence
+from torch_utils import persistence
 
+Tensor = torch.Tensor
 silu = F.silu
-
-
-def dropout(x, p, training):
-    """Inverted dropout, as ``F.dropout``: zero each element with probability ``p``, scale the rest by 1/(1-p).
-
-    On CPU the keep mask comes from ``torch.rand_like`` (global generator) compared with ``p``, which costs about half
-    of ``F.dropout``'s Bernoulli sampling (that was 5% of a CIFAR-10 training step); the mask is stored in ``x``'s
-    layout and dtype, and the gradient is masked and scaled the same way. Elsewhere ``F.dropout`` is used as is
-    (on CUDA it is one fused kernel).
-    """
-    if not training or p == 0:
-        return x
-    if x.device.type != 'cpu':
-        return F.dropout(x, p=p, training=True)
-    if p == 1:
-        return x * 0
-    keep = torch.rand_like(x, dtype=torch.float32).ge_(p)
-    return x * keep.to(x.dtype).div_(1 - p)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -79,7 +70,7 @@ _INIT_RULES = {
 }
 
 
-def initial_values(shape, mode, fan_in, fan_out):
+def initial_values(shape: Sequence[int], mode: str, fan_in: int, fan_out: int) -> Tensor:
     """Draw an initial tensor of ``shape`` from the global torch generator.
 
     Uniform rules draw ``rand * 2 - 1`` and normal rules ``randn``; the draw is multiplied by
@@ -107,15 +98,15 @@ def _new_param(shape, gain, *, mode, fan_in, fan_out):
 class Linear(nn.Module):
     """Fully connected layer ``x @ weight.T + bias``."""
 
-    def __init__(self, in_features, out_features, bias=True, init_mode='kaiming_normal', init_weight=1,
-                 init_bias=0):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, init_mode: str = 'kaiming_normal',
+                 init_weight: float = 1, init_bias: float = 0):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         fans = dict(mode=init_mode, fan_in=in_features, fan_out=out_features)
         self.weight = _new_param([out_features, in_features], init_weight, **fans)
         self.bias = _new_param([out_features], init_bias, **fans) if bias else None
 
-    def forward(self, x):
+    def forward(self, x: Tensor) -> Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.weight.to(x.dtype), bias)
 
@@ -130,74 +121,6 @@ def _depthwise(kernel, channels):
     return kernel.expand(channels, 1, -1, -1)
 
 
-def _is_box_filter(taps):
-    return len(taps) == 2 and taps[0] == taps[1] != 0
-
-
-def _is_channels_last(x):
-    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Inference with prepacked convolution weights (CPU, oneDNN).
-#
-# A CPU convolution reorders its weight into oneDNN's blocked layout on every call; for a CIFAR-10 DDPM++ that is
-# about 6% of a float32 forward pass, and the inference primitive is a little faster than the training one that
-# F.conv2d uses. Inside ``prepacked_convolutions(net)`` each Conv2d of ``net`` reorders its weight once per
-# (dtype, input shape) and reuses it. The results are oneDNN's own convolution of the same numbers.
-
-
-def _packed_ops_available():
-    mkldnn = getattr(torch.ops, 'mkldnn', None)
-    return (torch.backends.mkldnn.is_available() and hasattr(torch._C._nn, 'mkldnn_reorder_conv2d_weight')
-            and mkldnn is not None and hasattr(mkldnn, '_convolution_pointwise'))
-
-
-def _can_use_packed_weights(x):
-    # Channels-last only: for NCHW inputs the packed primitive returns a channels-last result, and converting it
-    # back would cost more than the packing saves. oneDNN reorders bfloat16 weights only on CPUs with bfloat16
-    # kernels; elsewhere bfloat16 takes F.conv2d.
-    packable = x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and cpu_support.bf16_supported())
-    return (x.device.type == 'cpu' and _is_channels_last(x) and packable
-            and not torch.is_grad_enabled() and not torch.compiler.is_compiling())
-
-
-def _packed_conv2d(conv, x, packs):
-    padding = [conv.weight.shape[-1] // 2] * 2
-    unit = [1, 1]
-    key = (x.dtype, tuple(x.shape))
-    entry = packs.get(key)
-    if entry is None or entry[0] != conv.weight._version:  # the weights changed in place since they were packed
-        weight = conv.weight.detach().to(x.dtype)
-        packed = torch._C._nn.mkldnn_reorder_conv2d_weight(weight.to_mkldnn(), padding, unit, unit, 1, list(x.shape))
-        bias = None if conv.bias is None else conv.bias.detach().to(x.dtype)
-        packs[key] = entry = (conv.weight._version, packed, bias)
-    return torch.ops.mkldnn._convolution_pointwise(x, entry[1], entry[2], padding, unit, unit, 1, 'none', [], '')
-
-
-@contextlib.contextmanager
-def prepacked_convolutions(net):
-    """Run ``net``'s CPU convolutions on weights reordered once for oneDNN, for the duration of the block.
-
-    Applies to gradient-free float32 and bfloat16 calls on channels-last CPU tensors outside torch.compile (see
-    ``--channels-last``; bfloat16 only where ``torch_utils.cpu_support.bf16_supported()``); anything else (NCHW, CUDA,
-    autograd, float16, compiled graphs) takes the ordinary path, and
-    ``net`` may be any callable. The packed copies (about the size of the weights) are dropped on exit. Weights changed
-    in place inside the block are repacked. Modules that are not this file's Conv2d (for instance a network
-    unpickled from the original code) are left alone. Without oneDNN the block changes nothing.
-    """
-    modules = net.modules() if isinstance(net, nn.Module) and _packed_ops_available() else []
-    convs = [m for m in modules if hasattr(m, '_convolve') and getattr(m, 'weight', None) is not None
-             and '_inference_packs' not in m.__dict__]  # nested blocks leave the outer block's packs alone
-    for conv in convs:
-        conv.__dict__['_inference_packs'] = {}
-    try:
-        yield net
-    finally:
-        for conv in convs:
-            conv.__dict__.pop('_inference_packs', None)
-
-
 @persistence.persistent_class
 class Conv2d(nn.Module):
     """2-D convolution with optional FIR up- or down-sampling by a factor of two.
@@ -207,9 +130,9 @@ class Conv2d(nn.Module):
     down-sampling path).
     """
 
-    def __init__(self, in_channels, out_channels, kernel, bias=True, up=False, down=False,
-                 resample_filter=(1, 1), fused_resample=False, init_mode='kaiming_normal', init_weight=1,
-                 init_bias=0):
+    def __init__(self, in_channels: int, out_channels: int, kernel: int, bias: bool = True, up: bool = False,
+                 down: bool = False, resample_filter: Sequence[float] = (1, 1), fused_resample: bool = False,
+                 init_mode: str = 'kaiming_normal', init_weight: float = 1, init_bias: float = 0):
         if up and down:
             raise ValueError('Conv2d: up and down are mutually exclusive')
         super().__init__()
@@ -220,11 +143,8 @@ class Conv2d(nn.Module):
         self.weight = _new_param([out_channels, in_channels, kernel, kernel], init_weight, **fans) if kernel else None
         self.bias = _new_param([out_channels], init_bias, **fans) if (kernel and bias) else None
         self.register_buffer('resample_filter', _separable_filter(resample_filter) if (up or down) else None)
-        # The 2-tap box filter makes the transposed convolution of ``up`` a nearest-neighbour upsampling: every
-        # output pixel is one input pixel times exactly 1.0, so F.interpolate gives bit-identical values faster.
-        self.nearest_up = up and not fused_resample and _is_box_filter(resample_filter)
 
-    def forward(self, x):
+    def forward(self, x: Tensor) -> Tensor:
         if self.weight is not None and self.fused_resample and (self.up or self.down):
             return self._fused_resample_convolve(x)
         if self.up or self.down:
@@ -233,18 +153,15 @@ class Conv2d(nn.Module):
             return self._convolve(x)
         return x
 
-    def _resample(self, x):
+    def _resample(self, x: Tensor) -> Tensor:
         f = self.resample_filter.to(x.dtype)
         pad = (f.shape[-1] - 1) // 2
         if self.down:
             return F.conv2d(x, _depthwise(f, self.in_channels), groups=self.in_channels, stride=2, padding=pad)
-        # oneDNN's depthwise transposed convolution is slow for bfloat16 and for channels-last float32 inputs.
-        if self.__dict__.get('nearest_up', False) and (x.dtype != torch.float32 or _is_channels_last(x)):
-            return F.interpolate(x, scale_factor=2, mode='nearest')
         return F.conv_transpose2d(x, _depthwise(f * 4, self.in_channels), groups=self.in_channels, stride=2,
                                   padding=pad)
 
-    def _fused_resample_convolve(self, x):
+    def _fused_resample_convolve(self, x: Tensor) -> Tensor:
         w = self.weight.to(x.dtype)
         b = None if self.bias is None else self.bias.to(x.dtype)
         f = self.resample_filter.to(x.dtype)
@@ -257,11 +174,8 @@ class Conv2d(nn.Module):
         x = F.conv2d(x, _depthwise(f, self.out_channels), groups=self.out_channels, stride=2)
         return x if b is None else x + b.reshape(1, -1, 1, 1)
 
-    def _convolve(self, x):
-        """The plain stride-1 convolution with this layer's weights, prepacked when inference allows it."""
-        packs = self.__dict__.get('_inference_packs')
-        if packs is not None and _can_use_packed_weights(x):
-            return _packed_conv2d(self, x, packs)
+    def _convolve(self, x: Tensor) -> Tensor:
+        """The stride-1 convolution with this layer's weights (padded to keep the size)."""
         w = self.weight.to(x.dtype)
         b = None if self.bias is None else self.bias.to(x.dtype)
         return F.conv2d(x, w, b, padding=w.shape[-1] // 2)
@@ -271,8 +185,7 @@ class Conv2d(nn.Module):
 class GroupNorm(nn.Module):
     """Group normalisation with at most ``num_groups`` groups and at least ``min_channels_per_group`` channels each."""
 
-    def __init__(self, num_channels, num_groups=32,
-                 min_channels_per_group=4, eps=1e-5):
+    def __init__(self, num_channels: int, num_groups: int = 32, min_channels_per_group: int = 4, eps: float = 1e-5):
         super().__init__()
         most_groups = num_channels // min_channels_per_group
         self.num_groups = min(num_groups, most_groups)
@@ -280,22 +193,9 @@ class GroupNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(num_channels))
         self.bias = nn.Parameter(torch.zeros(num_channels))
 
-    def forward(self, x):
-        if _slow_bf16_group_norm(x, self.num_groups):
-            return F.group_norm(x.float(), self.num_groups, self.weight, self.bias, self.eps).to(x.dtype)
+    def forward(self, x: Tensor) -> Tensor:
         dtype = x.dtype
         return F.group_norm(x, self.num_groups, self.weight.to(dtype), self.bias.to(dtype), self.eps)
-
-
-# PyTorch's CPU GroupNorm for bfloat16 channels-last inputs slows down 3-4x (backward) when a group holds fewer
-# channels than this; in float32 it does not. Normalising those in float32 (and rounding the result to bfloat16, as
-# the bfloat16 kernel does) is faster and no less accurate.
-BF16_GROUP_NORM_MIN_CHANNELS_PER_GROUP = 16
-
-
-def _slow_bf16_group_norm(x, num_groups):
-    return (x.dtype == torch.bfloat16 and x.device.type == 'cpu' and _is_channels_last(x)
-            and x.shape[1] // num_groups < BF16_GROUP_NORM_MIN_CHANNELS_PER_GROUP)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -311,10 +211,11 @@ class UNetBlock(nn.Module):
     ``skip_scale``. Attention heads: ``num_heads`` if given, else ``out_channels // channels_per_head``.
     """
 
-    def __init__(self, in_channels, out_channels, emb_channels,
-                 up=False, down=False, attention=False, num_heads=None, channels_per_head=64,
-                 dropout=0, skip_scale=1, eps=1e-5, resample_filter=(1, 1), resample_proj=False,
-                 adaptive_scale=True, init=None, init_zero=None, init_attn=None):
+    def __init__(self, in_channels: int, out_channels: int, emb_channels: int,
+                 up: bool = False, down: bool = False, attention: bool = False, num_heads: Optional[int] = None,
+                 channels_per_head: int = 64, dropout: float = 0, skip_scale: float = 1, eps: float = 1e-5,
+                 resample_filter: Sequence[float] = (1, 1), resample_proj: bool = False, adaptive_scale: bool = True,
+                 init: Optional[dict] = None, init_zero: Optional[dict] = None, init_attn: Optional[dict] = None):
         super().__init__()
         init = {} if init is None else init
         init_zero = dict(init_weight=0) if init_zero is None else init_zero
@@ -345,7 +246,7 @@ class UNetBlock(nn.Module):
             self.qkv = Conv2d(out_channels, out_channels * 3, kernel=1, **init_attn)
             self.proj = Conv2d(out_channels, out_channels, kernel=1, **init_zero)
 
-    def _attend(self, x):
+    def _attend(self, x: Tensor) -> Tensor:
         """Multi-head self-attention over pixels; returns the mixed values before ``proj``.
 
         Channel layout of ``qkv`` (fixed by the original, and so by every trained checkpoint): output channel
@@ -361,7 +262,7 @@ class UNetBlock(nn.Module):
         # from the original's for the same seed.
         return mixed.transpose(-1, -2).reshape(n, c, h, w).contiguous()
 
-    def forward(self, x, emb):
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         shortcut = x if self.skip is None else self.skip(x)
         h = self.conv0(silu(self.norm0(x)))
         params = self.affine(emb)[:, :, None, None].to(h.dtype)
@@ -370,13 +271,16 @@ class UNetBlock(nn.Module):
             h = silu(torch.addcmul(shift, self.norm1(h), scale + 1))
         else:
             h = silu(self.norm1(h + params))
-        h = self.conv1(dropout(h, self.dropout, self.training))
+        h = self.conv1(self._dropout(h))
         x = self._scaled(h + shortcut)
         if self.num_heads:
             x = self._scaled(self.proj(self._attend(x)) + x)
         return x
 
-    def _scaled(self, x):
+    def _dropout(self, x: Tensor) -> Tensor:
+        return F.dropout(x, p=self.dropout, training=self.training)
+
+    def _scaled(self, x: Tensor) -> Tensor:
         return x if self.skip_scale == 1 else x * self.skip_scale  # x * 1 would be an exact no-op pass
 
 
@@ -392,12 +296,11 @@ class PositionalEmbedding(nn.Module):
     ``1 / max_positions``.
     """
 
-    def __init__(self, num_channels,
-                 max_positions=10000, endpoint=False):
+    def __init__(self, num_channels: int, max_positions: int = 10000, endpoint: bool = False):
         super().__init__()
         self.num_channels, self.max_positions, self.endpoint = num_channels, max_positions, endpoint
 
-    def forward(self, x):
+    def forward(self, x: Tensor) -> Tensor:
         half = self.num_channels // 2
         exponent = torch.arange(half, dtype=torch.float32, device=x.device) / (half - int(bool(self.endpoint)))
         freqs = (1 / self.max_positions) ** exponent
@@ -409,13 +312,12 @@ class PositionalEmbedding(nn.Module):
 class FourierEmbedding(nn.Module):
     """Random Fourier features ``[cos(2 pi x f), sin(2 pi x f)]`` with ``f ~ N(0, scale^2)`` (NCSN++)."""
 
-    def __init__(self, num_channels,
-                 scale=16):
+    def __init__(self, num_channels: int, scale: float = 16):
         super().__init__()
         freqs = torch.randn(num_channels // 2) * scale
         self.register_buffer('freqs', freqs)
 
-    def forward(self, x):
+    def forward(self, x: Tensor) -> Tensor:
         angles = torch.outer(x, (2 * math.pi * self.freqs).to(x.dtype))
         return torch.cat([angles.cos(), angles.sin()], dim=1)
 
@@ -438,7 +340,7 @@ def _maybe_drop_labels(module, labels, batch, device):
     return labels * keep.to(labels.dtype)
 
 
-def check_unet_depth(img_resolution: int, channel_mult) -> None:
+def check_unet_depth(img_resolution: int, channel_mult: Sequence[int]) -> None:
     """Raise ValueError unless a U-Net with ``len(channel_mult)`` levels can process ``img_resolution``-sided images.
 
     Both U-Nets enter every level after the first through a stride-2 down-sampling, which maps a side s to
@@ -504,23 +406,23 @@ class SongUNet(nn.Module):
     """
 
     def __init__(self,
-                 img_resolution,                  # Side of the (square) input and output images.
-                 in_channels,                     # Image channels in.
-                 out_channels,                    # Image channels out.
-                 label_dim=0,                     # Class-label dimensionality, 0 for unconditional.
-                 augment_dim=0,                   # Augmentation-label dimensionality, 0 for none.
-                 model_channels=128,              # Channel count at multiplier 1.
-                 channel_mult=(1, 2, 2, 2),       # Channel multiplier of each resolution level.
-                 channel_mult_emb=4,              # Embedding width = model_channels * channel_mult_emb.
-                 num_blocks=4,                    # Residual blocks per level in the encoder (+1 in the decoder).
-                 attn_resolutions=(16,),          # Resolutions whose blocks attend.
-                 dropout=0.10,                    # Dropout inside the residual blocks.
-                 label_dropout=0,                 # Probability of dropping the class label while training.
-                 embedding_type='positional',     # 'positional' (DDPM++) or 'fourier' (NCSN++).
-                 channel_mult_noise=1,            # Noise-embedding width = model_channels * channel_mult_noise.
-                 encoder_type='standard',         # 'standard', 'skip' or 'residual'.
-                 decoder_type='standard',         # 'standard' or 'skip'.
-                 resample_filter=(1, 1),          # FIR taps for up/down-sampling.
+                 img_resolution: int,             # Side of the (square) input and output images.
+                 in_channels: int,                # Image channels in.
+                 out_channels: int,               # Image channels out.
+                 label_dim: int = 0,              # Class-label dimensionality, 0 for unconditional.
+                 augment_dim: int = 0,            # Augmentation-label dimensionality, 0 for none.
+                 model_channels: int = 128,       # Channel count at multiplier 1.
+                 channel_mult: Sequence[int] = (1, 2, 2, 2),  # Channel multiplier of each resolution level.
+                 channel_mult_emb: int = 4,       # Embedding width = model_channels * channel_mult_emb.
+                 num_blocks: int = 4,             # Residual blocks per level in the encoder (+1 in the decoder).
+                 attn_resolutions: Sequence[int] = (16,),  # Resolutions whose blocks attend.
+                 dropout: float = 0.10,           # Dropout inside the residual blocks.
+                 label_dropout: float = 0,        # Probability of dropping the class label while training.
+                 embedding_type: str = 'positional',  # 'positional' (DDPM++) or 'fourier' (NCSN++).
+                 channel_mult_noise: int = 1,     # Noise-embedding width = model_channels * channel_mult_noise.
+                 encoder_type: str = 'standard',  # 'standard', 'skip' or 'residual'.
+                 decoder_type: str = 'standard',  # 'standard' or 'skip'.
+                 resample_filter: Sequence[float] = (1, 1),  # FIR taps for up/down-sampling.
                  ):
         for value, allowed, what in ((embedding_type, ('fourier', 'positional'), 'embedding_type'),
                                      (encoder_type, ('standard', 'skip', 'residual'), 'encoder_type'),
@@ -608,8 +510,8 @@ class SongUNet(nn.Module):
         emb = _plus_augment(self, emb, augment_labels)
         return silu(self.map_layer1(silu(self.map_layer0(emb))))
 
-    def forward(self, x, noise_labels, class_labels,
-                augment_labels=None):
+    def forward(self, x: Tensor, noise_labels: Tensor, class_labels: Optional[Tensor],
+                augment_labels: Optional[Tensor] = None) -> Tensor:
         emb = self._embedding(noise_labels, class_labels, augment_labels, x.shape[0], x.device)
 
         skips = []
@@ -655,18 +557,18 @@ class DhariwalUNet(nn.Module):
     """ADM U-Net (a port of openai/guided-diffusion, as in EDM). Attention heads are ``channels // 64``."""
 
     def __init__(self,
-                 img_resolution,                  # Side of the (square) input and output images.
-                 in_channels,                     # Image channels in.
-                 out_channels,                    # Image channels out.
-                 label_dim=0,                     # Class-label dimensionality, 0 for unconditional.
-                 augment_dim=0,                   # Augmentation-label dimensionality, 0 for none.
-                 model_channels=192,              # Channel count at multiplier 1.
-                 channel_mult=(1, 2, 3, 4),       # Channel multiplier of each resolution level.
-                 channel_mult_emb=4,              # Embedding width = model_channels * channel_mult_emb.
-                 num_blocks=3,                    # Residual blocks per level in the encoder (+1 in the decoder).
-                 attn_resolutions=(32, 16, 8),    # Resolutions whose blocks attend (if wide enough).
-                 dropout=0.10,                    # Dropout inside the residual blocks.
-                 label_dropout=0,                 # Probability of dropping the class label while training.
+                 img_resolution: int,             # Side of the (square) input and output images.
+                 in_channels: int,                # Image channels in.
+                 out_channels: int,               # Image channels out.
+                 label_dim: int = 0,              # Class-label dimensionality, 0 for unconditional.
+                 augment_dim: int = 0,            # Augmentation-label dimensionality, 0 for none.
+                 model_channels: int = 192,       # Channel count at multiplier 1.
+                 channel_mult: Sequence[int] = (1, 2, 3, 4),  # Channel multiplier of each resolution level.
+                 channel_mult_emb: int = 4,       # Embedding width = model_channels * channel_mult_emb.
+                 num_blocks: int = 3,             # Residual blocks per level in the encoder (+1 in the decoder).
+                 attn_resolutions: Sequence[int] = (32, 16, 8),  # Resolutions whose blocks attend (if wide enough).
+                 dropout: float = 0.10,           # Dropout inside the residual blocks.
+                 label_dropout: float = 0,        # Probability of dropping the class label while training.
                  ):
         check_unet_depth(img_resolution, channel_mult)
         super().__init__()
@@ -732,8 +634,8 @@ class DhariwalUNet(nn.Module):
             emb = emb + self.map_label(_maybe_drop_labels(self, class_labels, batch, device))
         return silu(emb)
 
-    def forward(self, x, noise_labels, class_labels,
-                augment_labels=None):
+    def forward(self, x: Tensor, noise_labels: Tensor, class_labels: Optional[Tensor],
+                augment_labels: Optional[Tensor] = None) -> Tensor:
         emb = self._embedding(noise_labels, class_labels, augment_labels, x.shape[0], x.device)
         skips = []
         for name, layer in self.enc.items():
@@ -779,7 +681,7 @@ class _Preconditioner(nn.Module):
         return ARCHITECTURES[model_type](img_resolution=self.img_resolution, in_channels=self.img_channels,
                                          out_channels=out_channels, label_dim=self.label_dim, **model_kwargs)
 
-    def unet_dtype(self, device, force_fp32=False):
+    def unet_dtype(self, device: Union[str, torch.device], force_fp32: bool = False) -> torch.dtype:
         """The dtype the U-Net runs in for inputs on ``device`` (see the module docstring)."""
         device = torch.device(device)
         if force_fp32 or not (device.type == 'cuda' or self.reduced_precision_on_cpu):
@@ -800,8 +702,8 @@ class _Preconditioner(nn.Module):
     def _denoiser_output(self, raw):
         return raw
 
-    def forward(self, x, sigma, class_labels=None,
-                force_fp32=False, **model_kwargs):
+    def forward(self, x: Tensor, sigma: Union[Tensor, float], class_labels: Optional[Tensor] = None,
+                force_fp32: bool = False, **model_kwargs: Any) -> Tensor:
         """Denoised estimate D(x; sigma) in float32.
 
         ``sigma`` may be a tensor of shape [B] (or anything with B elements) or a scalar; extra keyword arguments
@@ -817,7 +719,7 @@ class _Preconditioner(nn.Module):
             raise RuntimeError(f'{type(self).__name__}: the U-Net returned {raw.dtype}, expected {dtype}')
         return c_skip * x + c_out * self._denoiser_output(raw).to(torch.float32)
 
-    def round_sigma(self, sigma):
+    def round_sigma(self, sigma: Union[Tensor, float]) -> Tensor:
         """Noise levels the network supports; continuous preconditioners return ``sigma`` unchanged."""
         return torch.as_tensor(sigma)
 
@@ -830,20 +732,20 @@ class VPPrecond(_Preconditioner):
     """
 
     def __init__(self,
-                 img_resolution,                  # Image side.
-                 img_channels,                    # Image channels.
-                 label_dim=0,                     # Class-label dimensionality, 0 for unconditional.
-                 use_fp16=False,                  # Run the U-Net in float16 (CUDA inputs only, see module doc).
-                 beta_d=19.9,                     # Extent of the noise schedule.
-                 beta_min=0.1,                    # Initial slope of the noise schedule.
-                 M=1000,                          # Number of DDPM time steps.
-                 epsilon_t=1e-5,                  # Smallest t seen in training.
-                 model_type='SongUNet',           # Architecture class name.
+                 img_resolution: int,             # Image side.
+                 img_channels: int,               # Image channels.
+                 label_dim: int = 0,              # Class-label dimensionality, 0 for unconditional.
+                 use_fp16: bool = False,          # Run the U-Net in float16 (CUDA inputs only, see module doc).
+                 beta_d: float = 19.9,            # Extent of the noise schedule.
+                 beta_min: float = 0.1,           # Initial slope of the noise schedule.
+                 M: int = 1000,                   # Number of DDPM time steps.
+                 epsilon_t: float = 1e-5,         # Smallest t seen in training.
+                 model_type: str = 'SongUNet',    # Architecture class name.
                  pfgmpp=False,                    # PFGM++ training/sampling (sets the meaning of D).
                  D=128,                           # PFGM++ augmented dimensions.
-                 use_bf16=False,                  # Run the U-Net in bfloat16 (CUDA inputs only, see module doc).
-                 reduced_precision_on_cpu=False,  # Also apply use_fp16/use_bf16 to CPU inputs.
-                 **model_kwargs,                  # Passed to the architecture.
+                 use_bf16: bool = False,          # Run the U-Net in bfloat16 (CUDA inputs only, see module doc).
+                 reduced_precision_on_cpu: bool = False,  # Also apply use_fp16/use_bf16 to CPU inputs.
+                 **model_kwargs: Any,             # Passed to the architecture.
                  ):
         super().__init__(img_resolution, img_channels, label_dim, use_fp16, use_bf16, reduced_precision_on_cpu,
                          pfgmpp, D)
@@ -853,7 +755,7 @@ class VPPrecond(_Preconditioner):
         self.sigma_max = float(self.sigma(torch.as_tensor(1, device='cpu')))
         self.model = self._make_model(model_type, img_channels, model_kwargs)
 
-    def coefficients(self, sigma):
+    def coefficients(self, sigma: Tensor) -> tuple:
         c_in = 1 / (sigma.square() + 1).sqrt()
         c_noise = self.sigma_inv(sigma) * (self.M - 1)
         return 1, -sigma, c_in, c_noise
@@ -874,25 +776,25 @@ class VEPrecond(_Preconditioner):
     """Variance-exploding (VE) preconditioning: c_skip = 1, c_out = sigma, c_in = 1, c_noise = log(sigma / 2)."""
 
     def __init__(self,
-                 img_resolution,                  # Image side.
-                 img_channels,                    # Image channels.
-                 label_dim=0,                     # Class-label dimensionality, 0 for unconditional.
-                 use_fp16=False,                  # Run the U-Net in float16 (CUDA inputs only, see module doc).
-                 sigma_min=0.02,                  # Smallest supported noise level.
-                 sigma_max=100,                   # Largest supported noise level.
-                 model_type='SongUNet',           # Architecture class name.
+                 img_resolution: int,             # Image side.
+                 img_channels: int,               # Image channels.
+                 label_dim: int = 0,              # Class-label dimensionality, 0 for unconditional.
+                 use_fp16: bool = False,          # Run the U-Net in float16 (CUDA inputs only, see module doc).
+                 sigma_min: float = 0.02,         # Smallest supported noise level.
+                 sigma_max: float = 100,          # Largest supported noise level.
+                 model_type: str = 'SongUNet',    # Architecture class name.
                  pfgmpp=False,                    # PFGM++ training/sampling (sets the meaning of D).
                  D=128,                           # PFGM++ augmented dimensions.
-                 use_bf16=False,                  # Run the U-Net in bfloat16 (CUDA inputs only, see module doc).
-                 reduced_precision_on_cpu=False,  # Also apply use_fp16/use_bf16 to CPU inputs.
-                 **model_kwargs,                  # Passed to the architecture.
+                 use_bf16: bool = False,          # Run the U-Net in bfloat16 (CUDA inputs only, see module doc).
+                 reduced_precision_on_cpu: bool = False,  # Also apply use_fp16/use_bf16 to CPU inputs.
+                 **model_kwargs: Any,             # Passed to the architecture.
                  ):
         super().__init__(img_resolution, img_channels, label_dim, use_fp16, use_bf16, reduced_precision_on_cpu,
                          pfgmpp, D)
         self.sigma_min, self.sigma_max = sigma_min, sigma_max
         self.model = self._make_model(model_type, img_channels, model_kwargs)
 
-    def coefficients(self, sigma):
+    def coefficients(self, sigma: Tensor) -> tuple:
         return 1, sigma, 1, (0.5 * sigma).log()
 
 
@@ -906,19 +808,19 @@ class iDDPMPrecond(_Preconditioner):
     """
 
     def __init__(self,
-                 img_resolution,                  # Image side.
-                 img_channels,                    # Image channels.
-                 label_dim=0,                     # Class-label dimensionality, 0 for unconditional.
-                 use_fp16=False,                  # Run the U-Net in float16 (CUDA inputs only, see module doc).
-                 C_1=0.001,                       # Time-step adjustment at low noise levels.
-                 C_2=0.008,                       # Time-step adjustment at high noise levels.
-                 M=1000,                          # Number of DDPM time steps.
-                 model_type='DhariwalUNet',       # Architecture class name.
+                 img_resolution: int,             # Image side.
+                 img_channels: int,               # Image channels.
+                 label_dim: int = 0,              # Class-label dimensionality, 0 for unconditional.
+                 use_fp16: bool = False,          # Run the U-Net in float16 (CUDA inputs only, see module doc).
+                 C_1: float = 0.001,              # Time-step adjustment at low noise levels.
+                 C_2: float = 0.008,              # Time-step adjustment at high noise levels.
+                 M: int = 1000,                   # Number of DDPM time steps.
+                 model_type: str = 'DhariwalUNet',  # Architecture class name.
                  pfgmpp=False,                    # PFGM++ training/sampling (sets the meaning of D).
                  D=128,                           # PFGM++ augmented dimensions.
-                 use_bf16=False,                  # Run the U-Net in bfloat16 (CUDA inputs only, see module doc).
-                 reduced_precision_on_cpu=False,  # Also apply use_fp16/use_bf16 to CPU inputs.
-                 **model_kwargs,                  # Passed to the architecture.
+                 use_bf16: bool = False,          # Run the U-Net in bfloat16 (CUDA inputs only, see module doc).
+                 reduced_precision_on_cpu: bool = False,  # Also apply use_fp16/use_bf16 to CPU inputs.
+                 **model_kwargs: Any,             # Passed to the architecture.
                  ):
         super().__init__(img_resolution, img_channels, label_dim, use_fp16, use_bf16, reduced_precision_on_cpu,
                          pfgmpp, D)
@@ -942,7 +844,7 @@ class iDDPMPrecond(_Preconditioner):
         j = _as_tensor(j)
         return (0.5 * math.pi * j / self.M / (self.C_2 + 1)).sin() ** 2
 
-    def coefficients(self, sigma):
+    def coefficients(self, sigma: Tensor) -> tuple:
         c_in = 1 / (sigma.square() + 1).sqrt()
         index = self.round_sigma(sigma, return_index=True).to(torch.float32)
         return 1, -sigma, c_in, (self.M - 1) - index
@@ -950,8 +852,7 @@ class iDDPMPrecond(_Preconditioner):
     def _denoiser_output(self, raw):
         return raw[:, :self.img_channels]
 
-    def round_sigma(self, sigma,
-                    return_index=False):
+    def round_sigma(self, sigma: Union[Tensor, float], return_index: bool = False) -> Tensor:
         """Nearest grid value (or its index with ``return_index``), same shape and device as ``sigma``."""
         sigma = torch.as_tensor(sigma)
         query = sigma.to(device=self.u.device, dtype=torch.float32).reshape(1, -1, 1)
@@ -969,26 +870,26 @@ class EDMPrecond(_Preconditioner):
     """
 
     def __init__(self,
-                 img_resolution,                  # Image side.
-                 img_channels,                    # Image channels.
-                 label_dim=0,                     # Class-label dimensionality, 0 for unconditional.
-                 use_fp16=False,                  # Run the U-Net in float16 (CUDA inputs only, see module doc).
-                 sigma_min=0,                     # Smallest supported noise level.
-                 sigma_max=float('inf'),          # Largest supported noise level.
-                 sigma_data=0.5,                  # Standard deviation of the training data.
-                 model_type='DhariwalUNet',       # Architecture class name.
+                 img_resolution: int,             # Image side.
+                 img_channels: int,               # Image channels.
+                 label_dim: int = 0,              # Class-label dimensionality, 0 for unconditional.
+                 use_fp16: bool = False,          # Run the U-Net in float16 (CUDA inputs only, see module doc).
+                 sigma_min: float = 0,            # Smallest supported noise level.
+                 sigma_max: float = float('inf'),  # Largest supported noise level.
+                 sigma_data: float = 0.5,         # Standard deviation of the training data.
+                 model_type: str = 'DhariwalUNet',  # Architecture class name.
                  pfgmpp=False,                    # PFGM++ training/sampling (sets the meaning of D).
                  D=128,                           # PFGM++ augmented dimensions.
-                 use_bf16=False,                  # Run the U-Net in bfloat16 (CUDA inputs only, see module doc).
-                 reduced_precision_on_cpu=False,  # Also apply use_fp16/use_bf16 to CPU inputs.
-                 **model_kwargs,                  # Passed to the architecture.
+                 use_bf16: bool = False,          # Run the U-Net in bfloat16 (CUDA inputs only, see module doc).
+                 reduced_precision_on_cpu: bool = False,  # Also apply use_fp16/use_bf16 to CPU inputs.
+                 **model_kwargs: Any,             # Passed to the architecture.
                  ):
         super().__init__(img_resolution, img_channels, label_dim, use_fp16, use_bf16, reduced_precision_on_cpu,
                          pfgmpp, D)
         self.sigma_min, self.sigma_max, self.sigma_data = sigma_min, sigma_max, sigma_data
         self.model = self._make_model(model_type, img_channels, model_kwargs)
 
-    def coefficients(self, sigma):
+    def coefficients(self, sigma: Tensor) -> tuple:
         s2 = self.sigma_data ** 2
         total = sigma.square() + s2
         c_skip = s2 / total

@@ -1,7 +1,7 @@
 """Samplers for EDM-style denoisers and PFGM++ networks.
 
 Every sampler takes any callable ``net(x, sigma, class_labels)`` that returns the
-denoised estimate D(x; sigma) and exposes the attributes of DESIGN section 2:
+denoised estimate D(x; sigma) and exposes the network interface (:class:`Denoiser`):
 ``img_resolution``, ``img_channels``, ``label_dim``, ``sigma_min``, ``sigma_max``
 and ``round_sigma(sigma)``. The preconditioned networks of ``training.networks``
 qualify, and so does any user-written denoiser with those attributes.
@@ -26,7 +26,6 @@ from typing import Any, Callable, Iterator, Optional, Protocol, Sequence, Union
 
 import torch
 
-from training import networks
 from training import pfgmpp as pfgmpp_lib
 
 # ----------------------------------------------------------------------------
@@ -34,7 +33,8 @@ from training import pfgmpp as pfgmpp_lib
 
 
 class Denoiser(Protocol):
-    """What a sampler needs from a network (DESIGN section 2)."""
+    """What a sampler needs from a network: the interface every preconditioner of ``training.networks`` has, which
+    also lets a state dict or a pickle move between this code and the original."""
 
     img_resolution: int
     img_channels: int
@@ -840,21 +840,26 @@ def draw_class_labels(net: Denoiser, rnd: PerSeedRandom, class_idx: Optional[int
 MIN_NETWORK_BATCH = 2
 
 
-class _PadSmallBatches:
-    """Forwards to ``net``, padding calls with fewer than MIN_NETWORK_BATCH samples by repeating the last one."""
+class BatchPadded:
+    """The denoiser ``net`` evaluated on at least MIN_NETWORK_BATCH samples per call.
 
-    def __init__(self, net: Denoiser):
-        self._net = net
+    Calls with fewer samples are padded by repeating the last sample (and its sigma and label, where those are per
+    sample), and the padding is cut from the result, so each image comes from the batched kernels whatever the batch
+    size. It is a :class:`Denoiser` with ``net``'s attributes and nothing more; the network itself is ``self.net``.
+    """
 
-    def __getattr__(self, attribute: str) -> Any:
-        if attribute == '_net':  # not set yet (e.g. during copying): avoid endless recursion
-            raise AttributeError(attribute)
-        return getattr(self._net, attribute)
+    def __init__(self, net: Denoiser) -> None:
+        self.net = net
+        self.img_resolution, self.img_channels = net.img_resolution, net.img_channels
+        self.label_dim, self.sigma_min, self.sigma_max = net.label_dim, net.sigma_min, net.sigma_max
+
+    def round_sigma(self, sigma: Any) -> torch.Tensor:
+        return self.net.round_sigma(sigma)
 
     def __call__(self, x: torch.Tensor, sigma: Any, class_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         count = x.shape[0]
         if count >= MIN_NETWORK_BATCH:
-            return self._net(x, sigma, class_labels)
+            return self.net(x, sigma, class_labels)
         pad = MIN_NETWORK_BATCH - count
 
         def padded(t: torch.Tensor) -> torch.Tensor:
@@ -863,14 +868,13 @@ class _PadSmallBatches:
         sigma_t = torch.as_tensor(sigma)
         if sigma_t.ndim > 0 and sigma_t.shape[0] == count and count > 1:
             sigma = padded(sigma_t)
-        return self._net(padded(x), sigma, labels)[:count]
+        return self.net(padded(x), sigma, labels)[:count]
 
 
 def network_memory_format(net: Any) -> torch.memory_format:
     """channels_last when the network's first 4-D weight is stored that way, else the default layout."""
-    module = getattr(net, '_net', net)  # look through _PadSmallBatches
-    if isinstance(module, torch.nn.Module):
-        for p in module.parameters():
+    if isinstance(net, torch.nn.Module):
+        for p in net.parameters():
             if p.ndim == 4:
                 channels_last = p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
                 return torch.channels_last if channels_last else torch.contiguous_format
@@ -896,12 +900,12 @@ def sample_batch(net: Denoiser, seeds: Sequence[int], device: Union[str, torch.d
         raise ValueError('the ablation sampler (solver/discretization/schedule/scaling) does not support PFGM++ '
                          'networks; use the EDM sampler')
     rnd = PerSeedRandom(seeds, device)
-    net = _PadSmallBatches(net)
     latents = draw_latents(net, seeds, rnd, pfgmpp=pfgmpp, D=D, sigma_max=kwargs.get('sigma_max', EDM_SIGMA_MAX))
     # The layout carries through the sampler's elementwise updates into every network call (channels_last nets).
     latents = latents.contiguous(memory_format=memory_format or network_memory_format(net))
     labels = draw_class_labels(net, rnd, class_idx)
-    with torch.no_grad(), networks.prepacked_convolutions(getattr(net, '_net', net)):
+    net = BatchPadded(net)
+    with torch.no_grad():
         if ablation:
             return ablation_sampler(net, latents, labels, randn_like=rnd.randn_like, **kwargs)
         if name in FAST_SOLVERS:
