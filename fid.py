@@ -545,7 +545,7 @@ def calculate_features_for_network(net: torch.nn.Module, seeds: Sequence[int],
                                    detectors: dict[str, Optional[torch.nn.Module | str]],
                                    keep: set[str] = frozenset(), max_batch_size: int = 64,
                                    device: Optional[torch.device | str] = None, class_idx: Optional[int] = None,
-                                   pfgmpp: bool = False, D: Optional[int] = None,
+                                   D: Optional[float] = None,
                                    **sampler_kwargs: Any) -> dict[str, metrics.Features]:
     """One pass of every detector over the images ``net`` generates for ``seeds``, made in memory and never
     written out (see :func:`calculate_stats_for_network`); kept features are in seed order."""
@@ -567,8 +567,8 @@ def calculate_features_for_network(net: torch.nn.Module, seeds: Sequence[int],
                 f'their statistics...')
     for batch_seeds in dist.progress(rank_batches, unit='batch', total=len(rank_batches)):
         try:
-            samples = sampling.sample_batch(net, batch_seeds, device=device, class_idx=class_idx, pfgmpp=pfgmpp,
-                                            D=D, **sampler_kwargs)
+            samples = sampling.sample_batch(net, batch_seeds, device=device, class_idx=class_idx, D=D,
+                                            **sampler_kwargs)
         except ValueError as err:  # sampler settings the network cannot honour
             raise click.ClickException(generate.sampler_error(err)) from None
         collector.add(sampling.to_uint8(samples), batch_seeds)
@@ -578,7 +578,7 @@ def calculate_features_for_network(net: torch.nn.Module, seeds: Sequence[int],
 def calculate_stats_for_network(net: torch.nn.Module, seeds: Sequence[int], max_batch_size: int = 64,
                                 device: Optional[torch.device | str] = None,
                                 detector: Optional[torch.nn.Module | str] = None, class_idx: Optional[int] = None,
-                                pfgmpp: bool = False, D: Optional[int] = None,
+                                D: Optional[float] = None,
                                 **sampler_kwargs: Any) -> tuple[np.ndarray, np.ndarray]:
     """Feature statistics of the images ``net`` generates for ``seeds``, made in memory and never written out.
 
@@ -588,7 +588,7 @@ def calculate_stats_for_network(net: torch.nn.Module, seeds: Sequence[int], max_
     ``training.sampler.sample_batch`` (None means the default).
     """
     result = calculate_features_for_network(net, seeds, {metrics.INCEPTION: detector}, max_batch_size=max_batch_size,
-                                            device=device, class_idx=class_idx, pfgmpp=pfgmpp, D=D,
+                                            device=device, class_idx=class_idx, D=D,
                                             **sampler_kwargs)[metrics.INCEPTION]
     return result.mu, result.sigma
 
@@ -1039,7 +1039,7 @@ def gen(network_pkl: str, ref_path: Optional[str], seeds: str, class_idx: Option
         if precision_note:
             dist.print0(precision_note)
             network_io.apply_speed_options(net, precision)
-        use_pfgmpp, D = generate.resolve_pfgmpp(net, pfgmpp, aug_dim)
+        D = generate.resolve_pfgmpp(net, pfgmpp, aug_dim)
         net = generate.make_guide(net, gnet, guidance, guidance_interval, D, device_obj)(net)
         if class_idx is not None and class_idx >= net.label_dim:
             raise click.BadParameter(f'{class_idx} is out of range; the network has {net.label_dim} classes',
@@ -1054,12 +1054,11 @@ def gen(network_pkl: str, ref_path: Optional[str], seeds: str, class_idx: Option
         for index, run_seeds in enumerate(seed_ranges):
             started = time.time()
             features = calculate_features_for_network(net, run_seeds, detectors, keep, max_batch_size=max_batch_size,
-                                                      device=device_obj, class_idx=class_idx, pfgmpp=use_pfgmpp,
-                                                      D=D, **kwargs)
+                                                      device=device_obj, class_idx=class_idx, D=D, **kwargs)
             record = dict(command='gen', network=network_pkl, num_images=len(run_seeds), ref=ref_path,
                           **_detector_record(metric_names, detector_path, dinov2_path),
                           seeds=generate.compact_seeds(run_seeds), repeat=index, class_idx=class_idx,
-                          pfgmpp=use_pfgmpp, D=D, sampler_kwargs=generate.jsonable(kwargs),
+                          pfgmpp=D is not None, D=D, sampler_kwargs=generate.jsonable(kwargs),
                           guidance=generate.guidance_record(gnet, guidance, guidance_interval))
             values = _finish_run(ref, metric_names, features, _numbered_stats_path(stats_path, index, repeat),
                                  record, started, bootstrap, device_obj)

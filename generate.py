@@ -148,35 +148,16 @@ def plan_runs(outdir: str, steps: Optional[int], alpha: Optional[float], bits: O
     return runs
 
 
-def resolve_pfgmpp(net: Any, pfgmpp_flag: Optional[bool], aug_dim: Optional[int]) -> tuple[bool, Optional[int]]:
-    """PFGM++ settings from the network; the flags may restate them but never contradict them."""
-    declared = getattr(net, 'pfgmpp', None)
-    if declared is not None:
-        declared = bool(declared)
-        net_D = getattr(net, 'D', None)
-        if pfgmpp_flag is not None and pfgmpp_flag != declared:
-            raise click.BadParameter(f'--pfgmpp={pfgmpp_flag} contradicts the network, which was trained with '
-                                     f'pfgmpp={declared}; drop the flag', param_hint='--pfgmpp')
-        if aug_dim is not None and not declared:
-            raise click.BadParameter(f'--aug_dim={aug_dim} given, but the network is a diffusion model '
-                                     f'(pfgmpp=False); drop the flag', param_hint='--aug_dim')
-        if aug_dim is not None and net_D is not None and aug_dim != net_D:
-            raise click.BadParameter(f'--aug_dim={aug_dim} contradicts the network, which was trained with '
-                                     f'D={net_D}; drop the flag', param_hint='--aug_dim')
-        if declared and net_D is None and aug_dim is None:
-            raise click.BadParameter('the network is a PFGM++ model but does not record D; give --aug_dim',
-                                     param_hint='--aug_dim')
-        return declared, (int(net_D if net_D is not None else aug_dim) if declared else None)
-    # Networks from the original EDM code record neither: the flags decide.
-    if pfgmpp_flag:
-        if aug_dim is None:
-            raise click.BadParameter('--pfgmpp=True needs --aug_dim: this network does not record its D',
-                                     param_hint='--aug_dim')
-        return True, aug_dim
-    if aug_dim is not None:
-        raise click.BadParameter(f'--aug_dim={aug_dim} only applies to PFGM++ sampling; add --pfgmpp=True',
-                                 param_hint='--aug_dim')
-    return False, None
+def resolve_pfgmpp(net: Any, pfgmpp_flag: Optional[bool], aug_dim: Optional[int]) -> Optional[float]:
+    """The kernel D to sample ``net`` with (None = diffusion), from the network and the --pfgmpp/--aug_dim flags
+    (:func:`training.pfgmpp.resolve_D`); errors become one line naming the flag."""
+    try:
+        return pfgmpp_lib.resolve_D(net, pfgmpp_flag, aug_dim)
+    except pfgmpp_lib.KernelError as err:
+        raise click.BadParameter(str(err), param_hint=f'--{err.option}') from None
+    except ValueError as err:
+        raise click.BadParameter(f'the network records an invalid PFGM++ kernel: {err}',
+                                 param_hint='--network') from None
 
 
 def image_path(outdir: str, seed: int, subdirs: bool) -> str:
@@ -620,7 +601,7 @@ def _generate(network_pkl: str, outdir: str, seeds: list[int], subdirs: bool, cl
         network_io.apply_speed_options(net, precision, channels_last)
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint='--precision') from None
-    use_pfgmpp, D = resolve_pfgmpp(net, pfgmpp_flag, aug_dim)
+    D = resolve_pfgmpp(net, pfgmpp_flag, aug_dim)
     if class_idx is not None and not net.label_dim:
         raise click.BadParameter(f'{class_idx}: the network is unconditional (label_dim=0)', param_hint='--class')
     if class_idx is not None and class_idx >= net.label_dim:
@@ -630,10 +611,10 @@ def _generate(network_pkl: str, outdir: str, seeds: list[int], subdirs: bool, cl
     guide = make_guide(net, gnet_source, guidance_weight, guidance_interval, D, device, precision, channels_last)
     base_kwargs = {k: v for k, v in cli_kwargs.items() if v is not None}
     ablation = sampling.uses_ablation_sampler(base_kwargs)
-    if ablation and use_pfgmpp:
+    if ablation and D is not None:
         raise click.UsageError('--solver/--disc/--schedule/--scaling select the ablation sampler, which does not '
                                'support PFGM++ networks; drop them')
-    if use_pfgmpp:
+    if D is not None:
         values_per_image = net.img_channels * net.img_resolution ** 2
         requested = min(base_kwargs.get('sigma_max', sampling.EDM_SIGMA_MAX), net.sigma_max)
         used = pfgmpp_lib.prior_sigma_max(values_per_image, requested)
@@ -668,7 +649,7 @@ def _generate(network_pkl: str, outdir: str, seeds: list[int], subdirs: bool, cl
         if run.alpha:
             kwargs['noise_injection'] = run.alpha
         # Exactly what the sampler receives decides the pixels, so the manifest is derived from it.
-        sampler_call = dict(class_idx=class_idx, pfgmpp=use_pfgmpp, D=D, **kwargs)
+        sampler_call = dict(class_idx=class_idx, D=D, **kwargs)
         options = dict(precision=_effective_precision(net), channels_last=channels_last, compile=compile_net,
                        quantize_bits=run.bits, quantize_scheme=quantize_scheme if run.bits is not None else None,
                        device=device.type, subdirs=subdirs,
@@ -677,7 +658,7 @@ def _generate(network_pkl: str, outdir: str, seeds: list[int], subdirs: bool, cl
             network=network_source, network_summary=network_summary(net), sweep=run.sweep,
             sampler=sampling.sampler_name(kwargs), sampler_kwargs=kwargs,
             nfe_per_image=network_evaluations(run.num_steps, kwargs), class_idx=class_idx,
-            pfgmpp=use_pfgmpp, D=D, noise_injection_alpha=run.alpha, quantize_bits=run.bits,
+            pfgmpp=D is not None, D=D, noise_injection_alpha=run.alpha, quantize_bits=run.bits,
             quantize_scheme=quantize_scheme if run.bits is not None else None,
             quantized_weights=(len(quantize.quantized_weight_names(net)) if run.bits is not None else 0),
             subdirs=subdirs, guidance=options['guidance'],
