@@ -25,7 +25,7 @@ import torch
 
 # The training clip of the Beta draw is defined beside the loss that applies it by default: training/loss.py must
 # load without this module (see its docstring), so it cannot import the value from here.
-from training.loss import DEFAULT_BETA_CLIP as TRAINING_BETA_CLIP
+from training.loss import DEFAULT_BETA_CLIP as TRAINING_BETA_CLIP  # noqa: F401 (public name)
 
 #: Rule of the reference generator for the PFGM++ prior: images with fewer than 256*256*3 values always start from
 #: radius 80 * sqrt(D), whatever sigma_max the caller asked for (the reference raises for larger images; we then
