@@ -306,7 +306,17 @@ def test_original_attributes_map_to_D() -> None:
         pfgmpp.flags_D(True, None)
 
 
-def test_pickled_networks_keep_the_original_attributes_both_ways() -> None:
+def test_original_pfgmpp_pickle_maps_to_its_D(golden_dir) -> None:
+    """The original PFGM++ code's training state (its classes, from the embedded source) carries pfgmpp=True, D=128."""
+    state = torch.load(golden_dir / 'snapshots' / 'training-state-000000.pt', map_location='cpu', weights_only=False)
+    ema = state['ema']
+    assert not type(ema).__module__.startswith('training')
+    assert pfgmpp.network_D(ema) == 128 and pfgmpp.resolve_D(ema) == 128 and pfgmpp.resolve_D(ema, True, 128) == 128
+    with pytest.raises(pfgmpp.KernelError, match='contradicts'):
+        pfgmpp.resolve_D(ema, False, None)
+
+
+def test_our_pickled_networks_keep_the_original_attributes() -> None:
     from training import networks
     kwargs = dict(img_resolution=8, img_channels=3, model_channels=16, channel_mult=[1], num_blocks=1,
                   attn_resolutions=[])
