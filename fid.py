@@ -539,7 +539,7 @@ def gen(network_pkl: str, ref_path: Optional[str], seeds: str, class_idx: Option
         if precision_note:
             dist.print0(precision_note)
         network_io.apply_speed_options(net, precision)
-        use_pfgmpp, D = cli.resolve_pfgmpp(net, pfgmpp, aug_dim)
+        D = cli.resolve_pfgmpp(net, pfgmpp, aug_dim)
         net = cli.make_guide(net, gnet, guidance, guidance_interval, D, device_obj)(net)
         if class_idx is not None and class_idx >= net.label_dim:
             raise click.BadParameter(f'{class_idx} is out of range; the network has {net.label_dim} classes',
@@ -554,12 +554,11 @@ def gen(network_pkl: str, ref_path: Optional[str], seeds: str, class_idx: Option
         for index, run_seeds in enumerate(seed_ranges):
             started = time.time()
             features = calculate_features_for_network(net, run_seeds, detectors, keep, max_batch_size=max_batch_size,
-                                                      device=device_obj, class_idx=class_idx, pfgmpp=use_pfgmpp,
-                                                      D=D, **kwargs)
+                                                      device=device_obj, class_idx=class_idx, D=D, **kwargs)
             record = dict(command='gen', network=network_pkl, num_images=len(run_seeds), ref=ref_path,
                           **_detector_record(metric_names, detector_path, dinov2_path),
                           seeds=cli.compact_seeds(run_seeds), repeat=index, class_idx=class_idx,
-                          pfgmpp=use_pfgmpp, D=D, sampler_kwargs=dnnlib.util.json_safe(kwargs),
+                          pfgmpp=D is not None, D=D, sampler_kwargs=dnnlib.util.json_safe(kwargs),
                           guidance=cli.guidance_record(gnet, guidance, guidance_interval))
             values = _finish_run(ref, metric_names, features, _numbered_stats_path(stats_path, index, repeat),
                                  record, started, bootstrap, device_obj)

@@ -317,7 +317,7 @@ def _generate(network_pkl: str, outdir: str, seeds: list[int], subdirs: bool, cl
         network_io.apply_speed_options(net, precision, channels_last)
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint='--precision') from None
-    use_pfgmpp, D = resolve_pfgmpp(net, pfgmpp_flag, aug_dim)
+    D = resolve_pfgmpp(net, pfgmpp_flag, aug_dim)
     if class_idx is not None and not net.label_dim:
         raise click.BadParameter(f'{class_idx}: the network is unconditional (label_dim=0)', param_hint='--class')
     if class_idx is not None and class_idx >= net.label_dim:
@@ -327,10 +327,10 @@ def _generate(network_pkl: str, outdir: str, seeds: list[int], subdirs: bool, cl
     guide = make_guide(net, gnet_source, guidance_weight, guidance_interval, D, device, precision, channels_last)
     base_kwargs = {k: v for k, v in cli_kwargs.items() if v is not None}
     ablation = sampling.uses_ablation_sampler(base_kwargs)
-    if ablation and use_pfgmpp:
+    if ablation and D is not None:
         raise click.UsageError('--solver/--disc/--schedule/--scaling select the ablation sampler, which does not '
                                'support PFGM++ networks; drop them')
-    if use_pfgmpp:
+    if D is not None:
         values_per_image = net.img_channels * net.img_resolution ** 2
         requested = min(base_kwargs.get('sigma_max', sampling.EDM_SIGMA_MAX), net.sigma_max)
         used = pfgmpp_lib.prior_sigma_max(values_per_image, requested)
@@ -365,7 +365,7 @@ def _generate(network_pkl: str, outdir: str, seeds: list[int], subdirs: bool, cl
         if run.alpha:
             kwargs['noise_injection'] = run.alpha
         # Exactly what the sampler receives decides the pixels, so the manifest is derived from it.
-        sampler_call = dict(class_idx=class_idx, pfgmpp=use_pfgmpp, D=D, **kwargs)
+        sampler_call = dict(class_idx=class_idx, D=D, **kwargs)
         options = dict(precision=_effective_precision(net), channels_last=channels_last, compile=compile_net,
                        quantize_bits=run.bits, quantize_scheme=quantize_scheme if run.bits is not None else None,
                        device=device.type, subdirs=subdirs,
@@ -374,7 +374,7 @@ def _generate(network_pkl: str, outdir: str, seeds: list[int], subdirs: bool, cl
             network=network_source, network_summary=network_summary(net), sweep=run.sweep,
             sampler=sampling.sampler_name(kwargs), sampler_kwargs=kwargs,
             nfe_per_image=network_evaluations(run.num_steps, kwargs), class_idx=class_idx,
-            pfgmpp=use_pfgmpp, D=D, noise_injection_alpha=run.alpha, quantize_bits=run.bits,
+            pfgmpp=D is not None, D=D, noise_injection_alpha=run.alpha, quantize_bits=run.bits,
             quantize_scheme=quantize_scheme if run.bits is not None else None,
             quantized_weights=(len(quantize.quantized_weight_names(net)) if run.bits is not None else 0),
             subdirs=subdirs, guidance=options['guidance'],

@@ -50,8 +50,6 @@ PRECOND_CLASSES = {
 #: Augmentation probability multipliers that ``--augment`` turns on (9 augmentation labels).
 AUGMENT_SETTINGS = dict(xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1)
 AUGMENT_LABEL_DIM = 9
-#: Sigma scale of the PFGM++ code for LSUN 256x256 (--lsun); equals training.loss.LSUN_SIGMA_SCALE.
-LSUN_SIGMA_SCALE = 380.0 / 80.0
 
 #: Adam's remaining hyperparameters (EDM's). The fused kernel (CPU and CUDA) does the same update in one pass over
 #: the parameters, where the default per-tensor loop makes several; that matters most on CPU.
@@ -152,9 +150,11 @@ def _choose_run_dir(opts: dnnlib.EasyDict, desc: str) -> tuple[str, Optional[str
 
 def _check_options(opts: dnnlib.EasyDict) -> None:
     """Checks that need no dataset and no process group; each failure is one line naming the flag."""
-    if opts.aug_dim < 1:
-        raise click.UsageError(f'--aug_dim must be an integer >= 1 (the number of PFGM++ augmented dimensions D), '
-                               f'got {opts.aug_dim}')
+    from training import pfgmpp
+    try:
+        pfgmpp.flags_D(True, opts.aug_dim)  # also without --pfgmpp: a bad value is a typo whatever is trained
+    except ValueError as err:
+        raise click.UsageError(f'--aug_dim: {err}') from None
     if opts.transfer is not None and opts.resume is not None:
         raise click.UsageError('--transfer and --resume cannot be used together (resume continues a run, '
                                'transfer starts a new one from a snapshot)')
@@ -270,6 +270,7 @@ def build_config(opts: dnnlib.EasyDict, world: int) -> tuple[dnnlib.EasyDict, st
     c.network_kwargs = dnnlib.EasyDict(ARCH_PRESETS[opts.arch], class_name=net_class)
     c.loss_kwargs = dnnlib.EasyDict(class_name=loss_class)
     if opts.lsun:
+        from training.loss import LSUN_SIGMA_SCALE
         c.loss_kwargs.sigma_scale = LSUN_SIGMA_SCALE
     c.optimizer_kwargs = dnnlib.EasyDict(class_name='torch.optim.Adam', lr=opts.lr, **ADAM_SETTINGS)
 
@@ -297,7 +298,8 @@ def build_config(opts: dnnlib.EasyDict, world: int) -> tuple[dnnlib.EasyDict, st
     c.ema_halflife_kimg = opts.ema * 1000
     if opts.phema:
         c.phema_stds = list(opts.phema)
-    c.update(pfgmpp=opts.pfgmpp, D=opts.aug_dim, stf=opts.stf, rbatch=opts.rbatch)
+    from training import pfgmpp
+    c.update(D=pfgmpp.flags_D(opts.pfgmpp, opts.aug_dim), stf=opts.stf, rbatch=opts.rbatch)
     c.batch_size, c.batch_gpu, c.loss_scaling = opts.batch, opts.batch_gpu, opts.ls
     c.kimg_per_tick, c.snapshot_ticks, c.state_dump_ticks = opts.tick, opts.snap, opts.dump
     c.snapshot_format = opts.snap_format
@@ -473,7 +475,7 @@ def main(**kwargs: Any) -> None:
             ('Run directory', c.run_dir),
             ('Dataset', f'{c.dataset_kwargs.path} ({"class-conditional" if opts.cond else "unconditional"})'),
             ('Architecture / precond', f'{opts.arch} / {opts.precond}'),
-            ('Model', f'PFGM++ with D={opts.aug_dim}' if opts.pfgmpp else 'diffusion'),
+            ('Model', 'diffusion' if c.D is None else f'PFGM++ with D={c.D}'),
             ('Processes', f'{world} on {device.type}'),
             ('Batch', f'{c.batch_size} per step'),
             ('Precision', precision),

@@ -31,7 +31,7 @@ import torch
 
 from training import cpu_speed, networks
 from training.augment import AugmentPipe
-from training.loss import EDMLoss
+from training.loss import DEFAULT_BETA_CLIP, EDMLoss
 from training.pfgmpp import sample_perturbation
 from training.sampler import edm_sampler, network_memory_format
 from torch_utils import host_memory, training_stats
@@ -131,7 +131,7 @@ def make_sampling_run(net: Any, batch: int, device: torch.device, steps: int, co
 
     def run() -> None:
         with torch.no_grad():
-            edm_sampler(sampler_net, latents, num_steps=steps, pfgmpp=True)
+            edm_sampler(sampler_net, latents, num_steps=steps, D=PFGMPP_D)
 
     return run
 
@@ -282,7 +282,7 @@ def loop_overheads(net: torch.nn.Module, batch: int, device: torch.device, repea
         'data (uint8 gather + transfer + scale)': data,
         'augmentation pipe': lambda: pipe(images, generator=generator),
         'PFGM++ kernel draw': lambda: sample_perturbation(images.shape, sigma, D=PFGMPP_D, generator=generator,
-                                                          clip_beta=1e-3),
+                                                          clip_beta=DEFAULT_BETA_CLIP),
         'EMA update (foreach lerp)': lambda: torch._foreach_lerp_(ema, params, 1e-3),
         'gradient NaN/Inf scrub': scrub,
         'training stats report': stats,

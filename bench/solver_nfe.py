@@ -37,6 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import dnnlib  # noqa: E402
+from training import pfgmpp as pfgmpp_lib  # noqa: E402
 from training import sampler as sampling  # noqa: E402
 from training.network_io import NetworkLoadError, load_network  # noqa: E402
 
@@ -52,16 +53,10 @@ CONFIGS: dict[str, tuple[dict[str, Any], list[int]]] = {
 LEVEL_STEPS = 18  # Heun's 35-NFE setting of EDM and PFGM++ (CIFAR-10)
 
 
-def network_kernel(net: torch.nn.Module) -> tuple[bool, Optional[int]]:
-    """(pfgmpp, D) as the network records them."""
-    pfgmpp = bool(getattr(net, 'pfgmpp', False))
-    return pfgmpp, (int(net.D) if pfgmpp else None)
-
-
 def sample(net: torch.nn.Module, seeds: list[int], batch: int, **options: Any) -> torch.Tensor:
     """Float64 images [len(seeds), C, H, W] in [-1, 1] scale, as generate.py makes them."""
-    pfgmpp, D = network_kernel(net)
-    parts = [sampling.sample_batch(net, chunk, pfgmpp=pfgmpp, D=D, **options)
+    D = pfgmpp_lib.network_D(net)
+    parts = [sampling.sample_batch(net, chunk, D=D, **options)
              for chunk in sampling.split_batches(seeds, batch) if chunk]
     return torch.cat(parts)
 

@@ -25,6 +25,7 @@ import torch
 from demo.plots import line_chart
 from training.loss import EDMLoss
 from training.sampler import edm_sampler
+from training import pfgmpp as pfgmpp_lib
 from training.pfgmpp import sample_perturbation
 
 AMBIENT_DIM = 64
@@ -69,8 +70,8 @@ class ToyDenoiser(torch.nn.Module):
         self.img_channels, self.img_resolution, self.label_dim = AMBIENT_DIM, 1, 0
         self.sigma_min, self.sigma_max, self.sigma_data = 0.0, float('inf'), sigma_data
         self.N = AMBIENT_DIM
-        self.D = D
-        self.pfgmpp = D is not None and math.isfinite(D)
+        self.D = pfgmpp_lib.check_D(D)
+        self.pfgmpp = self.D is not None  # the original's flag, part of the network interface (DESIGN section 7)
         self.layers = torch.nn.Sequential(
             torch.nn.Linear(AMBIENT_DIM + 16, hidden), torch.nn.SiLU(),
             torch.nn.Linear(hidden, hidden), torch.nn.SiLU(),
@@ -132,12 +133,12 @@ def generate(net: ToyDenoiser, num: int, seed: int, num_steps: int, alpha: float
     """Sample with the project's EDM/Heun sampler from the PFGM++ prior (or the Gaussian one for D = inf)."""
     g = torch.Generator().manual_seed(seed)
     shape = [num, AMBIENT_DIM, 1, 1]
-    if net.pfgmpp:
+    if net.D is not None:
         # The prior is the perturbation kernel at sigma_max; such latents are used unscaled.
         latents = sample_perturbation(shape, PRIOR_SIGMA_MAX, D=net.D, generator=g, dtype=torch.float64)
     else:
         latents = torch.randn(shape, generator=g, dtype=torch.float64)
-    out = edm_sampler(net, latents, num_steps=num_steps, sigma_max=PRIOR_SIGMA_MAX, pfgmpp=net.pfgmpp,
+    out = edm_sampler(net, latents, num_steps=num_steps, sigma_max=PRIOR_SIGMA_MAX, D=net.D,
                       noise_injection=alpha, randn_like=lambda t: torch.randn(t.shape, generator=g, dtype=t.dtype))
     return out.reshape(num, AMBIENT_DIM)
 
@@ -171,7 +172,7 @@ def main(outdir: str, dims: str, alphas: str, steps_list: str, train_steps: int,
     start = time.time()
     for D in dim_values:
         label = 'inf' if math.isinf(D) else f'{D:g}'
-        net = train_denoiser(data, None if math.isinf(D) else D, train_steps, batch=512, seed=seed)
+        net = train_denoiser(data, D, train_steps, batch=512, seed=seed)
         for alpha in alpha_values:
             x = generate(net, num, seed + 3000, num_steps=18, alpha=alpha)
             results.append(dict(D=label, alpha=alpha, steps=18, mmd=mmd(x.float(), held_out),

@@ -269,7 +269,7 @@ def test_pfgmpp_settings_come_from_the_network(nets, tmp_path):
         '--aug_dim=64')
     assert png_bytes(tmp_path / 'a') == png_bytes(tmp_path / 'b')
     net = load_network(nets['pfgmpp'])
-    (seeds, images), = list(sampling.generate_images(net, [0, 1], batch_size=2, num_steps=2, pfgmpp=True, D=64))
+    (seeds, images), = list(sampling.generate_images(net, [0, 1], batch_size=2, num_steps=2, D=64))
     assert np.array_equal(read_png(tmp_path / 'a' / '000001.png'), images[1].permute(1, 2, 0).numpy())
 
 

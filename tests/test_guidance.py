@@ -181,7 +181,7 @@ SOLVER_OPTIONS = [dict(solver='euler'), dict(discretization='vp', schedule='vp',
 def test_guidance_works_with_every_solver(nets, kind, options):
     net, gnet = _load(nets[kind]), _load(nets[f'{kind}_weak' if kind == 'pfgmpp' else 'weak'])
     if kind == 'pfgmpp':
-        options = dict(options, pfgmpp=True, D=64)
+        options = dict(options, D=64)
     seeds = [0, 1, 2]
     kwargs = dict(num_steps=4, **options)  # dpmpp3m needs 4
     D = options.get('D')
@@ -303,7 +303,7 @@ def test_degraded_guide_moves_samples_towards_the_data(D):
 
     def distances_to_data(weight: float) -> tuple[float, torch.Tensor]:
         guided = guidance_lib.guided_denoiser(net, gnet, weight, D=D)
-        x = sampling.sample_batch(guided, list(range(LAB_SAMPLES)), pfgmpp=D is not None, D=D, num_steps=LAB_STEPS)
+        x = sampling.sample_batch(guided, list(range(LAB_SAMPLES)), D=D, num_steps=LAB_STEPS)
         distance = (x[:, None] - data[None]).flatten(2).norm(dim=2)
         return distance.min(dim=1).values.mean().item(), distance.argmin(dim=1)
     (d1, nearest1), (d15, _), (d2, nearest2) = (distances_to_data(w) for w in (1.0, 1.5, 2.0))

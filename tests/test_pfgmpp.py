@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import pickle
 
 import numpy as np
 import pytest
@@ -260,6 +261,103 @@ def test_bad_arguments() -> None:
             pfgmpp.sample_perturbation((2, 4), 1.0, D=bad_D)
     with pytest.raises(ValueError):
         pfgmpp.sample_perturbation((3, 4), torch.ones(2), D=8)
+
+#----------------------------------------------------------------------------
+# The kernel's one representation (D) and its mapping from the original's pfgmpp/D attributes and flags.
+
+@pytest.mark.parametrize('bad_D', [0, 0.0, 0.5, -3, -math.inf, math.nan, '128', True, [128], object()])
+def test_check_D_refuses_everything_but_a_number_at_least_one(bad_D) -> None:
+    with pytest.raises(ValueError, match=r'^PFGM\+\+ needs D >= 1 augmented dimensions \(or None/inf for diffusion\), '
+                                         r'got D=') as info:
+        pfgmpp.check_D(bad_D)
+    assert '\n' not in str(info.value)
+
+
+def test_check_D_diffusion_and_finite_values() -> None:
+    assert pfgmpp.check_D(None) is None and pfgmpp.check_D(math.inf) is None and pfgmpp.check_D(float('inf')) is None
+    assert pfgmpp.is_diffusion(None) and pfgmpp.is_diffusion(math.inf) and not pfgmpp.is_diffusion(1)
+    for D in (1, 2.5, 128, 3_072_000, np.int64(64), np.float64(8.0)):
+        assert pfgmpp.check_D(D) == D and type(pfgmpp.check_D(D)) is type(D)  # kept as given (manifests, attributes)
+
+
+class _Attrs:
+    def __init__(self, **attrs) -> None:
+        self.__dict__.update(attrs)
+
+
+def test_original_attributes_map_to_D() -> None:
+    # Pickles of the original PFGM++ code carry pfgmpp and D (D=128 by default even on diffusion networks).
+    assert pfgmpp.network_D(_Attrs(pfgmpp=True, D=128)) == 128
+    assert pfgmpp.network_D(_Attrs(pfgmpp=False, D=128)) is None
+    assert pfgmpp.network_D(_Attrs(pfgmpp=False, D=0)) is None  # D is meaningless without the flag
+    assert pfgmpp.network_D(_Attrs(pfgmpp=1, D=2048.0)) == 2048.0
+    # NVIDIA's EDM networks record neither: diffusion, or what the caller resolved for them.
+    assert pfgmpp.network_D(_Attrs()) is None and pfgmpp.network_D(_Attrs(), undeclared=64) == 64
+    assert pfgmpp.declares_kernel(_Attrs(D=8)) and not pfgmpp.declares_kernel(_Attrs())
+    for bad in (_Attrs(pfgmpp=True), _Attrs(pfgmpp=True, D=None), _Attrs(pfgmpp=True, D=math.inf),
+                _Attrs(pfgmpp=True, D=0)):
+        with pytest.raises(ValueError, match='D'):
+            pfgmpp.network_D(bad)
+    # ... and back: the preconditioners' constructor keywords for a kernel.
+    assert pfgmpp.network_kwargs(None) == pfgmpp.network_kwargs(math.inf) == dict(pfgmpp=False)
+    assert pfgmpp.network_kwargs(64) == dict(pfgmpp=True, D=64)
+    assert pfgmpp.flags_D(False, 128) is None and pfgmpp.flags_D(True, 128) == 128
+    with pytest.raises(ValueError, match='finite'):
+        pfgmpp.flags_D(True, None)
+
+
+def test_original_pfgmpp_pickle_maps_to_its_D(golden_dir) -> None:
+    """The original PFGM++ code's training state (its classes, from the embedded source) carries pfgmpp=True, D=128."""
+    state = torch.load(golden_dir / 'snapshots' / 'training-state-000000.pt', map_location='cpu', weights_only=False)
+    ema = state['ema']
+    assert not type(ema).__module__.startswith('training')
+    assert pfgmpp.network_D(ema) == 128 and pfgmpp.resolve_D(ema) == 128 and pfgmpp.resolve_D(ema, True, 128) == 128
+    with pytest.raises(pfgmpp.KernelError, match='contradicts'):
+        pfgmpp.resolve_D(ema, False, None)
+
+
+def test_our_pickled_networks_keep_the_original_attributes() -> None:
+    from training import networks
+    kwargs = dict(img_resolution=8, img_channels=3, model_channels=16, channel_mult=[1], num_blocks=1,
+                  attn_resolutions=[])
+    for D in (None, 64):
+        net = networks.EDMPrecond(**kwargs, **pfgmpp.network_kwargs(D))
+        loaded = pickle.loads(pickle.dumps(net))
+        assert (loaded.pfgmpp, loaded.D, loaded.N) == ((False, 128, 192) if D is None else (True, 64, 192))
+        assert pfgmpp.network_D(loaded) == D and pfgmpp.resolve_D(loaded) == D
+    with pytest.raises(ValueError, match='EDMPrecond: PFGM'):
+        networks.EDMPrecond(**kwargs, pfgmpp=True, D=0)
+
+
+@pytest.mark.parametrize('attrs, flags, expected', [
+    (dict(pfgmpp=True, D=64), (None, None), 64),
+    (dict(pfgmpp=True, D=64), (True, 64), 64),
+    (dict(pfgmpp=False, D=128), (None, None), None),
+    (dict(pfgmpp=False, D=128), (False, None), None),
+    (dict(pfgmpp=True, D=None), (None, 32), 32),
+    (dict(), (None, None), None),
+    (dict(), (False, None), None),
+    (dict(), (True, 16), 16),
+])
+def test_flags_resolve_to_D(attrs, flags, expected) -> None:
+    assert pfgmpp.resolve_D(_Attrs(**attrs), *flags) == expected
+
+
+@pytest.mark.parametrize('attrs, flags, option, fragment', [
+    (dict(pfgmpp=True, D=64), (False, None), 'pfgmpp', 'contradicts'),
+    (dict(pfgmpp=False, D=128), (True, None), 'pfgmpp', 'contradicts'),
+    (dict(pfgmpp=True, D=64), (None, 128), 'aug_dim', 'D=64'),
+    (dict(pfgmpp=False, D=128), (None, 64), 'aug_dim', 'diffusion'),
+    (dict(pfgmpp=True, D=None), (None, None), 'aug_dim', 'does not record D'),
+    (dict(), (True, None), 'aug_dim', 'needs aug_dim'),
+    (dict(), (None, 64), 'aug_dim', 'only applies'),
+    (dict(), (True, 0), 'aug_dim', 'D >= 1'),
+    (dict(), (True, math.inf), 'aug_dim', 'finite'),
+])
+def test_contradicting_flags_name_the_flag(attrs, flags, option, fragment) -> None:
+    with pytest.raises(pfgmpp.KernelError, match=fragment) as info:
+        pfgmpp.resolve_D(_Attrs(**attrs), *flags)
+    assert info.value.option == option and isinstance(info.value, ValueError)
 
 #----------------------------------------------------------------------------
 # Alignment helpers.

@@ -88,7 +88,6 @@ def test_sampler_matches_golden(case, golden_dir, golden_manifest, golden_nets, 
     seeds = list(gold.get('seeds', entry.get('seeds')))
     class_idx = gold.get('class_idx', entry.get('class_idx'))
     D = gold.get('D', entry.get('D'))
-    pfgmpp = D is not None
     net = golden_nets(gold.get('network_file', 'networks/edm_ddpmpp_aug.pt'), gold.get('network_extra_kwargs'))
     recorder = _Recorder(net)
 
@@ -120,7 +119,7 @@ def test_sampler_matches_golden(case, golden_dir, golden_manifest, golden_nets, 
         return out
     monkeypatch.setattr(sampling, 'draw_latents', spy_latents)
 
-    images = sampling.sample_batch(recorder, seeds, device='cpu', class_idx=class_idx, pfgmpp=pfgmpp, D=D,
+    images = sampling.sample_batch(recorder, seeds, device='cpu', class_idx=class_idx, D=D,
                                    **sampler_kwargs)
 
     assert len(made) == 1 and made[0].seeds == seeds
@@ -155,7 +154,7 @@ def test_sampler_matches_golden(case, golden_dir, golden_manifest, golden_nets, 
             rnd = sampling.PerSeedRandom(seeds)
             with torch.no_grad():
                 _, trajectory = sampling.edm_sampler(net, latents_seen[0], recorder.labels, randn_like=rnd.randn_like,
-                                                     pfgmpp=pfgmpp, return_trajectory=True, **sampler_kwargs)
+                                                     D=D, return_trajectory=True, **sampler_kwargs)
         _assert_close(trajectory, gold['trajectory'], 'trajectory')
 
 
@@ -274,7 +273,7 @@ def test_pfgmpp_prior_uses_its_own_generators(tiny_net):
     """The PFGM++ latents do not advance the per-seed generators (labels/noise follow the reference)."""
     seeds = [4, 11]
     rnd = sampling.PerSeedRandom(seeds)
-    latents = sampling.draw_latents(tiny_net, seeds, rnd, pfgmpp=True, D=64)
+    latents = sampling.draw_latents(tiny_net, seeds, rnd, D=64)
     assert latents.dtype == torch.float64 and latents.shape == (2, 3, 8, 8)
     fresh = sampling.PerSeedRandom(seeds)
     assert torch.equal(rnd.randn([3]), fresh.randn([3]))

@@ -211,9 +211,8 @@ FAST_OPTIONS = [dict(solver='dpmpp2m', num_steps=5), dict(solver='dpmpp3m', num_
 @pytest.mark.parametrize('D', [8.0, None], ids=lab.kernel_name)
 def test_fast_solver_images_depend_only_on_the_seed(D, options):
     net = lab.ExactDenoiser(_data(16), D)
-    pfgmpp = D is not None
     seeds = [3, 11, 7]
-    together = sampling.sample_batch(net, seeds, pfgmpp=pfgmpp, D=D, **options)
+    together = sampling.sample_batch(net, seeds, D=D, **options)
     assert together.dtype == torch.float64 and bool(together.isfinite().all())
     # The noise is per seed bit for bit (test_restart_noise_follows_the_kernel_and_the_seed). The laboratory's
     # denoiser sums over the data set with vectorised reductions whose grouping may follow the batch size on some
@@ -222,19 +221,18 @@ def test_fast_solver_images_depend_only_on_the_seed(D, options):
     nfe = sampling.sampler_nfe(options['num_steps'], options)
     atol = tol.tolerance(32 * nfe * tol.sum_steps(len(net.data)), float(together.abs().max()), torch.float64)
     for i, seed in enumerate(seeds):
-        alone = sampling.sample_batch(net, [seed], pfgmpp=pfgmpp, D=D, **options)
+        alone = sampling.sample_batch(net, [seed], D=D, **options)
         torch.testing.assert_close(alone[0], together[i], rtol=0, atol=atol)
-    reordered = sampling.sample_batch(net, seeds[::-1], pfgmpp=pfgmpp, D=D, **options)
+    reordered = sampling.sample_batch(net, seeds[::-1], D=D, **options)
     torch.testing.assert_close(reordered.flip(0), together, rtol=0, atol=atol)
 
 
 @pytest.mark.parametrize('D', [8.0, None], ids=lab.kernel_name)
 def test_restart_noise_follows_the_kernel_and_the_seed(D):
     net = lab.ExactDenoiser(_data(16), D)
-    pfgmpp = D is not None
     options = dict(solver='restart', num_steps=5, restart_interval=[0.2, 1.0], restart_repeats=1, restart_steps=2)
-    a = sampling.sample_batch(net, [0, 1], pfgmpp=pfgmpp, D=D, **options)
-    b = sampling.sample_batch(net, [0, 1], pfgmpp=pfgmpp, D=D, **dict(options, restart_repeats=2))
+    a = sampling.sample_batch(net, [0, 1], D=D, **options)
+    b = sampling.sample_batch(net, [0, 1], D=D, **dict(options, restart_repeats=2))
     assert not torch.equal(a, b)  # the noise really enters
     # The jump is the perturbation kernel at sqrt(t_max^2 - t_min^2) from each seed's generator.
     rnd = sampling.PerSeedRandom([5, 6])
@@ -249,19 +247,19 @@ def test_restart_noise_follows_the_kernel_and_the_seed(D):
                          ids=lambda o: '-'.join(str(v) for v in o.values()))
 def test_printed_nfe_counts_network_calls(options):
     net = lab.ExactDenoiser(_data(), 128)
-    sampling.sample_batch(net, [0, 1], pfgmpp=True, D=128, **options)
+    sampling.sample_batch(net, [0, 1], D=128, **options)
     assert net.evaluations == sampling.sampler_nfe(options['num_steps'], options)
 
 
 def test_default_sampler_and_spacing_edm_are_the_edm_sampler():
     net = lab.ExactDenoiser(_data(), 128)
-    plain = sampling.sample_batch(net, [0, 1], pfgmpp=True, D=128, num_steps=5)
-    assert torch.equal(plain, sampling.sample_batch(net, [0, 1], pfgmpp=True, D=128, num_steps=5, spacing='edm'))
+    plain = sampling.sample_batch(net, [0, 1], D=128, num_steps=5)
+    assert torch.equal(plain, sampling.sample_batch(net, [0, 1], D=128, num_steps=5, spacing='edm'))
     # The Heun solver of solve_ode on the EDM time steps is the EDM sampler without churn, bit for bit.
     latents = lab.lab_latents([0, 1], net)
     t_steps = sampling.edm_time_steps(net, 5)
     torch.testing.assert_close(sampling.solve_ode(net, latents, t_steps, solver='heun'),
-                               sampling.edm_sampler(net, latents, num_steps=5, pfgmpp=True), rtol=0, atol=0)
+                               sampling.edm_sampler(net, latents, num_steps=5, D=128), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize('args, fragment', [

@@ -111,7 +111,7 @@ def test_two_process_run_writes_loadable_outputs(ddp_run: Path):
 
     assert ddp_run.name == '00000-tiny-uncond-ddpmpp-edm-gpus2-batch8-fp32'
     options = json.loads((ddp_run / 'training_options.json').read_text())
-    assert options['batch_size'] == 8 and options['batch_gpu'] == 2 and options['pfgmpp'] and options['D'] == 128
+    assert options['batch_size'] == 8 and options['batch_gpu'] == 2 and options['D'] == 128
     log = (ddp_run / 'log.txt').read_text()
     status = [line for line in log.splitlines() if line.startswith('tick ')]
     assert len(status) == 3  # ticks after steps 1, 3 and 4

@@ -32,6 +32,7 @@ import dnnlib
 from torch_utils import distributed as dist
 from training import guidance as guidance_lib
 from training import network_io
+from training import pfgmpp as pfgmpp_lib
 from training import sampler as sampling
 from training.network_io import NetworkLoadError, load_network
 
@@ -229,35 +230,16 @@ def check_solver_flags(sampler_kwargs: dict, step_counts: Sequence[int]) -> None
 # PFGM++ flags.
 
 
-def resolve_pfgmpp(net: Any, pfgmpp_flag: Optional[bool], aug_dim: Optional[int]) -> tuple[bool, Optional[int]]:
-    """PFGM++ settings from the network; the flags may restate them but never contradict them."""
-    declared = getattr(net, 'pfgmpp', None)
-    if declared is not None:
-        declared = bool(declared)
-        net_D = getattr(net, 'D', None)
-        if pfgmpp_flag is not None and pfgmpp_flag != declared:
-            raise click.BadParameter(f'--pfgmpp={pfgmpp_flag} contradicts the network, which was trained with '
-                                     f'pfgmpp={declared}; drop the flag', param_hint='--pfgmpp')
-        if aug_dim is not None and not declared:
-            raise click.BadParameter(f'--aug_dim={aug_dim} given, but the network is a diffusion model '
-                                     f'(pfgmpp=False); drop the flag', param_hint='--aug_dim')
-        if aug_dim is not None and net_D is not None and aug_dim != net_D:
-            raise click.BadParameter(f'--aug_dim={aug_dim} contradicts the network, which was trained with '
-                                     f'D={net_D}; drop the flag', param_hint='--aug_dim')
-        if declared and net_D is None and aug_dim is None:
-            raise click.BadParameter('the network is a PFGM++ model but does not record D; give --aug_dim',
-                                     param_hint='--aug_dim')
-        return declared, (int(net_D if net_D is not None else aug_dim) if declared else None)
-    # Networks from the original EDM code record neither: the flags decide.
-    if pfgmpp_flag:
-        if aug_dim is None:
-            raise click.BadParameter('--pfgmpp=True needs --aug_dim: this network does not record its D',
-                                     param_hint='--aug_dim')
-        return True, aug_dim
-    if aug_dim is not None:
-        raise click.BadParameter(f'--aug_dim={aug_dim} only applies to PFGM++ sampling; add --pfgmpp=True',
-                                 param_hint='--aug_dim')
-    return False, None
+def resolve_pfgmpp(net: Any, pfgmpp_flag: Optional[bool], aug_dim: Optional[int]) -> Optional[float]:
+    """The kernel D to sample ``net`` with (None = diffusion), from the network and the --pfgmpp/--aug_dim flags
+    (:func:`training.pfgmpp.resolve_D`); errors become one line naming the flag."""
+    try:
+        return pfgmpp_lib.resolve_D(net, pfgmpp_flag, aug_dim)
+    except pfgmpp_lib.KernelError as err:
+        raise click.BadParameter(str(err), param_hint=f'--{err.option}') from None
+    except ValueError as err:
+        raise click.BadParameter(f'the network records an invalid PFGM++ kernel: {err}',
+                                 param_hint='--network') from None
 
 
 # ----------------------------------------------------------------------------

@@ -33,8 +33,8 @@ from training import pfgmpp as pfgmpp_lib
 from training import sampler as sampling
 
 # Noise range of the laboratory network when none is given: the EDM/PFGM++ sampling range.
-DEFAULT_SIGMA_MIN = 0.002
-DEFAULT_SIGMA_MAX = 80.0
+DEFAULT_SIGMA_MIN = sampling.EDM_SIGMA_MIN
+DEFAULT_SIGMA_MAX = sampling.EDM_SIGMA_MAX
 
 
 @persistence.persistent_class

@@ -494,7 +494,7 @@ def calculate_features_for_network(net: torch.nn.Module, seeds: Sequence[int],
                                    detectors: dict[str, Optional[torch.nn.Module | str]],
                                    keep: set[str] = frozenset(), max_batch_size: int = 64,
                                    device: Optional[torch.device | str] = None, class_idx: Optional[int] = None,
-                                   pfgmpp: bool = False, D: Optional[int] = None,
+                                   D: Optional[float] = None,
                                    **sampler_kwargs: Any) -> dict[str, metrics.Features]:
     """One pass of every detector over the images ``net`` generates for ``seeds``, made in memory and never
     written out (see :func:`calculate_stats_for_network`); kept features are in seed order.
@@ -516,7 +516,7 @@ def calculate_features_for_network(net: torch.nn.Module, seeds: Sequence[int],
     dist.print0(f'Generating {len(ordered)} images in memory ({nfe} network evaluations each) and calculating '
                 f'their statistics...')
     for batch_seeds in dist.progress(rank_batches, unit='batch', total=len(rank_batches)):
-        samples = sampling.sample_batch(net, batch_seeds, device=device, class_idx=class_idx, pfgmpp=pfgmpp, D=D,
+        samples = sampling.sample_batch(net, batch_seeds, device=device, class_idx=class_idx, D=D,
                                         **sampler_kwargs)
         collector.add(sampling.to_uint8(samples), batch_seeds)
     return collector.compute()
@@ -525,7 +525,7 @@ def calculate_features_for_network(net: torch.nn.Module, seeds: Sequence[int],
 def calculate_stats_for_network(net: torch.nn.Module, seeds: Sequence[int], max_batch_size: int = 64,
                                 device: Optional[torch.device | str] = None,
                                 detector: Optional[torch.nn.Module | str] = None, class_idx: Optional[int] = None,
-                                pfgmpp: bool = False, D: Optional[int] = None,
+                                D: Optional[float] = None,
                                 **sampler_kwargs: Any) -> tuple[np.ndarray, np.ndarray]:
     """Feature statistics of the images ``net`` generates for ``seeds``, made in memory and never written out.
 
@@ -535,7 +535,7 @@ def calculate_stats_for_network(net: torch.nn.Module, seeds: Sequence[int], max_
     ``training.sampler.sample_batch`` (None means the default).
     """
     result = calculate_features_for_network(net, seeds, {metrics.INCEPTION: detector}, max_batch_size=max_batch_size,
-                                            device=device, class_idx=class_idx, pfgmpp=pfgmpp, D=D,
+                                            device=device, class_idx=class_idx, D=D,
                                             **sampler_kwargs)[metrics.INCEPTION]
     return result.mu, result.sigma
 

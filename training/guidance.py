@@ -20,25 +20,14 @@ from typing import Any, Optional
 
 import torch
 
+from training import pfgmpp as pfgmpp_lib
+
 #: The reserved ``--gnet`` value that guides with the main network itself, its class label dropped (zero vector).
 DROPPED_LABEL = 'uncond'
 
 
 class GuidanceError(ValueError):
     """A guiding network or setting that cannot guide the main network; the message says which and why."""
-
-
-def network_kernel(net: Any) -> Optional[float]:
-    """The PFGM++ D of a network, None for diffusion (DESIGN section 7).
-
-    Networks record ``pfgmpp`` and ``D`` (ours and the PFGM++ code's); EDM's record neither and are diffusion models.
-    """
-    if not getattr(net, 'pfgmpp', False):
-        return None
-    D = getattr(net, 'D', None)
-    if D is None or math.isinf(float(D)):
-        return None
-    return float(D)
 
 
 def _describe_kernel(D: Optional[float]) -> str:
@@ -62,8 +51,10 @@ def check_guide(net: Any, gnet: Any, D: Optional[float] = None) -> None:
         raise GuidanceError(f'the guiding network has {gnet.label_dim} classes, the network {net.label_dim}; a guide '
                             f'must use the same label space or be unconditional')
     # EDM's networks record no kernel; the flags that decided the main network's kernel then speak for both.
-    declares = lambda module: hasattr(module, 'pfgmpp') or hasattr(module, 'D')  # noqa: E731
-    guide_D = network_kernel(gnet) if declares(gnet) or declares(net) else D
+    try:
+        guide_D = pfgmpp_lib.network_D(gnet, undeclared=None if pfgmpp_lib.declares_kernel(net) else D)
+    except ValueError as err:
+        raise GuidanceError(f'the guiding network records an invalid kernel: {err}') from None
     if guide_D != D:
         raise GuidanceError(f'the guiding network is {_describe_kernel(guide_D)}, the network '
                             f'{_describe_kernel(D)}; both must use the same perturbation kernel')

@@ -11,9 +11,8 @@ Constructor options shared by the three classes:
 
 - ``D``: None (default) trains a diffusion model with Gaussian noise. A number >= 1 trains PFGM++ with D augmented
   dimensions: the noise comes from the PFGM++ kernel at the same sigma (``training/pfgmpp.py``) and the network
-  is still conditioned on sigma, not on the radius. ``math.inf`` means the same as None.
-- ``pfgmpp``: the PFGM++ code base always carries a D and turns PFGM++ on with a separate flag; this keyword keeps
-  that spelling valid. False forces diffusion whatever D says, True requires a finite D, None lets D decide.
+  is still conditioned on sigma, not on the radius. ``math.inf`` means the same as None. Validated by
+  :func:`training.pfgmpp.check_D` (ValueError).
 - ``beta_clip``: clip of the kernel's Beta draw during training, on by default as in the reference
   (:data:`DEFAULT_BETA_CLIP`); None draws from the exact kernel.
 - ``sigma_scale``: factor applied to every drawn sigma, and so to the weights. The PFGM++ code multiplies its EDM
@@ -39,15 +38,16 @@ torch_utils when it loads and fetches the PFGM++ module on first use.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Optional
 
 import torch
 
 from torch_utils import persistence
 
-#: Must equal ``training.pfgmpp.TRAINING_BETA_CLIP`` (a test checks it); repeated because this module may not import
-#: training.pfgmpp at load time (see the module docstring).
+#: Clip of B ~ Beta(N/2, D/2) to [eps, 1 - eps] that the PFGM++ reference applies while training (and not while
+#: sampling); ``training.pfgmpp.TRAINING_BETA_CLIP`` names the same value. It bounds the radius away from 0 and
+#: infinity. For very large D it is far from harmless: with N = 3072 and D = 3,072,000, E[B] is about 1e-3, so
+#: roughly half of the draws land on the lower bound.
 DEFAULT_BETA_CLIP = 1e-3
 
 #: Sigma multiplier that the PFGM++ code applies for LSUN 256x256 (its opts.lsun).
@@ -59,22 +59,21 @@ def _pfgmpp_math() -> Any:
     from training import pfgmpp
     return pfgmpp
 
+
+def _networks() -> Any:
+    """The networks module (home of the VP schedule), imported on first use like :func:`_pfgmpp_math`."""
+    from training import networks
+    return networks
+
 #----------------------------------------------------------------------------
 # What the three formulations share.
 
 class _NoiseLevelLoss:
     """Sampling, perturbation and weighting skeleton; subclasses supply ``draw_sigma`` and ``weight``."""
 
-    def __init__(self, D: Optional[float] = None, pfgmpp: Optional[bool] = None, sigma_scale: float = 1.0,
+    def __init__(self, D: Optional[float] = None, sigma_scale: float = 1.0,
                  beta_clip: Optional[float] = DEFAULT_BETA_CLIP, stf_chunk_size: int = 512) -> None:
-        if pfgmpp is False:
-            D = None
-        pfgmpp_on = D is not None and not math.isinf(D)
-        if pfgmpp and not pfgmpp_on:
-            raise ValueError(f'pfgmpp=True needs a finite number of augmented dimensions D, got D={D}')
-        if pfgmpp_on and not D >= 1:
-            raise ValueError(f'PFGM++ needs D >= 1 augmented dimensions, got D={D}')
-        self.D = D if pfgmpp_on else None
+        self.D = _pfgmpp_math().check_D(D)
         self.sigma_scale = sigma_scale
         self.beta_clip = beta_clip
         self.stf_chunk_size = stf_chunk_size
@@ -137,11 +136,9 @@ class VPLoss(_NoiseLevelLoss):
         self.epsilon_t = epsilon_t
 
     def sigma(self, t: Any) -> torch.Tensor:
-        """sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1)."""
-        t = torch.as_tensor(t)
-        exponent = 0.5 * self.beta_d * t.square() + self.beta_min * t
-        # exp() - 1 rather than expm1: the original's rounding decides the sigmas drawn for a given seed.
-        return (exponent.exp() - 1).sqrt()
+        """sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1) (:func:`training.networks.vp_sigma`)."""
+        # The original's exp() - 1 rounding: it decides the sigmas drawn for a given seed.
+        return _networks().vp_sigma(torch.as_tensor(t), self.beta_d, self.beta_min, expm1=False)
 
     def draw_sigma(self, shape: list[int], device: torch.device, generator: Optional[torch.Generator]) -> torch.Tensor:
         uniform = torch.rand(shape, device=device, generator=generator)

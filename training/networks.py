@@ -666,8 +666,13 @@ class _Preconditioner(nn.Module):
         super().__init__()
         if use_fp16 and use_bf16:
             raise ValueError(f'{type(self).__name__}: use_fp16 and use_bf16 cannot both be set')
-        if pfgmpp and not D >= 1:
-            raise ValueError(f'{type(self).__name__}: PFGM++ needs D >= 1 augmented dimensions, got D={D!r}')
+        # The kernel is validated where it is defined; imported here, not at load time, so that the pickled source
+        # of this module still loads where training/pfgmpp.py does not exist (the original code).
+        from training.pfgmpp import flags_D
+        try:
+            flags_D(pfgmpp, D)
+        except ValueError as err:
+            raise ValueError(f'{type(self).__name__}: {err}') from None
         self.img_resolution, self.img_channels, self.label_dim = img_resolution, img_channels, label_dim
         self.use_fp16, self.use_bf16 = use_fp16, use_bf16
         self.reduced_precision_on_cpu = reduced_precision_on_cpu
@@ -724,6 +729,48 @@ class _Preconditioner(nn.Module):
         return torch.as_tensor(sigma)
 
 
+def vp_sigma(t: Union[torch.Tensor, float], beta_d: float, beta_min: float,
+             expm1: bool = True) -> Union[torch.Tensor, float]:
+    """Noise level sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1) of the VP schedule (EDM paper, Table 1).
+
+    ``t``: a tensor (computed in its dtype and on its device) or a Python number (computed in float64 with ``math``,
+    returns a float). ``beta_d``, ``beta_min``: the schedule's extent and initial slope.
+    ``expm1=False`` evaluates exp() - 1 as the original EDM code does: in float32 its rounding fixes
+    ``VPPrecond.sigma_min`` and the sigmas ``VPLoss`` draws, so those two keep it; the samplers use the accurate expm1.
+    """
+    exponent = 0.5 * beta_d * t ** 2 + beta_min * t
+    if isinstance(exponent, torch.Tensor):
+        return (exponent.expm1() if expm1 else exponent.exp() - 1).sqrt()
+    return math.sqrt(math.expm1(exponent) if expm1 else math.exp(exponent) - 1)
+
+
+def vp_sigma_inv(sigma: torch.Tensor, beta_d: float, beta_min: float) -> torch.Tensor:
+    """Inverse of :func:`vp_sigma`: t = (sqrt(beta_min^2 + 2 beta_d log(sigma^2 + 1)) - beta_min) / beta_d."""
+    root = (beta_min ** 2 + 2 * beta_d * (sigma ** 2 + 1).log()).sqrt()
+    return (root - beta_min) / beta_d
+
+
+def iddpm_alpha_bar(j: torch.Tensor, M: int, C_2: float) -> torch.Tensor:
+    """alpha_bar(j) = sin^2(pi/2 * j / M / (C_2 + 1)) of improved DDPM's cosine schedule (Nichol & Dhariwal 2021)."""
+    return (0.5 * math.pi * j / M / (C_2 + 1)).sin() ** 2
+
+
+def iddpm_noise_levels(M: int, C_1: float, C_2: float, device: Union[str, torch.device] = 'cpu',
+                       dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The M + 1 noise levels u[0] > ... > u[M] = 0 of improved DDPM (EDM paper, Table 1), shape [M + 1].
+
+    Backward recursion u[j-1] = sqrt((u[j]^2 + 1) / max(alpha_bar(j-1) / alpha_bar(j), C_1) - 1) from u[M] = 0,
+    one scalar at a time in ``dtype`` on the CPU, then moved to ``device``. ``iDDPMPrecond`` keeps its buffer in
+    float32 (the original's arithmetic), the ablation sampler works in float64.
+    """
+    grid = torch.zeros(M + 1, dtype=dtype, device='cpu')
+    for j in range(M, 0, -1):
+        steps = torch.as_tensor([j - 1, j], dtype=dtype, device='cpu')
+        ratio = (iddpm_alpha_bar(steps[0], M, C_2) / iddpm_alpha_bar(steps[1], M, C_2)).clip(min=C_1)
+        grid[j - 1] = ((grid[j] ** 2 + 1) / ratio - 1).sqrt()
+    return grid.to(device)
+
+
 @persistence.persistent_class
 class VPPrecond(_Preconditioner):
     """Variance-preserving (VP) preconditioning of Song et al.: ``sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1)``.
@@ -761,14 +808,10 @@ class VPPrecond(_Preconditioner):
         return 1, -sigma, c_in, c_noise
 
     def sigma(self, t):
-        t = _as_tensor(t)
-        exponent = 0.5 * self.beta_d * t.square() + self.beta_min * t
-        return (exponent.exp() - 1).sqrt()
+        return vp_sigma(_as_tensor(t), self.beta_d, self.beta_min, expm1=False)
 
     def sigma_inv(self, sigma):
-        sigma = _as_tensor(sigma)
-        root = (self.beta_min ** 2 + 2 * self.beta_d * (sigma.square() + 1).log()).sqrt()
-        return (root - self.beta_min) / self.beta_d
+        return vp_sigma_inv(_as_tensor(sigma), self.beta_d, self.beta_min)
 
 
 @persistence.persistent_class
@@ -831,18 +874,11 @@ class iDDPMPrecond(_Preconditioner):
         self.sigma_max = float(self.u[0])
 
     def _noise_grid(self):
-        # Backward recursion from u[M] = 0, one float32 scalar at a time on the CPU (the grid is a buffer of every
-        # checkpoint, so the arithmetic must match the original's bit for bit).
-        grid = torch.zeros(self.M + 1, device='cpu')
-        for j in range(self.M, 0, -1):
-            steps = torch.as_tensor([j - 1, j], device='cpu')
-            ratio = (self.alpha_bar(steps[0]) / self.alpha_bar(steps[1])).clip(min=self.C_1)
-            grid[j - 1] = ((grid[j] ** 2 + 1) / ratio - 1).sqrt()
-        return grid
+        # float32 on the CPU: the grid is a buffer of every checkpoint, so it must equal the original's bit for bit.
+        return iddpm_noise_levels(self.M, self.C_1, self.C_2, dtype=torch.float32)
 
     def alpha_bar(self, j):
-        j = _as_tensor(j)
-        return (0.5 * math.pi * j / self.M / (self.C_2 + 1)).sin() ** 2
+        return iddpm_alpha_bar(_as_tensor(j), self.M, self.C_2)
 
     def coefficients(self, sigma: Tensor) -> tuple:
         c_in = 1 / (sigma.square() + 1).sqrt()

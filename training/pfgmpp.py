@@ -18,14 +18,14 @@ This module is the only place that knows these formulas; ``training/loss.py`` an
 from __future__ import annotations
 
 import math
-from typing import Iterable, Optional, Sequence, Union
+import numbers
+from typing import Any, Iterable, Optional, Sequence, Union
 
 import torch
 
-#: Clip of B ~ Beta(N/2, D/2) to [eps, 1 - eps] that the PFGM++ reference applies while training (and not while
-#: sampling). It bounds the radius away from 0 and infinity. Note that for very large D it is far from harmless:
-#: with N = 3072 and D = 3,072,000, E[B] is about 1e-3, so roughly half of the draws land on the lower bound.
-TRAINING_BETA_CLIP = 1e-3
+# The training clip of the Beta draw is defined beside the loss that applies it by default: training/loss.py must
+# load without this module (see its docstring), so it cannot import the value from here.
+from training.loss import DEFAULT_BETA_CLIP as TRAINING_BETA_CLIP  # noqa: F401 (public name)
 
 #: Rule of the reference generator for the PFGM++ prior: images with fewer than 256*256*3 values always start from
 #: radius 80 * sqrt(D), whatever sigma_max the caller asked for (the reference raises for larger images; we then
@@ -41,21 +41,116 @@ SigmaLike = Union[float, torch.Tensor]
 DeviceLike = Union[str, torch.device, None]
 
 #----------------------------------------------------------------------------
-# D: None or infinity means diffusion.
+# The kernel's one representation: D, with None or infinity meaning diffusion (DESIGN section 7). The original
+# code's ``pfgmpp`` flag next to a ``D`` exists only where its files and flags are read: network attributes and
+# constructor keywords (:func:`network_D`, :func:`network_kwargs`) and the ``--pfgmpp --aug_dim`` flags
+# (:func:`flags_D`, :func:`resolve_D`). Every other module takes D and validates it here, nowhere else.
+
+class KernelError(ValueError):
+    """PFGM++ settings that contradict each other or a network; ``option`` names the setting at fault
+    ('pfgmpp' or 'aug_dim', the original's flag names) so that a script can point at the right flag."""
+
+    def __init__(self, message: str, option: str) -> None:
+        super().__init__(message)
+        self.option = option
+
 
 def check_D(D: Optional[float]) -> Optional[float]:
-    """Validate the number of augmented dimensions. Returns None for diffusion (D None or infinite), else D."""
+    """Validate a number of augmented dimensions: None for diffusion (D None or +inf), else D itself.
+
+    D may be any real number >= 1 (int or float, kept as given). Raises ValueError, with one line saying what was
+    expected, for anything else: 0, negatives, values in (0, 1), nan, -inf, booleans (a ``pfgmpp`` flag passed
+    where D belongs) and non-numbers.
+    """
     if D is None:
         return None
-    D = float(D)
-    if math.isnan(D) or D < 1:
-        raise ValueError(f'PFGM++ needs D >= 1 augmented dimensions (or None/inf for diffusion), got D={D}')
+    if isinstance(D, bool) or not isinstance(D, numbers.Real) or math.isnan(D) or D < 1:
+        raise ValueError(f'PFGM++ needs D >= 1 augmented dimensions (or None/inf for diffusion), got D={D!r}')
     return None if math.isinf(D) else D
 
 
 def is_diffusion(D: Optional[float]) -> bool:
-    """True when D selects the Gaussian (diffusion) limit."""
+    """True when D selects the Gaussian (diffusion) limit; raises ValueError for an invalid D (:func:`check_D`)."""
     return check_D(D) is None
+
+
+def flags_D(pfgmpp: Any, D: Optional[float]) -> Optional[float]:
+    """D of the original's pair (``pfgmpp`` flag, ``D``), as its networks, training loop and CLI carry it.
+
+    A false flag means diffusion and D is ignored (the original keeps a default D=128 on diffusion networks);
+    a true flag needs a finite D (ValueError otherwise, :func:`check_D`).
+    """
+    if not pfgmpp:
+        return None
+    if check_D(D) is None:
+        raise ValueError(f'pfgmpp=True needs a finite number of augmented dimensions D, got D={D!r}')
+    return D
+
+
+def network_kwargs(D: Optional[float]) -> dict[str, Any]:
+    """The preconditioners' constructor keywords (the original's ``pfgmpp``, ``D``) that select kernel D.
+
+    Diffusion leaves D at the constructor's default, as the original's training loop does with ``--pfgmpp=0``.
+    """
+    D = check_D(D)
+    return dict(pfgmpp=False) if D is None else dict(pfgmpp=True, D=D)
+
+
+def declares_kernel(net: Any) -> bool:
+    """True when a network records its kernel: a ``pfgmpp`` or ``D`` attribute (ours, the PFGM++ code's, and
+    user-written denoisers); NVIDIA's EDM networks record neither."""
+    return hasattr(net, 'pfgmpp') or hasattr(net, 'D')
+
+
+def network_D(net: Any, undeclared: Optional[float] = None) -> Optional[float]:
+    """The kernel D a network records through the original's attributes (the pickle boundary).
+
+    The ``pfgmpp`` flag decides, as in the original: false or absent is diffusion (None) whatever ``D`` holds; true
+    needs a finite ``D`` >= 1 (ValueError otherwise). A network with neither attribute (NVIDIA's EDM networks)
+    returns ``undeclared`` (validated, None = diffusion).
+    """
+    if not declares_kernel(net):
+        return check_D(undeclared)
+    return flags_D(getattr(net, 'pfgmpp', False), getattr(net, 'D', None))
+
+
+def resolve_D(net: Any, pfgmpp: Optional[bool] = None, aug_dim: Optional[float] = None) -> Optional[float]:
+    """D for sampling ``net`` given the original's ``--pfgmpp`` / ``--aug_dim`` flags (None = not given).
+
+    A network that records its kernel (:func:`declares_kernel`) decides: the flags may restate it but never
+    contradict it. A network that records nothing (NVIDIA's EDM) is diffusion unless ``pfgmpp`` is true, which then
+    needs ``aug_dim``. Raises :class:`KernelError` (a ValueError naming the flag at fault) for contradictions and
+    missing values, and ValueError for an invalid D.
+    """
+    if aug_dim is not None:
+        try:
+            flags_D(True, aug_dim)
+        except ValueError as err:
+            raise KernelError(str(err), 'aug_dim') from None
+    declared = getattr(net, 'pfgmpp', None)
+    if declared is not None:
+        declared = bool(declared)
+        net_D = getattr(net, 'D', None)
+        if pfgmpp is not None and bool(pfgmpp) != declared:
+            raise KernelError(f'pfgmpp={pfgmpp} contradicts the network, which was trained with pfgmpp={declared}; '
+                              f'drop the flag', 'pfgmpp')
+        if aug_dim is not None and not declared:
+            raise KernelError(f'aug_dim={aug_dim} given, but the network is a diffusion model (pfgmpp=False); '
+                              f'drop the flag', 'aug_dim')
+        if aug_dim is not None and net_D is not None and aug_dim != net_D:
+            raise KernelError(f'aug_dim={aug_dim} contradicts the network, which was trained with D={net_D}; '
+                              f'drop the flag', 'aug_dim')
+        if declared and net_D is None and aug_dim is None:
+            raise KernelError('the network is a PFGM++ model but does not record D; give aug_dim', 'aug_dim')
+        return flags_D(declared, net_D if net_D is not None else aug_dim)
+    # Networks from the original EDM code record neither: the flags decide.
+    if pfgmpp:
+        if aug_dim is None:
+            raise KernelError('pfgmpp=True needs aug_dim: this network does not record its D', 'aug_dim')
+        return flags_D(True, aug_dim)
+    if aug_dim is not None:
+        raise KernelError(f'aug_dim={aug_dim} only applies to PFGM++ sampling; add pfgmpp=True', 'aug_dim')
+    return None
 
 #----------------------------------------------------------------------------
 # Hyperparameter alignment: how a finite D relates to diffusion at the same sigma.

@@ -8,7 +8,7 @@ qualify, and so does any user-written denoiser with those attributes.
 
 * :func:`edm_sampler` -- the EDM sampler (Karras et al. 2022, Algorithm 2):
   rho-spaced noise levels, Heun's method except on the final step, optional churn.
-  With ``pfgmpp=True`` it integrates the same ODE from PFGM++ prior latents.
+  With a finite ``D`` (PFGM++) it integrates the same ODE from PFGM++ prior latents.
 * :func:`ablation_sampler` -- the generalised sampler of the EDM paper's
   ablations (solver, discretisation, noise schedule and signal scaling).
 * :class:`PerSeedRandom` and :func:`generate_images` -- per-seed randomness and the
@@ -27,6 +27,8 @@ from typing import Any, Callable, Iterator, Optional, Protocol, Sequence, Union
 import torch
 
 from training import pfgmpp as pfgmpp_lib
+# The VP schedule and the iDDPM grid are defined once, beside the preconditioners that share them.
+from training.networks import iddpm_noise_levels, vp_sigma, vp_sigma_inv
 
 # ----------------------------------------------------------------------------
 # Interfaces and constants.
@@ -112,10 +114,8 @@ class PerSeedRandom:
         return len(self.generators)
 
     def randn(self, sample_shape: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Standard normal draws of shape ``[len(seeds), *sample_shape]``."""
-        slices = [torch.randn(list(sample_shape), generator=g, dtype=dtype, device=self.device)
-                  for g in self.generators]
-        return torch.stack(slices)
+        """Standard normal draws of shape ``[len(seeds), *sample_shape]`` (:func:`training.pfgmpp.stacked_randn`)."""
+        return pfgmpp_lib.stacked_randn(self.generators, sample_shape, dtype=dtype, device=self.device)
 
     def randn_like(self, x: torch.Tensor) -> torch.Tensor:
         """Like ``torch.randn_like`` (drawn directly in ``x``'s dtype), one slice per generator."""
@@ -239,15 +239,15 @@ def edm_sampler(
     S_min: float = 0.0,
     S_max: float = float('inf'),
     S_noise: float = 1.0,
-    pfgmpp: bool = False,
+    D: Optional[float] = None,
     noise_injection: float = 0.0,
     return_trajectory: bool = False,
     spacing: str = 'edm',
 ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """EDM sampler (Algorithm 2 of Karras et al. 2022); returns float64 samples.
 
-    ``latents`` are unit-variance Gaussian draws for diffusion networks (scaled
-    here by the first noise level) or, with ``pfgmpp=True``, PFGM++ prior samples
+    ``latents`` are unit-variance Gaussian draws for diffusion networks (``D`` None or inf; scaled
+    here by the first noise level) or, for a finite ``D``, PFGM++ prior samples
     that already carry their radius and are used as the starting point unchanged.
 
     ``randn_like`` supplies the churn noise and the injected noise; pass
@@ -269,7 +269,7 @@ def edm_sampler(
     draw_churn_noise = any(g > 0 for g in gammas)
 
     x = latents.to(torch.float64)
-    if not pfgmpp:
+    if pfgmpp_lib.is_diffusion(D):
         x = x * t_steps[0]
     trajectory = x.new_zeros((num_steps, *x.shape)) if return_trajectory else None
 
@@ -323,8 +323,7 @@ class _Schedule:
 
     def sigma_inv(self, sigma: torch.Tensor) -> torch.Tensor:
         if self.schedule == 'vp':
-            inner = self.beta_min ** 2 + 2.0 * self.beta_d * (sigma ** 2 + 1.0).log()
-            return (inner.sqrt() - self.beta_min) / self.beta_d
+            return vp_sigma_inv(sigma, self.beta_d, self.beta_min)
         if self.schedule == 've':
             return sigma ** 2
         return sigma
@@ -345,27 +344,6 @@ class _Schedule:
         sig, dsig = self.sigma(t), self.sigma_deriv(t)
         s, ds = self.scale(t), self.scale_deriv(t)
         return (dsig / sig + ds / s) * x - dsig * s / sig * denoised
-
-
-def vp_sigma(t: Any, beta_d: float, beta_min: float) -> Any:
-    """VP noise level sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1)."""
-    exponent = 0.5 * beta_d * t ** 2 + beta_min * t
-    if torch.is_tensor(exponent):
-        return exponent.expm1().sqrt()
-    return math.sqrt(math.expm1(exponent))
-
-
-def iddpm_noise_levels(M: int, C_1: float, C_2: float, device: Union[str, torch.device] = 'cpu') -> torch.Tensor:
-    """The M + 1 noise levels u_0 > ... > u_M = 0 of improved DDPM's cosine schedule (float64)."""
-    def alpha_bar(j: int) -> float:
-        return math.sin(0.5 * math.pi * j / M / (C_2 + 1)) ** 2
-
-    # The recursion runs from u_M = 0 upwards, one level at a time.
-    levels = [0.0] * (M + 1)
-    for j in range(M, 0, -1):
-        ratio = max(alpha_bar(j - 1) / alpha_bar(j), C_1)
-        levels[j - 1] = math.sqrt((levels[j] ** 2 + 1) / ratio - 1)
-    return torch.tensor(levels, dtype=torch.float64, device=device)
 
 
 def ablation_sampler(
@@ -692,7 +670,7 @@ def fast_sampler(
     sigma_max: float = EDM_SIGMA_MAX,
     rho: float = 7.0,
     spacing: str = 'edm',
-    pfgmpp: bool = False,
+    D: Optional[float] = None,
     restart_interval: Optional[Sequence[float]] = None,
     restart_repeats: Optional[int] = None,
     restart_steps: Optional[int] = None,
@@ -700,7 +678,7 @@ def fast_sampler(
     """DPM-Solver++ multistep ('dpmpp2m', 'dpmpp3m') or Restart ('restart') sampling; float64 samples.
 
     Same time steps and starting point as :func:`edm_sampler` (latents scaled by the first level for diffusion,
-    PFGM++ prior latents used as they are with ``pfgmpp=True``); ``num_steps`` counts time steps, so the NFE
+    PFGM++ prior latents used as they are for a finite ``D``); ``num_steps`` counts time steps, so the NFE
     is ``num_steps`` for DPM-Solver++ and 2*num_steps - 1 + 2*K*restart_steps for Restart
     (:func:`sampler_nfe`). Restart needs ``renoise(x, sigma)``: noise shaped like x at noise level sigma
     drawn from the network's perturbation kernel (:meth:`PerSeedRandom.perturbation`). Restart options left
@@ -711,7 +689,7 @@ def fast_sampler(
     check_fast_options(solver, num_steps, restart_interval, restart_repeats, restart_steps, lo, hi)
     t_steps = edm_time_steps(net, num_steps, sigma_min, sigma_max, rho, device=latents.device, spacing=spacing)
     x = latents.to(torch.float64)
-    if not pfgmpp:
+    if pfgmpp_lib.is_diffusion(D):
         x = x * t_steps[0]
     if solver != 'restart':
         return solve_ode(net, x, t_steps, class_labels, solver)
@@ -797,19 +775,17 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return (images * 127.5 + 128).clip(0, 255).to(torch.uint8)
 
 
-def draw_latents(net: Denoiser, seeds: Sequence[int], rnd: PerSeedRandom, pfgmpp: bool = False,
-                 D: Optional[int] = None, sigma_max: float = EDM_SIGMA_MAX) -> torch.Tensor:
-    """The starting latents for ``seeds``: unit Gaussians from ``rnd``, or the PFGM++ prior.
+def draw_latents(net: Denoiser, seeds: Sequence[int], rnd: PerSeedRandom, D: Optional[float] = None,
+                 sigma_max: float = EDM_SIGMA_MAX) -> torch.Tensor:
+    """The starting latents for ``seeds``: unit Gaussians from ``rnd`` (D None/inf), or the PFGM++ prior.
 
     The PFGM++ prior comes from ``training.pfgmpp`` (radius rule and bit-exact draws
     of the reference), whose private generators leave ``rnd`` untouched for the
     labels and in-loop noise that follow.
     """
     shape = [net.img_channels, net.img_resolution, net.img_resolution]
-    if not pfgmpp:
+    if pfgmpp_lib.is_diffusion(D):
         return rnd.randn(shape)
-    if D is None:
-        raise ValueError('PFGM++ sampling needs D (the number of augmented dimensions)')
     prior_sigma = min(sigma_max, net.sigma_max)
     return pfgmpp_lib.prior_latents(list(seeds), shape, D=D, sigma_max=prior_sigma, device=rnd.device)
 
@@ -882,9 +858,12 @@ def network_memory_format(net: Any) -> torch.memory_format:
 
 
 def sample_batch(net: Denoiser, seeds: Sequence[int], device: Union[str, torch.device] = 'cpu',
-                 class_idx: Optional[int] = None, pfgmpp: bool = False, D: Optional[int] = None,
+                 class_idx: Optional[int] = None, D: Optional[float] = None,
                  memory_format: Optional[torch.memory_format] = None, **sampler_kwargs: Any) -> torch.Tensor:
     """Float64 samples for one batch of seeds, exactly as ``generate.py`` makes them.
+
+    ``D``: the network's kernel, None (or inf) for diffusion, the PFGM++ augmented dimensions otherwise
+    (:func:`training.pfgmpp.resolve_D` derives it from a network and the original's flags).
 
     ``sampler_kwargs`` go to :func:`edm_sampler`, to :func:`ablation_sampler`
     when any of solver (euler|heun)/discretization/schedule/scaling is given, or to :func:`fast_sampler` for
@@ -896,11 +875,11 @@ def sample_batch(net: Denoiser, seeds: Sequence[int], device: Union[str, torch.d
     kwargs = {k: v for k, v in sampler_kwargs.items() if v is not None}
     name = sampler_name(kwargs)
     ablation = name == 'ablation'
-    if ablation and pfgmpp:
+    if ablation and not pfgmpp_lib.is_diffusion(D):
         raise ValueError('the ablation sampler (solver/discretization/schedule/scaling) does not support PFGM++ '
                          'networks; use the EDM sampler')
     rnd = PerSeedRandom(seeds, device)
-    latents = draw_latents(net, seeds, rnd, pfgmpp=pfgmpp, D=D, sigma_max=kwargs.get('sigma_max', EDM_SIGMA_MAX))
+    latents = draw_latents(net, seeds, rnd, D=D, sigma_max=kwargs.get('sigma_max', EDM_SIGMA_MAX))
     # The layout carries through the sampler's elementwise updates into every network call (channels_last nets).
     latents = latents.contiguous(memory_format=memory_format or network_memory_format(net))
     labels = draw_class_labels(net, rnd, class_idx)
@@ -913,9 +892,9 @@ def sample_batch(net: Denoiser, seeds: Sequence[int], device: Union[str, torch.d
             fast_kwargs = {k: v for k, v in kwargs.items() if k not in ('S_churn', 'S_min', 'S_max', 'S_noise')}
 
             def renoise(x: torch.Tensor, sigma: float) -> torch.Tensor:
-                return rnd.perturbation(x, sigma, D if pfgmpp else None)
-            return fast_sampler(net, latents, labels, renoise=renoise, pfgmpp=pfgmpp, **fast_kwargs)
-        return edm_sampler(net, latents, labels, randn_like=rnd.randn_like, pfgmpp=pfgmpp, **kwargs)
+                return rnd.perturbation(x, sigma, D)
+            return fast_sampler(net, latents, labels, renoise=renoise, D=D, **fast_kwargs)
+        return edm_sampler(net, latents, labels, randn_like=rnd.randn_like, D=D, **kwargs)
 
 
 def split_batches(seeds: Sequence[int], max_batch_size: int, num_shards: int = 1) -> list[list[int]]:
@@ -940,7 +919,7 @@ def split_batches(seeds: Sequence[int], max_batch_size: int, num_shards: int = 1
 
 def generate_images(net: Denoiser, seeds: Sequence[int], batch_size: int = 64,
                     device: Union[str, torch.device] = 'cpu', class_idx: Optional[int] = None,
-                    pfgmpp: bool = False, D: Optional[int] = None,
+                    D: Optional[float] = None,
                     **sampler_kwargs: Any) -> Iterator[tuple[list[int], torch.Tensor]]:
     """Yield ``(batch_seeds, images)`` with uint8 NCHW images on ``device``, batch by batch.
 
@@ -951,6 +930,5 @@ def generate_images(net: Denoiser, seeds: Sequence[int], batch_size: int = 64,
     for batch_seeds in split_batches(seeds, batch_size):
         if not batch_seeds:
             continue
-        images = sample_batch(net, batch_seeds, device=device, class_idx=class_idx, pfgmpp=pfgmpp, D=D,
-                              **sampler_kwargs)
+        images = sample_batch(net, batch_seeds, device=device, class_idx=class_idx, D=D, **sampler_kwargs)
         yield batch_seeds, to_uint8(images)

@@ -48,6 +48,7 @@ import dnnlib
 from torch_utils import distributed as dist
 from torch_utils import misc, training_stats
 from training import cpu_speed, training_state
+from training import pfgmpp as pfgmpp_lib
 from training.training_state import TrainingError
 
 if TYPE_CHECKING:
@@ -161,8 +162,7 @@ def training_loop(
     resume_kimg: float = 0,                   # Progress to assume when the training state does not say.
     cudnn_benchmark: bool = True,             # torch.backends.cudnn.benchmark.
     device: Optional[torch.device] = None,    # None = the device chosen by torch_utils.distributed.init().
-    pfgmpp: bool = False,                     # Train PFGM++ instead of a diffusion model.
-    D: int = 128,                             # PFGM++ augmented dimensions.
+    D: Optional[float] = None,                # PFGM++ augmented dimensions; None (or inf) trains diffusion.
     stf: bool = False,                        # Stable target field: regress onto a reference-batch average.
     rbatch: int = 4096,                       # STF reference batch per rank (includes the training images).
     channels_last: bool = False,              # Keep network and images in channels-last layout.
@@ -193,12 +193,12 @@ def training_loop(
     dataset = dnnlib.util.construct_class_by_name(**dataset_kwargs)
     sampler = misc.InfiniteSampler(dataset, rank=rank, num_replicas=world, seed=seed, block_size=loaded_per_rank)
     interface = dict(img_resolution=dataset.resolution, img_channels=dataset.num_channels,
-                     label_dim=dataset.label_dim, pfgmpp=pfgmpp, D=D)
+                     label_dim=dataset.label_dim, **pfgmpp_lib.network_kwargs(D))
     net = _build_network(network_kwargs, interface, seed, device, channels_last,
                          probe_batch=min(batch_gpu, batch_per_rank))  # not the whole STF reference batch
     dist.print0('Creating loss, optimizer and augmentation...')
     loss_kwargs = dict(loss_kwargs)
-    loss_kwargs.setdefault('D', D if pfgmpp else None)
+    loss_kwargs.setdefault('D', D)
     loss_fn = dnnlib.util.construct_class_by_name(**loss_kwargs)
     optimizer = dnnlib.util.construct_class_by_name(params=net.parameters(), **optimizer_kwargs)
     augment_pipe = dnnlib.util.construct_class_by_name(**augment_kwargs) if augment_kwargs is not None else None
