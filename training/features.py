@@ -88,6 +88,7 @@ def save_arrays(path: str, arrays: dict[str, np.ndarray], flag: str = '--save-st
     return path
 
 
+# ----------------------------------------------------------------------------
 # Detector and reference statistics.
 
 
@@ -98,6 +99,7 @@ def load_detector(path_or_url: Optional[str] = None, device: torch.device | str 
 
     URLs go through dnnlib's download cache (``DNNLIB_CACHE_DIR``), so the detector is fetched once per machine.
     The pickle is a ``torch_utils.persistence`` object; unpickling runs code stored in it, so use trusted files.
+    Raises :class:`FeatureError` (missing, unreadable or foreign file; a URL that cannot be fetched).
     """
     source = path_or_url or DETECTOR_URL
     if dnnlib.util.is_url(source):
