@@ -489,7 +489,9 @@ def test_manifest_records_what_the_sampler_received(nets, tmp_path, monkeypatch)
     settings = json.loads((tmp_path / 'manifest.json').read_text())['settings']
     (call,) = received
     call.pop('device')
-    assert settings['sampler'] == json.loads(json.dumps(generate.manifest_lib.fingerprint(call)))
+    # Plus the original's pfgmpp flag, derived from D, as folders written before D became the one kernel value hold it.
+    recorded = dict(call, pfgmpp=call['D'] is not None)
+    assert settings['sampler'] == json.loads(json.dumps(generate.manifest_lib.fingerprint(recorded)))
     assert settings['sampler']['class_idx'] == 1 and settings['sampler']['S_churn'] == 2
 
     from training import manifest
@@ -520,3 +522,19 @@ def test_two_processes_resume_and_refuse_like_one(nets, tmp_path):
     own_frames = re.findall(rf'File "{re.escape(str(REPO_ROOT))}/(?!\.venv/)[^"]*"', proc.stderr)
     assert not own_frames and 'generate.py", line' not in proc.stderr
     assert folder_state(folder) == before
+
+
+def test_another_process_continues_a_folder_of_a_pickled_network(nets, tmp_path):
+    """Classes unpickled from embedded source get a module named at random per process; the manifest must not
+    record that name, or no folder could be continued by a later run."""
+    folder = tmp_path / 'out'
+    flags = ['--network', str(nets['pfgmpp']), '--outdir', str(folder), '--steps=2', '--device=cpu']
+    cli(*flags, '--seeds=0-1')
+    before = folder_state(folder)
+    proc = run_python(['generate.py', *flags, '--seeds=0-3'], env=dict(OMP_NUM_THREADS='1'), check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    after = folder_state(folder)
+    assert {name: data for name, data in after.items() if name in before and name != 'manifest.json'} == \
+        {name: data for name, data in before.items() if name != 'manifest.json'}
+    assert sorted(p.name for p in folder.glob('*.png')) == [f'{s:06d}.png' for s in range(4)]
+    assert json.loads((folder / 'manifest.json').read_text())['seeds'] == '0-3'

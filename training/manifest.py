@@ -88,7 +88,21 @@ def _torch_fingerprint(value: torch.nn.Module | torch.Tensor) -> dict[str, str]:
     """Modules: class and a hash of every parameter and buffer; tensors: a hash of their bytes."""
     if isinstance(value, torch.Tensor):
         return dict(tensor_sha256=tensor_sha256({'': value}))
-    return dict(module=f'{type(value).__module__}.{type(value).__qualname__}', sha256=tensor_sha256(value.state_dict()))
+    return dict(module=class_label(value), sha256=tensor_sha256(value.state_dict()))
+
+
+def class_label(net: Any) -> str:
+    """``module.Class`` of a network, stable across processes.
+
+    A class unpickled by ``torch_utils.persistence`` lives in a module named at random when it is imported, so it is
+    named by the SHA-256 of the source it was pickled with instead.
+    """
+    cls = type(net)
+    source = getattr(cls, '_orig_module_src', None)
+    if source is not None:
+        digest = hashlib.sha256(source.encode('utf-8')).hexdigest()
+        return f'persistent-source-{digest}.{cls._orig_class_name}'
+    return f'{cls.__module__}.{cls.__qualname__}'
 
 
 def describe_settings(network_sha256: str, net: torch.nn.Module, sampler_call: dict[str, Any],
@@ -98,9 +112,12 @@ def describe_settings(network_sha256: str, net: torch.nn.Module, sampler_call: d
     ``sampler_call`` is exactly the keyword dict passed to ``training.sampler.sample_batch`` (without the seeds
     and the device); ``options`` are the network options applied after loading (precision, quantization, ...).
     """
+    # The original's pfgmpp flag is recorded beside D, derived from it, as folders written before the kernel became
+    # one value D record it: those folders keep resuming.
+    sampler = dict(sampler_call, pfgmpp=sampler_call.get('D') is not None)
     return json.loads(json.dumps(dict(network_sha256=network_sha256,
-                                      net_class=f'{type(net).__module__}.{type(net).__qualname__}',
-                                      sampler=fingerprint(sampler_call), **fingerprint(options))))
+                                      net_class=class_label(net),
+                                      sampler=fingerprint(sampler), **fingerprint(options))))
 
 
 def _flatten(value: Any, prefix: str = '') -> dict[str, Any]:
