@@ -32,6 +32,10 @@ import dnnlib
 from torch_utils import cpu_support
 from torch_utils.distributed import print0
 from training import cpu_speed
+# Imported for unpickling: torch_utils.persistence maps an embedded source equal to that of an imported module onto
+# that module, so snapshots written by this checkout load as training.networks classes (stable class names in
+# manifests) rather than as a private copy made anew in each process.
+from training import networks  # noqa: F401
 
 EXPECTED_FORMATS = 'a network snapshot (.pkl with an "ema" network) or a training state (.pt with an "ema" network)'
 PICKLE_PROTOCOL_MARK = 0x80  # first byte of pickles written with protocol 2 or later
