@@ -71,7 +71,7 @@ class ToyDenoiser(torch.nn.Module):
         self.sigma_min, self.sigma_max, self.sigma_data = 0.0, float('inf'), sigma_data
         self.N = AMBIENT_DIM
         self.D = pfgmpp_lib.check_D(D)
-        self.pfgmpp = self.D is not None  # the original's flag, part of the network interface (DESIGN section 7)
+        self.pfgmpp = self.D is not None  # the original's flag, part of the network interface the tools read
         self.layers = torch.nn.Sequential(
             torch.nn.Linear(AMBIENT_DIM + 16, hidden), torch.nn.SiLU(),
             torch.nn.Linear(hidden, hidden), torch.nn.SiLU(),

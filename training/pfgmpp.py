@@ -41,7 +41,7 @@ SigmaLike = Union[float, torch.Tensor]
 DeviceLike = Union[str, torch.device, None]
 
 #----------------------------------------------------------------------------
-# The kernel's one representation: D, with None or infinity meaning diffusion (DESIGN section 7). The original
+# The kernel's one representation: D, with None or infinity meaning diffusion. The original
 # code's ``pfgmpp`` flag next to a ``D`` exists only where its files and flags are read: network attributes and
 # constructor keywords (:func:`network_D`, :func:`network_kwargs`) and the ``--pfgmpp --aug_dim`` flags
 # (:func:`flags_D`, :func:`resolve_D`). Every other module takes D and validates it here, nowhere else.

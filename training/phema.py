@@ -20,7 +20,7 @@ combination minimises the L2 distance between profiles, whose inner products hav
 Times are image counts. Every function here takes the exact counts the snapshots store (their names round them to
 kimg); only ratios of times matter, so any common unit gives the same coefficients.
 
-Snapshot files (DESIGN section 7): ``network-snapshot-{kimg:07d}-{std:.3f}.pkl`` written by the training loop for each
+Snapshot files (EDM2's names): ``network-snapshot-{kimg:07d}-{std:.3f}.pkl`` written by the training loop for each
 tracked sigma_rel, ``phema-{kimg:07d}-{std:.3f}.pkl`` written by the reconstruction; both are EDM network snapshots
 (``ema`` plus ``loss_fn``, ``augment_pipe``, ``dataset_kwargs``) with an extra ``phema`` entry, a dict with ``nimg``
 (exact images seen) and ``std`` (sigma_rel), and for reconstructions also ``sources`` and ``coefficients``.
