@@ -8,7 +8,7 @@ each other, never with FID.
 
 The trained network ships as a weights-only file (``training.export`` format, loads with
 ``torch.load(weights_only=True)``); ``fid.py --detector=PATH`` recognises it by content. Like every detector it is
-called as ``detector(images, return_features=True)`` on NCHW images with values in [0, 255], as NVIDIA's Inception detector.
+called as ``detector(images, return_features=True)`` on NCHW images with values in [0, 255].
 """
 
 from __future__ import annotations

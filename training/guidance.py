@@ -8,9 +8,9 @@ eq. 1). With an unconditional guide (or the same conditional network with its la
 version of the network it is autoguidance. Guidance can be limited to noise levels in [sigma_lo, sigma_hi]
 (Kynkaanniemi et al. 2024, "Applying Guidance in a Limited Interval"); outside it the main network alone is used.
 
-The guided denoiser has the network interface (:class:`training.sampler.Denoiser`), so every sampler uses it unchanged, and so do
-PFGM++ networks: their ODE is driven by the same denoiser output, so only the kernel (D) of the two networks has to
-agree. :func:`guided_denoiser` returns the main network itself when w = 1, so unguided images stay bit for bit.
+The guided denoiser has the network interface (:class:`training.sampler.Denoiser`), so every sampler uses it
+unchanged, and so do PFGM++ networks: their ODE is driven by the same denoiser output, so only the kernel (D) of the
+two networks has to agree. :func:`guided_denoiser` returns the main network itself when w = 1, so unguided images stay bit for bit.
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ import dnnlib
 #: Feature arrays: numpy on the host, or tensors already on the device the metric runs on.
 Array = Union[np.ndarray, torch.Tensor]
 
-#: Metric names accepted by ``--metrics``, and the result keys each one reports (printed as ``name value`` and in JSON lines).
+#: Metric names accepted by ``--metrics``, and the result keys each one reports (``name value`` lines, JSON lines).
 METRICS = ('fid', 'fd_dinov2', 'kid', 'pr')
 RESULT_KEYS = {'fid': ('fid',), 'fd_dinov2': ('fd_dinov2',), 'kid': ('kid',), 'pr': ('precision', 'recall')}
 
