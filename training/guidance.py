@@ -10,7 +10,8 @@ version of the network it is autoguidance. Guidance can be limited to noise leve
 
 The guided denoiser has the network interface (:class:`training.sampler.Denoiser`), so every sampler uses it
 unchanged, and so do PFGM++ networks: their ODE is driven by the same denoiser output, so only the kernel (D) of the
-two networks has to agree. :func:`guided_denoiser` returns the main network itself when w = 1, so unguided images stay bit for bit.
+two networks has to agree. :func:`guided_denoiser` returns the main network itself when w = 1, so unguided images
+stay bit for bit.
 """
 
 from __future__ import annotations
