@@ -139,10 +139,12 @@ def train_model(workdir: str, dataset: str, D: Optional[float], kimg: float, npr
     flags = [*TRAIN_FLAGS, *kernel, f'--duration={kimg / 1000:g}', f'--tick={tick:g}', '--snap=10', '--dump=2']
     settings = dict(flags=flags, nproc=nproc, dataset_sha256=sha256_file(dataset))
     record = read_record(record_path)
-    if record is not None and record['settings'] == settings and record.get('complete') \
-            and os.path.isfile(record['snapshot']) and sha256_file(record['snapshot']) == record['snapshot_sha256']:
-        print(f'{name}: reusing the trained model {record["snapshot"]}')
-        return record
+    if record is not None and record['settings'] == settings and record.get('complete'):
+        # The snapshot is recorded relative to the working folder, which may have been moved since.
+        snapshot = os.path.join(runs, record['snapshot'])
+        if os.path.isfile(snapshot) and sha256_file(snapshot) == record['snapshot_sha256']:
+            print(f'{name}: reusing the trained model {snapshot}')
+            return dict(record, snapshot=snapshot)
     if record is None or record['settings'] != settings:
         if os.path.isdir(run_dir):
             print(f'{name}: {run_dir} was trained with other settings (or has no record); starting it over')
@@ -154,10 +156,10 @@ def train_model(workdir: str, dataset: str, D: Optional[float], kimg: float, npr
     run_tool([*launcher(nproc), 'train.py', f'--outdir={runs}', f'--name={name}', f'--data={dataset}', *flags,
               '--resume=auto'], env={'OMP_NUM_THREADS': '1'})
     snapshot = latest(os.path.join(run_dir, 'network-snapshot-*.pkl'))
-    record = dict(record, complete=True, snapshot=snapshot, snapshot_sha256=sha256_file(snapshot),
+    record = dict(record, complete=True, snapshot=os.path.relpath(snapshot, runs), snapshot_sha256=sha256_file(snapshot),
                   seconds=round(record['seconds'] + time.time() - started, 1))
     write_record(record_path, record)
-    return record
+    return dict(record, snapshot=snapshot)
 
 
 # ----------------------------------------------------------------------------
@@ -306,6 +308,7 @@ def study_axis(study: str, cfg: dict) -> list[tuple[float, str, str]]:
     return [*[(b, str(b), ('bits', f'bits{b:02d}')) for b in cfg['bits']], (32, '32 (float)', ('alpha', 'alpha0'))]
 
 
+DODGE = 0.01   # sideways shift between the D values in the figures, as a fraction of the x range
 COLUMN_NAMES = dict(alpha='α={}', steps='NFE {}', bits='{} bits')
 AXIS_TITLES = dict(alpha=('alpha (noise injected at every step)', 'FD-digits vs injected noise alpha (Fig. 4)'),
                    steps=('NFE (Heun)', 'FD-digits vs NFE (Fig. 5)'),
@@ -331,12 +334,18 @@ def write_results(results_dir: str, aug_dims: list[Optional[float]], fd: dict, f
         xlabel, title = AXIS_TITLES[study]
         rows = {}
         series = {}
-        for D in aug_dims:
+        xs = [x for x, _, _ in axis if not (study == 'bits' and x == 32)]
+        # Each D's points are moved sideways by a little, so that error bars at the same setting do not hide
+        # each other.
+        dodge = DODGE * (max(xs) - min(xs) if len(xs) > 1 else 1.0)
+        for index, D in enumerate(aug_dims):
             points = [summary(fd[model_name(D)][source][tag]) for _, _, (source, tag) in axis]
             rows[model_name(D)] = [dict(x=x, label=label, **p) for (x, label, _), p in zip(axis, points)]
-            shown = [(x, p) for (x, _, _), p in zip(axis, points) if not (study == 'bits' and x == 32)]
-            series[model_label(D)] = ([x for x, _ in shown], [p['mean'] for _, p in shown],
-                                      [p['std'] for _, p in shown])
+            shift = dodge * (index - (len(aug_dims) - 1) / 2)
+            series[model_label(D)] = ([x + shift for x in xs], [p['mean'] for p in points[:len(xs)]],
+                                      [p['std'] for p in points[:len(xs)]])
+        floor_stats = summary(floor)
+        series[f'{cfg["num"]} real digits'] = (xs, [floor_stats['mean']] * len(xs), [floor_stats['std']] * len(xs))
         table['studies'][study] = rows
         path = line_chart(series, os.path.join(results_dir, f'fd-vs-{study}.png'),
                           title=title + (' (float32 in the table)' if study == 'bits' else ''),
