@@ -46,7 +46,7 @@ STUDIES = ('alpha', 'steps', 'bits')
 RECORD_FORMAT = 1   # bump when the meaning of a record changes, so old records are not reused
 
 # Sizes of the two modes; every entry can be overridden by the option of the same name.
-FULL = dict(aug_dims='16,128,2048,inf', kimg=20.0, num=150, sets=3, clean_steps=12, alphas='0.1,0.2,0.3',
+FULL = dict(aug_dims='16,128,2048,inf', kimg=20.0, num=150, sets=3, clean_steps=12, alphas='0.1,0.2,0.3,0.6',
             steps='3,5,8', bits='4,5,6', nproc=2)
 QUICK = dict(aug_dims='16,128,2048,inf', kimg=0.2, num=16, sets=2, clean_steps=4, alphas='0.3', steps='2',
              bits='4', nproc=1)
@@ -156,8 +156,8 @@ def train_model(workdir: str, dataset: str, D: Optional[float], kimg: float, npr
     run_tool([*launcher(nproc), 'train.py', f'--outdir={runs}', f'--name={name}', f'--data={dataset}', *flags,
               '--resume=auto'], env={'OMP_NUM_THREADS': '1'})
     snapshot = latest(os.path.join(run_dir, 'network-snapshot-*.pkl'))
-    record = dict(record, complete=True, snapshot=os.path.relpath(snapshot, runs), snapshot_sha256=sha256_file(snapshot),
-                  seconds=round(record['seconds'] + time.time() - started, 1))
+    record = dict(record, complete=True, snapshot=os.path.relpath(snapshot, runs),
+                  snapshot_sha256=sha256_file(snapshot), seconds=round(record['seconds'] + time.time() - started, 1))
     write_record(record_path, record)
     return dict(record, snapshot=snapshot)
 
@@ -305,11 +305,12 @@ def study_axis(study: str, cfg: dict) -> list[tuple[float, str, str]]:
     if study == 'steps':
         return [(2 * n - 1, str(2 * n - 1), ('steps', f'steps{n:03d}') if n != clean else ('alpha', 'alpha0'))
                 for n in sorted({*cfg['steps'], clean})]
-    return [*[(b, str(b), ('bits', f'bits{b:02d}')) for b in cfg['bits']], (32, '32 (float)', ('alpha', 'alpha0'))]
+    return [*[(b, f'{b} bits', ('bits', f'bits{b:02d}')) for b in cfg['bits']],
+            (32, 'float32', ('alpha', 'alpha0'))]
 
 
 DODGE = 0.01   # sideways shift between the D values in the figures, as a fraction of the x range
-COLUMN_NAMES = dict(alpha='α={}', steps='NFE {}', bits='{} bits')
+COLUMN_NAMES = dict(alpha='α={}', steps='NFE {}', bits='{}')
 AXIS_TITLES = dict(alpha=('alpha (noise injected at every step)', 'FD-digits vs injected noise alpha (Fig. 4)'),
                    steps=('NFE (Heun)', 'FD-digits vs NFE (Fig. 5)'),
                    bits=('weight bits', 'FD-digits vs weight quantization (Fig. 6)'))
@@ -321,7 +322,8 @@ def write_results(results_dir: str, aug_dims: list[Optional[float]], fd: dict, f
     table: dict[str, Any] = dict(
         settings=dict(cfg, aug_dims=[None if D is None else D for D in aug_dims],
                       metric='FD-digits (demo/digits-classifier.weights.pt) against all real digits',
-                      error_bars=f'{cfg["sets"]} disjoint seed ranges of {cfg["num"]} images; mean and sample std over them'),
+                      error_bars=f'{cfg["sets"]} disjoint seed ranges of {cfg["num"]} images; mean and sample '
+                                 f'std over them'),
         real_floor=summary(floor), timing=timing, studies={})
     written = []
     lines = ['# Robustness study at small scale: FD-digits (lower is better)', '',
