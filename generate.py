@@ -37,9 +37,9 @@ from training.cli import (DEFAULT_STEPS, NON_NEGATIVE, Failure, FloatList, IntLi
                           check_solver_flags, compact_seeds, guidance_options, guidance_record, make_guide,
                           network_evaluations, on_main_rank, resolve_pfgmpp, sampler_error,
                           sampler_options)
+from training.manifest import image_path
 from training.network_io import NetworkLoadError, load_network, network_summary
 
-IMAGES_PER_SUBDIR = 1000        # --subdirs groups seeds by thousands, as EDM does
 GRID_MAX_IMAGES = 256           # a preview grid shows at most this many images (the first seeds)
 
 # ----------------------------------------------------------------------------
@@ -84,11 +84,6 @@ def plan_runs(outdir: str, steps: Optional[int], alpha: Optional[float], bits: O
                 tag = '-'.join(parts)
                 runs.append(Run(os.path.join(outdir, tag), n, a, b, tag=tag, sweep=swept))
     return runs
-
-
-def image_path(outdir: str, seed: int, subdirs: bool) -> str:
-    folder = os.path.join(outdir, f'{seed // IMAGES_PER_SUBDIR * IMAGES_PER_SUBDIR:06d}') if subdirs else outdir
-    return os.path.join(folder, f'{seed:06d}.png')
 
 
 def to_pil(image_hwc: np.ndarray) -> PIL.Image.Image:

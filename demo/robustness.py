@@ -35,12 +35,11 @@ import numpy as np
 import torch
 
 import dnnlib
-import fid
-import generate
 from demo.digits import load_digits_dataset, make_digits_dataset, run_tool
 from demo.plots import line_chart
 from demo.run import DIGITS_DETECTOR, TRAIN_FLAGS, latest
-from training import metrics
+from training import features, metrics
+from training.manifest import image_path
 
 STUDIES = ('alpha', 'steps', 'bits')
 RECORD_FORMAT = 1   # bump when the meaning of a record changes, so old records are not reused
@@ -187,7 +186,7 @@ def sweep_flags(study: str, cfg: dict, points: list[tuple[str, dict]]) -> list[s
 
 
 def all_images_present(folder: str, seeds: range) -> bool:
-    return all(os.path.isfile(generate.image_path(folder, seed, False)) for seed in seeds)
+    return all(os.path.isfile(image_path(folder, seed, False)) for seed in seeds)
 
 
 def generate_study(workdir: str, model: dict, D: Optional[float], study: str, cfg: dict) -> dict[str, dict]:
@@ -233,20 +232,20 @@ class FDScorer:
     """FD-digits of image sets against the reference statistics of all real digits (``fid.py ref``'s file)."""
 
     def __init__(self, ref_path: str):
-        self.detector = fid.load_detector(DIGITS_DETECTOR, device='cpu')
-        self.mu_ref, self.sigma_ref = fid.load_ref_stats(ref_path)
+        self.detector = features.load_detector(DIGITS_DETECTOR, device='cpu')
+        self.mu_ref, self.sigma_ref = features.load_ref_stats(ref_path)
         self.identity = dict(ref_sha256=sha256_file(ref_path), detector_sha256=sha256_file(DIGITS_DETECTOR))
 
     def score(self, images: np.ndarray) -> float:
         """FD of uint8 images [N, 1, H, W] (N >= 2): the same features and formula as ``fid.py calc``."""
-        features = fid.extract_features(self.detector, torch.from_numpy(images))
-        mu, sigma = metrics.feature_moments(features)
+        feats = features.extract_features(self.detector, torch.from_numpy(images))
+        mu, sigma = metrics.feature_moments(feats)
         return metrics.frechet_distance(mu, sigma, self.mu_ref, self.sigma_ref)
 
 
 def read_seed_range(folder: str, seeds: range) -> np.ndarray:
     from PIL import Image
-    return np.stack([np.asarray(Image.open(generate.image_path(folder, s, False)).convert('L'))[None]
+    return np.stack([np.asarray(Image.open(image_path(folder, s, False)).convert('L'))[None]
                      for s in seeds])
 
 

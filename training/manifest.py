@@ -91,6 +91,17 @@ def _torch_fingerprint(value: torch.nn.Module | torch.Tensor) -> dict[str, str]:
     return dict(module=class_label(value), sha256=tensor_sha256(value.state_dict()))
 
 
+#: ``--subdirs`` groups seeds by thousands, as EDM does.
+IMAGES_PER_SUBDIR = 1000
+
+
+def image_path(outdir: str, seed: int, subdirs: bool) -> str:
+    """Where a generator writes the image of ``seed``: ``{seed:06d}.png``, inside ``{thousands:06d}/`` with
+    ``subdirs``."""
+    folder = os.path.join(outdir, f'{seed // IMAGES_PER_SUBDIR * IMAGES_PER_SUBDIR:06d}') if subdirs else outdir
+    return os.path.join(folder, f'{seed:06d}.png')
+
+
 def class_label(net: Any) -> str:
     """``module.Class`` of a network, stable across processes.
 
