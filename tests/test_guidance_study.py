@@ -1,0 +1,156 @@
+"""The guidance / post-hoc EMA study's own logic: reuse of runs and points by settings, result parsing, tables."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import click
+import numpy as np
+import pytest
+from PIL import Image
+
+from demo import guidance_study as study
+from tests._sampler_nets import make_tiny_net, save_snapshot
+
+FLAGS = ['--cond=1', '--cbase=16', '--duration=0.001']
+
+
+def fake_trainer(calls: list):
+    """A stand-in for run_tool that records train.py commands and writes what train.py would leave behind."""
+    def run(cmd, env=None, capture=False):
+        calls.append(cmd)
+        outdir = next(c.split('=', 1)[1] for c in cmd if c.startswith('--outdir='))
+        name = next(c.split('=', 1)[1] for c in cmd if c.startswith('--name='))
+        run_dir = f'{outdir}/{name}'
+        for kimg in (0, 1):
+            open(f'{run_dir}/network-snapshot-{kimg:06d}.pkl', 'wb').close()
+            open(f'{run_dir}/training-state-{kimg:06d}.pt', 'wb').close()
+            open(f'{run_dir}/network-snapshot-{kimg:07d}-0.050.pkl', 'wb').close()
+        return ''
+    return run
+
+
+def test_train_reuses_a_finished_run_and_refuses_other_settings(tmp_path):
+    calls = []
+    runs = str(tmp_path / 'runs')
+    snapshot = study.train(runs, 'main', 'data.zip', FLAGS, nproc=1, runner=fake_trainer(calls))
+    assert snapshot.endswith('main/network-snapshot-000001.pkl')  # the last classic-EMA one, not a tracked one
+    assert len(calls) == 1 and 'train.py' in calls[0] and '--resume=auto' not in calls[0]
+    assert all(flag in calls[0] for flag in FLAGS)
+    assert study.train(runs, 'main', 'data.zip', FLAGS, nproc=1, runner=fake_trainer(calls)) == snapshot
+    assert len(calls) == 1  # reused
+    with pytest.raises(click.ClickException, match='other settings'):
+        study.train(runs, 'main', 'data.zip', [*FLAGS, '--seed=1'], nproc=1, runner=fake_trainer(calls))
+    assert len(calls) == 1
+
+
+def test_interrupted_run_resumes_and_foreign_folder_is_refused(tmp_path):
+    run_dir = tmp_path / 'main'
+    run_dir.mkdir()
+    with pytest.raises(click.ClickException, match='not made by this study'):
+        study.run_state(str(run_dir), FLAGS)
+    (run_dir / study.RUN_MARKER).write_text(json.dumps(dict(flags=FLAGS, finished=False)))
+    assert study.run_state(str(run_dir), FLAGS) == 'new'  # nothing to continue from
+    (run_dir / 'training-state-000004.pt').touch()
+    assert study.run_state(str(run_dir), FLAGS) == 'resume'
+    calls = []
+    study.train(str(tmp_path), 'main', 'data.zip', FLAGS, nproc=1, runner=fake_trainer(calls))
+    assert calls[0][-1] == '--resume=auto'
+    assert study.run_state(str(run_dir), FLAGS) == 'done'
+
+
+def fake_fid(calls: list, fds: list[float]):
+    """A stand-in for run_tool that writes fid.py gen's --jsonl lines (one per seed range, then the summary)."""
+    def run(cmd, env=None, capture=False):
+        calls.append(cmd)
+        jsonl = next(c.split('=', 1)[1] for c in cmd if c.startswith('--jsonl='))
+        with open(jsonl, 'a') as f:
+            for index, fd in enumerate(fds):
+                f.write(json.dumps(dict(fid=fd, repeat=index, seeds=f'{index}')) + '\n')
+            f.write(json.dumps(dict(fid_min=min(fds), fids=fds, repeats=len(fds), seeds=['0', '1'])) + '\n')
+        return ''
+    return run
+
+
+def test_point_is_reused_only_for_identical_settings_and_network_bytes(tmp_path):
+    net, ref = tmp_path / 'net.pkl', tmp_path / 'ref.npz'
+    net.write_bytes(b'one')
+    ref.write_bytes(b'ref')
+    calls = []
+    args = dict(points_dir=str(tmp_path / 'points'), key='D128-cfg-W2', network=str(net), gnet='uncond',
+                weight=2.0, num=10, repeat=2, sampler=['--steps=4'], ref=str(ref), nproc=1)
+    first = study.measure_point(**args, runner=fake_fid(calls, [30.0, 34.0]))
+    assert first['fd'] == [30.0, 34.0] and first['mean'] == 32.0 and math.isclose(first['std'], math.sqrt(8))
+    assert '--gnet=uncond' in calls[0] and '--guidance=2' in calls[0] and '--repeat=2' in calls[0]
+    assert study.measure_point(**args, runner=fake_fid(calls, [0.0, 0.0]))['fd'] == [30.0, 34.0]
+    assert len(calls) == 1
+    net.write_bytes(b'two')  # retrained network, same name
+    assert study.measure_point(**args, runner=fake_fid(calls, [1.0, 3.0]))['mean'] == 2.0
+    assert study.measure_point(**dict(args, num=12), runner=fake_fid(calls, [5.0, 5.0]))['mean'] == 5.0
+    assert len(calls) == 3
+    assert sorted(p.name for p in (tmp_path / 'points').iterdir()) == ['fd-D128-cfg-W2.json']
+
+
+def test_unguided_point_runs_without_guidance_flags(tmp_path):
+    net, ref = tmp_path / 'net.pkl', tmp_path / 'ref.npz'
+    net.write_bytes(b'one')
+    ref.write_bytes(b'ref')
+    calls = []
+    point = study.measure_point(str(tmp_path), 'x', str(net), None, 1.0, 10, 1, [], str(ref), 1,
+                                runner=fake_fid(calls, [7.0]))
+    assert point['std'] == 0.0 and not any(c.startswith(('--gnet', '--guidance')) for c in calls[0])
+    assert point['settings']['gnet'] is None and point['settings']['guidance'] == 1.0
+
+
+def test_fd_values_need_one_line_per_seed_range(tmp_path):
+    path = tmp_path / 'fd.jsonl'
+    path.write_text(json.dumps(dict(fid=3.0, repeat=0)) + '\n')
+    assert study.fd_values_from_jsonl(str(path), 1) == [3.0]
+    with pytest.raises(click.ClickException, match='expected 2 FD lines'):
+        study.fd_values_from_jsonl(str(path), 2)
+
+
+def test_real_fid_gen_lines_are_parsed(tmp_path):
+    """The study reads what fid.py gen really writes (a tiny random network, the demo's digits detector)."""
+    network = save_snapshot(make_tiny_net(), tmp_path / 'net.pkl')
+    ref = tmp_path / 'ref.npz'
+    features = 64  # the digits classifier's penultimate layer
+    np.savez(ref, mu=np.zeros(features), sigma=np.eye(features))
+    point = study.measure_point(str(tmp_path / 'points'), 'tiny', str(network), None, 1.0, 4, 2,
+                                ['--solver=dpmpp2m', '--steps=3', '--batch=4'], str(ref), nproc=1)
+    assert len(point['fd']) == 2 and all(math.isfinite(v) and v > 0 for v in point['fd'])
+    assert point['fd'][0] != point['fd'][1]  # disjoint seed ranges, different images
+
+
+def synthetic_results() -> dict:
+    def row(xs, offset, scale=1.0):
+        return {f'{x:g}': dict(mean=offset + scale * x, std=0.5, fd=[offset + scale * x - 0.5, offset + scale * x + 0.5])
+                for x in xs}
+    weights, stds = [1.0, 1.5, 2.0], [0.05, 0.1]
+    return dict(weights=weights, phema_grid=stds, num=250, repeat=2, kernels=['128', 'inf'],
+                guidance={k: dict(cfg=row(weights, 10), autoguidance=row(weights, 20)) for k in ('128', 'inf')},
+                phema={k: row(stds, 30, scale=100) for k in ('128', 'inf')},
+                classic_ema={'128': dict(mean=40.0, std=1.0), 'inf': dict(mean=41.0, std=1.25)})
+
+
+def test_tables_and_charts(tmp_path):
+    table = study.markdown_tables(synthetic_results())
+    assert '| CFG | 128 | 11.0 ± 0.5 | 11.5 ± 0.5 | 12.0 ± 0.5 |' in table
+    assert '| autoguidance | ∞ | 21.0 ± 0.5 | 21.5 ± 0.5 | 22.0 ± 0.5 |' in table
+    assert '| ∞ | 35.0 ± 0.5 | 40.0 ± 0.5 | 41.0 ± 1.2 |' in table
+    assert 'over 2 disjoint sets of 250 images' in table
+    missing = synthetic_results()
+    del missing['guidance']['inf']['cfg']['2']
+    assert '| CFG | ∞ | 11.0 ± 0.5 | 11.5 ± 0.5 | – |' in study.markdown_tables(missing)
+    for path in study.charts(synthetic_results(), str(tmp_path)):
+        with Image.open(path) as image:
+            assert image.format == 'PNG' and image.width > 200
+
+
+def test_parse_floats_names_the_flag():
+    assert study.parse_floats('1, 1.5,2', '--weights') == [1.0, 1.5, 2.0]
+    for bad in ('1,x', '', 'nan'):
+        with pytest.raises(click.BadParameter) as excinfo:
+            study.parse_floats(bad, '--weights')
+        assert '--weights' in excinfo.value.format_message()
