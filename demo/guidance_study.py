@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -270,6 +271,7 @@ def charts(results: dict, outdir: str) -> list[str]:
     """FD against W (both methods, both D) and FD against sigma_rel, with the std as error bars."""
     def series(row: dict, xs: Sequence[float]) -> tuple[list[float], list[float], list[float]]:
         keys = [x for x in xs if f'{x:g}' in row]
+        keys = sorted(keys)
         return keys, [row[f'{x:g}']['mean'] for x in keys], [row[f'{x:g}']['std'] for x in keys]
 
     n = f'mean ± std over {results["repeat"]} sets of {results["num"]} images'
@@ -291,13 +293,55 @@ def charts(results: dict, outdir: str) -> list[str]:
             label = '∞' if D == INF_LABEL else D
             by_std[f'classic EMA, D={label}'] = ([min(stds), max(stds)], [classic['mean']] * 2)
     paths.append(line_chart(by_std, os.path.join(outdir, 'fd-vs-sigma-rel.png'),
-                            title=f'{FD_NAME} against post-hoc EMA length ({n})', xlabel='σ_rel', ylabel=FD_NAME,
-                            log_x=True, markers=True))
+                            title=f'{FD_NAME} against post-hoc EMA length ({n})', xlabel='σ_rel', ylabel=FD_NAME))
     return paths
 
 
 def summary_row(point: dict) -> dict:
     return dict(mean=point['mean'], std=point['std'], fd=point['fd'], wall_s=point.get('wall_s'))
+
+
+def measurement_plan(nets: dict, weights: Sequence[float], stds: Sequence[float]) \
+        -> list[tuple[str, str, str, Optional[str], float]]:
+    """The points (key, D label, network, gnet, W) in the order they are measured: the unguided networks first,
+    then guided weights and post-hoc EMA lengths alternately, each in the order given, every one for each D; so a
+    study cut short has the whole picture at a coarser grid."""
+    first = [(f'D{label}-unguided', label, net['main'], None, 1.0) for label, net in nets.items()]
+    guided = [[(f'D{label}-{method}-W{w:g}', label, net['main'], gnet, w)
+               for label, net in nets.items() for method, gnet in (('cfg', 'uncond'), ('autoguidance', net['guide']))]
+              for w in weights if w != 1]
+    averaged = [[(f'D{label}-phema-{std:.3f}', label, net['phema'][std], None, 1.0) for label, net in nets.items()]
+                for std in stds]
+    rounds = [group for pair in itertools.zip_longest(guided, averaged, fillvalue=[]) for group in pair]
+    return first + [point for group in rounds for point in group]
+
+
+def collect(results: dict, points: dict, weights: Sequence[float], stds: Sequence[float]) -> None:
+    """Fill ``results``' tables from the points measured so far (W = 1 is the unguided point of both methods)."""
+    for label in results['kernels']:
+        base = points.get(f'D{label}-unguided')
+        if base is not None:
+            results['classic_ema'][label] = summary_row(base)
+        results['guidance'][label] = {
+            method: {f'{w:g}': summary_row(point) for w in weights
+                     for point in [base if w == 1 else points.get(f'D{label}-{method}-W{w:g}')] if point is not None}
+            for method in ('cfg', 'autoguidance')}
+        results['phema'][label] = {f'{std:g}': summary_row(points[f'D{label}-phema-{std:.3f}']) for std in stds
+                                   if f'D{label}-phema-{std:.3f}' in points}
+    # A resumed study spent its time over several invocations: the steps' own wall times add up to the total.
+    results['steps_wall_s'] = round(sum(t or 0 for t in results['train_wall_s'].values())
+                                    + sum(p.get('wall_s') or 0 for p in points.values()), 1)
+
+
+def write_report(results: dict, points: dict, results_dir: str) -> None:
+    """results.json, results.md (command, time, tables) and the two charts."""
+    os.makedirs(results_dir, exist_ok=True)
+    write_json(os.path.join(results_dir, 'results.json'), results)
+    with dnnlib.util.atomic_write(os.path.join(results_dir, 'results.md'), 'w') as f:
+        f.write(f'Command: `{results["command"]}`. Wall time: {results["steps_wall_s"]:.0f} s summed over the '
+                f'steps (training and {len(points)} measured points; this invocation {results["wall_s"]:.0f} s).\n\n'
+                + markdown_tables(results))
+    charts(results, results_dir)
 
 
 # ----------------------------------------------------------------------------
@@ -306,22 +350,23 @@ def summary_row(point: dict) -> dict:
 @click.option('--outdir', default='guidance-out', show_default=True, help='Work folder: runs, snapshots, points')
 @click.option('--results', 'results_dir', default=os.path.join('docs', 'guidance'), show_default=True,
               help='Where results.json, results.md and the charts go')
-@click.option('--kimg', default=64.0, show_default=True, type=click.FloatRange(min=0.1),
+@click.option('--kimg', default=32.0, show_default=True, type=click.FloatRange(min=0.1),
               help='Training length of the main models, in thousands of images')
-@click.option('--guide-kimg', default=16.0, show_default=True, type=click.FloatRange(min=0.1),
+@click.option('--guide-kimg', default=8.0, show_default=True, type=click.FloatRange(min=0.1),
               help='Training length of the autoguidance guides')
 @click.option('--guide-cbase', default=16, show_default=True, type=click.IntRange(min=1),
               help='Channel multiplier of the guides (the main models have 32)')
 @click.option('--aug-dim', default=128, show_default=True, type=click.IntRange(min=1), help='PFGM++ D')
 @click.option('--label-dropout', default=0.1, show_default=True, type=click.FloatRange(min=0, max=1))
 @click.option('--track', default='0.05,0.1', show_default=True, help='sigma_rel of the tracked power EMAs')
-@click.option('--weights', default='1,1.5,2,3', show_default=True, help='Guidance weights W to sweep')
-@click.option('--stds', default='0.03,0.05,0.1,0.15,0.25', show_default=True,
-              help='sigma_rel of the post-hoc EMA reconstructions')
-@click.option('--num', default=250, show_default=True, type=click.IntRange(min=2), help='Images per set')
+@click.option('--weights', default='2,3,1.5', show_default=True,
+              help='Guidance weights W to sweep besides 1, measured in this order')
+@click.option('--stds', default='0.03,0.25,0.1,0.05,0.15', show_default=True,
+              help='sigma_rel of the post-hoc EMA reconstructions, measured in this order')
+@click.option('--num', default=200, show_default=True, type=click.IntRange(min=2), help='Images per set')
 @click.option('--repeat', default=3, show_default=True, type=click.IntRange(min=1),
               help='Disjoint seed ranges (sets of images) per point')
-@click.option('--steps', default=12, show_default=True, type=click.IntRange(min=3),
+@click.option('--steps', default=10, show_default=True, type=click.IntRange(min=3),
               help='DPM-Solver++(2M) steps (log-SNR spacing; = NFE of the unguided network)')
 @click.option('--ticks', default=8, show_default=True, type=click.IntRange(min=1),
               help='Ticks (= snapshots) per training run')
@@ -334,7 +379,7 @@ def main(outdir: str, results_dir: str, kimg: float, guide_kimg: float, guide_cb
     start = time.time()
     weight_list = parse_floats(weights, '--weights')
     if 1.0 not in weight_list:
-        weight_list = [1.0, *weight_list]
+        weight_list = [1.0, *weight_list]  # the unguided network, the reference of both methods
     std_list = parse_floats(stds, '--stds')
     track_list = parse_floats(track, '--track')
     outdir = os.path.abspath(outdir)
@@ -353,7 +398,7 @@ def main(outdir: str, results_dir: str, kimg: float, guide_kimg: float, guide_cb
     results: dict[str, Any] = dict(
         command=' '.join(['python -m demo.guidance_study', *sys.argv[1:]]), kimg=kimg, guide_kimg=guide_kimg,
         main_cbase=MAIN_CBASE, guide_cbase=guide_cbase, label_dropout=label_dropout, tracked=track_list,
-        weights=weight_list, phema_grid=std_list, num=num, repeat=repeat, sampler=sampler,
+        weights=sorted(weight_list), phema_grid=sorted(std_list), num=num, repeat=repeat, sampler=sampler,
         kernels=[d_label(D) for D in kernels], guidance={}, phema={}, classic_ema={}, train_wall_s={})
     # Train everything first, so that a failure in training shows before hours of measuring.
     nets = {}
@@ -370,38 +415,14 @@ def main(outdir: str, results_dir: str, kimg: float, guide_kimg: float, guide_cb
             results['train_wall_s'][name] = (read_json(os.path.join(runs_dir, name, RUN_MARKER)) or {}).get('wall_s')
 
     points: dict[str, dict] = {}
-
-    def measure(key: str, network: str, gnet: Optional[str], weight: float) -> dict:
+    for key, label, network, gnet, weight in measurement_plan(nets, weight_list, std_list):
         points[key] = measure_point(points_dir, key, network, gnet, weight, num, repeat, sampler, ref, nproc)
-        return points[key]
-
-    for label, net in nets.items():
-        base = measure(f'D{label}-unguided', net['main'], None, 1.0)
-        results['classic_ema'][label] = summary_row(base)
-        rows = {'cfg': {}, 'autoguidance': {}}
-        for method, gnet in (('cfg', 'uncond'), ('autoguidance', net['guide'])):
-            for w in weight_list:
-                point = base if w == 1 else measure(f'D{label}-{method}-W{w:g}', net['main'], gnet, w)
-                rows[method][f'{w:g}'] = summary_row(point)
-        results['guidance'][label] = rows
-        results['phema'][label] = {
-            f'{std:g}': summary_row(measure(f'D{label}-phema-{std:.3f}', path, None, 1.0))
-            for std, path in net['phema'].items()}
-
-    results['wall_s'] = round(time.time() - start, 1)
-    # A resumed study spent its time over several invocations: the steps' own wall times add up to the total.
-    results['steps_wall_s'] = round(sum(t or 0 for t in results['train_wall_s'].values())
-                                    + sum(p.get('wall_s') or 0 for p in points.values()), 1)
-    os.makedirs(results_dir, exist_ok=True)
-    write_json(os.path.join(results_dir, 'results.json'), results)
-    table = markdown_tables(results)
-    with dnnlib.util.atomic_write(os.path.join(results_dir, 'results.md'), 'w') as f:
-        f.write(f'Command: `{results["command"]}`; wall time {results["steps_wall_s"]:.0f} s over all steps (this invocation {results["wall_s"]:.0f} s).\n\n'
-                + table)
-    chart_paths = charts(results, results_dir)
-    print('\n' + table)
-    print(f'Done in {results["wall_s"]:.0f}s. Results: {", ".join([results_dir, *chart_paths])}')
-
+        # Tables and charts after every point: an interrupted study still leaves what it measured.
+        collect(results, points, weight_list, std_list)
+        results['wall_s'] = round(time.time() - start, 1)
+        write_report(results, points, results_dir)
+    print('\n' + markdown_tables(results))
+    print(f'Done in {results["wall_s"]:.0f}s. Results in {results_dir}')
 
 if __name__ == '__main__':
     main()

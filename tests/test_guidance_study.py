@@ -148,6 +148,32 @@ def test_tables_and_charts(tmp_path):
             assert image.format == 'PNG' and image.width > 200
 
 
+def test_plan_measures_unguided_first_then_alternates_and_collect_fills_tables():
+    nets = {label: dict(main=f'{label}/main.pkl', guide=f'{label}/guide.pkl',
+                        phema={0.05: f'{label}/p05.pkl', 0.1: f'{label}/p10.pkl', 0.2: f'{label}/p20.pkl'})
+            for label in ('128', 'inf')}
+    plan = study.measurement_plan(nets, [1.0, 3.0, 2.0], [0.1, 0.05, 0.2])
+    keys = [key for key, *_ in plan]
+    assert keys == ['D128-unguided', 'Dinf-unguided',
+                    'D128-cfg-W3', 'D128-autoguidance-W3', 'Dinf-cfg-W3', 'Dinf-autoguidance-W3',
+                    'D128-phema-0.100', 'Dinf-phema-0.100',
+                    'D128-cfg-W2', 'D128-autoguidance-W2', 'Dinf-cfg-W2', 'Dinf-autoguidance-W2',
+                    'D128-phema-0.050', 'Dinf-phema-0.050', 'D128-phema-0.200', 'Dinf-phema-0.200']
+    by_key = {key: (label, network, gnet, weight) for key, label, network, gnet, weight in plan}
+    assert by_key['Dinf-autoguidance-W2'] == ('inf', 'inf/main.pkl', 'inf/guide.pkl', 2.0)
+    assert by_key['D128-cfg-W3'] == ('128', '128/main.pkl', 'uncond', 3.0)
+    assert by_key['D128-phema-0.200'] == ('128', '128/p20.pkl', None, 1.0)
+
+    results = dict(kernels=['128', 'inf'], guidance={}, phema={}, classic_ema={}, train_wall_s={'a': 10.0})
+    points = {key: dict(mean=float(i), std=0.0, fd=[float(i)], wall_s=1.0) for i, key in enumerate(keys[:7])}
+    study.collect(results, points, [1.0, 2.0, 3.0], [0.05, 0.1, 0.2])
+    assert results['guidance']['128']['cfg'] == {'1': points['D128-unguided'], '3': points['D128-cfg-W3']}
+    assert results['guidance']['inf']['autoguidance']['1'] == points['Dinf-unguided']
+    assert results['phema'] == {'128': {'0.1': points['D128-phema-0.100']}, 'inf': {}}
+    assert results['classic_ema']['inf'] == points['Dinf-unguided']
+    assert results['steps_wall_s'] == 17.0  # training plus every point once (W = 1 is one measurement)
+
+
 def test_parse_floats_names_the_flag():
     assert study.parse_floats('1, 1.5,2', '--weights') == [1.0, 1.5, 2.0]
     for bad in ('1,x', '', 'nan'):
