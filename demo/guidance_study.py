@@ -40,6 +40,7 @@ import dnnlib
 from demo.digits import make_digits_dataset, run_tool
 from demo.plots import line_chart
 from demo.run import DIGITS_DETECTOR, TRAIN_FLAGS
+from training import phema
 
 # The demo's recipe, class-conditional; only the flags below differ between the runs of the study.
 COND_FLAGS = [flag for flag in TRAIN_FLAGS if not flag.startswith(('--cond=', '--cbase='))] + ['--cond=1']
@@ -97,6 +98,12 @@ def write_json(path: str, data: Any) -> None:
 # ----------------------------------------------------------------------------
 # Training runs.
 
+def torchrun(nproc: int) -> list[str]:
+    """The launcher of every heavy step; the callers run it with one thread per rank (the ranks fill the cores,
+    more threads would only contend)."""
+    return [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}']
+
+
 def train_flags(D: Optional[int], cbase: int, kimg: float, label_dropout: float, phema_stds: Sequence[float],
                 ticks: int) -> list[str]:
     """The train.py flags of one run of the study (dataset and output paths aside)."""
@@ -146,9 +153,7 @@ def train(runs_dir: str, name: str, dataset: str, flags: list[str], nproc: int,
         else:
             resume = ['--resume=auto']
         started = time.time()
-        launcher = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}']
-        # One thread per rank: the ranks fill the cores, more threads would only contend.
-        runner([*launcher, 'train.py', f'--outdir={runs_dir}', f'--name={name}', f'--data={dataset}', *flags,
+        runner([*torchrun(nproc), 'train.py', f'--outdir={runs_dir}', f'--name={name}', f'--data={dataset}', *flags,
                 *resume], env={'OMP_NUM_THREADS': '1'})
         write_json(os.path.join(run_dir, RUN_MARKER),
                    dict(flags=flags, finished=True, wall_s=round(time.time() - started, 1)))
@@ -162,7 +167,8 @@ def reconstruct(run_dir: str, outdir: str, stds: Sequence[float], runner: Callab
     if not tracked:
         raise click.ClickException(f'{run_dir}: no tracked power-function EMA snapshots (trained without --phema?)')
     kimg = os.path.basename(tracked[-1]).split('-')[2]
-    paths = {std: os.path.join(outdir, f'phema-{kimg}-{std:.3f}.pkl') for std in stds}
+    paths = {std: os.path.join(outdir, phema.snapshot_name(phema.OUTPUT_PREFIX, int(kimg) * 1000, std))
+             for std in stds}
     newest_input = max(os.path.getmtime(p) for p in tracked)
     if not all(os.path.exists(p) and os.path.getmtime(p) >= newest_input for p in paths.values()):
         runner([sys.executable, 'reconstruct_phema.py', f'--indir={run_dir}', f'--outdir={outdir}',
@@ -210,8 +216,9 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return float(array.mean()), float(array.std(ddof=1)) if array.size > 1 else 0.0
 
 
-def measure_point(points_dir: str, key: str, network: str, gnet: Optional[str], weight: float, num: int, repeat: int,
-            sampler: list[str], ref: str, nproc: int, runner: Callable[..., str] = run_tool) -> dict:
+def measure_point(points_dir: str, key: str, network: str, gnet: Optional[str], weight: float, num: int,
+                  repeat: int, sampler: list[str], ref: str, nproc: int,
+                  runner: Callable[..., str] = run_tool) -> dict:
     """FD-digits of one setting over ``repeat`` disjoint ranges of ``num`` seeds; reused when already measured."""
     settings = point_settings(network, gnet, weight, num, repeat, sampler, ref)
     path = os.path.join(points_dir, f'{POINT_PREFIX}{key}.json')
@@ -224,9 +231,8 @@ def measure_point(points_dir: str, key: str, network: str, gnet: Optional[str], 
     if os.path.exists(jsonl):
         os.remove(jsonl)
     guidance = [] if gnet is None or weight == 1 else [f'--gnet={gnet}', f'--guidance={weight:g}']
-    launcher = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}']
     started = time.time()
-    runner([*launcher, 'fid.py', 'gen', f'--network={network}', *guidance, f'--seeds=0-{num - 1}',
+    runner([*torchrun(nproc), 'fid.py', 'gen', f'--network={network}', *guidance, f'--seeds=0-{num - 1}',
             f'--repeat={repeat}', *sampler, f'--ref={ref}', f'--detector={DIGITS_DETECTOR}', '--device=cpu',
             f'--jsonl={jsonl}'], env={'OMP_NUM_THREADS': '1'})
     values = fd_values_from_jsonl(jsonl, repeat)
@@ -361,12 +367,12 @@ def write_report(results: dict, points: dict, results_dir: str) -> None:
 @click.option('--track', default='0.05,0.1', show_default=True, help='sigma_rel of the tracked power EMAs')
 @click.option('--weights', default='2,3,1.5', show_default=True,
               help='Guidance weights W to sweep besides 1, measured in this order')
-@click.option('--stds', default='0.03,0.25,0.1,0.05,0.15', show_default=True,
+@click.option('--stds', default='0.03,0.1,0.25,0.05,0.15', show_default=True,
               help='sigma_rel of the post-hoc EMA reconstructions, measured in this order')
 @click.option('--num', default=200, show_default=True, type=click.IntRange(min=2), help='Images per set')
 @click.option('--repeat', default=3, show_default=True, type=click.IntRange(min=1),
               help='Disjoint seed ranges (sets of images) per point')
-@click.option('--steps', default=10, show_default=True, type=click.IntRange(min=3),
+@click.option('--steps', default=8, show_default=True, type=click.IntRange(min=3),
               help='DPM-Solver++(2M) steps (log-SNR spacing; = NFE of the unguided network)')
 @click.option('--ticks', default=8, show_default=True, type=click.IntRange(min=1),
               help='Ticks (= snapshots) per training run')
