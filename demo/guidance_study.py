@@ -67,6 +67,11 @@ def d_label(D: Optional[int]) -> str:
     return INF_LABEL if D is None else str(D)
 
 
+def d_caption(label: str) -> str:
+    """A kernel label as tables and legends show it: ``128`` or ``∞``."""
+    return '∞' if label == INF_LABEL else label
+
+
 def kernel_flags(D: Optional[int]) -> list[str]:
     return ['--pfgmpp=0'] if D is None else ['--pfgmpp=1', f'--aug_dim={D}']
 
@@ -179,6 +184,18 @@ def reconstruct(run_dir: str, outdir: str, stds: Sequence[float], runner: Callab
     return paths
 
 
+def reconstruction_errors(run_dir: str, stds: Sequence[float]) -> dict[str, float]:
+    """``{sigma_rel: relative profile error}`` of the reconstructions at the end of ``run_dir``: how far the
+    least-squares combination of the tracked profiles lies from each requested one (0 for a tracked sigma_rel)."""
+    snapshots = phema.list_tracked_snapshots(run_dir)
+    end = max(s.nimg for s in snapshots)
+    used = [s for s in snapshots if 0 < s.nimg <= end]
+    in_nimg, in_std = [s.nimg for s in used], [s.std for s in used]
+    coefficients = phema.solve_coefficients(in_nimg, in_std, end, list(stds))
+    errors = phema.profile_error(in_nimg, in_std, coefficients, end, list(stds))
+    return {f'{std:g}': float(error) for std, error in zip(stds, errors)}
+
+
 # ----------------------------------------------------------------------------
 # Measurements: one fid.py gen call per point, several disjoint seed ranges.
 
@@ -260,7 +277,7 @@ def markdown_tables(results: dict) -> str:
     for method, caption in (('cfg', 'CFG'), ('autoguidance', 'autoguidance')):
         for D in results['kernels']:
             row = results['guidance'][D][method]
-            lines.append(f'| {caption} | {"∞" if D == INF_LABEL else D} | '
+            lines.append(f'| {caption} | {d_caption(D)} | '
                          + ' | '.join(_cell(row.get(f'{w:g}')) for w in weights) + ' |')
     stds = results['phema_grid']
     lines += ['', f'{FD_NAME} against the post-hoc EMA length σ_rel (unguided; same sets of images):', '',
@@ -268,8 +285,13 @@ def markdown_tables(results: dict) -> str:
               '|---|' + '---|' * (len(stds) + 1)]
     for D in results['kernels']:
         row = results['phema'][D]
-        lines.append(f'| {"∞" if D == INF_LABEL else D} | ' + ' | '.join(_cell(row.get(f'{s:g}')) for s in stds)
+        lines.append(f'| {d_caption(D)} | ' + ' | '.join(_cell(row.get(f'{s:g}')) for s in stds)
                      + f' | {_cell(results["classic_ema"].get(D))} |')
+    errors = results.get('phema_profile_error', {}).get(results['kernels'][0])
+    if errors:
+        lines.append('| profile error | ' + ' | '.join(f'{errors[f"{s:g}"]:.2f}' for s in stds) + ' | |')
+        lines += ['', 'Profile error: relative L2 distance between the least-squares combination of the tracked '
+                  f'profiles (σ_rel {", ".join(f"{t:g}" for t in results["tracked"])}) and the requested one.']
     return '\n'.join(lines) + '\n'
 
 
@@ -284,20 +306,18 @@ def charts(results: dict, outdir: str) -> list[str]:
     by_weight = {}
     for method, caption in (('cfg', 'CFG'), ('autoguidance', 'autoguidance')):
         for D in results['kernels']:
-            by_weight[f'{caption}, D={"∞" if D == INF_LABEL else D}'] = series(results['guidance'][D][method],
+            by_weight[f'{caption}, D={d_caption(D)}'] = series(results['guidance'][D][method],
                                                                                results['weights'])
     paths = [line_chart(by_weight, os.path.join(outdir, 'fd-vs-guidance.png'),
                         title=f'{FD_NAME} against guidance weight ({n})', xlabel='W', ylabel=FD_NAME)]
     by_std = {}
     stds = results['phema_grid']
     for D in results['kernels']:
-        label = '∞' if D == INF_LABEL else D
-        by_std[f'post-hoc EMA, D={label}'] = series(results['phema'][D], stds)
+        by_std[f'post-hoc EMA, D={d_caption(D)}'] = series(results['phema'][D], stds)
     for D in results['kernels']:
         classic = results['classic_ema'].get(D)
         if classic is not None:
-            label = '∞' if D == INF_LABEL else D
-            by_std[f'classic EMA, D={label}'] = ([min(stds), max(stds)], [classic['mean']] * 2)
+            by_std[f'classic EMA, D={d_caption(D)}'] = ([min(stds), max(stds)], [classic['mean']] * 2)
     paths.append(line_chart(by_std, os.path.join(outdir, 'fd-vs-sigma-rel.png'),
                             title=f'{FD_NAME} against post-hoc EMA length ({n})', xlabel='σ_rel', ylabel=FD_NAME))
     return paths
@@ -405,7 +425,8 @@ def main(outdir: str, results_dir: str, kimg: float, guide_kimg: float, guide_cb
         command=' '.join(['python -m demo.guidance_study', *sys.argv[1:]]), kimg=kimg, guide_kimg=guide_kimg,
         main_cbase=MAIN_CBASE, guide_cbase=guide_cbase, label_dropout=label_dropout, tracked=track_list,
         weights=sorted(weight_list), phema_grid=sorted(std_list), num=num, repeat=repeat, sampler=sampler,
-        kernels=[d_label(D) for D in kernels], guidance={}, phema={}, classic_ema={}, train_wall_s={})
+        kernels=[d_label(D) for D in kernels], guidance={}, phema={}, phema_profile_error={}, classic_ema={},
+        train_wall_s={})
     # Train everything first, so that a failure in training shows before hours of measuring.
     nets = {}
     for D in kernels:
@@ -417,6 +438,7 @@ def main(outdir: str, results_dir: str, kimg: float, guide_kimg: float, guide_cb
                            guide=train(runs_dir, guide_name, dataset, guide_flags, nproc))
         nets[label]['phema'] = reconstruct(os.path.join(runs_dir, main_name), os.path.join(outdir, 'phema', label),
                                            std_list)
+        results['phema_profile_error'][label] = reconstruction_errors(os.path.join(runs_dir, main_name), std_list)
         for name in (main_name, guide_name):
             results['train_wall_s'][name] = (read_json(os.path.join(runs_dir, name, RUN_MARKER)) or {}).get('wall_s')
 

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 
 import click
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from demo import guidance_study as study
+from training import phema
 from tests._sampler_nets import make_tiny_net, save_snapshot
 
 FLAGS = ['--cond=1', '--cbase=16', '--duration=0.001']
@@ -128,7 +131,8 @@ def synthetic_results() -> dict:
         return {f'{x:g}': dict(mean=offset + scale * x, std=0.5, fd=[offset + scale * x - 0.5, offset + scale * x + 0.5])
                 for x in xs}
     weights, stds = [1.0, 1.5, 2.0], [0.05, 0.1]
-    return dict(weights=weights, phema_grid=stds, num=250, repeat=2, kernels=['128', 'inf'],
+    return dict(weights=weights, phema_grid=stds, num=250, repeat=2, kernels=['128', 'inf'], tracked=[0.05, 0.1],
+                phema_profile_error={k: {'0.05': 0.0, '0.1': 0.0} for k in ('128', 'inf')},
                 guidance={k: dict(cfg=row(weights, 10), autoguidance=row(weights, 20)) for k in ('128', 'inf')},
                 phema={k: row(stds, 30, scale=100) for k in ('128', 'inf')},
                 classic_ema={'128': dict(mean=40.0, std=1.0), 'inf': dict(mean=41.0, std=1.25)})
@@ -140,6 +144,7 @@ def test_tables_and_charts(tmp_path):
     assert '| autoguidance | ∞ | 21.0 ± 0.5 | 21.5 ± 0.5 | 22.0 ± 0.5 |' in table
     assert '| ∞ | 35.0 ± 0.5 | 40.0 ± 0.5 | 41.0 ± 1.2 |' in table
     assert 'over 2 disjoint sets of 250 images' in table
+    assert '| profile error | 0.00 | 0.00 | |' in table
     missing = synthetic_results()
     del missing['guidance']['inf']['cfg']['2']
     assert '| CFG | ∞ | 11.0 ± 0.5 | 11.5 ± 0.5 | – |' in study.markdown_tables(missing)
@@ -172,6 +177,17 @@ def test_plan_measures_unguided_first_then_alternates_and_collect_fills_tables()
     assert results['phema'] == {'128': {'0.1': points['D128-phema-0.100']}, 'inf': {}}
     assert results['classic_ema']['inf'] == points['Dinf-unguided']
     assert results['steps_wall_s'] == 17.0  # training plus every point once (W = 1 is one measurement)
+
+
+def test_reconstruction_errors_of_a_run(tmp_path):
+    """Tracked sigma_rel are reproduced exactly; one outside the tracked range is not (EDM2's least squares)."""
+    for kimg in (4, 8):
+        for std in (0.05, 0.1):
+            record = phema.snapshot_record(kimg * 1000, std)
+            with open(tmp_path / phema.snapshot_name(phema.TRACKED_PREFIX, kimg * 1000, std), 'wb') as f:
+                pickle.dump(dict(ema=torch.nn.Linear(1, 1), phema=record), f)
+    errors = study.reconstruction_errors(str(tmp_path), [0.05, 0.25])
+    assert set(errors) == {'0.05', '0.25'} and errors['0.05'] < 1e-4 and errors['0.25'] > 0.1
 
 
 def test_parse_floats_names_the_flag():

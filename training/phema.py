@@ -180,6 +180,27 @@ def solve_coefficients(in_nimg: Sequence[float], in_std: Sequence[float], out_ni
     return coefficients / coefficients.sum(axis=0, keepdims=True)
 
 
+def profile_error(in_nimg: Sequence[float], in_std: Sequence[float], coefficients: np.ndarray,
+                  out_nimg: Sequence[float], out_std: Sequence[float]) -> np.ndarray:
+    """Relative L2 error ||sum_i c_ij p_i - p_j|| / ||p_j|| of each combined profile against its target, [len(out)].
+
+    ``coefficients`` [len(in), len(out)] as :func:`solve_coefficients` returns them; ``out_nimg`` broadcasts
+    against ``out_std``. The squared distance c^T A c - 2 c^T b + <p_j, p_j> uses the profile inner products of
+    EDM2 eq. 151 (:func:`profile_inner_product`); float64. It bounds how far a reconstructed average can lie from
+    the one tracking that profile would have given (Cauchy-Schwarz, weight by weight).
+    """
+    in_nimg, in_std = np.broadcast_arrays(np.asarray(in_nimg, np.float64), np.asarray(in_std, np.float64))
+    out_nimg, out_std = np.broadcast_arrays(np.asarray(out_nimg, np.float64), np.asarray(out_std, np.float64))
+    c = np.asarray(coefficients, dtype=np.float64).reshape(in_nimg.size, out_nimg.size)
+    gram = profile_inner_product(in_nimg.reshape(-1, 1), in_std.reshape(-1, 1), in_nimg.reshape(1, -1),
+                                 in_std.reshape(1, -1))
+    cross = profile_inner_product(in_nimg.reshape(-1, 1), in_std.reshape(-1, 1), out_nimg.reshape(1, -1),
+                                  out_std.reshape(1, -1))
+    target = profile_inner_product(out_nimg, out_std, out_nimg, out_std).reshape(-1)
+    squared = np.einsum('ij,ik,kj->j', c, gram, c) - 2 * np.einsum('ij,ij->j', c, cross) + target
+    return np.sqrt(np.maximum(squared, 0) / target)
+
+
 # ----------------------------------------------------------------------------
 # Tracking during training.
 
