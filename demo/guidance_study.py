@@ -263,29 +263,40 @@ def measure_point(points_dir: str, key: str, network: str, gnet: Optional[str], 
 # ----------------------------------------------------------------------------
 # Report.
 
-def _cell(point: Optional[dict]) -> str:
-    return '–' if point is None else f'{point["mean"]:.1f} ± {point["std"]:.1f}'
+def _cell(point: Optional[dict], base: Optional[dict] = None) -> str:
+    """``mean ± std``, and with ``base`` the difference to it paired by seed range (same seeds, so much of the
+    sampling noise cancels): ``(Δ mean ± std)`` over the per-range differences."""
+    if point is None:
+        return '–'
+    text = f'{point["mean"]:.1f} ± {point["std"]:.1f}'
+    if base is not None and len(point['fd']) == len(base['fd']):
+        mean, std = mean_std(np.subtract(point['fd'], base['fd']))
+        text += f' (Δ {mean:+.1f} ± {std:.1f})'
+    return text
 
 
 def markdown_tables(results: dict) -> str:
     """The study's two tables (FD against W; FD against sigma_rel) as Markdown, from ``results.json``'s dict."""
     weights = results['weights']
     lines = [f'{FD_NAME} against the guidance weight W (mean ± std over {results["repeat"]} disjoint sets of '
-             f'{results["num"]} images; W = 1 is the unguided network, the same images for both methods):', '',
+             f'{results["num"]} images; W = 1 is the unguided network, the same images for both methods; Δ: '
+             'difference to W = 1 paired by seed range, mean ± std of the per-range differences):', '',
              '| method | D | ' + ' | '.join(f'W = {w:g}' for w in weights) + ' |',
              '|---|---|' + '---|' * len(weights)]
     for method, caption in (('cfg', 'CFG'), ('autoguidance', 'autoguidance')):
         for D in results['kernels']:
-            row = results['guidance'][D][method]
-            lines.append(f'| {caption} | {d_caption(D)} | '
-                         + ' | '.join(_cell(row.get(f'{w:g}')) for w in weights) + ' |')
+            row, base = results['guidance'][D][method], results['classic_ema'].get(D)
+            cells = [_cell(row.get(f'{w:g}'), None if w == 1 else base) for w in weights]
+            lines.append(f'| {caption} | {d_caption(D)} | ' + ' | '.join(cells) + ' |')
     stds = results['phema_grid']
-    lines += ['', f'{FD_NAME} against the post-hoc EMA length σ_rel (unguided; same sets of images):', '',
+    lines += ['', f'{FD_NAME} against the post-hoc EMA length σ_rel (unguided; same seeds; Δ: difference to the '
+              'classic EMA, paired by seed range):', '',
               '| D | ' + ' | '.join(f'σ_rel = {s:g}' for s in stds) + ' | classic EMA |',
               '|---|' + '---|' * (len(stds) + 1)]
     for D in results['kernels']:
         row = results['phema'][D]
-        lines.append(f'| {d_caption(D)} | ' + ' | '.join(_cell(row.get(f'{s:g}')) for s in stds)
+        lines.append(f'| {d_caption(D)} | ' + ' | '.join(_cell(row.get(f'{s:g}'), results['classic_ema'].get(D))
+                                                         for s in stds)
                      + f' | {_cell(results["classic_ema"].get(D))} |')
     errors = results.get('phema_profile_error', {}).get(results['kernels'][0])
     if errors:

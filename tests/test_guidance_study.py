@@ -135,19 +135,21 @@ def synthetic_results() -> dict:
                 phema_profile_error={k: {'0.05': 0.0, '0.1': 0.0} for k in ('128', 'inf')},
                 guidance={k: dict(cfg=row(weights, 10), autoguidance=row(weights, 20)) for k in ('128', 'inf')},
                 phema={k: row(stds, 30, scale=100) for k in ('128', 'inf')},
-                classic_ema={'128': dict(mean=40.0, std=1.0), 'inf': dict(mean=41.0, std=1.25)})
+                classic_ema={'128': dict(mean=10.0, std=0.5, fd=[9.5, 10.5]), 'inf': dict(mean=41.0, std=1.25,
+                                                                                   fd=[40.0, 42.0])})
 
 
 def test_tables_and_charts(tmp_path):
     table = study.markdown_tables(synthetic_results())
-    assert '| CFG | 128 | 11.0 ± 0.5 | 11.5 ± 0.5 | 12.0 ± 0.5 |' in table
-    assert '| autoguidance | ∞ | 21.0 ± 0.5 | 21.5 ± 0.5 | 22.0 ± 0.5 |' in table
-    assert '| ∞ | 35.0 ± 0.5 | 40.0 ± 0.5 | 41.0 ± 1.2 |' in table
+    # W = 1 plain; the others with the difference to the classic-EMA network paired by seed range
+    assert '| CFG | 128 | 11.0 ± 0.5 | 11.5 ± 0.5 (Δ +1.5 ± 0.0) | 12.0 ± 0.5 (Δ +2.0 ± 0.0) |' in table
+    assert '| autoguidance | ∞ | 21.0 ± 0.5 | 21.5 ± 0.5 (Δ -19.5 ± 0.7) | 22.0 ± 0.5 (Δ -19.0 ± 0.7) |' in table
+    assert '| ∞ | 35.0 ± 0.5 (Δ -6.0 ± 0.7) | 40.0 ± 0.5 (Δ -1.0 ± 0.7) | 41.0 ± 1.2 |' in table
     assert 'over 2 disjoint sets of 250 images' in table
     assert '| profile error | 0.00 | 0.00 | |' in table
     missing = synthetic_results()
     del missing['guidance']['inf']['cfg']['2']
-    assert '| CFG | ∞ | 11.0 ± 0.5 | 11.5 ± 0.5 | – |' in study.markdown_tables(missing)
+    assert '| CFG | ∞ | 11.0 ± 0.5 | 11.5 ± 0.5 (Δ -29.5 ± 0.7) | – |' in study.markdown_tables(missing)
     for path in study.charts(synthetic_results(), str(tmp_path)):
         with Image.open(path) as image:
             assert image.format == 'PNG' and image.width > 200
