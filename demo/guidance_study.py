@@ -396,7 +396,7 @@ def write_report(results: dict, points: dict, results_dir: str) -> None:
 @click.option('--aug-dim', default=128, show_default=True, type=click.IntRange(min=1), help='PFGM++ D')
 @click.option('--label-dropout', default=0.1, show_default=True, type=click.FloatRange(min=0, max=1))
 @click.option('--track', default='0.05,0.1', show_default=True, help='sigma_rel of the tracked power EMAs')
-@click.option('--weights', default='2,3,1.5', show_default=True,
+@click.option('--weights', default='2,3,1.5,1.25', show_default=True,
               help='Guidance weights W to sweep besides 1, measured in this order')
 @click.option('--stds', default='0.03,0.1,0.25,0.05,0.15', show_default=True,
               help='sigma_rel of the post-hoc EMA reconstructions, measured in this order')
