@@ -128,8 +128,8 @@ def test_real_fid_gen_lines_are_parsed(tmp_path):
 
 def synthetic_results() -> dict:
     def row(xs, offset, scale=1.0):
-        return {f'{x:g}': dict(mean=offset + scale * x, std=0.5, fd=[offset + scale * x - 0.5, offset + scale * x + 0.5])
-                for x in xs}
+        means = {x: offset + scale * x for x in xs}
+        return {f'{x:g}': dict(mean=means[x], std=0.5, fd=[means[x] - 0.5, means[x] + 0.5]) for x in xs}
     weights, stds = [1.0, 1.5, 2.0], [0.05, 0.1]
     return dict(weights=weights, phema_grid=stds, num=250, repeat=2, kernels=['128', 'inf'], tracked=[0.05, 0.1],
                 phema_profile_error={k: {'0.05': 0.0, '0.1': 0.0} for k in ('128', 'inf')},
@@ -143,7 +143,8 @@ def test_tables_and_charts(tmp_path):
     table = study.markdown_tables(synthetic_results())
     # W = 1 plain; the others with the difference to the classic-EMA network paired by seed range
     assert '| CFG | 128 | 11.0 ± 0.5 | 11.5 ± 0.5 (Δ +1.5 ± 0.0) | 12.0 ± 0.5 (Δ +2.0 ± 0.0) |' in table
-    assert '| autoguidance | ∞ | 21.0 ± 0.5 | 21.5 ± 0.5 (Δ -19.5 ± 0.7) | 22.0 ± 0.5 (Δ -19.0 ± 0.7) |' in table
+    assert ('| autoguidance | ∞ | 21.0 ± 0.5 | 21.5 ± 0.5 (Δ -19.5 ± 0.7) | 22.0 ± 0.5 (Δ -19.0 ± 0.7) |'
+            in table)
     assert '| ∞ | 35.0 ± 0.5 (Δ -6.0 ± 0.7) | 40.0 ± 0.5 (Δ -1.0 ± 0.7) | 41.0 ± 1.2 |' in table
     assert 'over 2 disjoint sets of 250 images' in table
     assert '| profile error | 0.00 | 0.00 | |' in table

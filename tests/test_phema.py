@@ -84,7 +84,8 @@ def test_profile_error_matches_numerical_integration():
     errors = phema.profile_error(t_in, s_in, c, out_t, out_s)
     assert errors.shape == (3,) and errors[0] > errors[1] and errors[2] > errors[1]  # worst outside the tracked range
     tracked = phema.solve_coefficients(t_in, s_in, 100.0, 0.1)
-    assert phema.profile_error(t_in, s_in, tracked, 100.0, 0.1)[0] < 1e-4  # a tracked profile: rounding only (sqrt of it)
+    # A tracked profile: only rounding remains (its square root, as the error is a norm of a difference).
+    assert phema.profile_error(t_in, s_in, tracked, 100.0, 0.1)[0] < 1e-4
 
 
 def test_beta_recursion_gives_the_integrated_profile():
