@@ -68,6 +68,26 @@ def test_inner_product_matches_numerical_integration(t_a, s_a, t_b, s_b):
     assert phema.profile_inner_product(t_a, s_a, t_b, s_b) == phema.profile_inner_product(t_b, s_b, t_a, s_a)
 
 
+def test_profile_error_matches_numerical_integration():
+    t_in, s_in = np.array([40.0, 80.0, 100.0, 100.0]), np.array([0.05, 0.1, 0.05, 0.1])
+    out_t, out_s = 100.0, np.array([0.03, 0.07, 0.25])
+    c = phema.solve_coefficients(t_in, s_in, out_t, out_s)
+    profile = lambda t, end, std: np.where(  # noqa: E731
+        t <= end, (phema.sigma_rel_to_gamma(std) + 1) * (t / end) ** phema.sigma_rel_to_gamma(std) / end, 0)
+    for j, std in enumerate(out_s):
+        residual = lambda t: (sum(c[i, j] * profile(t, t_in[i], s_in[i]) for i in range(4))  # noqa: E731
+                              - profile(t, out_t, std)) ** 2
+        numeric = sum(quad(residual, a, b, epsrel=1e-12, epsabs=0)[0] for a, b in ((0, 40), (40, 80), (80, 100)))
+        norm = quad(lambda t: profile(t, out_t, std) ** 2, 0, out_t, epsrel=1e-12, epsabs=0)[0]
+        assert phema.profile_error(t_in, s_in, c[:, j:j + 1], out_t, std)[0] == pytest.approx(
+            np.sqrt(numeric / norm), rel=1e-6, abs=1e-7)
+    errors = phema.profile_error(t_in, s_in, c, out_t, out_s)
+    assert errors.shape == (3,) and errors[0] > errors[1] and errors[2] > errors[1]  # worst outside the tracked range
+    tracked = phema.solve_coefficients(t_in, s_in, 100.0, 0.1)
+    # A tracked profile: only rounding remains (its square root, as the error is a norm of a difference).
+    assert phema.profile_error(t_in, s_in, tracked, 100.0, 0.1)[0] < 1e-4
+
+
 def test_beta_recursion_gives_the_integrated_profile():
     """The tracked average after n steps is the profile's mass on each step's interval (float64 scalars)."""
     batch, steps, sigma_rel = 8, 300, 0.07
@@ -148,10 +168,8 @@ def test_reconstruction_of_an_untracked_profile_is_within_its_profile_error(tmp_
     c = np.array(result['phema']['coefficients'])
     t_in, s_in = np.array([s.nimg for s in snapshots]), np.array([s.std for s in snapshots])
     end = STEPS * BATCH
-    gram = phema.profile_inner_product(t_in[:, None], s_in[:, None], t_in[None], s_in[None])
-    cross = phema.profile_inner_product(t_in, s_in, end, target)
-    profile_error = np.sqrt(max(c @ gram @ c - 2 * c @ cross + phema.profile_inner_product(end, target, end, target),
-                                0))
+    target_norm = np.sqrt(phema.profile_inner_product(end, target, end, target))
+    profile_error, = phema.profile_error(t_in, s_in, c[:, None], end, target) * target_norm
     # Both averages integrate the step-wise constant weights against a profile of mass 1, so their difference is
     # <p_rec - p_target, theta - mean> <= |p_rec - p_target| * |theta - mean| (Cauchy-Schwarz, per weight).
     history = np.stack(history)
@@ -160,7 +178,7 @@ def test_reconstruction_of_an_untracked_profile_is_within_its_profile_error(tmp_
     difference = (_flat(result['ema']).double() - _flat(direct).double()).numpy()
     rounding = 8 * EPS32 * np.abs(history).max()
     assert np.all(np.abs(difference) <= profile_error * theta_norm + rounding)
-    assert profile_error < 0.1 * np.sqrt(phema.profile_inner_product(end, target, end, target))  # a close profile
+    assert profile_error < 0.1 * target_norm  # a close profile
     assert np.abs(difference).max() > 0  # the comparison is not vacuous
 
 

@@ -153,6 +153,14 @@ def step_weights(nimg: int, sigma_rel: float, batch_size: int) -> np.ndarray:
     return np.diff(edges ** (gamma + 1))
 
 
+def _gram_and_cross(in_nimg: np.ndarray, in_std: np.ndarray, out_nimg: np.ndarray,
+                    out_std: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Inner products of the input profiles with each other [in, in] and with the output profiles [in, out]."""
+    column, row = (lambda v: v.reshape(-1, 1)), (lambda v: v.reshape(1, -1))
+    return (profile_inner_product(column(in_nimg), column(in_std), row(in_nimg), row(in_std)),
+            profile_inner_product(column(in_nimg), column(in_std), row(out_nimg), row(out_std)))
+
+
 def solve_coefficients(in_nimg: Sequence[float], in_std: Sequence[float], out_nimg: Sequence[float],
                        out_std: Sequence[float]) -> np.ndarray:
     """Least-squares coefficients [len(in), len(out)] that combine input profiles into each output profile.
@@ -169,15 +177,31 @@ def solve_coefficients(in_nimg: Sequence[float], in_std: Sequence[float], out_ni
         raise PhemaError('no input profiles to combine')
     if (in_nimg <= 0).any() or (out_nimg <= 0).any():
         raise PhemaError('profile times must be positive image counts')
-    column, row = (lambda v: v.reshape(-1, 1)), (lambda v: v.reshape(1, -1))
-    gram = profile_inner_product(column(in_nimg), column(in_std), row(in_nimg), row(in_std))
-    rhs = profile_inner_product(column(in_nimg), column(in_std), row(out_nimg), row(out_std))
+    gram, rhs = _gram_and_cross(in_nimg, in_std, out_nimg, out_std)
     try:
         coefficients = np.linalg.solve(gram, rhs)
     except np.linalg.LinAlgError:
         raise PhemaError('the input snapshots repeat a profile (same time and sigma_rel); remove the duplicate'
                          ) from None
     return coefficients / coefficients.sum(axis=0, keepdims=True)
+
+
+def profile_error(in_nimg: Sequence[float], in_std: Sequence[float], coefficients: np.ndarray,
+                  out_nimg: Sequence[float], out_std: Sequence[float]) -> np.ndarray:
+    """Relative L2 error ||sum_i c_ij p_i - p_j|| / ||p_j|| of each combined profile against its target, [len(out)].
+
+    ``coefficients`` [len(in), len(out)] as :func:`solve_coefficients` returns them; ``out_nimg`` broadcasts
+    against ``out_std``. The squared distance c^T A c - 2 c^T b + <p_j, p_j> uses the profile inner products of
+    EDM2 eq. 151 (:func:`profile_inner_product`); float64. It bounds how far a reconstructed average can lie from
+    the one tracking that profile would have given (Cauchy-Schwarz, weight by weight).
+    """
+    in_nimg, in_std = np.broadcast_arrays(np.asarray(in_nimg, np.float64), np.asarray(in_std, np.float64))
+    out_nimg, out_std = np.broadcast_arrays(np.asarray(out_nimg, np.float64), np.asarray(out_std, np.float64))
+    c = np.asarray(coefficients, dtype=np.float64).reshape(in_nimg.size, out_nimg.size)
+    gram, cross = _gram_and_cross(in_nimg, in_std, out_nimg, out_std)
+    target = profile_inner_product(out_nimg, out_std, out_nimg, out_std).reshape(-1)
+    squared = np.einsum('ij,ik,kj->j', c, gram, c) - 2 * np.einsum('ij,ij->j', c, cross) + target
+    return np.sqrt(np.maximum(squared, 0) / target)
 
 
 # ----------------------------------------------------------------------------
