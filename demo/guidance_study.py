@@ -22,7 +22,6 @@ reused when its settings, including the content hashes of the networks and of th
 from __future__ import annotations
 
 import glob
-import hashlib
 import itertools
 import json
 import math
@@ -74,14 +73,6 @@ def d_caption(label: str) -> str:
 
 def kernel_flags(D: Optional[int]) -> list[str]:
     return ['--pfgmpp=0'] if D is None else ['--pfgmpp=1', f'--aug_dim={D}']
-
-
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_json(path: str) -> Optional[Any]:
@@ -202,11 +193,11 @@ def reconstruction_errors(run_dir: str, stds: Sequence[float]) -> dict[str, floa
 def point_settings(network: str, gnet: Optional[str], weight: float, num: int, repeat: int, sampler: list[str],
                    ref: str) -> dict:
     """Everything that decides a point's FD values, networks and reference statistics by content."""
-    return dict(network=os.path.basename(network), network_sha256=file_sha256(network),
+    return dict(network=os.path.basename(network), network_sha256=dnnlib.util.file_sha256(network),
                 gnet=None if gnet is None or weight == 1 else
-                ('uncond' if gnet == 'uncond' else dict(name=os.path.basename(gnet), sha256=file_sha256(gnet))),
+                ('uncond' if gnet == 'uncond' else dict(name=os.path.basename(gnet), sha256=dnnlib.util.file_sha256(gnet))),
                 guidance=weight if gnet is not None else 1.0, seeds=f'0-{num - 1}', repeat=repeat,
-                sampler=sampler, ref_sha256=file_sha256(ref), detector_sha256=file_sha256(DIGITS_DETECTOR))
+                sampler=sampler, ref_sha256=dnnlib.util.file_sha256(ref), detector_sha256=dnnlib.util.file_sha256(DIGITS_DETECTOR))
 
 
 def stored_point(path: str, settings: dict) -> Optional[dict]:

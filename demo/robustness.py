@@ -22,7 +22,6 @@ Usage: python -m demo.robustness [--quick] [--outdir=robustness-out] [--results=
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -53,14 +52,6 @@ QUICK = dict(aug_dims='16,128,2048,inf', kimg=0.2, num=16, sets=2, clean_steps=4
 
 # ----------------------------------------------------------------------------
 # Records: settings written beside each artefact; work is reused only when they match.
-
-
-def sha256_file(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_record(path: str) -> Optional[dict]:
@@ -136,12 +127,12 @@ def train_model(workdir: str, dataset: str, D: Optional[float], kimg: float, npr
     kernel = ['--pfgmpp=0'] if D is None else ['--pfgmpp=1', f'--aug_dim={D:g}']
     # A state every two ticks, so an interrupted run loses at most a fifth of its training.
     flags = [*TRAIN_FLAGS, *kernel, f'--duration={kimg / 1000:g}', f'--tick={tick:g}', '--snap=10', '--dump=2']
-    settings = dict(flags=flags, nproc=nproc, dataset_sha256=sha256_file(dataset))
+    settings = dict(flags=flags, nproc=nproc, dataset_sha256=dnnlib.util.file_sha256(dataset))
     record = read_record(record_path)
     if record is not None and record['settings'] == settings and record.get('complete'):
         # The snapshot is recorded relative to the working folder, which may have been moved since.
         snapshot = os.path.join(runs, record['snapshot'])
-        if os.path.isfile(snapshot) and sha256_file(snapshot) == record['snapshot_sha256']:
+        if os.path.isfile(snapshot) and dnnlib.util.file_sha256(snapshot) == record['snapshot_sha256']:
             print(f'{name}: reusing the trained model {snapshot}')
             return dict(record, snapshot=snapshot)
     if record is None or record['settings'] != settings:
@@ -156,7 +147,7 @@ def train_model(workdir: str, dataset: str, D: Optional[float], kimg: float, npr
               '--resume=auto'], env={'OMP_NUM_THREADS': '1'})
     snapshot = latest(os.path.join(run_dir, 'network-snapshot-*.pkl'))
     record = dict(record, complete=True, snapshot=os.path.relpath(snapshot, runs),
-                  snapshot_sha256=sha256_file(snapshot), seconds=round(record['seconds'] + time.time() - started, 1))
+                  snapshot_sha256=dnnlib.util.file_sha256(snapshot), seconds=round(record['seconds'] + time.time() - started, 1))
     write_record(record_path, record)
     return dict(record, snapshot=snapshot)
 
@@ -234,7 +225,7 @@ class FDScorer:
     def __init__(self, ref_path: str):
         self.detector = features.load_detector(DIGITS_DETECTOR, device='cpu')
         self.mu_ref, self.sigma_ref = features.load_ref_stats(ref_path)
-        self.identity = dict(ref_sha256=sha256_file(ref_path), detector_sha256=sha256_file(DIGITS_DETECTOR))
+        self.identity = dict(ref_sha256=dnnlib.util.file_sha256(ref_path), detector_sha256=dnnlib.util.file_sha256(DIGITS_DETECTOR))
 
     def score(self, images: np.ndarray) -> float:
         """FD of uint8 images [N, 1, H, W] (N >= 2): the same features and formula as ``fid.py calc``."""
@@ -414,7 +405,7 @@ def main(outdir: str, results_dir: Optional[str], quick: bool, **overrides: Any)
     # The reference statistics of all real digits, as a user makes them.
     ref_path = os.path.join(outdir, 'ref-fd-digits.npz')
     ref_record_path = ref_path + '.json'
-    ref_settings = dict(dataset_sha256=sha256_file(dataset), detector_sha256=sha256_file(DIGITS_DETECTOR))
+    ref_settings = dict(dataset_sha256=dnnlib.util.file_sha256(dataset), detector_sha256=dnnlib.util.file_sha256(DIGITS_DETECTOR))
     ref_record = read_record(ref_record_path)
     if not (os.path.isfile(ref_path) and ref_record is not None and ref_record['settings'] == ref_settings):
         run_tool([sys.executable, 'fid.py', 'ref', f'--data={dataset}', f'--dest={ref_path}',

@@ -143,6 +143,16 @@ def parse_int_list(text: Any, name: str = 'value') -> list[int]:
     return result
 
 
+def file_sha256(path_or_url: str, chunk_bytes: int = 1 << 20) -> str:
+    """SHA-256 (hex) of the bytes of a file, or of a URL through :func:`open_url`'s download cache, read in pieces of
+    ``chunk_bytes`` so that large files are never held in memory. Raises OSError when it cannot be read."""
+    digest = hashlib.sha256()
+    with open_url(path_or_url, verbose=False) as f:
+        for chunk in iter(lambda: f.read(chunk_bytes), b''):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def json_safe(value: Any, leaf: Callable[[Any], Any] = str, sort_keys: bool = False) -> Any:
     """``value`` as plain JSON data: what ``json.dumps`` writes as strict JSON, and what reads back equal.
 

@@ -19,7 +19,6 @@ in its place (one line says so).
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import pickle
@@ -129,14 +128,10 @@ def network_file_sha256(path_or_url: Union[str, os.PathLike], prefer_weights: bo
     """
     source = os.fspath(path_or_url)
     source = (export.preferred_sibling(source) if prefer_weights else None) or source
-    digest = hashlib.sha256()
     try:
-        with dnnlib.util.open_url(source, verbose=False) as f:
-            for chunk in iter(lambda: f.read(HASH_CHUNK_BYTES), b''):
-                digest.update(chunk)
+        return dnnlib.util.file_sha256(source, HASH_CHUNK_BYTES)
     except OSError as err:
         raise NetworkLoadError(f'{source}: cannot read it ({err}); expected {EXPECTED_FORMATS}') from None
-    return digest.hexdigest()
 
 
 def network_summary(net: Any) -> dict[str, Any]:
