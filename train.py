@@ -361,7 +361,7 @@ def _prepare_run_dir(c: dnnlib.EasyDict) -> None:
 @click.option('--lsun', help='Scale noise levels for LSUN 256x256 (PFGM++)', metavar='BOOL', type=bool,
               default=False, show_default=True)
 # Hyperparameters.
-@click.option('--duration', help='Training duration', metavar='MIMG', type=click.FloatRange(min=0, min_open=True),
+@click.option('--duration', help='Training duration', metavar='MIMG', type=dnnlib.util.float_range(min=0, min_open=True),
               default=200, show_default=True)
 @click.option('--batch', help='Total batch size', metavar='INT', type=click.IntRange(min=1), default=512,
               show_default=True)
@@ -373,19 +373,19 @@ def _prepare_run_dir(c: dnnlib.EasyDict) -> None:
               type=click.IntRange(min=1))
 @click.option('--attn', help='Resolutions with self-attention, or none  [default: varies]', metavar='LIST|none',
               callback=lambda _ctx, _param, value: _attn_list(value))
-@click.option('--lr', help='Learning rate', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True),
+@click.option('--lr', help='Learning rate', metavar='FLOAT', type=dnnlib.util.float_range(min=0, min_open=True),
               default=10e-4, show_default=True)
-@click.option('--lr-rampup', help='Learning-rate warm-up length', metavar='KIMG', type=click.FloatRange(min=0),
+@click.option('--lr-rampup', help='Learning-rate warm-up length', metavar='KIMG', type=dnnlib.util.float_range(min=0),
               default=10000, show_default=True)
-@click.option('--ema', help='EMA half-life', metavar='MIMG', type=click.FloatRange(min=0), default=0.5,
+@click.option('--ema', help='EMA half-life', metavar='MIMG', type=dnnlib.util.float_range(min=0), default=0.5,
               show_default=True)
 @click.option('--phema', help='Also track power-function EMAs for post-hoc EMA (reconstruct_phema.py)',
               metavar='STD,...', type=str, default=None)
 @click.option('--label-dropout', 'label_dropout', help='Drop class labels with this probability (for CFG)',
-              metavar='FLOAT', type=click.FloatRange(min=0, max=1, max_open=True), default=0, show_default=True)
-@click.option('--dropout', help='Dropout probability', metavar='FLOAT', type=click.FloatRange(min=0, max=1),
+              metavar='FLOAT', type=dnnlib.util.float_range(min=0, max=1, max_open=True), default=0, show_default=True)
+@click.option('--dropout', help='Dropout probability', metavar='FLOAT', type=dnnlib.util.float_range(min=0, max=1),
               default=0.13, show_default=True)
-@click.option('--augment', help='Augment probability', metavar='FLOAT', type=click.FloatRange(min=0, max=1),
+@click.option('--augment', help='Augment probability', metavar='FLOAT', type=dnnlib.util.float_range(min=0, max=1),
               default=0.12, show_default=True)
 @click.option('--xflip', help='Enable dataset x-flips', metavar='BOOL', type=bool, default=False,
               show_default=True)
@@ -394,7 +394,7 @@ def _prepare_run_dir(c: dnnlib.EasyDict) -> None:
               show_default=True)
 @click.option('--precision', help='U-Net precision (fp16 = --fp16=1)  [default: fp32]',
               type=click.Choice(['fp32', 'fp16', 'bf16']))
-@click.option('--ls', help='Loss scaling', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=1,
+@click.option('--ls', help='Loss scaling', metavar='FLOAT', type=dnnlib.util.float_range(min=0, min_open=True), default=1,
               show_default=True)
 @click.option('--bench', help='Enable cuDNN benchmarking', metavar='BOOL', type=bool, default=True,
               show_default=True)
@@ -415,7 +415,7 @@ def _prepare_run_dir(c: dnnlib.EasyDict) -> None:
 @click.option('--name', help='Run directory name under --outdir (instead of a numbered one)', metavar='STR',
               type=str)
 @click.option('--tick', help='How often to print progress', metavar='KIMG',
-              type=click.FloatRange(min=0, min_open=True), default=50, show_default=True)
+              type=dnnlib.util.float_range(min=0, min_open=True), default=50, show_default=True)
 @click.option('--snap', help='How often to save snapshots', metavar='TICKS', type=click.IntRange(min=1), default=50,
               show_default=True)
 @click.option('--snap-format', 'snap_format', help='Snapshot files: pickle, weights-only (.weights.pt) or both',

@@ -23,6 +23,7 @@ Usage: python -m demo.robustness [--quick] [--outdir=robustness-out] [--results=
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import sys
@@ -37,7 +38,7 @@ import dnnlib
 from demo.digits import load_digits_dataset, make_digits_dataset, run_tool
 from demo.plots import line_chart
 from demo.run import DIGITS_DETECTOR, TRAIN_FLAGS, latest
-from training import features, metrics
+from training import features, metrics, quantize
 from training.manifest import image_path
 
 STUDIES = ('alpha', 'steps', 'bits')
@@ -96,13 +97,14 @@ def parse_aug_dims(text: str) -> list[Optional[float]]:
     return values
 
 
-def number_list(text: str, flag: str, kind: type, minimum: float) -> list:
+def number_list(text: str, flag: str, kind: type, minimum: float, maximum: float = math.inf) -> list:
     try:
         values = [kind(part) for part in text.split(',') if part.strip()]
     except ValueError:
         raise click.BadParameter(f'expected comma-separated numbers, got "{text}"', param_hint=flag) from None
-    if not values or min(values) < minimum:
-        raise click.BadParameter(f'expected one or more numbers >= {minimum:g}, got "{text}"', param_hint=flag)
+    if not values or not all(minimum <= v <= maximum for v in values):  # also refuses nan
+        bounds = f'in {minimum:g}..{maximum:g}' if maximum < math.inf else f'>= {minimum:g}'
+        raise click.BadParameter(f'expected one or more numbers {bounds}, got "{text}"', param_hint=flag)
     return sorted(set(values))
 
 
@@ -370,7 +372,7 @@ def write_results(results_dir: str, aug_dims: list[Optional[float]], fd: dict, f
 @click.option('--quick', is_flag=True, help='Tiny training and few images: checks the pipeline in about 2 minutes')
 @click.option('--aug-dims', 'aug_dims', default=None, metavar='LIST', help=f'D values, "inf" = diffusion  '
               f'[default: {FULL["aug_dims"]}]')
-@click.option('--kimg', type=click.FloatRange(min=0.1), default=None, help=f'Training length of each model  '
+@click.option('--kimg', type=dnnlib.util.float_range(min=0.1), default=None, help=f'Training length of each model  '
               f'[default: {FULL["kimg"]:g}; --quick {QUICK["kimg"]:g}]')
 @click.option('--num', type=click.IntRange(min=2), default=None, help=f'Images per set  [default: {FULL["num"]}; '
               f'--quick {QUICK["num"]}]')
@@ -395,7 +397,8 @@ def main(outdir: str, results_dir: Optional[str], quick: bool, **overrides: Any)
     cfg = dict(kimg=float(sizes['kimg']), num=sizes['num'], sets=sizes['sets'], clean_steps=sizes['clean_steps'],
                alphas=number_list(sizes['alphas'], '--alphas', float, 0.0),
                steps=number_list(sizes['steps'], '--steps', int, 1),
-               bits=number_list(sizes['bits'], '--bits', int, 2), nproc=sizes['nproc'])
+               bits=number_list(sizes['bits'], '--bits', int, quantize.MIN_BITS['symmetric'], quantize.MAX_BITS),
+               nproc=sizes['nproc'])
     cfg['alphas'] = [a for a in cfg['alphas'] if a > 0]
     outdir = os.path.abspath(outdir)
     results_dir = results_dir or (os.path.join(outdir, 'results') if quick else 'docs/robustness')

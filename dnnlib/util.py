@@ -8,6 +8,7 @@ paying for the torch import.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib
 import io
@@ -395,6 +396,24 @@ def run_click_command(command: Any) -> None:
             click.echo('Aborted!', err=True)
         sys.exit(1)
     sys.exit(result if isinstance(result, int) else 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _nan_refusing_float_range() -> type:
+    import click  # late: dnnlib is importable without click
+
+    class FloatRange(click.FloatRange):
+        def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+            number = super().convert(value, param, ctx)
+            if math.isnan(number):  # every comparison with nan is False, so click's bounds let it through
+                self.fail(f'{value!r} is not a number', param, ctx)
+            return number
+    return FloatRange
+
+
+def float_range(**kwargs: Any) -> Any:
+    """``click.FloatRange(**kwargs)`` that also refuses nan; the float type of the command-line flags."""
+    return _nan_refusing_float_range()(**kwargs)
 
 
 def refused_option(*names: str, script: str, advice: str, **kwargs: Any) -> Any:

@@ -291,6 +291,8 @@ def test_pfgmpp_settings_come_from_the_network(nets, tmp_path):
     (['--sweep-bits=4,40'], ['--sweep-bits', 'bits']),
     (['--sigma_min=5', '--sigma_max=1'], ['--sigma_min', '--sigma_max']),
     (['--device=tpu'], ['--device']),
+    (['--alpha=nan'], ['--alpha', 'not a number']),
+    (['--S_churn=nan'], ['--S_churn', 'not a number']),
     (['--class=0'], ['--class', 'unconditional']),
     (['--aug_dim=64'], ['--aug_dim', 'diffusion']),
     (['--pfgmpp=True'], ['--pfgmpp', 'contradicts']),

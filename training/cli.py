@@ -127,8 +127,8 @@ def network_evaluations(num_steps: int, sampler_kwargs: dict) -> int:
 # Sampler flags and their checks.
 
 
-POSITIVE = click.FloatRange(min=0, min_open=True)
-NON_NEGATIVE = click.FloatRange(min=0)
+POSITIVE = dnnlib.util.float_range(min=0, min_open=True)
+NON_NEGATIVE = dnnlib.util.float_range(min=0)
 
 #: The sampler flags (EDM sampler, ablation sampler, PFGM++ restatements) of generate.py and ``fid.py gen``.
 SAMPLER_OPTIONS = [
