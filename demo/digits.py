@@ -8,11 +8,14 @@ exactly as a user would prepare their own folder of images.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shlex
 import subprocess
 import sys
 from typing import Optional
+
+import click
 
 import numpy as np
 import torch
@@ -80,3 +83,18 @@ def split_indices(count: int, test_fraction: float, seed: int) -> tuple[np.ndarr
     order = np.random.default_rng(seed).permutation(count)
     num_test = int(round(count * test_fraction))
     return np.sort(order[num_test:]), np.sort(order[:num_test])
+
+
+def number_list(text: str, flag: str, kind: type = float, minimum: float = -math.inf, maximum: float = math.inf,
+                sort: bool = False) -> list:
+    """``"1,1.5,2"`` as numbers of ``kind`` within [minimum, maximum] (nan and inf never pass unless a bound is
+    infinite), in the order given or sorted without repeats; a ``click.BadParameter`` naming ``flag`` otherwise."""
+    try:
+        values = [kind(part) for part in text.split(',') if part.strip()]
+    except ValueError:
+        raise click.BadParameter(f'expected comma-separated numbers, got "{text}"', param_hint=flag) from None
+    if not values or not all(minimum <= v <= maximum and math.isfinite(v) for v in values):
+        bounds = f'in {minimum:g}..{maximum:g}' if math.isfinite(minimum) and math.isfinite(maximum) else \
+            f'>= {minimum:g}' if math.isfinite(minimum) else 'finite'
+        raise click.BadParameter(f'expected one or more numbers {bounds}, got "{text}"', param_hint=flag)
+    return sorted(set(values)) if sort else values

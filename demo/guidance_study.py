@@ -24,7 +24,6 @@ from __future__ import annotations
 import glob
 import itertools
 import json
-import math
 import os
 import re
 import shutil
@@ -36,7 +35,8 @@ import click
 import numpy as np
 
 import dnnlib
-from demo.digits import make_digits_dataset, run_tool
+from dnnlib.util import file_sha256
+from demo.digits import make_digits_dataset, number_list, run_tool
 from demo.plots import line_chart
 from demo.run import DIGITS_DETECTOR, TRAIN_FLAGS
 from training import phema
@@ -51,14 +51,8 @@ INF_LABEL = 'inf'
 
 
 def parse_floats(text: str, flag: str) -> list[float]:
-    """``"1,1.5,2"`` as floats, in the order given; a click error naming ``flag`` otherwise."""
-    try:
-        values = [float(item) for item in text.split(',') if item.strip()]
-    except ValueError:
-        raise click.BadParameter(f'{text}: expected comma-separated numbers', param_hint=flag) from None
-    if not values or not all(math.isfinite(v) for v in values):
-        raise click.BadParameter(f'{text}: expected finite comma-separated numbers', param_hint=flag)
-    return values
+    """``"1,1.5,2"`` as finite floats, in the order given (the measurement order); a click error naming ``flag``."""
+    return number_list(text, flag)
 
 
 def d_label(D: Optional[int]) -> str:
@@ -193,11 +187,11 @@ def reconstruction_errors(run_dir: str, stds: Sequence[float]) -> dict[str, floa
 def point_settings(network: str, gnet: Optional[str], weight: float, num: int, repeat: int, sampler: list[str],
                    ref: str) -> dict:
     """Everything that decides a point's FD values, networks and reference statistics by content."""
-    return dict(network=os.path.basename(network), network_sha256=dnnlib.util.file_sha256(network),
+    return dict(network=os.path.basename(network), network_sha256=file_sha256(network),
                 gnet=None if gnet is None or weight == 1 else
-                ('uncond' if gnet == 'uncond' else dict(name=os.path.basename(gnet), sha256=dnnlib.util.file_sha256(gnet))),
+                ('uncond' if gnet == 'uncond' else dict(name=os.path.basename(gnet), sha256=file_sha256(gnet))),
                 guidance=weight if gnet is not None else 1.0, seeds=f'0-{num - 1}', repeat=repeat,
-                sampler=sampler, ref_sha256=dnnlib.util.file_sha256(ref), detector_sha256=dnnlib.util.file_sha256(DIGITS_DETECTOR))
+                sampler=sampler, ref_sha256=file_sha256(ref), detector_sha256=file_sha256(DIGITS_DETECTOR))
 
 
 def stored_point(path: str, settings: dict) -> Optional[dict]:

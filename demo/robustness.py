@@ -23,7 +23,6 @@ Usage: python -m demo.robustness [--quick] [--outdir=robustness-out] [--results=
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import sys
@@ -35,7 +34,8 @@ import numpy as np
 import torch
 
 import dnnlib
-from demo.digits import load_digits_dataset, make_digits_dataset, run_tool
+from dnnlib.util import file_sha256
+from demo.digits import load_digits_dataset, make_digits_dataset, number_list, run_tool
 from demo.plots import line_chart
 from demo.run import DIGITS_DETECTOR, TRAIN_FLAGS, latest
 from training import features, metrics, quantize
@@ -97,17 +97,6 @@ def parse_aug_dims(text: str) -> list[Optional[float]]:
     return values
 
 
-def number_list(text: str, flag: str, kind: type, minimum: float, maximum: float = math.inf) -> list:
-    try:
-        values = [kind(part) for part in text.split(',') if part.strip()]
-    except ValueError:
-        raise click.BadParameter(f'expected comma-separated numbers, got "{text}"', param_hint=flag) from None
-    if not values or not all(minimum <= v <= maximum for v in values):  # also refuses nan
-        bounds = f'in {minimum:g}..{maximum:g}' if maximum < math.inf else f'>= {minimum:g}'
-        raise click.BadParameter(f'expected one or more numbers {bounds}, got "{text}"', param_hint=flag)
-    return sorted(set(values))
-
-
 def launcher(nproc: int) -> list[str]:
     """How a tool is started: under torchrun (gloo on the CPU) for several processes, plainly for one."""
     if nproc == 1:
@@ -129,12 +118,12 @@ def train_model(workdir: str, dataset: str, D: Optional[float], kimg: float, npr
     kernel = ['--pfgmpp=0'] if D is None else ['--pfgmpp=1', f'--aug_dim={D:g}']
     # A state every two ticks, so an interrupted run loses at most a fifth of its training.
     flags = [*TRAIN_FLAGS, *kernel, f'--duration={kimg / 1000:g}', f'--tick={tick:g}', '--snap=10', '--dump=2']
-    settings = dict(flags=flags, nproc=nproc, dataset_sha256=dnnlib.util.file_sha256(dataset))
+    settings = dict(flags=flags, nproc=nproc, dataset_sha256=file_sha256(dataset))
     record = read_record(record_path)
     if record is not None and record['settings'] == settings and record.get('complete'):
         # The snapshot is recorded relative to the working folder, which may have been moved since.
         snapshot = os.path.join(runs, record['snapshot'])
-        if os.path.isfile(snapshot) and dnnlib.util.file_sha256(snapshot) == record['snapshot_sha256']:
+        if os.path.isfile(snapshot) and file_sha256(snapshot) == record['snapshot_sha256']:
             print(f'{name}: reusing the trained model {snapshot}')
             return dict(record, snapshot=snapshot)
     if record is None or record['settings'] != settings:
@@ -149,7 +138,7 @@ def train_model(workdir: str, dataset: str, D: Optional[float], kimg: float, npr
               '--resume=auto'], env={'OMP_NUM_THREADS': '1'})
     snapshot = latest(os.path.join(run_dir, 'network-snapshot-*.pkl'))
     record = dict(record, complete=True, snapshot=os.path.relpath(snapshot, runs),
-                  snapshot_sha256=dnnlib.util.file_sha256(snapshot), seconds=round(record['seconds'] + time.time() - started, 1))
+                  snapshot_sha256=file_sha256(snapshot), seconds=round(record['seconds'] + time.time() - started, 1))
     write_record(record_path, record)
     return dict(record, snapshot=snapshot)
 
@@ -227,7 +216,7 @@ class FDScorer:
     def __init__(self, ref_path: str):
         self.detector = features.load_detector(DIGITS_DETECTOR, device='cpu')
         self.mu_ref, self.sigma_ref = features.load_ref_stats(ref_path)
-        self.identity = dict(ref_sha256=dnnlib.util.file_sha256(ref_path), detector_sha256=dnnlib.util.file_sha256(DIGITS_DETECTOR))
+        self.identity = dict(ref_sha256=file_sha256(ref_path), detector_sha256=file_sha256(DIGITS_DETECTOR))
 
     def score(self, images: np.ndarray) -> float:
         """FD of uint8 images [N, 1, H, W] (N >= 2): the same features and formula as ``fid.py calc``."""
@@ -395,9 +384,10 @@ def main(outdir: str, results_dir: Optional[str], quick: bool, **overrides: Any)
     sizes = dict(QUICK if quick else FULL, **{k: v for k, v in overrides.items() if v is not None})
     aug_dims = parse_aug_dims(sizes['aug_dims'])
     cfg = dict(kimg=float(sizes['kimg']), num=sizes['num'], sets=sizes['sets'], clean_steps=sizes['clean_steps'],
-               alphas=number_list(sizes['alphas'], '--alphas', float, 0.0),
-               steps=number_list(sizes['steps'], '--steps', int, 1),
-               bits=number_list(sizes['bits'], '--bits', int, quantize.MIN_BITS['symmetric'], quantize.MAX_BITS),
+               alphas=number_list(sizes['alphas'], '--alphas', float, 0.0, sort=True),
+               steps=number_list(sizes['steps'], '--steps', int, 1, sort=True),
+               bits=number_list(sizes['bits'], '--bits', int, quantize.MIN_BITS['symmetric'], quantize.MAX_BITS,
+                                sort=True),
                nproc=sizes['nproc'])
     cfg['alphas'] = [a for a in cfg['alphas'] if a > 0]
     outdir = os.path.abspath(outdir)
@@ -408,7 +398,7 @@ def main(outdir: str, results_dir: Optional[str], quick: bool, **overrides: Any)
     # The reference statistics of all real digits, as a user makes them.
     ref_path = os.path.join(outdir, 'ref-fd-digits.npz')
     ref_record_path = ref_path + '.json'
-    ref_settings = dict(dataset_sha256=dnnlib.util.file_sha256(dataset), detector_sha256=dnnlib.util.file_sha256(DIGITS_DETECTOR))
+    ref_settings = dict(dataset_sha256=file_sha256(dataset), detector_sha256=file_sha256(DIGITS_DETECTOR))
     ref_record = read_record(ref_record_path)
     if not (os.path.isfile(ref_path) and ref_record is not None and ref_record['settings'] == ref_settings):
         run_tool([sys.executable, 'fid.py', 'ref', f'--data={dataset}', f'--dest={ref_path}',

@@ -34,8 +34,8 @@ from training import export
 from training.export import NetworkLoadError  # noqa: F401  (the error of every network format; defined there)
 from training import cpu_speed
 # Imported for unpickling: torch_utils.persistence maps an embedded source equal to that of an imported module onto
-# that module, so snapshots written by this checkout load as training.networks classes (stable class names in
-# manifests) rather than as a private copy made anew in each process.
+# that module, so snapshots written by this checkout load as training.networks classes rather than as a private copy
+# of the module executed anew in each process.
 from training import networks  # noqa: F401
 
 EXPECTED_FORMATS = 'a network snapshot (.pkl with an "ema" network) or a training state (.pt with an "ema" network)'
