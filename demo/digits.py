@@ -94,7 +94,7 @@ def number_list(text: str, flag: str, kind: type = float, minimum: float = -math
     except ValueError:
         raise click.BadParameter(f'expected comma-separated numbers, got "{text}"', param_hint=flag) from None
     if not values or not all(minimum <= v <= maximum and math.isfinite(v) for v in values):
-        bounds = f'in {minimum:g}..{maximum:g}' if math.isfinite(minimum) and math.isfinite(maximum) else \
-            f'>= {minimum:g}' if math.isfinite(minimum) else 'finite'
-        raise click.BadParameter(f'expected one or more numbers {bounds}, got "{text}"', param_hint=flag)
+        bounds = f' in {minimum:g}..{maximum:g}' if math.isfinite(minimum) and math.isfinite(maximum) else \
+            f' >= {minimum:g}' if math.isfinite(minimum) else ''
+        raise click.BadParameter(f'expected one or more finite numbers{bounds}, got "{text}"', param_hint=flag)
     return sorted(set(values)) if sort else values
