@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import dnnlib  # noqa: E402
 from training import features as feature_lib  # noqa: E402  (fid.py's library)
 
-DEFAULT_DETECTOR = Path(__file__).resolve().parent.parent.parent / 'shared' / 'golden' / 'fid' / 'detector-standin.pkl'
+DEFAULT_DETECTOR = Path(__file__).resolve().parent.parent / 'tests' / 'golden' / 'fid' / 'detector-standin.pkl'
 
 
 def _write_random_pngs(folder: Path, count: int, resolution: int, seed: int) -> None:

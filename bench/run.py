@@ -5,7 +5,7 @@ reference implementation, in exact (fp32) and fast (bf16 + channels_last [+ comp
     python -m bench.run --device=cuda --batch=512 --json=bench.json
 
 The reference is NVIDIA's original ``EDMPrecond`` built from the source embedded in the golden network snapshot
-(``../shared/golden/snapshots/network-snapshot-000000.pkl``), so both run on this machine, in this process, with the
+(``tests/golden/snapshots/network-snapshot-000000.pkl``), so both run on this machine, in this process, with the
 same configuration: the standard CIFAR-10 DDPM++ (cbase 128, cres 2,2,2, 4 blocks, attention at 16, augment_dim 9,
 dropout 0.13; 55.7M parameters) trained with EDMLoss and PFGM++ D=128 and Adam. Reference sampling is timed as the
 reference network's forward pass times the NFE (the reference sampler adds nothing measurable on top of the network).
@@ -37,7 +37,7 @@ from training.sampler import edm_sampler, network_memory_format
 from torch_utils import host_memory, training_stats
 from training.training_loop import LOSS_STAT
 
-GOLDEN_DIR = Path(os.environ.get('PFGMPP_GOLDEN', Path(__file__).resolve().parents[2] / 'shared' / 'golden'))
+GOLDEN_DIR = Path(os.environ.get('PFGMPP_GOLDEN', Path(__file__).resolve().parents[1] / 'tests' / 'golden'))
 CIFAR_DDPMPP = dict(img_resolution=32, img_channels=3, label_dim=0, model_type='SongUNet', embedding_type='positional',
                     encoder_type='standard', decoder_type='standard', channel_mult_noise=1, resample_filter=[1, 1],
                     model_channels=128, channel_mult=[2, 2, 2], num_blocks=4, attn_resolutions=[16], dropout=0.13,

@@ -14,7 +14,9 @@ import pytest
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-GOLDEN_DIR = Path(os.environ.get('PFGMPP_GOLDEN', REPO_ROOT.parent / 'shared' / 'golden'))
+# Reference outputs of the original code, kept in the repository (tests/golden/MANIFEST.json says how they were
+# made); PFGMPP_GOLDEN may point at another copy.
+GOLDEN_DIR = Path(os.environ.get('PFGMPP_GOLDEN', REPO_ROOT / 'tests' / 'golden'))
 
 # Tests run on small CPUs; keep intra-op threads predictable.
 os.environ.setdefault('OMP_NUM_THREADS', '2')
