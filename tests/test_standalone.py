@@ -16,7 +16,7 @@ GOLDEN = REPO_ROOT / 'tests' / 'golden'
 
 # A relative path that starts by climbing out of its folder into a named sibling folder (`../shared`, `../../data/x`); names of
 # files such as '../evil.png' (hostile archive members in the tests) are not folders and do not match.
-_SIBLING_FOLDER = re.compile(r'(?<![\w./])\.\./(?!\.\./)([A-Za-z_][\w-]*)(?=[/\'"`\s)]|$)')
+_SIBLING_FOLDER = re.compile(r'(?<![\w./])(?:\.\./)+([A-Za-z_][\w-]*)(?=[/\'"`\s)]|$)')
 # Path arithmetic on __file__: `.parent` chains and `.parents[k]`.
 _FILE_PARENTS = re.compile(r'Path\(__file__\)(?:\.resolve\(\))?((?:\.parent(?!s))*)(?:\.parents\[(\d+)\])?')
 
