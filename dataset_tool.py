@@ -32,7 +32,7 @@ import numpy as np
 import PIL.Image
 from tqdm import tqdm
 
-from training.dataset_files import (LABELS_FILE, DatasetError, ImageHeader, check_same_size, dataset_channels,
+from formats.dataset_files import (LABELS_FILE, DatasetError, ImageHeader, check_same_size, dataset_channels,
                                     decode_image, gray_to_rgb, match_labels, parse_labels_json, read_image_header)
 
 # PNGs are written without compression: larger files, but decoding them while training costs almost nothing.

@@ -1,13 +1,12 @@
 """Convert a network snapshot or training state into a weights-only file that is safe to share.
 
-A thin command line over ``training/export.py`` (the weights-only format: constructor keywords plus tensors,
-nothing that runs code when loaded) and ``training/network_io.py`` (reading every network format)::
+A thin command line over ``formats/export.py`` (the weights-only format: constructor keywords plus tensors,
+nothing that runs code when loaded) and ``formats/network_io.py`` (reading every network format)::
 
     python export.py --input network-snapshot-000200.pkl            # -> network-snapshot-000200.weights.pt
     python export.py --input training-state-000200.pt --output net.weights.pt
     python export.py --check --input net.weights.pt                  # load it and print a summary
 
-``python -m training.export`` with the same flags runs this script.
 """
 
 from __future__ import annotations
@@ -20,9 +19,9 @@ import click
 import torch
 
 import dnnlib
-from training.export import (FORMAT, WEIGHTS_SUFFIX, WeightsFormatError, constructor_kwargs_of, export_weights,
+from formats.export import (FORMAT, WEIGHTS_SUFFIX, WeightsFormatError, constructor_kwargs_of, export_weights,
                              load_weights, looks_like_weights_file, weights_path_for)
-from training.network_io import NetworkLoadError, load_network, network_summary
+from formats.network_io import NetworkLoadError, load_network, network_summary
 
 
 def summary(net: torch.nn.Module) -> dict[str, Any]:

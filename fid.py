@@ -5,12 +5,12 @@ Statistics are the mean and the unbiased covariance of detector features, accumu
 torchrun ranks. Statistics files are ``.npz`` archives holding ``mu`` [D] and ``sigma`` [D, D] (float64), the format
 of NVIDIA's published reference files, so those can be passed to ``--ref`` by path or URL.
 
-The click commands below are a thin layer over ``training/features.py`` (detectors, reference files, feature
-statistics) and ``training/metrics.py``. That library's functions are importable from here under their EDM names
+The click commands below are a thin layer over ``evaluation/features.py`` (detectors, reference files, feature
+statistics) and ``evaluation/metrics.py``. That library's functions are importable from here under their EDM names
 (``load_detector``, ``load_ref_stats``, ``calculate_inception_stats``, ``calculate_stats_for_network``,
 ``calculate_fid_from_inception_stats``, ...), with the library's plain exceptions (:class:`FeatureError`,
-``training.metrics.MetricError``) turned into click's one ``Error:`` line as EDM's fid.py did; import
-``training.features`` for the plain exceptions.
+``evaluation.metrics.MetricError``) turned into click's one ``Error:`` line as EDM's fid.py did; import
+``evaluation.features`` for the plain exceptions.
 """
 
 from __future__ import annotations
@@ -29,17 +29,17 @@ import torch
 import dnnlib
 from torch_utils import distributed as dist
 from torch_utils import host_memory
-from training import cli
-from training import features as feature_lib
-from training import metrics
-from training import network_io
+from cli import common as cli
+from evaluation import features as feature_lib
+from evaluation import metrics
+from formats import network_io
 
 #: The library's errors whose message is a complete line for the user.
 ONE_LINE_ERRORS = (feature_lib.FeatureError, metrics.MetricError, metrics.DetectorUnavailable)
 
 
 def _one_line(function: Callable, sampling: bool = False) -> Callable:
-    """``function`` of :mod:`training.features` with its errors as click's one ``Error:`` line, as fid.py's
+    """``function`` of :mod:`evaluation.features` with its errors as click's one ``Error:`` line, as fid.py's
     functions have always raised them; with ``sampling``, the sampler's errors too, naming flags, not keywords."""
     @functools.wraps(function)
     def call(*args: Any, **kwargs: Any) -> Any:
@@ -77,7 +77,7 @@ calculate_fid_from_inception_stats = _one_line(feature_lib.calculate_fid_from_in
 
 def load_detector(path_or_url: Optional[str] = None, device: torch.device | str = 'cpu',
                   verbose: bool = True) -> torch.nn.Module:
-    """:func:`training.features.load_detector`, by default of :data:`DETECTOR_URL`."""
+    """:func:`evaluation.features.load_detector`, by default of :data:`DETECTOR_URL`."""
     return _one_line(feature_lib.load_detector)(path_or_url or DETECTOR_URL, device=device, verbose=verbose)
 
 
@@ -510,7 +510,7 @@ def gen(network_pkl: str, ref_path: Optional[str], seeds: str, class_idx: Option
     images, same uint8 quantization). With --repeat=K the seed list is shifted past itself K-1 times and the
     minimum FID is reported last, the protocol of the EDM and PFGM++ papers.
     """
-    from training.network_io import NetworkLoadError, load_network
+    from formats.network_io import NetworkLoadError, load_network
 
     if ref_path is None and stats_path is None:
         raise click.UsageError('give --ref to compute an FID, --save-stats to keep the statistics, or both')

@@ -1,7 +1,7 @@
 """Generate images with a trained EDM or PFGM++ network.
 
-A thin command line over ``training/sampler.py``, with the flags it shares with ``fid.py gen`` in
-``training/cli.py``: the flags of EDM's and PFGM++'s
+A thin command line over ``sampling/``, with the flags it shares with ``fid.py gen`` in
+``cli/common.py``: the flags of EDM's and PFGM++'s
 generate.py keep their names and meaning, plus resumable output (existing PNGs
 are skipped unless --force), a preview grid, and the robustness studies of the
 PFGM++ paper (noise injection, weight quantization, step-count sweeps).
@@ -29,16 +29,16 @@ import dnnlib
 from torch_utils import distributed as dist
 from torch_utils import host_memory
 from training import pfgmpp as pfgmpp_lib
-from training import manifest as manifest_lib
-from training import quantize
-from training import sampler as sampling
-from training import network_io
-from training.cli import (DEFAULT_STEPS, NON_NEGATIVE, Failure, FloatList, IntList, SeedList, check_noise_range,
+from formats import manifest as manifest_lib
+from sampling import quantize
+from sampling import pipeline, schedules
+from formats import network_io
+from cli.common import (DEFAULT_STEPS, NON_NEGATIVE, Failure, FloatList, IntList, SeedList, check_noise_range,
                           check_solver_flags, compact_seeds, guidance_options, guidance_record, make_guide,
                           network_evaluations, on_main_rank, resolve_pfgmpp, sampler_error,
                           sampler_options)
-from training.manifest import image_path
-from training.network_io import NetworkLoadError, load_network, network_summary
+from formats.manifest import image_path
+from formats.network_io import NetworkLoadError, load_network, network_summary
 
 GRID_MAX_IMAGES = 256           # a preview grid shows at most this many images (the first seeds)
 
@@ -321,13 +321,13 @@ def _generate(network_pkl: str, outdir: str, seeds: list[int], subdirs: bool, cl
     gnet_source, guidance_weight, guidance_interval = guidance
     guide = make_guide(net, gnet_source, guidance_weight, guidance_interval, D, device, precision, channels_last)
     base_kwargs = {k: v for k, v in cli_kwargs.items() if v is not None}
-    ablation = sampling.uses_ablation_sampler(base_kwargs)
+    ablation = pipeline.uses_ablation_sampler(base_kwargs)
     if ablation and D is not None:
         raise click.UsageError('--solver/--disc/--schedule/--scaling select the ablation sampler, which does not '
                                'support PFGM++ networks; drop them')
     if D is not None:
         values_per_image = net.img_channels * net.img_resolution ** 2
-        requested = min(base_kwargs.get('sigma_max', sampling.EDM_SIGMA_MAX), net.sigma_max)
+        requested = min(base_kwargs.get('sigma_max', schedules.EDM_SIGMA_MAX), net.sigma_max)
         used = pfgmpp_lib.prior_sigma_max(values_per_image, requested)
         if used != requested:
             dist.print0(f'Note: the PFGM++ prior starts at sigma={used:g} for images of fewer than 256x256x3 values '
@@ -367,7 +367,7 @@ def _generate(network_pkl: str, outdir: str, seeds: list[int], subdirs: bool, cl
                        guidance=guidance_record(gnet_source, guidance_weight, guidance_interval))
         info = dict(
             network=network_source, network_summary=network_summary(net), sweep=run.sweep,
-            sampler=sampling.sampler_name(kwargs), sampler_kwargs=kwargs,
+            sampler=pipeline.sampler_name(kwargs), sampler_kwargs=kwargs,
             nfe_per_image=network_evaluations(run.num_steps, kwargs), class_idx=class_idx,
             pfgmpp=D is not None, D=D, noise_injection_alpha=run.alpha, quantize_bits=run.bits,
             quantize_scheme=quantize_scheme if run.bits is not None else None,
@@ -438,7 +438,7 @@ def _generate_run(net: Any, run: Run, seeds: list[int], subdirs: bool, max_batch
     todo, manifest = on_main_rank(missing_seeds)
     skipped = len(seeds) - len(todo)
     world, rank = dist.get_world_size(), dist.get_rank()
-    my_batches = sampling.split_batches(todo, max_batch_size, world)[rank::world]
+    my_batches = pipeline.split_batches(todo, max_batch_size, world)[rank::world]
 
     dist.print0(f'Generating {len(todo)} images to "{run.outdir}"' + (f' ({skipped} already there)' if skipped else '')
                 + f', {info["nfe_per_image"]} network evaluations each...')
@@ -450,10 +450,10 @@ def _generate_run(net: Any, run: Run, seeds: list[int], subdirs: bool, max_batch
             if not batch_seeds:
                 continue
             try:
-                images = sampling.sample_batch(net, batch_seeds, device=device, **sampler_call)
+                images = pipeline.sample_batch(net, batch_seeds, device=device, **sampler_call)
             except ValueError as err:
                 raise Failure(sampler_error(err)) from None
-            pixels_hwc = sampling.to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()
+            pixels_hwc = pipeline.to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()
             for seed, pixels in zip(batch_seeds, pixels_hwc):
                 save_png(to_pil(pixels), image_path(run.outdir, seed, subdirs))
             bar.update(min(len(batch_seeds) * world, bar.total - bar.n))  # other ranks move at the same pace

@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import dnnlib  # noqa: E402
-from training import features as feature_lib  # noqa: E402  (fid.py's library)
+from evaluation import features as feature_lib
 
 DEFAULT_DETECTOR = Path(__file__).resolve().parent.parent / 'tests' / 'golden' / 'fid' / 'detector-standin.pkl'
 

@@ -23,6 +23,8 @@ from typing import Callable
 import click
 import torch
 
+from training.loss import DEFAULT_BETA_CLIP
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from training import networks, pfgmpp  # noqa: E402
@@ -69,7 +71,7 @@ def main(device: str, batch: int, resolution: int, D: float, model_channels: int
     figures = dict(device=str(torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'),
                    batch=batch, resolution=resolution, D=D, model_channels=model_channels)
     figures['kernel_ms'] = time_ms(lambda: pfgmpp.sample_perturbation(
-        shape, sigma, D=D, generator=gen, clip_beta=pfgmpp.TRAINING_BETA_CLIP), repeats, device)
+        shape, sigma, D=D, generator=gen, clip_beta=DEFAULT_BETA_CLIP), repeats, device)
     figures['gaussian_ms'] = time_ms(lambda: pfgmpp.sample_perturbation(shape, sigma, generator=gen),
                                      repeats, device)
 

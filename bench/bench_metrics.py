@@ -1,4 +1,4 @@
-"""Cost of the metrics past the detector pass (training/metrics.py) on synthetic features, and the spread of FD, KID
+"""Cost of the metrics past the detector pass (evaluation/metrics.py) on synthetic features, and the spread of FD, KID
 and precision/recall over repeated draws of n images, set against the bootstrap interval from one draw.
 
 Features are Gaussian with a decaying spectrum (Inception-like dimension 2048 by default), the "generated" set
@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from training import metrics  # noqa: E402
+from evaluation import metrics
 
 
 def _draw(rng: np.random.Generator, num: int, scales: np.ndarray, shift: float) -> np.ndarray:

@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from training import networks  # noqa: E402
-from training import sampler as sampling  # noqa: E402
+from sampling import pipeline  # noqa: E402
 
 # EDM's train.py network for --arch=ddpmpp on CIFAR-10 (32x32, 128 channels, 4 blocks per resolution).
 DDPMPP_CIFAR = dict(img_resolution=32, img_channels=3, label_dim=0, model_type='SongUNet',
@@ -93,7 +93,7 @@ def generate_once(net: Any, seeds: list[int], device: torch.device, num_steps: i
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
     start = time.perf_counter()
-    images = sampling.to_uint8(sampling.sample_batch(net, seeds, device=device, num_steps=num_steps))
+    images = pipeline.to_uint8(pipeline.sample_batch(net, seeds, device=device, num_steps=num_steps))
     images.cpu()
     return time.perf_counter() - start
 

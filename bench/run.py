@@ -33,7 +33,8 @@ from training import cpu_speed, networks
 from training.augment import AugmentPipe
 from training.loss import DEFAULT_BETA_CLIP, EDMLoss
 from training.pfgmpp import sample_perturbation
-from training.sampler import edm_sampler, network_memory_format
+from sampling.edm import edm_sampler
+from sampling.pipeline import network_memory_format
 from torch_utils import host_memory, training_stats
 from training.training_loop import LOSS_STAT
 

@@ -1,6 +1,6 @@
 """Solver laboratory: every solver against the exact answer, for every D.
 
-The network is :class:`training.exact_denoiser.ExactDenoiser`, the ideal denoiser of a small synthetic data set
+The network is :class:`sampling.exact_denoiser.ExactDenoiser`, the ideal denoiser of a small synthetic data set
 (closed form for every D, the ``--stf`` kernel weights), so the only error left is the solver's. For each D and
 solver the script integrates the probability-flow ODE from the generation prior at sigma_max down to sigma_min
 (stopping before the final denoising step, which every solver shares) for several step counts, and reports
@@ -33,8 +33,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import dnnlib  # noqa: E402
-from training import exact_denoiser as lab  # noqa: E402
-from training import sampler as sampling  # noqa: E402
+from sampling import exact_denoiser as lab
+from sampling import fast_solvers, schedules  # noqa: E402
 
 
 def _int_list(text: str) -> list[int]:
@@ -95,11 +95,11 @@ def markdown(results: list[dict[str, Any]], steps: list[int], fit: int) -> str:
 @click.option('--resolution', default=4, show_default=True, type=click.IntRange(min=1), help='Image side')
 @click.option('--channels', default=1, show_default=True, type=click.IntRange(min=1), help='Image channels')
 @click.option('--seeds', 'seeds_text', default='0-15', show_default=True, metavar='LIST', help='Samples (seeds)')
-@click.option('--spacing', type=click.Choice(sampling.SPACINGS), default='edm', show_default=True)
+@click.option('--spacing', type=click.Choice(schedules.SPACINGS), default='edm', show_default=True)
 @click.option('--rho', default=7.0, show_default=True, type=float)
 @click.option('--sigma-min', default=lab.DEFAULT_SIGMA_MIN, show_default=True, type=float)
 @click.option('--sigma-max', default=lab.DEFAULT_SIGMA_MAX, show_default=True, type=float)
-@click.option('--restart-interval', default=','.join(map(str, sampling.RESTART_INTERVAL)), show_default=True,
+@click.option('--restart-interval', default=','.join(map(str, fast_solvers.RESTART_INTERVAL)), show_default=True,
               metavar='LO,HI')
 @click.option('--json', 'json_path', default=None, metavar='PATH', help='Also write the figures as JSON')
 @click.option('--save-network', 'network_path', default=None, metavar='PATH',
@@ -129,7 +129,7 @@ def main(D_list: str, solvers: str, steps_text: str, ref_steps: int, fit: int, n
         return
     if 'restart' in solver_list:
         try:
-            sampling.check_fast_options('restart', sampling.MIN_STEPS['restart'], interval, sigma_min=sigma_min,
+            fast_solvers.check_fast_options('restart', fast_solvers.MIN_STEPS['restart'], interval, sigma_min=sigma_min,
                                         sigma_max=sigma_max)
         except ValueError as err:
             raise click.BadParameter(str(err), param_hint='--restart-interval') from None

@@ -38,8 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import dnnlib  # noqa: E402
 from training import pfgmpp as pfgmpp_lib  # noqa: E402
-from training import sampler as sampling  # noqa: E402
-from training.network_io import NetworkLoadError, load_network  # noqa: E402
+from sampling import pipeline  # noqa: E402
+from formats.network_io import NetworkLoadError, load_network  # noqa: E402
 
 # Solver configurations: name -> (sampler options, swept step counts). Heun is EDM's sampler (the default).
 CONFIGS: dict[str, tuple[dict[str, Any], list[int]]] = {
@@ -56,8 +56,8 @@ LEVEL_STEPS = 18  # Heun's 35-NFE setting of EDM and PFGM++ (CIFAR-10)
 def sample(net: torch.nn.Module, seeds: list[int], batch: int, **options: Any) -> torch.Tensor:
     """Float64 images [len(seeds), C, H, W] in [-1, 1] scale, as generate.py makes them."""
     D = pfgmpp_lib.network_D(net)
-    parts = [sampling.sample_batch(net, chunk, D=D, **options)
-             for chunk in sampling.split_batches(seeds, batch) if chunk]
+    parts = [pipeline.sample_batch(net, chunk, D=D, **options)
+             for chunk in pipeline.split_batches(seeds, batch) if chunk]
     return torch.cat(parts)
 
 
@@ -66,7 +66,7 @@ class FrechetMetric:
     detector."""
 
     def __init__(self, detector_path: str, data_path: str):
-        from training import features  # late: only runs with a detector pay for the metric imports
+        from evaluation import features
         self.features = features
         self.detector = features.load_detector(detector_path, device='cpu', verbose=False)
         self.ref = features.calculate_inception_stats(data_path, device='cpu', detector=self.detector,
@@ -74,7 +74,7 @@ class FrechetMetric:
 
     def __call__(self, images: torch.Tensor) -> float:
         stats = self.features.FeatureStats('cpu')
-        stats.add(self.features.extract_features(self.detector, sampling.to_uint8(images)))
+        stats.add(self.features.extract_features(self.detector, pipeline.to_uint8(images)))
         mu, sigma = stats.compute()
         return float(self.features.calculate_fid_from_inception_stats(mu, sigma, *self.ref))
 
@@ -96,14 +96,14 @@ def measure(label: str, net: torch.nn.Module, seeds: list[int], batch: int, ref_
     result: dict[str, Any] = dict(network=label, reference=f'dpmpp3m, {ref_steps} steps',
                                   reference_self_rms=rms(half), configs={})
     level_images = sample(net, seeds, batch, num_steps=LEVEL_STEPS)
-    result['level'] = dict(config='heun', steps=LEVEL_STEPS, nfe=sampling.sampler_nfe(LEVEL_STEPS, {}),
+    result['level'] = dict(config='heun', steps=LEVEL_STEPS, nfe=pipeline.sampler_nfe(LEVEL_STEPS, {}),
                            **metrics(level_images))
     print(f'{label}: reference self-check RMS {result["reference_self_rms"]:.2e}; Heun 35 NFE: '
           + ', '.join(f'{k} {v:.4g}' for k, v in metrics(level_images).items()), flush=True)
     for name, (options, steps_list) in configs.items():
         rows = []
         for steps in steps_list:
-            nfe = sampling.sampler_nfe(steps, options)
+            nfe = pipeline.sampler_nfe(steps, options)
             row = dict(steps=steps, nfe=nfe, **metrics(sample(net, seeds, batch, num_steps=steps, **options)))
             rows.append(row)
             print(f'{label} {name:15s} steps {steps:3d} NFE {nfe:3d} '

@@ -38,8 +38,10 @@ from dnnlib.util import file_sha256
 from demo.digits import load_digits_dataset, make_digits_dataset, number_list, run_tool
 from demo.plots import line_chart
 from demo.run import DIGITS_DETECTOR, TRAIN_FLAGS, latest
-from training import features, metrics, quantize
-from training.manifest import image_path
+from evaluation import features
+from evaluation import metrics
+from sampling import quantize
+from formats.manifest import image_path
 
 STUDIES = ('alpha', 'steps', 'bits')
 RECORD_FORMAT = 1   # bump when the meaning of a record changes, so old records are not reused

@@ -24,7 +24,7 @@ import torch
 
 from demo.plots import line_chart
 from training.loss import EDMLoss
-from training.sampler import edm_sampler
+from sampling.edm import edm_sampler
 from training import pfgmpp as pfgmpp_lib
 from training.pfgmpp import sample_perturbation
 

@@ -6,7 +6,7 @@ The data are the demo's own (scikit-learn's digits through dataset_tool.py, see 
 split holds out a quarter of the images; training sees the rest with random one-pixel shifts. Everything runs on
 one CPU thread with deterministic algorithms and explicit generators, so a rebuild reproduces the shipped file's
 accuracy (bit-identical weights on the same CPU kind; other CPUs may differ in the last float bits).
-The file is written in the weights-only format of ``training.export``; ``fid.py --detector=PATH`` accepts it.
+The file is written in the weights-only format of ``formats.export``; ``fid.py --detector=PATH`` accepts it.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import torch.nn.functional as F
 import dnnlib
 
 from demo.digits import REPO_ROOT, load_digits_dataset, make_digits_dataset, split_indices
-from training.digits_classifier import DigitsClassifier, accuracy
-from training.export import export_weights
+from evaluation.digits_classifier import DigitsClassifier, accuracy
+from formats.export import export_weights
 
 DEFAULT_OUT = os.path.join(REPO_ROOT, 'demo', 'digits-classifier.weights.pt')
 TEST_FRACTION = 0.25

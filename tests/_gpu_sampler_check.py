@@ -16,15 +16,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.bench_sampler import build_network  # noqa: E402
 from tests._sampler_nets import make_tiny_net  # noqa: E402
-from training import sampler as sampling  # noqa: E402
+from sampling import pipeline  # noqa: E402
 
 
 def compare(net, device, seeds, sizes, **kwargs) -> dict:
     floats = {}
     for size in sizes:
         out = {}
-        for batch_seeds in sampling.split_batches(seeds, size):
-            images = sampling.sample_batch(net, batch_seeds, device=device, **kwargs)
+        for batch_seeds in pipeline.split_batches(seeds, size):
+            images = pipeline.sample_batch(net, batch_seeds, device=device, **kwargs)
             out.update(zip(batch_seeds, images))
         floats[size] = out
     base = floats[sizes[0]]
@@ -33,7 +33,7 @@ def compare(net, device, seeds, sizes, **kwargs) -> dict:
         other = floats[size]
         report[f'batch{sizes[0]}_vs_batch{size}'] = dict(
             max_float_diff=max((base[s] - other[s]).abs().max().item() for s in seeds),
-            uint8_images_differing=sum(not torch.equal(sampling.to_uint8(base[s]), sampling.to_uint8(other[s]))
+            uint8_images_differing=sum(not torch.equal(pipeline.to_uint8(base[s]), pipeline.to_uint8(other[s]))
                                        for s in seeds))
     return report
 

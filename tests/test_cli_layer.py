@@ -1,4 +1,4 @@
-"""The scripts' shared CLI layer (training/cli.py) over a library that raises plain exceptions: no script imports
+"""The scripts' shared CLI layer (cli/common.py) over a library that raises plain exceptions: no script imports
 another script, the library never raises click's errors, one JSON sanitiser, and export.py as a top-level script."""
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ import pytest
 
 import dnnlib
 from tests.conftest import REPO_ROOT, run_python
-from training import cli
-from training import features
+from cli import common as cli
+from evaluation import features
 
 SCRIPTS = ('dataset_tool', 'export', 'fid', 'generate', 'reconstruct_phema', 'train')
-LIBRARY_PACKAGES = ('dnnlib', 'torch_utils', 'training')
+LIBRARY_PACKAGES = ('dnnlib', 'torch_utils', 'training', 'sampling', 'evaluation', 'formats', 'cli')
 
 
 def _imported_modules(path) -> set[str]:
@@ -42,10 +42,10 @@ def test_no_script_is_imported_by_the_library_the_demos_or_another_script():
 
 
 def test_only_the_cli_layer_of_the_library_raises_click_errors():
-    for folder in ('torch_utils', 'training'):
+    for folder in LIBRARY_PACKAGES:
+        if folder == 'cli':  # the command-line layer
+            continue
         for path in sorted((REPO_ROOT / folder).rglob('*.py')):
-            if path.name == 'cli.py':
-                continue
             assert 'click' not in _imported_modules(path), path
             assert 'ClickException' not in path.read_text(), path
 
@@ -100,7 +100,8 @@ def test_json_safe_writes_strict_json():
 
 def test_every_json_writer_uses_the_one_sanitiser():
     import inspect
-    from training import manifest, training_loop
+    from training import training_loop
+    from formats import manifest
     assert 'dnnlib.util.json_safe(' in inspect.getsource(training_loop)  # the training options
     assert 'def _json_safe' not in inspect.getsource(training_loop)
     assert manifest.fingerprint({'z': math.inf, 'a': (1,)}) == {'a': [1], 'z': 'inf'}
@@ -122,33 +123,27 @@ def test_seed_list_and_flag_checks():
     assert cli.DEFAULT_STEPS == 18 and cli.network_evaluations(18, {}) == 35
 
 
-def test_export_script_and_the_module_entry_point_are_one_command(tmp_path):
+def test_export_script_prints_one_line_and_the_library_loads_no_script(tmp_path):
     empty = tmp_path / 'empty.pkl'
     empty.write_bytes(b'')
-    for entry in (['export.py'], ['-m', 'training.export']):
+    for entry in (['export.py'],):
         proc = run_python([*entry, f'--input={empty}'], check=False)
         assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
             f'Error: --input {empty}: file is empty (0 bytes); expected {_expected_formats()}']
     # Importing the library loads no script.
-    probe = run_python(['-c', 'import sys, training.export, training.network_io; from training import features, cli; '
+    probe = run_python(['-c', 'import sys, formats.export, formats.network_io; from evaluation import features; from cli import common; '
                               'print(sorted(set(sys.modules) & {"export", "fid", "generate", "train"}))'])
     assert probe.stdout.strip() == '[]'
 
 
 def _expected_formats() -> str:
-    from training import network_io
+    from formats import network_io
     return network_io.EXPECTED_FORMATS
 
 
-def test_training_export_main_is_the_script_command():
-    from training import export
-    assert export.main.name == 'main' and {p.name for p in export.main.params} >= {'input_path', 'output_path'}
-    with pytest.raises(AttributeError):
-        export.not_there  # noqa: B018
-
-
 def test_weights_errors_are_network_load_errors():
-    from training import export, network_io
+    from formats import export
+    from formats import network_io
     assert network_io.NetworkLoadError is export.NetworkLoadError
     assert issubclass(export.WeightsFormatError, network_io.NetworkLoadError)
     with pytest.raises(network_io.NetworkLoadError, match='0 bytes'):

@@ -1,6 +1,6 @@
 """Raw image folders and hostile dataset files (issue 16, items 2-7).
 
-Every image mode is converted once (training/dataset_files.py), by dataset_tool.py and by the folder reader that
+Every image mode is converted once (formats/dataset_files.py), by dataset_tool.py and by the folder reader that
 ``train.py --data=FOLDER`` uses, so both must give the same pixels, and both must refuse the same files with one
 line naming the file. Also: mismatch errors name the source file, dataset.json names are normalised and
 mismatches reported, numbered class folders, 16-bit images, and U-Nets deeper than the images allow.

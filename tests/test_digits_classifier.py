@@ -12,8 +12,8 @@ import torch
 
 import fid
 from tests.conftest import REPO_ROOT
-from training import export
-from training.digits_classifier import DigitsClassifier, accuracy
+from formats import export
+from evaluation.digits_classifier import DigitsClassifier, accuracy
 
 WEIGHTS = REPO_ROOT / 'demo' / 'digits-classifier.weights.pt'
 # The shipped file reaches 0.9955 on its 449 held-out images (2 mistakes); a rebuild on another CPU kind may

@@ -1,4 +1,4 @@
-"""training/export.py: the weights-only format, its round trip on every network kind and the goldens, its checks."""
+"""formats/export.py: the weights-only format, its round trip on every network kind and the goldens, its checks."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from click.testing import CliRunner
 from tests._sampler_nets import golden_network
 from tests.conftest import randomize_parameters_
 from tests.conftest import run_python
-from training import export
-from training.network_io import NetworkLoadError, load_network
+from formats import export
+from formats.network_io import NetworkLoadError, load_network
 
 GOLDEN_NETWORKS = ['networks/edm_adm_cond.pt', 'networks/edm_ddpmpp_aug.pt', 'networks/edm_ncsnpp_cond.pt']
 SNAPSHOT = 'snapshots/network-snapshot-000000.pkl'
@@ -358,12 +358,12 @@ def test_the_file_holds_only_plain_values(tmp_path):
     assert torch.load(again, weights_only=True)['metadata'] == record['metadata']
 
 
-def test_module_entry_point_in_a_subprocess(golden_dir, tmp_path):
+def test_export_script_in_a_subprocess(golden_dir, tmp_path):
     target = tmp_path / 'state.weights.pt'
-    proc = run_python(['-m', 'training.export', f'--input={golden_dir / STATE}', f'--output={target}'])
+    proc = run_python(['export.py', f'--input={golden_dir / STATE}', f'--output={target}'])
     assert 'EDMPrecond with 46,035 parameters' in proc.stdout and target.is_file()
     (tmp_path / 'empty.pkl').write_bytes(b'')
-    proc = run_python(['-m', 'training.export', f'--input={tmp_path / "empty.pkl"}'], check=False)
+    proc = run_python(['export.py', f'--input={tmp_path / "empty.pkl"}'], check=False)
     assert proc.returncode == 1 and 'Traceback' not in proc.stderr
     assert proc.stderr.strip().splitlines() == [f'Error: --input {tmp_path / "empty.pkl"}: file is empty (0 bytes); '
                                                 f'expected {proc.stderr.split("expected ", 1)[1].strip()}']

@@ -16,7 +16,7 @@ import torch
 import fid
 from tests.conftest import REPO_ROOT, run_python
 from tests.test_fid import _assert_cli_error, _invoke, _last_line, generated_dir, narrow_detector, narrow_ref  # noqa: F401
-from training import metrics
+from evaluation import metrics
 
 FID_SCRIPT = str(REPO_ROOT / 'fid.py')
 

@@ -1,4 +1,4 @@
-"""generate.py and training/network_io.py: goldens through the CLI, invariances, resumption, sweeps, errors."""
+"""generate.py and formats/network_io.py: goldens through the CLI, invariances, resumption, sweeps, errors."""
 
 from __future__ import annotations
 
@@ -23,9 +23,9 @@ import generate
 from tests._sampler_nets import make_tiny_net, save_snapshot, save_training_state
 from tests.conftest import REPO_ROOT, run_python
 from torch_utils import cpu_support
-from training import quantize
-from training import sampler as sampling
-from training.network_io import NetworkLoadError, load_network
+from sampling import quantize
+from sampling import pipeline
+from formats.network_io import NetworkLoadError, load_network
 
 GOLDEN_SNAPSHOT = 'snapshots/network-snapshot-000000.pkl'  # same weights as networks/edm_ddpmpp_aug.pt
 
@@ -121,7 +121,7 @@ def test_subdirs_and_library_agree(nets, tmp_path):
     assert sorted(png_bytes(tmp_path)) == ['000000/000998.png', '000000/000999.png', '001000/001000.png',
                                            '001000/001001.png']
     net = load_network(nets['uncond'])
-    for batch_seeds, images in sampling.generate_images(net, [998, 1001], batch_size=1, num_steps=2):
+    for batch_seeds, images in pipeline.generate_images(net, [998, 1001], batch_size=1, num_steps=2):
         folder = '000000' if batch_seeds[0] < 1000 else '001000'
         png = read_png(tmp_path / folder / f'{batch_seeds[0]:06d}.png')
         assert np.array_equal(png, images[0].permute(1, 2, 0).numpy())
@@ -131,7 +131,7 @@ def test_class_conditional(nets, tmp_path):
     cli('--network', nets['cond'], '--outdir', tmp_path / 'fixed', '--seeds=0-3', '--steps=2', '--class=3')
     cli('--network', nets['cond'], '--outdir', tmp_path / 'free', '--seeds=0-3', '--steps=2')
     net = load_network(nets['cond'])
-    (batch_seeds, images), = list(sampling.generate_images(net, [0, 1, 2, 3], batch_size=4, num_steps=2,
+    (batch_seeds, images), = list(pipeline.generate_images(net, [0, 1, 2, 3], batch_size=4, num_steps=2,
                                                            class_idx=3))
     for seed, image in zip(batch_seeds, images):
         assert np.array_equal(read_png(tmp_path / 'fixed' / f'{seed:06d}.png'), image.permute(1, 2, 0).numpy())
@@ -246,7 +246,7 @@ def test_sweeps_write_folders_and_manifests(nets, tmp_path):
     assert manifest['quantize_bits'] == 4 and manifest['quantized_weights'] > 0
     # The CLI's quantized images equal the library's.
     net = quantize.quantize_network(load_network(nets['uncond']), 4)
-    (seeds, images), = list(sampling.generate_images(net, [0, 1, 2], batch_size=3, num_steps=3))
+    (seeds, images), = list(pipeline.generate_images(net, [0, 1, 2], batch_size=3, num_steps=3))
     for seed, image in zip(seeds, images):
         assert np.array_equal(read_png(tmp_path / 'bits' / 'bits04' / f'{seed:06d}.png'),
                               image.permute(1, 2, 0).numpy())
@@ -269,7 +269,7 @@ def test_pfgmpp_settings_come_from_the_network(nets, tmp_path):
         '--aug_dim=64')
     assert png_bytes(tmp_path / 'a') == png_bytes(tmp_path / 'b')
     net = load_network(nets['pfgmpp'])
-    (seeds, images), = list(sampling.generate_images(net, [0, 1], batch_size=2, num_steps=2, D=64))
+    (seeds, images), = list(pipeline.generate_images(net, [0, 1], batch_size=2, num_steps=2, D=64))
     assert np.array_equal(read_png(tmp_path / 'a' / '000001.png'), images[1].permute(1, 2, 0).numpy())
 
 
@@ -352,9 +352,9 @@ def test_speed_options_keep_images_close(nets, tmp_path):
         assert np.array_equal(bf16, default)
 
     net = load_network(nets['uncond'])
-    assert sampling.network_memory_format(net) == torch.contiguous_format
+    assert pipeline.network_memory_format(net) == torch.contiguous_format
     net.to(memory_format=torch.channels_last)
-    assert sampling.network_memory_format(net) == torch.channels_last
+    assert pipeline.network_memory_format(net) == torch.channels_last
 
 
 def test_bf16_without_cpu_bf16_kernels_runs_fp32_with_one_line(nets, tmp_path, monkeypatch):
@@ -481,12 +481,12 @@ def test_folder_with_pngs_but_no_manifest_is_refused(nets, made_folder, tmp_path
 def test_manifest_records_what_the_sampler_received(nets, tmp_path, monkeypatch):
     """A keyword the sampler gets is recorded even when no manifest code knows it (later options are covered)."""
     received = []
-    original = sampling.sample_batch
+    original = pipeline.sample_batch
 
     def spy(net, seeds, **kwargs):
         received.append(kwargs)
         return original(net, seeds, **kwargs)
-    monkeypatch.setattr(sampling, 'sample_batch', spy)
+    monkeypatch.setattr(pipeline, 'sample_batch', spy)
     cli('--network', nets['cond'], '--outdir', tmp_path, '--seeds=0', '--steps=2', '--class=1', '--S_churn=2')
     settings = json.loads((tmp_path / 'manifest.json').read_text())['settings']
     (call,) = received
@@ -496,7 +496,7 @@ def test_manifest_records_what_the_sampler_received(nets, tmp_path, monkeypatch)
     assert settings['sampler'] == json.loads(json.dumps(generate.manifest_lib.fingerprint(recorded)))
     assert settings['sampler']['class_idx'] == 1 and settings['sampler']['S_churn'] == 2
 
-    from training import manifest
+    from formats import manifest
     extra = dict(call, gnet=make_tiny_net(seed=1), guidance=1.5)
     other = dict(call, gnet=make_tiny_net(seed=2), guidance=1.5)
     base = manifest.describe_settings('0' * 64, load_network(nets['cond']), extra)

@@ -1,4 +1,4 @@
-"""Guidance (training/guidance.py, generate.py / fid.py gen --gnet --guidance --guidance-interval).
+"""Guidance (sampling/guidance.py, generate.py / fid.py gen --gnet --guidance --guidance-interval).
 
 W = 1 is bit-identical to unguided sampling; the combination is EDM2's; the interval is inclusive at both edges and
 skips the guide outside; guides that do not fit (resolution, channels, label space, kernel D) fail with one line;
@@ -21,9 +21,9 @@ import fid
 import generate
 from tests._sampler_nets import make_tiny_net, save_snapshot
 from tests.conftest import GOLDEN_DIR
-from training import guidance as guidance_lib
-from training.exact_denoiser import ExactDenoiser
-from training import sampler as sampling
+from sampling import guidance as guidance_lib
+from sampling.exact_denoiser import ExactDenoiser
+from sampling import pipeline
 
 STANDIN = GOLDEN_DIR / 'fid/detector-standin.pkl'
 
@@ -58,7 +58,7 @@ def _pngs(folder: Path) -> dict[str, bytes]:
 
 
 def _load(path: Path) -> torch.nn.Module:
-    from training.network_io import load_network
+    from formats.network_io import load_network
     return load_network(str(path))
 
 
@@ -177,7 +177,7 @@ SOLVER_OPTIONS = [dict(solver='euler'), dict(discretization='vp', schedule='vp',
 
 # The ablation sampler takes no PFGM++ networks; every other sampler is tried with both kinds.
 @pytest.mark.parametrize('kind,options', [(kind, options) for kind in ('uncond', 'pfgmpp') for options in SOLVER_OPTIONS
-                                          if kind == 'uncond' or not sampling.uses_ablation_sampler(options)])
+                                          if kind == 'uncond' or not pipeline.uses_ablation_sampler(options)])
 def test_guidance_works_with_every_solver(nets, kind, options):
     net, gnet = _load(nets[kind]), _load(nets[f'{kind}_weak' if kind == 'pfgmpp' else 'weak'])
     if kind == 'pfgmpp':
@@ -185,9 +185,9 @@ def test_guidance_works_with_every_solver(nets, kind, options):
     seeds = [0, 1, 2]
     kwargs = dict(num_steps=4, **options)  # dpmpp3m needs 4
     D = options.get('D')
-    plain = sampling.sample_batch(net, seeds, **kwargs)
-    same = sampling.sample_batch(guidance_lib.guided_denoiser(net, gnet, 1.0, D=D), seeds, **kwargs)
-    guided = sampling.sample_batch(guidance_lib.guided_denoiser(net, gnet, 2.0, D=D), seeds, **kwargs)
+    plain = pipeline.sample_batch(net, seeds, **kwargs)
+    same = pipeline.sample_batch(guidance_lib.guided_denoiser(net, gnet, 1.0, D=D), seeds, **kwargs)
+    guided = pipeline.sample_batch(guidance_lib.guided_denoiser(net, gnet, 2.0, D=D), seeds, **kwargs)
     assert torch.equal(plain, same) and not torch.equal(plain, guided) and torch.isfinite(guided).all()
 
 
@@ -274,7 +274,7 @@ class _BlurredExactDenoiser(torch.nn.Module):
 
     With z = y + blur * n the blurred data, E[z | x] = (sigma^2 E[y | x; sigma_t] + blur^2 x) / sigma_t^2 with
     sigma_t^2 = sigma^2 + blur^2, where E[y | x; sigma_t] is the laboratory's exact denoiser
-    (:class:`training.exact_denoiser.ExactDenoiser`). Exact for diffusion; for PFGM++ the same construction, a
+    (:class:`sampling.exact_denoiser.ExactDenoiser`). Exact for diffusion; for PFGM++ the same construction, a
     denoiser that is too blurry by ``blur``.
     """
 
@@ -303,7 +303,7 @@ def test_degraded_guide_moves_samples_towards_the_data(D):
 
     def distances_to_data(weight: float) -> tuple[float, torch.Tensor]:
         guided = guidance_lib.guided_denoiser(net, gnet, weight, D=D)
-        x = sampling.sample_batch(guided, list(range(LAB_SAMPLES)), D=D, num_steps=LAB_STEPS)
+        x = pipeline.sample_batch(guided, list(range(LAB_SAMPLES)), D=D, num_steps=LAB_STEPS)
         distance = (x[:, None] - data[None]).flatten(2).norm(dim=2)
         return distance.min(dim=1).values.mean().item(), distance.argmin(dim=1)
     (d1, nearest1), (d15, _), (d2, nearest2) = (distances_to_data(w) for w in (1.0, 1.5, 2.0))

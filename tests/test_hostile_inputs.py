@@ -1,4 +1,4 @@
-"""Hostile and broken input for every command line: dataset_tool, train, generate, fid and training.export.
+"""Hostile and broken input for every command line: dataset_tool, train, generate, fid and formats.export.
 
 Every case checks three things: the command fails (click handled it, so no traceback), it prints exactly one
 ``Error:`` line naming the offending file or flag, and it leaves no partial output (the destination is absent
@@ -186,7 +186,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     files['optimizer_pt'] = root / 'optimizer.pt'
     torch.save(dict(optimizer_state={}, step=0), files['optimizer_pt'])
 
-    from training import export
+    from formats import export
     record = export.network_record(net)
     files['weights'] = root / 'good.weights.pt'
     torch.save(record, files['weights'])
@@ -611,12 +611,12 @@ def test_fid_gen_unwritable_save_stats(inputs, detector, tmp_path):
 
 
 # ----------------------------------------------------------------------------
-# python -m training.export
+# export.py
 
 
 def run_export(*args: Any) -> Any:
-    from training import export
-    return invoke(export.main, list(args))
+    import export as export_script
+    return invoke(export_script.main, list(args))
 
 
 @pytest.mark.parametrize('key, fragment', [('empty', '0 bytes'), ('truncated_pkl', 'truncated.pkl'),

@@ -1,4 +1,4 @@
-"""training/metrics.py against analytic answers, hand-checked cases and straightforward independent implementations
+"""evaluation/metrics.py against analytic answers, hand-checked cases and straightforward independent implementations
 of the papers' formulas (Frechet distance, KID, improved precision/recall, bootstrap, repeats)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import itertools
 import numpy as np
 import pytest
 
-from training import metrics
+from evaluation import metrics
 
 EPS = np.finfo(np.float64).eps
 

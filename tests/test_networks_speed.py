@@ -366,20 +366,20 @@ def test_pickle_of_an_accelerated_network_loads_with_only_the_original_helper_mo
 def test_exact_mode_is_bit_identical_when_accelerated(arch):
     """fp32 in the default layout: apply_speed_options (as generate.py and fid.py call it) changes no bit of the
     denoiser or of the Heun sampler's images (a padded batch of one included)."""
-    from training import network_io
-    from training import sampler as sampling
+    from formats import network_io
+    from sampling import pipeline
     plain = build('EDMPrecond', arch, label_dim=5)
     x, sigma, labels = inputs(label_dim=5)
     with torch.no_grad():
         want = plain(x, sigma, labels)
-    images = sampling.sample_batch(plain, [3, 4], num_steps=3)
-    single = sampling.sample_batch(plain, [4], num_steps=3)
+    images = pipeline.sample_batch(plain, [3, 4], num_steps=3)
+    single = pipeline.sample_batch(plain, [4], num_steps=3)
     network_io.apply_speed_options(plain)
     assert any(cpu_speed.is_accelerated(m) for m in plain.modules())
     with torch.no_grad():
         assert torch.equal(plain(x, sigma, labels), want)
-    assert torch.equal(sampling.sample_batch(plain, [3, 4], num_steps=3), images)
-    assert torch.equal(sampling.sample_batch(plain, [4], num_steps=3), single)
+    assert torch.equal(pipeline.sample_batch(plain, [3, 4], num_steps=3), images)
+    assert torch.equal(pipeline.sample_batch(plain, [4], num_steps=3), single)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -387,7 +387,7 @@ def test_exact_mode_is_bit_identical_when_accelerated(arch):
 
 @pytest.mark.parametrize('arch', [TINY_SONG, TINY_ADM], ids=['song', 'adm'])
 def test_fast_mode_stays_close_to_exact_mode(arch):
-    from training import network_io
+    from formats import network_io
     exact = build('EDMPrecond', arch, label_dim=5)
     fast = build('EDMPrecond', arch, label_dim=5)
     network_io.apply_speed_options(fast, 'bf16', channels_last=True)
@@ -445,8 +445,8 @@ def test_bf16_support_is_the_onednn_query():
 
 
 def test_without_bf16_kernels_a_network_built_for_cpu_bf16_loads_as_fp32(no_bf16_kernels):
-    """What generate.py and fid.py gen apply after loading a network (training.network_io.precision_for_device)."""
-    from training import network_io
+    """What generate.py and fid.py gen apply after loading a network (formats.network_io.precision_for_device)."""
+    from formats import network_io
     built_bf16 = build('EDMPrecond', TINY_SONG, randomize=False, use_bf16=True, reduced_precision_on_cpu=True)
     precision, reason = network_io.precision_for_device(built_bf16, None, 'cpu')
     assert precision == 'fp32' and 'no oneDNN bfloat16 kernels' in reason

@@ -17,6 +17,8 @@ import scipy.special
 import scipy.stats
 import torch
 
+from training.loss import DEFAULT_BETA_CLIP
+
 from tests._tolerance import NORMAL_DRAW_STEPS, assert_within, randn_bits_match_golden, sum_steps
 from training import pfgmpp
 
@@ -188,7 +190,7 @@ def test_radius_law_for_large_parameters(N: int, D: float) -> None:
 
 
 def test_beta_clip_bounds_the_draw() -> None:
-    eps = pfgmpp.TRAINING_BETA_CLIP
+    eps = DEFAULT_BETA_CLIP
     low, high = math.sqrt(eps / (1 - eps)), math.sqrt((1 - eps) / eps)
     # With D = 3,072,000 and N = 3072, E[B] is about 1e-3: roughly half the draws fall below the clip.
     exact = pfgmpp.sample_radius_ratio(4000, CIFAR_N, HUGE_D, generator=torch.Generator().manual_seed(3))
@@ -249,7 +251,7 @@ def test_no_host_synchronisation_on_cuda() -> None:
     torch.cuda.set_sync_debug_mode('error')
     try:
         noise = pfgmpp.sample_perturbation((64, 3, 16, 16), sigma, D=128, generator=gen,
-                                           clip_beta=pfgmpp.TRAINING_BETA_CLIP)
+                                           clip_beta=DEFAULT_BETA_CLIP)
         pfgmpp.stable_target_field(reference[:64] + noise, sigma, reference, D=128, chunk_size=128)
     finally:
         torch.cuda.set_sync_debug_mode('default')

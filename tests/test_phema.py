@@ -195,7 +195,7 @@ def test_solver_refuses_duplicates_and_bad_requests(tmp_path):
 
 def test_reconstruct_script_writes_loadable_snapshots_and_one_line_errors(tmp_path):
     import reconstruct_phema
-    from training.network_io import load_network
+    from formats.network_io import load_network
 
     (tmp_path / 'run').mkdir()
     _synthetic_run(tmp_path / 'run', 0.07)

@@ -1,4 +1,4 @@
-"""training/sampler.py and training/quantize.py: goldens, invariances, ablation math, robustness options."""
+"""sampling/ and sampling/quantize.py: goldens, invariances, ablation math, robustness options."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import torch
 
 from tests.conftest import GOLDEN_DIR
 from tests._sampler_nets import golden_network, make_tiny_net
-from training import quantize
-from training import sampler as sampling
+from sampling import quantize
+from sampling import edm, pipeline, schedules
+from training.networks import iddpm_noise_levels
 
 @pytest.fixture(autouse=True)
 def _single_intra_op_thread(one_intra_op_thread):
@@ -94,7 +95,7 @@ def test_sampler_matches_golden(case, golden_dir, golden_manifest, golden_nets, 
     # Record what the public path draws from the per-seed generators.
     draws, label_draws, made = [], [], []
 
-    class RecordingRandom(sampling.PerSeedRandom):
+    class RecordingRandom(schedules.PerSeedRandom):
         def __init__(self, seeds, device='cpu'):
             super().__init__(seeds, device)
             made.append(self)
@@ -109,17 +110,17 @@ def test_sampler_matches_golden(case, golden_dir, golden_manifest, golden_nets, 
             label_draws.append(out)
             return out
 
-    monkeypatch.setattr(sampling, 'PerSeedRandom', RecordingRandom)
+    monkeypatch.setattr(pipeline, 'PerSeedRandom', RecordingRandom)
     latents_seen = []
-    real_draw_latents = sampling.draw_latents
+    real_draw_latents = pipeline.draw_latents
 
     def spy_latents(*args, **kwargs):
         out = real_draw_latents(*args, **kwargs)
         latents_seen.append(out)
         return out
-    monkeypatch.setattr(sampling, 'draw_latents', spy_latents)
+    monkeypatch.setattr(pipeline, 'draw_latents', spy_latents)
 
-    images = sampling.sample_batch(recorder, seeds, device='cpu', class_idx=class_idx, D=D,
+    images = pipeline.sample_batch(recorder, seeds, device='cpu', class_idx=class_idx, D=D,
                                    **sampler_kwargs)
 
     assert len(made) == 1 and made[0].seeds == seeds
@@ -143,7 +144,7 @@ def test_sampler_matches_golden(case, golden_dir, golden_manifest, golden_nets, 
         _assert_close(torch.stack(draws), gold['randn_like_draws'], 'randn_like draws')
     expected_images = gold.get('output', gold.get('images'))
     _assert_close(images, expected_images, 'images')
-    _assert_uint8_close(sampling.to_uint8(images).permute(0, 2, 3, 1), gold['images_uint8_nhwc'], 'uint8 images')
+    _assert_uint8_close(pipeline.to_uint8(images).permute(0, 2, 3, 1), gold['images_uint8_nhwc'], 'uint8 images')
 
     if 'trajectory' in gold:
         if not draws:
@@ -151,23 +152,23 @@ def test_sampler_matches_golden(case, golden_dir, golden_manifest, golden_nets, 
             # input of every step's first call, then the result.
             trajectory = torch.stack([recorder.inputs[2 * i] for i in range(1, len(gold['trajectory']))] + [images])
         else:
-            rnd = sampling.PerSeedRandom(seeds)
+            rnd = schedules.PerSeedRandom(seeds)
             with torch.no_grad():
-                _, trajectory = sampling.edm_sampler(net, latents_seen[0], recorder.labels, randn_like=rnd.randn_like,
+                _, trajectory = edm.edm_sampler(net, latents_seen[0], recorder.labels, randn_like=rnd.randn_like,
                                                      D=D, return_trajectory=True, **sampler_kwargs)
         _assert_close(trajectory, gold['trajectory'], 'trajectory')
 
 
 def test_trajectory_is_the_state_after_each_step(tiny_net):
     seeds = [1, 2]
-    rnd = sampling.PerSeedRandom(seeds)
-    latents = sampling.draw_latents(tiny_net, seeds, rnd)
+    rnd = schedules.PerSeedRandom(seeds)
+    latents = pipeline.draw_latents(tiny_net, seeds, rnd)
     kwargs = dict(num_steps=3, S_churn=5)
-    final, trajectory = sampling.edm_sampler(tiny_net, latents, randn_like=rnd.randn_like, return_trajectory=True,
+    final, trajectory = edm.edm_sampler(tiny_net, latents, randn_like=rnd.randn_like, return_trajectory=True,
                                              **kwargs)
     assert trajectory.shape == (3, *latents.shape) and torch.equal(trajectory[-1], final)
-    rnd = sampling.PerSeedRandom(seeds)
-    again = sampling.edm_sampler(tiny_net, sampling.draw_latents(tiny_net, seeds, rnd), randn_like=rnd.randn_like,
+    rnd = schedules.PerSeedRandom(seeds)
+    again = edm.edm_sampler(tiny_net, pipeline.draw_latents(tiny_net, seeds, rnd), randn_like=rnd.randn_like,
                                  **kwargs)
     assert torch.equal(again, final)
 
@@ -177,7 +178,7 @@ def test_trajectory_is_the_state_after_each_step(tiny_net):
 
 
 def test_per_seed_random_matches_plain_generators():
-    rnd = sampling.PerSeedRandom([3, 7, (1 << 32) + 3])
+    rnd = schedules.PerSeedRandom([3, 7, (1 << 32) + 3])
     x = rnd.randn([2, 5])
     for row, seed in zip(x, [3, 7, 3]):
         assert torch.equal(row, torch.randn([2, 5], generator=torch.Generator().manual_seed(seed)))
@@ -191,12 +192,12 @@ def test_per_seed_random_matches_plain_generators():
 def test_split_batches_covers_seeds_evenly():
     seeds = list(range(10, 33))
     for batch, shards in [(4, 1), (4, 2), (5, 3), (64, 2), (1, 1)]:
-        batches = sampling.split_batches(seeds, batch, shards)
+        batches = pipeline.split_batches(seeds, batch, shards)
         assert len(batches) % shards == 0
         assert [s for b in batches for s in b] == seeds
         assert max(map(len, batches)) <= batch
         assert max(map(len, batches)) - min(map(len, batches)) <= 1
-    assert sampling.split_batches([], 4, 2) == [[], []]
+    assert pipeline.split_batches([], 4, 2) == [[], []]
 
 
 @pytest.fixture(scope='module')
@@ -211,7 +212,7 @@ def tiny_cond_net():
 
 def _images(net, seeds, batch, **kwargs):
     out = {}
-    for batch_seeds, images in sampling.generate_images(net, seeds, batch_size=batch, **kwargs):
+    for batch_seeds, images in pipeline.generate_images(net, seeds, batch_size=batch, **kwargs):
         assert images.dtype == torch.uint8 and images.shape[1:] == (net.img_channels, net.img_resolution,
                                                                       net.img_resolution)
         out.update(zip(batch_seeds, images))
@@ -230,15 +231,15 @@ def test_images_depend_only_on_seed(tiny_net, options):
         assert torch.equal(a[s], b[s]) and torch.equal(a[s], c[s]), f'seed {s} depends on batching'
     assert not torch.equal(a[5], a[0])
     # Bit-identical float64 samples, batches of one included (those are padded to keep the batched kernels).
-    together = sampling.sample_batch(tiny_net, seeds, **options)
+    together = pipeline.sample_batch(tiny_net, seeds, **options)
     for i, s in enumerate(seeds):
-        assert torch.equal(sampling.sample_batch(tiny_net, [s], **options)[0], together[i])
+        assert torch.equal(pipeline.sample_batch(tiny_net, [s], **options)[0], together[i])
 
 
 def test_class_labels_random_and_fixed(tiny_cond_net):
     seeds = [0, 1, 2, 3, 4, 5]
     rec = _Recorder(tiny_cond_net)
-    sampling.sample_batch(rec, seeds, num_steps=1)
+    pipeline.sample_batch(rec, seeds, num_steps=1)
     expected_idx = []
     for s in seeds:
         g = torch.Generator().manual_seed(s)
@@ -251,9 +252,9 @@ def test_class_labels_random_and_fixed(tiny_cond_net):
     noise = {}
     for class_idx in (None, 2):
         draws = []
-        rnd = sampling.PerSeedRandom(seeds)
-        latents = sampling.draw_latents(tiny_cond_net, seeds, rnd)
-        labels = sampling.draw_class_labels(tiny_cond_net, rnd, class_idx)
+        rnd = schedules.PerSeedRandom(seeds)
+        latents = pipeline.draw_latents(tiny_cond_net, seeds, rnd)
+        labels = pipeline.draw_class_labels(tiny_cond_net, rnd, class_idx)
         draws.append(rnd.randn_like(latents.double()))
         noise[class_idx] = draws[0]
         if class_idx is not None:
@@ -264,18 +265,18 @@ def test_class_labels_random_and_fixed(tiny_cond_net):
     free = _images(tiny_cond_net, seeds, 3, num_steps=3)
     assert any(not torch.equal(fixed[s], free[s]) for s in seeds)
     with pytest.raises(ValueError, match='out of range'):
-        sampling.sample_batch(tiny_cond_net, [0], class_idx=4, num_steps=1)
+        pipeline.sample_batch(tiny_cond_net, [0], class_idx=4, num_steps=1)
     with pytest.raises(ValueError, match='unconditional'):
-        sampling.sample_batch(make_tiny_net(), [0], class_idx=0, num_steps=1)
+        pipeline.sample_batch(make_tiny_net(), [0], class_idx=0, num_steps=1)
 
 
 def test_pfgmpp_prior_uses_its_own_generators(tiny_net):
     """The PFGM++ latents do not advance the per-seed generators (labels/noise follow the reference)."""
     seeds = [4, 11]
-    rnd = sampling.PerSeedRandom(seeds)
-    latents = sampling.draw_latents(tiny_net, seeds, rnd, D=64)
+    rnd = schedules.PerSeedRandom(seeds)
+    latents = pipeline.draw_latents(tiny_net, seeds, rnd, D=64)
     assert latents.dtype == torch.float64 and latents.shape == (2, 3, 8, 8)
-    fresh = sampling.PerSeedRandom(seeds)
+    fresh = schedules.PerSeedRandom(seeds)
     assert torch.equal(rnd.randn([3]), fresh.randn([3]))
     # Radius: |x| / (80 sqrt(D)) = sqrt(B / (1 - B)) with B ~ Beta(N/2, D/2), around sqrt(N / D).
     ratio = latents.flatten(1).norm(dim=1) / (80 * math.sqrt(64))
@@ -316,17 +317,17 @@ def _exact_endpoint(latents: torch.Tensor, sigma_0: float, data_std: float = 0.5
 def test_edm_sampler_solves_the_ode_and_counts_evaluations():
     net = GaussianDenoiser()
     latents = torch.randn([2, 1, 4, 4], generator=torch.Generator().manual_seed(0))
-    out = sampling.edm_sampler(net, latents, num_steps=200)
+    out = edm.edm_sampler(net, latents, num_steps=200)
     assert net.calls == 2 * 200 - 1
     expected = _exact_endpoint(latents, 80.0)
     assert (out - expected).abs().max() < 1e-3 * expected.abs().max()
     net1 = GaussianDenoiser()
-    one = sampling.edm_sampler(net1, latents, num_steps=1)  # a single Euler step is still well defined
+    one = edm.edm_sampler(net1, latents, num_steps=1)  # a single Euler step is still well defined
     assert net1.calls == 1 and torch.isfinite(one).all()
 
 
 def test_edm_time_steps():
-    steps = sampling.edm_time_steps(GaussianDenoiser(), num_steps=18)
+    steps = schedules.edm_time_steps(GaussianDenoiser(), num_steps=18)
     assert steps.dtype == torch.float64 and len(steps) == 19 and steps[-1] == 0
     assert math.isclose(steps[0].item(), 80.0) and math.isclose(steps[-2].item(), 0.002)
     ramp = steps[:-1] ** (1 / 7)
@@ -340,14 +341,14 @@ def test_noise_injection_formula():
             return torch.zeros_like(x, dtype=torch.float32)
 
     latents = torch.randn([2, 1, 4, 4], generator=torch.Generator().manual_seed(1))
-    rnd = sampling.PerSeedRandom([0, 1])
+    rnd = schedules.PerSeedRandom([0, 1])
     draws = []
 
     def noise(x):
         draws.append(rnd.randn_like(x))
         return draws[-1]
-    t = sampling.edm_time_steps(Zero(), num_steps=3)
-    _, trajectory = sampling.edm_sampler(Zero(), latents, randn_like=noise, num_steps=3, noise_injection=0.25,
+    t = schedules.edm_time_steps(Zero(), num_steps=3)
+    _, trajectory = edm.edm_sampler(Zero(), latents, randn_like=noise, num_steps=3, noise_injection=0.25,
                                          return_trajectory=True)
     assert len(draws) == 3  # one injection per step, no churn draws
     # With D = 0 each step rescales x by t_{i+1} / t_i.
@@ -365,9 +366,9 @@ def test_churn_draws_every_step_only_when_stochastic():
     def noise(x):
         counter.append(1)
         return torch.zeros_like(x)
-    sampling.edm_sampler(net, latents, randn_like=noise, num_steps=5)
+    edm.edm_sampler(net, latents, randn_like=noise, num_steps=5)
     assert counter == []
-    sampling.edm_sampler(net, latents, randn_like=noise, num_steps=5, S_churn=5, S_min=1, S_max=10)
+    edm.edm_sampler(net, latents, randn_like=noise, num_steps=5, S_churn=5, S_min=1, S_max=10)
     assert len(counter) == 5  # also on the steps outside [S_min, S_max], as the reference does
 
 
@@ -386,7 +387,7 @@ def test_ablation_sampler_converges_to_the_ode_solution(solver, discretization, 
     # The starting level of each discretisation with its default range.
     sigma_0 = {'edm': 80.0, 've': 100.0, 'iddpm': None, 'vp': math.sqrt(math.expm1(0.5 * 19.9 + 0.1))}[discretization]
     if sigma_0 is None:
-        levels = sampling.iddpm_noise_levels(1000, 0.001, 0.008)
+        levels = iddpm_noise_levels(1000, 0.001, 0.008)
         sigma_0 = levels[levels <= 81.0].max().item()
     expected = _exact_endpoint(latents, sigma_0)
     tiny_sigma = None if discretization == 'iddpm' else 1e-4  # iDDPM's grid already ends near 0.002
@@ -394,7 +395,7 @@ def test_ablation_sampler_converges_to_the_ode_solution(solver, discretization, 
     for num_steps in ((128, 256) if solver == 'euler' else (64, 128)):
         net = GaussianDenoiser()
         # A tiny sigma_min: the final Euler step to sigma = 0 costs O(sigma_min^2), whatever the step count.
-        out = sampling.ablation_sampler(net, latents, num_steps=num_steps, solver=solver, sigma_min=tiny_sigma,
+        out = edm.ablation_sampler(net, latents, num_steps=num_steps, solver=solver, sigma_min=tiny_sigma,
                                         discretization=discretization, schedule=schedule, scaling=scaling)
         assert net.calls == (num_steps if solver == 'euler' else 2 * num_steps - 1)
         errors.append(((out - expected).abs().max() / expected.abs().max()).item())
@@ -405,8 +406,8 @@ def test_ablation_sampler_converges_to_the_ode_solution(solver, discretization, 
 def test_ablation_edm_settings_equal_edm_sampler(tiny_net):
     latents = torch.randn([2, 3, 8, 8], generator=torch.Generator().manual_seed(3))
     kwargs = dict(num_steps=4, S_churn=5, S_min=0.05, S_max=50, S_noise=1.003)
-    a = sampling.edm_sampler(tiny_net, latents, randn_like=sampling.PerSeedRandom([1, 2]).randn_like, **kwargs)
-    b = sampling.ablation_sampler(tiny_net, latents, randn_like=sampling.PerSeedRandom([1, 2]).randn_like,
+    a = edm.edm_sampler(tiny_net, latents, randn_like=schedules.PerSeedRandom([1, 2]).randn_like, **kwargs)
+    b = edm.ablation_sampler(tiny_net, latents, randn_like=schedules.PerSeedRandom([1, 2]).randn_like,
                                   solver='heun', discretization='edm', schedule='linear', scaling='none', **kwargs)
     assert torch.allclose(a, b, rtol=0, atol=1e-9)
 
@@ -415,16 +416,16 @@ def test_ablation_defaults_follow_the_edm_paper():
     """VP range from beta_d = 19.9 (the PFGM++ fork used 19.1), VE 0.02..100, iDDPM up to 81."""
     for disc, top in [('vp', math.sqrt(math.expm1(0.5 * 19.9 + 0.1))), ('ve', 100.0), ('edm', 80.0)]:
         net = _Recorder(GaussianDenoiser())
-        sampling.ablation_sampler(net, torch.zeros([1, 1, 4, 4]), num_steps=3, discretization=disc,
+        edm.ablation_sampler(net, torch.zeros([1, 1, 4, 4]), num_steps=3, discretization=disc,
                                   schedule='linear', solver='euler')
         assert math.isclose(net.sigmas[0], top, rel_tol=1e-9), disc
     net = _Recorder(GaussianDenoiser())
-    sampling.ablation_sampler(net, torch.zeros([1, 1, 4, 4]), num_steps=2, discretization='vp', solver='euler')
+    edm.ablation_sampler(net, torch.zeros([1, 1, 4, 4]), num_steps=2, discretization='vp', solver='euler')
     assert math.isclose(net.sigmas[-1], math.sqrt(math.expm1(0.5 * 19.9 * 1e-6 + 0.1 * 1e-3)), rel_tol=1e-9)
-    u = sampling.iddpm_noise_levels(1000, 0.001, 0.008)
+    u = iddpm_noise_levels(1000, 0.001, 0.008)
     assert u[-1] == 0 and (u[:-1] > u[1:]).all()
     with pytest.raises(ValueError, match='solver'):
-        sampling.ablation_sampler(GaussianDenoiser(), torch.zeros([1, 1, 4, 4]), solver='rk4')
+        edm.ablation_sampler(GaussianDenoiser(), torch.zeros([1, 1, 4, 4]), solver='rk4')
 
 
 # ----------------------------------------------------------------------------
@@ -479,14 +480,14 @@ def test_quantize_network_selects_layers_like_the_paper(tiny_net):
 
 def test_quantized_network_changes_images_gracefully(tiny_net):
     seeds = [0, 1]
-    base = sampling.sample_batch(tiny_net, seeds, num_steps=3)
-    err = {bits: (sampling.sample_batch(quantize.quantize_network(tiny_net, bits), seeds, num_steps=3) - base)
+    base = pipeline.sample_batch(tiny_net, seeds, num_steps=3)
+    err = {bits: (pipeline.sample_batch(quantize.quantize_network(tiny_net, bits), seeds, num_steps=3) - base)
            .abs().mean().item() for bits in (3, 8, 14)}
     assert err[3] > err[8] > err[14] and err[3] > 0
 
 
 def test_batch_padding_is_a_denoiser_without_look_through(tiny_net):
-    padded = sampling.BatchPadded(tiny_net)
+    padded = pipeline.BatchPadded(tiny_net)
     for name in ('img_resolution', 'img_channels', 'label_dim', 'sigma_min', 'sigma_max'):
         assert getattr(padded, name) == getattr(tiny_net, name)
     assert torch.equal(padded.round_sigma(torch.tensor([0.5])), tiny_net.round_sigma(torch.tensor([0.5])))

@@ -11,10 +11,10 @@ from click.testing import CliRunner
 
 import generate
 from tests import _tolerance as tol
-from training import exact_denoiser as lab
+from sampling import exact_denoiser as lab
 from training import pfgmpp as pfgmpp_lib
-from training import sampler as sampling
-from training.network_io import load_network
+from sampling import edm, fast_solvers, pipeline, schedules
+from formats.network_io import load_network
 
 KERNELS = [8.0, 128.0, 2048.0, None]
 
@@ -100,7 +100,7 @@ def test_third_order_multistep_integrates_quadratics_exactly(degree):
     t = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
     history = [(t(lam[1]), t(denoiser(lam[1]))), (t(lam[0]), t(denoiser(lam[0])))]
     x = 0.9
-    got = sampling._dpmpp_step(t(x), t(levels[2]), t(levels[3]), t(denoiser(lam[2])), history, order=3)
+    got = fast_solvers._dpmpp_step(t(x), t(levels[2]), t(levels[3]), t(denoiser(lam[2])), history, order=3)
     expected = _exact_linear_ode_step(x, levels[2], levels[3], denoiser)
     assert abs(float(got) - expected) < 1e-12
 
@@ -113,7 +113,7 @@ def test_second_order_multistep_local_error_is_third_order():
         lam = [0.0, h, 2 * h]
         sig = [math.exp(-v) for v in lam]
         t = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
-        got = sampling._dpmpp_step(t(0.5), t(sig[1]), t(sig[2]), t(denoiser(lam[1])), [(t(lam[0]), t(denoiser(0.0)))],
+        got = fast_solvers._dpmpp_step(t(0.5), t(sig[1]), t(sig[2]), t(denoiser(lam[1])), [(t(lam[0]), t(denoiser(0.0)))],
                                    order=2)
         errors.append(abs(float(got) - _exact_linear_ode_step(0.5, sig[1], sig[2], denoiser)))
     ratios = [errors[i] / errors[i + 1] for i in range(2)]
@@ -124,31 +124,31 @@ def test_first_order_step_is_euler_and_last_step_returns_the_denoised():
     x, d = torch.tensor([1.3], dtype=torch.float64), torch.tensor([0.2], dtype=torch.float64)
     s, s_next = torch.tensor(2.0, dtype=torch.float64), torch.tensor(0.5, dtype=torch.float64)
     euler = x + (s_next - s) * (x - d) / s
-    torch.testing.assert_close(sampling._dpmpp_step(x, s, s_next, d, [], order=1), euler)
-    assert torch.equal(sampling._dpmpp_step(x, s, torch.tensor(0.0, dtype=torch.float64), d, [], 3), d)
+    torch.testing.assert_close(fast_solvers._dpmpp_step(x, s, s_next, d, [], order=1), euler)
+    assert torch.equal(fast_solvers._dpmpp_step(x, s, torch.tensor(0.0, dtype=torch.float64), d, [], 3), d)
 
 
 def test_log_snr_spacing_is_uniform_in_log_sigma():
-    levels = sampling.noise_levels(6, 0.01, 100.0, spacing='logsnr')
+    levels = schedules.noise_levels(6, 0.01, 100.0, spacing='logsnr')
     steps = levels.log().diff()
     torch.testing.assert_close(steps, torch.full_like(steps, math.log(0.01 / 100.0) / 5))
     assert math.isclose(float(levels[0]), 100.0) and math.isclose(float(levels[-1]), 0.01)
-    assert torch.equal(sampling.noise_levels(6, 0.01, 100.0, rho=7, spacing='edm'),
-                       sampling.edm_noise_levels(6, 0.01, 100.0, 7))
+    assert torch.equal(schedules.noise_levels(6, 0.01, 100.0, rho=7, spacing='edm'),
+                       schedules.edm_noise_levels(6, 0.01, 100.0, 7))
     with pytest.raises(ValueError, match='spacing'):
-        sampling.noise_levels(6, 0.01, 100.0, spacing='cosine')
+        schedules.noise_levels(6, 0.01, 100.0, spacing='cosine')
 
 
 def test_place_level_keeps_levels_decreasing():
-    steps = torch.cat([sampling.edm_noise_levels(8, 0.002, 80.0, 7.0), torch.zeros(1, dtype=torch.float64)])
+    steps = torch.cat([schedules.edm_noise_levels(8, 0.002, 80.0, 7.0), torch.zeros(1, dtype=torch.float64)])
     for level in (0.0021, 0.14, 0.3, 5.0, 79.0):
-        placed, index = sampling.place_level(steps, level)
+        placed, index = schedules.place_level(steps, level)
         assert float(placed[index]) == level and 0 < index < 7
         assert float(placed[7]) == float(steps[7])  # sigma_min stays
         assert bool((placed.diff() < 0).all())
     for outside in (0.001, 0.002, 80.0):
         with pytest.raises(ValueError):
-            sampling.place_level(steps, outside)
+            schedules.place_level(steps, outside)
 
 
 # ----------------------------------------------------------------------------
@@ -212,18 +212,18 @@ FAST_OPTIONS = [dict(solver='dpmpp2m', num_steps=5), dict(solver='dpmpp3m', num_
 def test_fast_solver_images_depend_only_on_the_seed(D, options):
     net = lab.ExactDenoiser(_data(16), D)
     seeds = [3, 11, 7]
-    together = sampling.sample_batch(net, seeds, D=D, **options)
+    together = pipeline.sample_batch(net, seeds, D=D, **options)
     assert together.dtype == torch.float64 and bool(together.isfinite().all())
     # The noise is per seed bit for bit (test_restart_noise_follows_the_kernel_and_the_seed). The laboratory's
     # denoiser sums over the data set with vectorised reductions whose grouping may follow the batch size on some
     # CPUs, so an image agrees with itself to float64 rounding: k counts one rounding per data-set sum (as a tree)
     # per network call, times 2**5 for the ODE's growth of such errors; a different seed's noise moves it by O(0.1).
-    nfe = sampling.sampler_nfe(options['num_steps'], options)
+    nfe = pipeline.sampler_nfe(options['num_steps'], options)
     atol = tol.tolerance(32 * nfe * tol.sum_steps(len(net.data)), float(together.abs().max()), torch.float64)
     for i, seed in enumerate(seeds):
-        alone = sampling.sample_batch(net, [seed], D=D, **options)
+        alone = pipeline.sample_batch(net, [seed], D=D, **options)
         torch.testing.assert_close(alone[0], together[i], rtol=0, atol=atol)
-    reordered = sampling.sample_batch(net, seeds[::-1], D=D, **options)
+    reordered = pipeline.sample_batch(net, seeds[::-1], D=D, **options)
     torch.testing.assert_close(reordered.flip(0), together, rtol=0, atol=atol)
 
 
@@ -231,11 +231,11 @@ def test_fast_solver_images_depend_only_on_the_seed(D, options):
 def test_restart_noise_follows_the_kernel_and_the_seed(D):
     net = lab.ExactDenoiser(_data(16), D)
     options = dict(solver='restart', num_steps=5, restart_interval=[0.2, 1.0], restart_repeats=1, restart_steps=2)
-    a = sampling.sample_batch(net, [0, 1], D=D, **options)
-    b = sampling.sample_batch(net, [0, 1], D=D, **dict(options, restart_repeats=2))
+    a = pipeline.sample_batch(net, [0, 1], D=D, **options)
+    b = pipeline.sample_batch(net, [0, 1], D=D, **dict(options, restart_repeats=2))
     assert not torch.equal(a, b)  # the noise really enters
     # The jump is the perturbation kernel at sqrt(t_max^2 - t_min^2) from each seed's generator.
-    rnd = sampling.PerSeedRandom([5, 6])
+    rnd = schedules.PerSeedRandom([5, 6])
     x = torch.zeros([2, 1, 4, 4], dtype=torch.float64)
     noise = rnd.perturbation(x, 0.7, D)
     gens = pfgmpp_lib.seed_generators([6])
@@ -247,19 +247,19 @@ def test_restart_noise_follows_the_kernel_and_the_seed(D):
                          ids=lambda o: '-'.join(str(v) for v in o.values()))
 def test_printed_nfe_counts_network_calls(options):
     net = lab.ExactDenoiser(_data(), 128)
-    sampling.sample_batch(net, [0, 1], D=128, **options)
-    assert net.evaluations == sampling.sampler_nfe(options['num_steps'], options)
+    pipeline.sample_batch(net, [0, 1], D=128, **options)
+    assert net.evaluations == pipeline.sampler_nfe(options['num_steps'], options)
 
 
 def test_default_sampler_and_spacing_edm_are_the_edm_sampler():
     net = lab.ExactDenoiser(_data(), 128)
-    plain = sampling.sample_batch(net, [0, 1], D=128, num_steps=5)
-    assert torch.equal(plain, sampling.sample_batch(net, [0, 1], D=128, num_steps=5, spacing='edm'))
+    plain = pipeline.sample_batch(net, [0, 1], D=128, num_steps=5)
+    assert torch.equal(plain, pipeline.sample_batch(net, [0, 1], D=128, num_steps=5, spacing='edm'))
     # The Heun solver of solve_ode on the EDM time steps is the EDM sampler without churn, bit for bit.
     latents = lab.lab_latents([0, 1], net)
-    t_steps = sampling.edm_time_steps(net, 5)
-    torch.testing.assert_close(sampling.solve_ode(net, latents, t_steps, solver='heun'),
-                               sampling.edm_sampler(net, latents, num_steps=5, D=128), rtol=0, atol=0)
+    t_steps = schedules.edm_time_steps(net, 5)
+    torch.testing.assert_close(fast_solvers.solve_ode(net, latents, t_steps, solver='heun'),
+                               edm.edm_sampler(net, latents, num_steps=5, D=128), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize('args, fragment', [

@@ -107,7 +107,7 @@ def ddp_run(data_zip, tmp_path_factory) -> Path:
 
 
 def test_two_process_run_writes_loadable_outputs(ddp_run: Path):
-    from training.network_io import load_network
+    from formats.network_io import load_network
 
     assert ddp_run.name == '00000-tiny-uncond-ddpmpp-edm-gpus2-batch8-fp32'
     options = json.loads((ddp_run / 'training_options.json').read_text())

@@ -39,7 +39,7 @@ versions of this project are accelerated too; other modules, and callables that 
 Process-wide: :func:`retain_freed_host_memory` (from ``torch_utils.host_memory``) keeps freed host memory for reuse;
 the command-line tools call it at start-up.
 
-The training loop accelerates the network it trains, ``training.network_io.apply_speed_options`` the networks that
+The training loop accelerates the network it trains, ``formats.network_io.apply_speed_options`` the networks that
 ``generate.py`` and ``fid.py`` load. Figures: README, section Speed, and ``python -m bench.run``.
 """
 

@@ -25,7 +25,7 @@ import PIL.Image
 import torch
 
 import dnnlib
-from training.dataset_files import (LABELS_FILE, DatasetError, ImageHeader, check_same_size, dataset_channels,
+from formats.dataset_files import (LABELS_FILE, DatasetError, ImageHeader, check_same_size, dataset_channels,
                                     decode_image, match_labels, parse_labels_json, read_image_header)
 
 SUBSET_SEED_MODULUS = 1 << 31  # max_size seeds wrap like this so that any integer seed is accepted
@@ -525,7 +525,7 @@ class ImageFolderDataset(ImageDataset):
     """Images (any format PIL reads, found recursively, in sorted name order) of a directory or ZIP archive,
     with labels from ``dataset.json`` at its root when ``use_labels`` is set.
 
-    Pixels are converted as ``dataset_tool.py`` converts them (``training/dataset_files.py``: 16-bit to 8-bit,
+    Pixels are converted as ``dataset_tool.py`` converts them (``formats/dataset_files.py``: 16-bit to 8-bit,
     alpha over black, palette/CMYK to RGB; grayscale repeated to RGB when other images are colour). A directory
     or a ZIP of raw images is checked image by image from the headers when opened (readable, convertible mode,
     one size); an archive whose members are named like dataset_tool.py's output only by its first image.

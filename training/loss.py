@@ -45,7 +45,7 @@ import torch
 from torch_utils import persistence
 
 #: Clip of B ~ Beta(N/2, D/2) to [eps, 1 - eps] that the PFGM++ reference applies while training (and not while
-#: sampling); ``training.pfgmpp.TRAINING_BETA_CLIP`` names the same value. It bounds the radius away from 0 and
+#: sampling). It bounds the radius away from 0 and
 #: infinity. For very large D it is far from harmless: with N = 3072 and D = 3,072,000, E[B] is about 1e-3, so
 #: roughly half of the draws land on the lower bound.
 DEFAULT_BETA_CLIP = 1e-3

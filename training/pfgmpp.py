@@ -25,7 +25,6 @@ import torch
 
 # The training clip of the Beta draw is defined beside the loss that applies it by default: training/loss.py must
 # load without this module (see its docstring), so it cannot import the value from here.
-from training.loss import DEFAULT_BETA_CLIP as TRAINING_BETA_CLIP  # noqa: F401 (public name)
 
 #: Rule of the reference generator for the PFGM++ prior: images with fewer than 256*256*3 values always start from
 #: radius 80 * sqrt(D), whatever sigma_max the caller asked for (the reference raises for larger images; we then
@@ -231,7 +230,7 @@ def sample_perturbation(shape: Sequence[int], sigma: SigmaLike, D: Optional[floa
         that device, exactly like ``torch.randn``.
     device: where to draw; defaults to sigma's device when sigma is a tensor, else the generator's, else CPU.
     clip_beta: None for the exact kernel, or eps to clip B to [eps, 1 - eps] (the reference's training setting,
-        :data:`TRAINING_BETA_CLIP`).
+        :data:`training.loss.DEFAULT_BETA_CLIP`).
 
     For finite D the Beta draw comes first, then the direction, both from ``generator``. The radius and the norm
     of the direction are float64; the float32 direction is scaled in float64 and rounded to ``dtype`` at the end.

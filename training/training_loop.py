@@ -443,7 +443,7 @@ def ema_decay(cur_nimg: int, batch_size: int, halflife_kimg: float, rampup_ratio
 
 def _transfer_weights(resume_pkl: str, net: torch.nn.Module, ema: torch.nn.Module) -> None:
     """--transfer: start ``net`` and ``ema`` from the EMA weights of a network snapshot (names that match)."""
-    from training.network_io import NetworkLoadError, load_network
+    from formats.network_io import NetworkLoadError, load_network
     dist.print0(f'Transfer: starting from the weights of {resume_pkl}')
     try:
         source_net = load_network(resume_pkl, device='cpu')
@@ -640,7 +640,7 @@ def _write_snapshot(path: str, ema: torch.nn.Module, loss_fn: Any, augment_pipe:
 
 def _write_weights(snapshot_path: str, ema: torch.nn.Module, kimg: float) -> None:
     """The weights-only twin of a snapshot (``X.weights.pt`` beside ``X.pkl``), safe to share; rank 0 only."""
-    from training import export
+    from formats import export
     try:
         record = export.network_record(ema, metadata=dict(kimg=kimg), source='--snap-format')
     except export.WeightsFormatError as err:

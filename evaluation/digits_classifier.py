@@ -6,7 +6,7 @@ penultimate layer serves as the feature space of a Frechet distance, as classifi
 al. 2017) and in the MNIST/LeNet variants of it. Distances in this space are "FD-digits": comparable only with
 each other, never with FID.
 
-The trained network ships as a weights-only file (``training.export`` format, loads with
+The trained network ships as a weights-only file (``formats.export`` format, loads with
 ``torch.load(weights_only=True)``); ``fid.py --detector=PATH`` recognises it by content. Like every detector it is
 called as ``detector(images, return_features=True)`` on NCHW images with values in [0, 255].
 """

@@ -4,12 +4,12 @@ and accumulating float64 moments summed over torchrun ranks.
 
 Statistics files are ``.npz`` archives holding ``mu`` [D] and ``sigma`` [D, D] (float64), the format of NVIDIA's
 published reference files (EDM's ``fid.py``), plus the arrays of the other metrics
-(:data:`training.metrics.REF_KEYS`). The metrics themselves are in :mod:`training.metrics`; ``fid.py`` is the command
+(:data:`evaluation.metrics.REF_KEYS`). The metrics themselves are in :mod:`evaluation.metrics`; ``fid.py`` is the command
 line over both.
 
 Errors are :class:`FeatureError` (a ``ValueError``) with a one-line message naming the file or flag and what was
-expected; the metric code raises :class:`training.metrics.MetricError` and
-:class:`training.metrics.DetectorUnavailable`.
+expected; the metric code raises :class:`evaluation.metrics.MetricError` and
+:class:`evaluation.metrics.DetectorUnavailable`.
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ import torch
 
 import dnnlib
 from torch_utils import distributed as dist
-from training import export
-from training import manifest as manifest_lib
-from training import metrics
-from training import sampler as sampling
+from formats import export
+from formats import manifest as manifest_lib
+from evaluation import metrics
+from sampling import pipeline, schedules
 from training.dataset import DatasetError, ImageFolderDataset
 #: NVIDIA's PyTorch translation of the TensorFlow Inception-v3 graph used by every FID paper.
 DETECTOR_URL = ('https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/'
@@ -62,7 +62,7 @@ def batches_of_this_rank(items: Sequence[Any], max_batch_size: int) -> list[list
     order of the float64 additions. With one process it is generate.py's split, so ``gen`` draws every image in
     the batch generate.py would have drawn it in.
     """
-    return dist.shard(sampling.split_batches(list(items), max_batch_size))
+    return dist.shard(pipeline.split_batches(list(items), max_batch_size))
 
 
 def save_stats(path: str, mu: np.ndarray, sigma: np.ndarray, flag: str = '--save-stats') -> str:
@@ -74,7 +74,7 @@ def save_stats(path: str, mu: np.ndarray, sigma: np.ndarray, flag: str = '--save
 
 
 def save_arrays(path: str, arrays: dict[str, np.ndarray], flag: str = '--save-stats') -> str:
-    """Write named arrays as an uncompressed ``.npz`` (keys :data:`training.metrics.REF_KEYS`), atomically; returns
+    """Write named arrays as an uncompressed ``.npz`` (keys :data:`evaluation.metrics.REF_KEYS`), atomically; returns
     the path used (``.npz`` added when missing)."""
     if not path.endswith('.npz'):
         path += '.npz'
@@ -144,7 +144,7 @@ def _describe_non_npz(head: bytes) -> str:
             return kind
     return 'text' if all(32 <= b < 127 or b in b'\t\r\n' for b in head) else 'unrecognised binary data'
 def _load_weights_detector(data: bytes, source: str, device: torch.device | str) -> torch.nn.Module:
-    """A feature detector stored as a weights-only file (``training.export`` format), such as the demo's digits
+    """A feature detector stored as a weights-only file (``formats.export`` format), such as the demo's digits
     classifier; loading it runs no code from the file."""
     try:
         net = export.load_weights_bytes(data, source)
@@ -167,7 +167,7 @@ def _ref_metrics_hint(metrics_needing: str) -> str:
 
 
 def load_reference(path_or_url: str, metric_names: Sequence[str] = ('fid',)) -> dict[str, np.ndarray]:
-    """Read and validate the reference arrays the chosen metrics need (:data:`training.metrics.REF_KEYS`).
+    """Read and validate the reference arrays the chosen metrics need (:data:`evaluation.metrics.REF_KEYS`).
 
     ``mu``/``sigma`` (FID; NVIDIA's files hold only these) and ``fd_dinov2_mu``/``fd_dinov2_sigma`` must be [D] and
     [D, D]; ``features`` (KID, precision/recall) [n, D] with n >= 2; all finite. Moments come back as float64,
@@ -391,7 +391,7 @@ class FeatureCollector:
     and, for the detectors in ``keep``, the features themselves (float32, as the detectors return them).
 
     Batches are added with the ids of their items (dataset index or seed); :meth:`compute` (a collective) returns
-    :class:`training.metrics.Features` per detector, the kept features gathered on rank 0 in id order.
+    :class:`evaluation.metrics.Features` per detector, the kept features gathered on rank 0 in id order.
     ``keep_ids`` limits the kept features to those ids (a reference's subset); None keeps all.
     """
 
@@ -514,13 +514,13 @@ def calculate_features_for_network(net: torch.nn.Module, seeds: Sequence[int],
     collector = FeatureCollector(load_detectors(detectors, device), set(keep), device)
 
     rank_batches = batches_of_this_rank(ordered, max_batch_size)
-    nfe = sampling.sampler_nfe(sampler_kwargs.get('num_steps') or sampling.DEFAULT_STEPS, sampler_kwargs)
+    nfe = pipeline.sampler_nfe(sampler_kwargs.get('num_steps') or schedules.DEFAULT_STEPS, sampler_kwargs)
     dist.print0(f'Generating {len(ordered)} images in memory ({nfe} network evaluations each) and calculating '
                 f'their statistics...')
     for batch_seeds in dist.progress(rank_batches, unit='batch', total=len(rank_batches)):
-        samples = sampling.sample_batch(net, batch_seeds, device=device, class_idx=class_idx, D=D,
+        samples = pipeline.sample_batch(net, batch_seeds, device=device, class_idx=class_idx, D=D,
                                         **sampler_kwargs)
-        collector.add(sampling.to_uint8(samples), batch_seeds)
+        collector.add(pipeline.to_uint8(samples), batch_seeds)
     return collector.compute()
 
 
@@ -544,9 +544,9 @@ def calculate_stats_for_network(net: torch.nn.Module, seeds: Sequence[int], max_
 
 def calculate_fid_from_inception_stats(mu: np.ndarray, sigma: np.ndarray, mu_ref: np.ndarray,
                                        sigma_ref: np.ndarray) -> float:
-    """Frechet distance between two Gaussians (EDM's name for :func:`training.metrics.frechet_distance`).
+    """Frechet distance between two Gaussians (EDM's name for :func:`evaluation.metrics.frechet_distance`).
 
-    Raises :class:`training.metrics.MetricError` for moments of different sizes or that are not finite.
+    Raises :class:`evaluation.metrics.MetricError` for moments of different sizes or that are not finite.
     """
     return metrics.frechet_distance(mu, sigma, mu_ref, sigma_ref)
 
@@ -559,7 +559,7 @@ def probe_feature_dim(detector: torch.nn.Module, image_shape: Sequence[int], dev
 
 
 def stats_arrays(metric_names: Sequence[str], features: dict[str, metrics.Features]) -> dict[str, np.ndarray]:
-    """The arrays a reference file holds for these metrics (:data:`training.metrics.REF_KEYS`)."""
+    """The arrays a reference file holds for these metrics (:data:`evaluation.metrics.REF_KEYS`)."""
     arrays: dict[str, np.ndarray] = {}
     for name in metric_names:
         source = features[metrics.DETECTOR_OF[name]]

@@ -14,7 +14,7 @@ generate.py, fid.py and the other top-level scripts import this module and the l
   ``torch_utils.distributed.rank0_first``).
 
 Library code raises plain exceptions (``ValueError`` subclasses such as ``NetworkLoadError`` or
-``training.features.FeatureError``) whose message is a complete line; this layer turns them into click errors
+``evaluation.features.FeatureError``) whose message is a complete line; this layer turns them into click errors
 (``Error: ...``, exit code 1 or 2) that ``dnnlib.util.run_click_command`` prints once.
 """
 
@@ -30,14 +30,14 @@ import torch
 
 import dnnlib
 from torch_utils import distributed as dist
-from training import guidance as guidance_lib
-from training import network_io
+from sampling import guidance as guidance_lib
+from formats import network_io
 from training import pfgmpp as pfgmpp_lib
-from training import sampler as sampling
-from training.network_io import NetworkLoadError, load_network
+from sampling import edm, fast_solvers, pipeline, schedules
+from formats.network_io import NetworkLoadError, load_network
 
 SEED_LIMIT = 1 << 32            # seeds index 32-bit generator seeds; larger values would alias smaller ones
-DEFAULT_STEPS = sampling.DEFAULT_STEPS   # --steps when not given
+DEFAULT_STEPS = schedules.DEFAULT_STEPS   # --steps when not given
 
 # ----------------------------------------------------------------------------
 # Lists.
@@ -120,7 +120,7 @@ def compact_seeds(seeds: Sequence[int]) -> str:
 
 def network_evaluations(num_steps: int, sampler_kwargs: dict) -> int:
     """Network calls per image (NFE) of the sampler these options select (``training.sampler.sampler_nfe``)."""
-    return sampling.sampler_nfe(num_steps, sampler_kwargs)
+    return pipeline.sampler_nfe(num_steps, sampler_kwargs)
 
 
 # ----------------------------------------------------------------------------
@@ -150,27 +150,27 @@ SAMPLER_OPTIONS = [
     click.option('--S_noise', 'S_noise', type=float, default=1, show_default=True, metavar='FLOAT',
                  help="Scale of the re-added noise (EDM's default holds; the PFGM++ fork's defaulted to 0)"),
     # EDM's generalised (ablation) sampler: any of these selects it.
-    click.option('--solver', type=click.Choice(sampling.ALL_SOLVERS), default=None,
-                 metavar='|'.join(sampling.ALL_SOLVERS),
+    click.option('--solver', type=click.Choice(fast_solvers.ALL_SOLVERS), default=None,
+                 metavar='|'.join(fast_solvers.ALL_SOLVERS),
                  help='euler|heun: ablation sampler\'s ODE solver; dpmpp2m|dpmpp3m (DPM-Solver++ multistep, 1 NFE '
                       'per step) or restart (Restart sampling): fast solvers for every network, PFGM++ included'),
-    click.option('--disc', 'discretization', type=click.Choice(sampling.DISCRETIZATIONS), default=None,
+    click.option('--disc', 'discretization', type=click.Choice(edm.DISCRETIZATIONS), default=None,
                  metavar='vp|ve|iddpm|edm', help='Ablation: how the noise levels are spaced'),
-    click.option('--schedule', type=click.Choice(sampling.SCHEDULES), default=None, metavar='vp|ve|linear',
+    click.option('--schedule', type=click.Choice(edm.SCHEDULES), default=None, metavar='vp|ve|linear',
                  help='Ablation: noise schedule sigma(t)'),
-    click.option('--scaling', type=click.Choice(sampling.SCALINGS), default=None, metavar='vp|none',
+    click.option('--scaling', type=click.Choice(edm.SCALINGS), default=None, metavar='vp|none',
                  help='Ablation: signal scaling s(t)'),
     # Fast solvers (--solver=dpmpp2m|dpmpp3m|restart) and the spacing of the noise levels.
-    click.option('--spacing', type=click.Choice(sampling.SPACINGS), default=None, metavar='|'.join(sampling.SPACINGS),
+    click.option('--spacing', type=click.Choice(schedules.SPACINGS), default=None, metavar='|'.join(schedules.SPACINGS),
                  help='Noise levels of the EDM sampler and the fast solvers: edm (rho-spaced) or logsnr (uniform in '
                       'log sigma, DPM-Solver\'s choice for few steps)  [default: edm]'),
     click.option('--restart-interval', 'restart_interval', type=FloatList(), default=None, metavar='LO,HI',
                  help=f'Restart: noise levels t_min,t_max between which it restarts  '
-                      f'[default: {",".join(map(str, sampling.RESTART_INTERVAL))}]'),
+                      f'[default: {",".join(map(str, fast_solvers.RESTART_INTERVAL))}]'),
     click.option('--restart-repeats', 'restart_repeats', type=click.IntRange(min=1), default=None, metavar='K',
-                 help=f'Restart: number of restarts K  [default: {sampling.RESTART_REPEATS}]'),
+                 help=f'Restart: number of restarts K  [default: {fast_solvers.RESTART_REPEATS}]'),
     click.option('--restart-steps', 'restart_steps', type=click.IntRange(min=1), default=None, metavar='INT',
-                 help=f'Restart: Heun steps per restart (2 NFE each)  [default: {sampling.RESTART_STEPS}]'),
+                 help=f'Restart: Heun steps per restart (2 NFE each)  [default: {fast_solvers.RESTART_STEPS}]'),
     # PFGM++ (normally read from the network).
     click.option('--pfgmpp', type=bool, default=None, metavar='BOOL',
                  help='Restate that the network is PFGM++ (an error if the network says otherwise)'),
@@ -215,13 +215,13 @@ def check_solver_flags(sampler_kwargs: dict, step_counts: Sequence[int]) -> None
     """
     kwargs = {k: v for k, v in sampler_kwargs.items() if v is not None}
     try:
-        name = sampling.sampler_name(kwargs)
-        if name in sampling.FAST_SOLVERS:
+        name = pipeline.sampler_name(kwargs)
+        if name in fast_solvers.FAST_SOLVERS:
             for n in step_counts:
-                sampling.check_fast_options(name, n, kwargs.get('restart_interval'), kwargs.get('restart_repeats'),
+                fast_solvers.check_fast_options(name, n, kwargs.get('restart_interval'), kwargs.get('restart_repeats'),
                                             kwargs.get('restart_steps'),
-                                            kwargs.get('sigma_min', sampling.EDM_SIGMA_MIN),
-                                            kwargs.get('sigma_max', sampling.EDM_SIGMA_MAX))
+                                            kwargs.get('sigma_min', schedules.EDM_SIGMA_MIN),
+                                            kwargs.get('sigma_max', schedules.EDM_SIGMA_MAX))
     except ValueError as err:
         raise click.UsageError(sampler_error(err)) from None
 

@@ -30,11 +30,11 @@ import torch
 import dnnlib
 from torch_utils import persistence
 from training import pfgmpp as pfgmpp_lib
-from training import sampler as sampling
+from sampling import fast_solvers, schedules
 
 # Noise range of the laboratory network when none is given: the EDM/PFGM++ sampling range.
-DEFAULT_SIGMA_MIN = sampling.EDM_SIGMA_MIN
-DEFAULT_SIGMA_MAX = sampling.EDM_SIGMA_MAX
+DEFAULT_SIGMA_MIN = schedules.EDM_SIGMA_MIN
+DEFAULT_SIGMA_MAX = schedules.EDM_SIGMA_MAX
 
 
 @persistence.persistent_class
@@ -151,16 +151,16 @@ def lab_solution(net: ExactDenoiser, latents: torch.Tensor, seeds: list[int], so
     with RK4 segments. Restart noise comes from per-seed generators, so every step count sees the same draws.
     Returns float64 x at sigma_min.
     """
-    sigmas = sampling.noise_levels(num_steps + 1, net.sigma_min, net.sigma_max, rho, spacing, latents.device)
+    sigmas = schedules.noise_levels(num_steps + 1, net.sigma_min, net.sigma_max, rho, spacing, latents.device)
     if not solver.startswith('restart'):
-        return sampling.solve_ode(net, latents, sigmas, solver=solver)
-    rnd = sampling.PerSeedRandom(seeds, latents.device)
+        return fast_solvers.solve_ode(net, latents, sigmas, solver=solver)
+    rnd = schedules.PerSeedRandom(seeds, latents.device)
 
     def renoise(x: torch.Tensor, sigma: float) -> torch.Tensor:
         return rnd.perturbation(x, sigma, net.D)
-    return sampling.restart_ode(net, latents, sigmas, None, renoise,
-                                restart_interval=restart_interval or sampling.RESTART_INTERVAL,
-                                restart_repeats=restart_repeats or sampling.RESTART_REPEATS,
+    return fast_solvers.restart_ode(net, latents, sigmas, None, renoise,
+                                restart_interval=restart_interval or fast_solvers.RESTART_INTERVAL,
+                                restart_repeats=restart_repeats or fast_solvers.RESTART_REPEATS,
                                 restart_steps=max(1, num_steps // RESTART_STEP_FRACTION), rho=rho, spacing=spacing,
                                 solver='rk4' if solver == 'restart-rk4' else 'heun')
 

@@ -8,7 +8,7 @@
 * a training state ``training-state-*.pt`` -- a ``torch.save`` dict with an
   ``ema`` module (the PFGM++ code and our training loop write them);
 * a pickled module on its own;
-* a weights-only file ``*.weights.pt`` written by ``python export.py`` (format: :mod:`training.export`)
+* a weights-only file ``*.weights.pt`` written by ``python export.py`` (format: :mod:`formats.export`)
   (recognised by its content, loaded with ``torch.load(weights_only=True)``).
 
 Pickles and training states execute code while loading (pickle,
@@ -30,8 +30,8 @@ import torch
 import dnnlib
 from torch_utils import cpu_support
 from torch_utils.distributed import print0
-from training import export
-from training.export import NetworkLoadError  # noqa: F401  (the error of every network format; defined there)
+from formats import export
+from formats.export import NetworkLoadError  # noqa: F401  (the error of every network format; defined there)
 from training import cpu_speed
 # Imported for unpickling: torch_utils.persistence maps an embedded source equal to that of an imported module onto
 # that module, so snapshots written by this checkout load as training.networks classes rather than as a private copy

@@ -7,7 +7,7 @@ carries, so they should only be loaded from people you trust. The weights-only f
     python export.py --input training-state-000200.pt --output net.weights.pt
     python export.py --check --input net.weights.pt                  # load it and print a summary
 
-(``export.py`` is the command line over this module; ``python -m training.export`` runs it too.)
+(``export.py`` is the command line over this module.)
 
 File layout (``torch.save`` of plain values only, read back with ``torch.load(weights_only=True)``)::
 
@@ -22,7 +22,7 @@ freshly constructed network before copying it in; the file never names code to r
 original EDM / PFGM++ code export too: their modules record their constructor keywords, which our
 preconditioners accept (PFGM++'s ``pfgmpp`` and ``D`` included).
 
-Naming: ``X.pkl`` and ``X.pt`` export to ``X.weights.pt`` by default, and :func:`training.network_io.load_network`
+Naming: ``X.pkl`` and ``X.pt`` export to ``X.weights.pt`` by default, and :func:`formats.network_io.load_network`
 (used by generate.py and fid.py) loads ``X.weights.pt`` instead of ``X.pkl`` / ``X.pt`` when it lies beside it.
 """
 
@@ -45,21 +45,22 @@ WEIGHTS_SUFFIX = '.weights.pt'
 NETWORKS_MODULE = 'training.networks'
 ALLOWED_CLASSES = tuple(f'{NETWORKS_MODULE}.{name}' for name in ('EDMPrecond', 'VPPrecond', 'VEPrecond',
                                                                  'iDDPMPrecond'))
-# Feature detectors of our own that ship as weights-only files (fid.py --detector accepts them).
-DETECTOR_CLASSES = ('training.digits_classifier.DigitsClassifier',)
+# Feature detectors of our own that ship as weights-only files (fid.py --detector accepts them). Files written before
+# the classifier moved to evaluation/ name it by its old module (training.MOVED resolves it).
+DETECTOR_CLASSES = ('evaluation.digits_classifier.DigitsClassifier', 'training.digits_classifier.DigitsClassifier')
 ALLOWED_CLASSES += DETECTOR_CLASSES
 # The four preconditioners of EDM (and the PFGM++ fork) share these leading positional parameters; anything
 # else must have been passed by keyword (the training loops always do).
 POSITIONAL_PARAMS = ('img_resolution', 'img_channels', 'label_dim', 'use_fp16')
 MAX_LISTED_MISMATCHES = 8
 MARKER_WINDOW = 64  # bytes at the start of the archive's data.pkl that must hold the format marker
-EXPECTED = f'a {FORMAT} file written by `python -m training.export`'
+EXPECTED = f'a {FORMAT} file written by export.py'
 
 
 class NetworkLoadError(ValueError):
     """A network file that cannot be used; the message names the file and what was expected.
 
-    Defined here, below :mod:`training.network_io` (which reads every network format, this one included, and
+    Defined here, below :mod:`formats.network_io` (which reads every network format, this one included, and
     re-exports the class), so that neither module imports the other late.
     """
 
@@ -210,7 +211,7 @@ def network_record(module: torch.nn.Module, metadata: Optional[dict[str, Any]] =
     problems = state_dict_mismatches(reference, state)
     if problems:
         raise _mismatch_error(source, class_name, problems)
-    meta = dict(exported_by='training.export', torch_version=torch.__version__)
+    meta = dict(exported_by='formats.export', torch_version=torch.__version__)
     meta.update(metadata or {})
     return dict(format=FORMAT, version=VERSION, class_name=class_name,
                 init_kwargs=json.dumps(init_kwargs, sort_keys=True),
@@ -327,35 +328,3 @@ def load_weights(path_or_url: Union[str, os.PathLike], device: Optional[Union[st
     if eval_mode:
         net.eval().requires_grad_(False)
     return net
-
-
-def __getattr__(name: str) -> Any:
-    """``training.export.main``: the command of the top-level ``export.py``, imported on first use only (the
-    library never imports a script when it is imported)."""
-    if name == 'main':
-        return _script().main
-    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
-
-
-def _script_path() -> str:
-    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'export.py')
-
-
-def _script() -> Any:
-    """The top-level ``export.py`` beside the ``training`` package (loaded by path, once)."""
-    global _SCRIPT
-    if _SCRIPT is None:
-        import importlib.util
-        spec = importlib.util.spec_from_file_location('export', _script_path())
-        _SCRIPT = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(_SCRIPT)
-    return _SCRIPT
-
-
-_SCRIPT: Any = None
-
-
-if __name__ == '__main__':
-    # ``python -m training.export ...`` keeps working: it runs the script with the same arguments.
-    import runpy
-    runpy.run_path(_script_path(), run_name='__main__')
