@@ -224,6 +224,15 @@ def test_readme_links_every_docs_page():
         assert page.resolve() in linked, f'README.md does not link {_relative(page)}'
 
 
+def test_every_figure_is_shown():
+    shown = {(path.parent / target).resolve() for path in DOC_FILES
+             for target in LINK.findall(_without_code(path.read_text())) if not re.match(r'^[a-z]+:', target)}
+    figures = sorted((REPO_ROOT / 'docs').rglob('*.png'))
+    assert figures, 'docs/ has no figures'
+    for figure in figures:
+        assert figure.resolve() in shown, f'{_relative(figure)} is not shown by any page'
+
+
 def test_readme_is_short():
     lines = README.read_text().count('\n')
     assert lines <= README_MAX_LINES, f'README.md has {lines} lines, more than {README_MAX_LINES}'
