@@ -3,7 +3,7 @@
 Covers: training (final EMA, network and training state), generate.py (bytes of every image) and fid.py
 (statistics) equal to the single-node two-rank run; resuming a two-node run on one node, bit-exact; rank 0 alone
 writes and no temporary file is left; a rank killed with kill -9 ends the whole job naming the rank, and
-``--resume=auto`` continues that run on a different number of processes. The launch command is the README's.
+``--resume=auto`` continues that run on a different number of processes. The launch command is docs/scale.md's.
 """
 
 from __future__ import annotations
