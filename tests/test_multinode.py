@@ -3,7 +3,7 @@
 Covers: training (final EMA, network and training state), generate.py (bytes of every image) and fid.py
 (statistics) equal to the single-node two-rank run; resuming a two-node run on one node, bit-exact; rank 0 alone
 writes and no temporary file is left; a rank killed with kill -9 ends the whole job naming the rank, and
-``--resume=auto`` continues that run on a different number of processes. The launch command is the README's.
+``--resume=auto`` continues that run on a different number of processes. The launch command is docs/scale.md's.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from tests.test_training import _only, _state
 
 pytestmark = pytest.mark.slow
 
-# The README's recipe (section "Scale"), with the port and run id filled in per test.
+# The recipe of docs/scale.md ("Several nodes"), with the port and run id filled in per test.
 TWO_NODE_LAUNCH = ('torchrun --nnodes=2 --node_rank={node} --nproc_per_node=1 --rdzv_backend=c10d '
                    '--rdzv_endpoint=127.0.0.1:{port} --rdzv_id={run_id}')
 SINGLE_THREAD = {'OMP_NUM_THREADS': '1', 'MKL_NUM_THREADS': '1'}
@@ -144,7 +144,7 @@ def two_node_run(data_zip, tmp_path_factory) -> tuple[Path, str]:
 
 
 def test_readme_recipe_is_the_tested_command():
-    readme = (REPO_ROOT / 'README.md').read_text()
+    readme = (REPO_ROOT / 'docs' / 'scale.md').read_text()
     for node in (0, 1):
         assert TWO_NODE_LAUNCH.format(node=node, port=29500, run_id='job1') in readme
 
