@@ -68,7 +68,8 @@ def tolerance(expected: torch.Tensor) -> float:
 
 
 def export_cli(*args: str) -> Any:
-    return CliRunner().invoke(export.main, [str(a) for a in args], catch_exceptions=True)
+    import export as export_script
+    return CliRunner().invoke(export_script.main, [str(a) for a in args], catch_exceptions=True)
 
 
 def error_line(result: Any) -> str:
