@@ -42,7 +42,6 @@ METRICS_SEED = 0
 BOOTSTRAP_CONFIDENCE = 0.95
 
 
-
 class DeviceUnavailable(ValueError):
     """The device or the torchrun process group of a run cannot be set up (e.g. CUDA asked for but absent)."""
 

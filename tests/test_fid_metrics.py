@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 
-import fid
 from tests.conftest import REPO_ROOT, run_python
 from tests.test_fid import (_assert_cli_error, _invoke, _last_line, generated_dir,  # noqa: F401
                             narrow_detector, narrow_ref)
