@@ -206,7 +206,8 @@ def fd_values_from_jsonl(path: str, repeat: int) -> list[float]:
     """The per-seed-range FDs of one fid.py gen call, from its --jsonl lines (one per range, then a summary)."""
     with open(path) as f:
         records = [json.loads(line) for line in f if line.strip()]
-    values = [r['fid'] for r in records if 'repeat' in r and 'fid' in r and not isinstance(r['repeat'], list)]
+    values = [r.get('fd_digits', r.get('fid')) for r in records  # fid.py names the digits classifier's FD fd_digits
+              if 'repeat' in r and {'fd_digits', 'fid'} & set(r) and not isinstance(r['repeat'], list)]
     if len(values) != repeat:
         raise click.ClickException(f'{path}: expected {repeat} FD lines from fid.py gen, found {len(values)}')
     return [float(v) for v in values]

@@ -1,2 +1,3 @@
-"""Evaluation: feature detectors (Inception, DINOv2, the digits classifier), feature statistics and the metrics
-computed from them (FID, FD-DINOv2, KID, precision/recall)."""
+"""Evaluation: feature detectors (Inception, DINOv2, the digits classifier) and feature statistics (``features``),
+the metrics computed from them (``metrics``: FID and the Frechet distances of other detectors, KID,
+precision/recall), and the runs of ``fid.py``'s commands (``runs``)."""

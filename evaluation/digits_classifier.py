@@ -38,6 +38,9 @@ class DigitsClassifier(torch.nn.Module):
         num_classes: number of logits.
     """
 
+    #: The Frechet distance in this feature space is FD-digits, not FID (``evaluation.features.distance_name``).
+    distance_name = 'fd_digits'
+
     def __init__(self, *, img_resolution: int = 16, channels: Sequence[int] = (16, 32), feature_dim: int = 64,
                  num_classes: int = 10):
         super().__init__()

@@ -4,8 +4,8 @@ and accumulating float64 moments summed over torchrun ranks.
 
 Statistics files are ``.npz`` archives holding ``mu`` [D] and ``sigma`` [D, D] (float64), the format of NVIDIA's
 published reference files (EDM's ``fid.py``), plus the arrays of the other metrics
-(:data:`evaluation.metrics.REF_KEYS`). The metrics themselves are in :mod:`evaluation.metrics`; ``fid.py`` is the command
-line over both.
+(:data:`evaluation.metrics.REF_KEYS`). The metrics themselves are in :mod:`evaluation.metrics`, the runs of
+``fid.py``'s commands in :mod:`evaluation.runs`.
 
 Errors are :class:`FeatureError` (a ``ValueError``) with a one-line message naming the file or flag and what was
 expected; the metric code raises :class:`evaluation.metrics.MetricError` and
@@ -26,11 +26,13 @@ import torch
 
 import dnnlib
 from torch_utils import distributed as dist
+from torch_utils import misc
 from formats import export
 from formats import manifest as manifest_lib
 from evaluation import metrics
 from sampling import pipeline, schedules
 from training.dataset import DatasetError, ImageFolderDataset
+
 #: NVIDIA's PyTorch translation of the TensorFlow Inception-v3 graph used by every FID paper.
 DETECTOR_URL = ('https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/'
                 'inception-2015-12-05.pkl')
@@ -38,6 +40,13 @@ DETECTOR_URL = ('https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/
 #: Environment knobs for fetching the detector and remote reference files; tests use them to fail fast offline.
 ENV_DOWNLOAD_ATTEMPTS = 'PFGMPP_DOWNLOAD_ATTEMPTS'
 ENV_DOWNLOAD_TIMEOUT = 'PFGMPP_DOWNLOAD_TIMEOUT'
+
+
+#: DataLoader workers per process unless asked otherwise (fewer where the cores are fewer: :func:`default_workers`).
+DEFAULT_WORKERS = 3
+
+#: Name of the Frechet distance in a detector's feature space, for detectors that do not name their own.
+INCEPTION_DISTANCE = 'fid'
 
 
 class FeatureError(ValueError):
@@ -51,6 +60,25 @@ class FeatureError(ValueError):
 def _download_kwargs() -> dict[str, Any]:
     return dict(num_attempts=max(int(os.environ.get(ENV_DOWNLOAD_ATTEMPTS, '3')), 1),
                 timeout=float(os.environ.get(ENV_DOWNLOAD_TIMEOUT, '30')))
+
+
+def default_workers() -> int:
+    """DataLoader worker processes per process when none are asked for: :data:`DEFAULT_WORKERS`, but at most the
+    usable cores (this process's affinity mask) divided among this machine's torchrun processes, at least 1.
+
+    More workers than cores only make the workers wait for each other (and DataLoader warns about it).
+    """
+    return min(DEFAULT_WORKERS, dist.intra_op_thread_limit())
+
+
+def distance_name(detector: torch.nn.Module) -> str:
+    """What the Frechet distance in ``detector``'s feature space is called in printed lines and JSON keys.
+
+    ``fid`` for Inception-v3 (NVIDIA's pickle, and any detector that does not say otherwise); a detector class
+    names its own distance with a ``distance_name`` attribute (the digits classifier: ``fd_digits``), since an
+    FD in another feature space is not comparable with FID.
+    """
+    return str(getattr(detector, 'distance_name', INCEPTION_DISTANCE))
 
 
 def batches_of_this_rank(items: Sequence[Any], max_batch_size: int) -> list[list[Any]]:
@@ -124,16 +152,16 @@ def load_detector(path_or_url: Optional[str] = None, device: torch.device | str 
             detector = pickle.load(stream)
         except Exception as err:  # a truncated or foreign file can fail in many ways; all mean the same here
             raise FeatureError(f'--detector {source}: not a loadable detector pickle ({type(err).__name__}: '
-                                       f'{err})') from None
+                               f'{err})') from None
     if not isinstance(detector, torch.nn.Module):
         raise FeatureError(f'--detector {source}: expected a pickled torch.nn.Module, '
-                                   f'found {type(detector).__name__}')
+                           f'found {type(detector).__name__}')
     return detector.eval().requires_grad_(False).to(device)
 
 
 #: Leading bytes that tell what a file that is not an .npz archive holds, for the error message.
-_FILE_KINDS = ((b'PK\x03\x04', 'a truncated or damaged ZIP archive'), (b'\x93NUMPY', 'a bare .npy array'), (b'\x80', 'a pickle'),
-               (b'\x89PNG', 'a PNG image'), (b'\x1f\x8b', 'a gzip file'))
+_FILE_KINDS = ((b'PK\x03\x04', 'a truncated or damaged ZIP archive'), (b'\x93NUMPY', 'a bare .npy array'),
+               (b'\x80', 'a pickle'), (b'\x89PNG', 'a PNG image'), (b'\x1f\x8b', 'a gzip file'))
 
 
 def _describe_non_npz(head: bytes) -> str:
@@ -143,6 +171,8 @@ def _describe_non_npz(head: bytes) -> str:
         if head.startswith(magic):
             return kind
     return 'text' if all(32 <= b < 127 or b in b'\t\r\n' for b in head) else 'unrecognised binary data'
+
+
 def _load_weights_detector(data: bytes, source: str, device: torch.device | str) -> torch.nn.Module:
     """A feature detector stored as a weights-only file (``formats.export`` format), such as the demo's digits
     classifier; loading it runs no code from the file."""
@@ -152,7 +182,7 @@ def _load_weights_detector(data: bytes, source: str, device: torch.device | str)
         raise FeatureError(f'--detector {err}') from None
     if f'{type(net).__module__}.{type(net).__name__}' not in export.DETECTOR_CLASSES:
         raise FeatureError(f'--detector {source}: holds a {type(net).__name__}, not a feature detector; '
-                                   f'expected a detector pickle or a weights-only {", ".join(export.DETECTOR_CLASSES)}')
+                           f'expected a detector pickle or a weights-only {", ".join(export.DETECTOR_CLASSES)}')
     return net.eval().requires_grad_(False).to(device)
 
 
@@ -193,7 +223,7 @@ def load_reference(path_or_url: str, metric_names: Sequence[str] = ('fid',)) -> 
             missing = metrics.missing_reference_keys(metric_names, archive.files)
             if 'fid' in missing:  # the message of the FID-only format
                 raise FeatureError(f'{label}: missing {", ".join(missing["fid"])}; found keys '
-                                           f'{sorted(archive.files)}; {expected}')
+                                   f'{sorted(archive.files)}; {expected}')
             if missing:
                 names = ','.join(missing)
                 raise FeatureError(
@@ -215,11 +245,11 @@ def load_reference(path_or_url: str, metric_names: Sequence[str] = ('fid',)) -> 
         mu, sigma = arrays[mu_key], arrays[sigma_key]
         if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]) or mu.shape[0] == 0:
             raise FeatureError(f'{label}: {mu_key} has shape {list(mu.shape)} and {sigma_key} '
-                                       f'{list(sigma.shape)}; expected [D] and [D, D]')
+                               f'{list(sigma.shape)}; expected [D] and [D, D]')
         arrays[mu_key], arrays[sigma_key] = mu.astype(np.float64), sigma.astype(np.float64)
     if 'features' in arrays and (arrays['features'].ndim != 2 or arrays['features'].shape[0] < 2):
         raise FeatureError(f'{label}: features has shape {list(arrays["features"].shape)}; expected [n, D] '
-                                   f'with n >= 2')
+                           f'with n >= 2')
     for name in wanted:
         bad = int(np.count_nonzero(~np.isfinite(arrays[name])))
         if bad:
@@ -258,7 +288,7 @@ def extract_features(detector: torch.nn.Module, images: torch.Tensor) -> torch.T
     """Detector features in float64 for a uint8 NCHW batch; grayscale is repeated to RGB as the detector expects."""
     if images.ndim != 4 or images.shape[1] not in (1, 3):
         raise FeatureError(f'images of shape {list(images.shape[1:])} (CHW); the detector needs 1 or 3 '
-                                   f'channels')
+                           f'channels')
     if images.shape[1] == 1:
         images = images.repeat(1, 3, 1, 1)
     with torch.no_grad(), _full_float32():
@@ -266,7 +296,7 @@ def extract_features(detector: torch.nn.Module, images: torch.Tensor) -> torch.T
     if not isinstance(features, torch.Tensor) or features.ndim != 2 or features.shape[0] != images.shape[0]:
         shape = list(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
         raise FeatureError(f'the detector returned {shape} for {images.shape[0]} images; expected '
-                                   f'[{images.shape[0]}, feature_dim] (is --detector a feature network?)')
+                           f'[{images.shape[0]}, feature_dim] (is --detector a feature network?)')
     return features.to(torch.float64)
 
 
@@ -296,7 +326,7 @@ class FeatureStats:
             self._allocate(features.shape[1])
         elif features.shape[1] != self.feature_dim:
             raise FeatureError(f'the detector returned {features.shape[1]} features after returning '
-                                       f'{self.feature_dim} before; expected a fixed feature_dim')
+                               f'{self.feature_dim} before; expected a fixed feature_dim')
         self.total += features.sum(dim=0)
         self.gram += features.T @ features
         self.count += features.shape[0]
@@ -363,13 +393,13 @@ def open_image_dataset(image_path: str, num_expected: Optional[int] = None, seed
     except Exception as err:  # missing path, no images, unreadable archive, ...
         raise FeatureError(f'{flag} {image_path}: {err}') from None
     if num_expected is not None and len(dataset) < num_expected:
-        raise FeatureError(f'{flag} {image_path}: found {len(dataset)} images, but --num asks for '
-                                   f'{num_expected}')
+        raise FeatureError(f'{flag} {image_path}: found {len(dataset)} images, but --num-images asks for '
+                           f'{num_expected}')
     if len(dataset) < 2:
         raise FeatureError(f'{flag} {image_path}: found {len(dataset)} image(s); need at least 2')
     if int(dataset.num_channels) not in (1, 3):
         raise FeatureError(f'{flag} {image_path}: images have {dataset.num_channels} channels; expected 1 '
-                                   f'(grayscale) or 3 (RGB)')
+                           f'(grayscale) or 3 (RGB)')
     return dataset
 
 
@@ -381,7 +411,7 @@ def check_single_origin(image_path: str, flag: str = '--images') -> None:
         example = next((o for o in err.origins if o != '.'), None)
         one = f', e.g. {flag}={os.path.join(image_path, example)}' if example and os.path.isdir(image_path) else ''
         raise FeatureError(f'{flag} {err}; evaluate each folder separately{one} (pooling gives an FID '
-                                   f'of neither), or add --allow-mixed') from None
+                           f'of neither), or add --allow-mixed') from None
     except (OSError, zipfile.BadZipFile) as err:
         raise FeatureError(f'{flag} {image_path}: cannot list its files ({err})') from None
 
@@ -450,12 +480,15 @@ def _as_dinov2(source: Optional[str], device: torch.device) -> torch.nn.Module:
 def calculate_features(image_path: str, detectors: dict[str, Optional[torch.nn.Module | str]],
                        keep: set[str] = frozenset(), keep_ids: Optional[np.ndarray] = None,
                        num_expected: Optional[int] = None, seed: int = 0, max_batch_size: int = 64,
-                       num_workers: int = 3, prefetch_factor: int = 2, device: Optional[torch.device | str] = None,
+                       num_workers: Optional[int] = None, prefetch_factor: int = 2,
+                       device: Optional[torch.device | str] = None,
                        flag: str = '--images') -> dict[str, metrics.Features]:
     """One pass of every detector in ``detectors`` (name -> module, or path/URL/None to load) over the images of a
     folder or ZIP, sharded over the torchrun ranks; see :class:`FeatureCollector` for ``keep``/``keep_ids``.
 
-    ``num_expected``/``seed`` select exactly that many images as ``fid.py calc --num/--seed`` do.
+    ``num_expected``/``seed`` select exactly that many images as ``fid.py calc --num-images/--seed`` do.
+    ``num_workers`` None means :func:`default_workers`; workers follow :func:`torch_utils.misc.data_loader_kwargs`
+    (spawned, so this is safe after CUDA or NCCL are initialised).
     """
     device = torch.device(device) if device is not None else dist.get_device()
     dist.print0(f'Reading images from {image_path} ...')
@@ -464,9 +497,9 @@ def calculate_features(image_path: str, detectors: dict[str, Optional[torch.nn.M
     collector = FeatureCollector(load_detectors(detectors, device), set(keep), device, keep_ids)
 
     rank_batches = batches_of_this_rank(range(len(images)), max_batch_size)
-    loader = torch.utils.data.DataLoader(
-        images, batch_sampler=rank_batches, collate_fn=_collate_images, num_workers=num_workers,
-        prefetch_factor=(prefetch_factor if num_workers > 0 else None), pin_memory=(device.type == 'cuda'))
+    workers = default_workers() if num_workers is None else num_workers
+    loader = torch.utils.data.DataLoader(images, batch_sampler=rank_batches, collate_fn=_collate_images,
+                                         **misc.data_loader_kwargs(workers, device.type == 'cuda', prefetch_factor))
 
     dist.print0(f'Calculating statistics for {len(images)} images...')
     for ids, batch in zip(rank_batches, dist.progress(loader, unit='batch', total=len(rank_batches))):
@@ -477,14 +510,14 @@ def calculate_features(image_path: str, detectors: dict[str, Optional[torch.nn.M
 
 
 def calculate_inception_stats(image_path: str, num_expected: Optional[int] = None, seed: int = 0,
-                              max_batch_size: int = 64, num_workers: int = 3, prefetch_factor: int = 2,
+                              max_batch_size: int = 64, num_workers: Optional[int] = None, prefetch_factor: int = 2,
                               device: Optional[torch.device | str] = None,
                               detector: Optional[torch.nn.Module | str] = None,
                               flag: str = '--images') -> tuple[np.ndarray, np.ndarray]:
     """Feature mean and covariance of the images in a folder or ZIP, sharded over the torchrun ranks.
 
     ``detector`` is a loaded module or a path/URL for :func:`load_detector` (None: the Inception URL).
-    ``num_expected``/``seed`` select exactly that many images as ``fid.py calc --num/--seed`` do.
+    ``num_expected``/``seed`` select exactly that many images as ``fid.py calc --num-images/--seed`` do.
     """
     result = calculate_features(image_path, {metrics.INCEPTION: detector}, num_expected=num_expected, seed=seed,
                                 max_batch_size=max_batch_size, num_workers=num_workers,
@@ -518,9 +551,11 @@ def calculate_features_for_network(net: torch.nn.Module, seeds: Sequence[int],
     dist.print0(f'Generating {len(ordered)} images in memory ({nfe} network evaluations each) and calculating '
                 f'their statistics...')
     for batch_seeds in dist.progress(rank_batches, unit='batch', total=len(rank_batches)):
-        samples = pipeline.sample_batch(net, batch_seeds, device=device, class_idx=class_idx, D=D,
-                                        **sampler_kwargs)
-        collector.add(pipeline.to_uint8(samples), batch_seeds)
+        # One batch exactly as given (the batching above is generate.py's), through the pipeline's checked path.
+        for seeds_done, images in pipeline.generate_images(net, batch_seeds, batch_size=max(len(batch_seeds), 1),
+                                                           device=device, class_idx=class_idx, D=D,
+                                                           **sampler_kwargs):
+            collector.add(images, seeds_done)
     return collector.compute()
 
 
@@ -534,7 +569,7 @@ def calculate_stats_for_network(net: torch.nn.Module, seeds: Sequence[int], max_
     The images are the uint8 ones generate.py writes as PNGs (same sampler, same per-seed randomness, same
     quantization), taken in file-name order and batched as ``calc`` batches them, so the result equals running
     generate.py and then ``fid.py calc`` on its folder. ``sampler_kwargs`` are those of
-    ``training.sampler.sample_batch`` (None means the default).
+    :func:`sampling.pipeline.sample_batch` (None means the default).
     """
     result = calculate_features_for_network(net, seeds, {metrics.INCEPTION: detector}, max_batch_size=max_batch_size,
                                             device=device, class_idx=class_idx, D=D,

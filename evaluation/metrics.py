@@ -2,7 +2,7 @@
 percentile-bootstrap confidence intervals, and the DINOv2 ViT-L/14 detector of FD-DINOv2.
 
 Every metric here is a function of feature arrays, so one pass of the detectors over the images serves all of them
-(``fid.py`` runs that pass and is a thin command line over this module). Definitions:
+(:mod:`evaluation.features` runs that pass, :mod:`evaluation.runs` the commands of ``fid.py``). Definitions:
 
 - Frechet distance between Gaussians fitted to the features (Heusel et al. 2017, "GANs trained by a two time-scale
   update rule", eq. 6): |mu - mu_ref|^2 + tr(S + S_ref - 2 sqrtm(S S_ref)). FID uses Inception-v3 pool features

@@ -51,21 +51,36 @@ def test_only_the_cli_layer_of_the_library_raises_click_errors():
 
 
 def test_feature_library_raises_plain_errors_and_fid_turns_them_into_one_line(tmp_path):
+    from click.testing import CliRunner
     import fid
+    images = tmp_path / 'images'
+    images.mkdir()
+    for i in range(2):
+        (images / f'{i:06d}.png').write_bytes(_png_bytes(i))
     missing = str(tmp_path / 'missing.pkl')
     with pytest.raises(features.FeatureError, match='no such file') as plain:
         features.load_detector(missing)
     assert isinstance(plain.value, ValueError) and not isinstance(plain.value, click.ClickException)
-    with pytest.raises(click.ClickException) as one_line:
-        fid.load_detector(missing)
-    assert one_line.value.message == str(plain.value) == f'--detector {missing}: no such file'
+    result = CliRunner().invoke(fid.main, ['calc', f'--images={images}', '--num-images=2', '--save-stats=x.npz',
+                                           f'--detector={missing}', '--workers=0', '--device=cpu'])
+    assert result.exit_code == 1 and result.stderr.splitlines() == [f'Error: {plain.value}']
+    assert str(plain.value) == f'--detector {missing}: no such file'
 
     text = tmp_path / 'ref.npz'
     text.write_text('hello')
-    with pytest.raises(features.FeatureError, match=r'holds text, not an \.npz archive'):
+    with pytest.raises(features.FeatureError, match=r'holds text, not an \.npz archive') as plain:
         features.load_reference(str(text))
-    with pytest.raises(click.ClickException, match=r'holds text, not an \.npz archive'):
-        fid.load_ref_stats(str(text))
+    result = CliRunner().invoke(fid.main, ['calc', f'--images={images}', '--num-images=2', f'--ref={text}',
+                                           '--device=cpu'])
+    assert result.exit_code == 1 and result.stderr.splitlines() == [f'Error: {plain.value}']
+
+
+def _png_bytes(value: int) -> bytes:
+    import io
+    import PIL.Image
+    buffer = io.BytesIO()
+    PIL.Image.fromarray(np.full((8, 8, 3), value * 50, np.uint8), 'RGB').save(buffer, format='PNG')
+    return buffer.getvalue()
 
 
 def test_on_main_rank_hands_on_library_errors_as_one_line():
@@ -131,7 +146,8 @@ def test_export_script_prints_one_line_and_the_library_loads_no_script(tmp_path)
         assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
             f'Error: --input {empty}: file is empty (0 bytes); expected {_expected_formats()}']
     # Importing the library loads no script.
-    probe = run_python(['-c', 'import sys, formats.export, formats.network_io; from evaluation import features; from cli import common; '
+    probe = run_python(['-c', 'import sys, formats.export, formats.network_io; from cli import common; '
+                              'from evaluation import features, metrics, runs; '
                               'print(sorted(set(sys.modules) & {"export", "fid", "generate", "train"}))'])
     assert probe.stdout.strip() == '[]'
 

@@ -1,17 +1,20 @@
-"""The demo's offline feature detector: the shipped weights-only file, fid.py's loading path, held-out accuracy."""
+"""The demo's offline feature detector: the shipped weights-only file, fid.py's loading path and the name of its
+distance (fd_digits), held-out accuracy."""
 
 from __future__ import annotations
 
 import shutil
 import zipfile
 
-import click
+import json
+
 import numpy as np
 import pytest
 import torch
 
 import fid
 from tests.conftest import REPO_ROOT
+from evaluation import features
 from formats import export
 from evaluation.digits_classifier import DigitsClassifier, accuracy
 
@@ -23,7 +26,7 @@ MIN_HELDOUT_ACCURACY = 0.98
 
 @pytest.fixture(scope='module')
 def detector() -> torch.nn.Module:
-    return fid.load_detector(str(WEIGHTS), device='cpu', verbose=False)
+    return features.load_detector(str(WEIGHTS), device='cpu', verbose=False)
 
 
 @pytest.fixture(scope='module')
@@ -84,19 +87,20 @@ def test_real_digits_fd_against_themselves_is_small(detector, digits, one_intra_
     """Two halves of the real digits are close in feature space; real digits against noise are far apart."""
     images, _ = digits
     def stats(x):
-        f = fid.extract_features(detector, x).numpy()
+        f = features.extract_features(detector, x).numpy()
         return f.mean(axis=0), np.cov(f, rowvar=False)
     order = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(0))
     a, b = stats(images[order[:800]]), stats(images[order[800:1600]])
     noise = stats(torch.randint(0, 256, [800, 1, 16, 16], generator=torch.Generator().manual_seed(1),
                                 dtype=torch.uint8))
-    same = fid.calculate_fid_from_inception_stats(*a, *b)
-    far = fid.calculate_fid_from_inception_stats(*a, *noise)
+    same = features.calculate_fid_from_inception_stats(*a, *b)
+    far = features.calculate_fid_from_inception_stats(*a, *noise)
     assert 0 <= same < far / 20
 
 
 def test_fid_ref_accepts_the_weights_file(tmp_path):
-    """fid.py ref/calc take the file through the same --detector option as the Inception pickle."""
+    """fid.py ref/calc take the file through the same --detector option as the Inception pickle, and report the
+    distance as fd_digits (printed lines and JSON keys), never as an FID."""
     from click.testing import CliRunner
     from demo.digits import write_digits_folder
     folder = tmp_path / 'digits'
@@ -105,8 +109,25 @@ def test_fid_ref_accepts_the_weights_file(tmp_path):
     result = CliRunner().invoke(fid.main, ['ref', f'--data={folder}', f'--dest={ref}', f'--detector={WEIGHTS}',
                                            '--workers=0', '--device=cpu', '--batch=512'])
     assert result.exit_code == 0, result.output
-    mu, sigma = fid.load_ref_stats(str(ref))
+    mu, sigma = features.load_ref_stats(str(ref))
     assert mu.shape == (64,) and sigma.shape == (64, 64)
+
+    jsonl = tmp_path / 'fd.jsonl'
+    result = CliRunner().invoke(fid.main, ['calc', f'--images={folder}', f'--ref={ref}', '--num-images=300',
+                                           '--repeat=2', f'--detector={WEIGHTS}', f'--jsonl={jsonl}', '--workers=0',
+                                           '--device=cpu', '--batch=512'])
+    assert result.exit_code == 0, result.output
+    runs, summary = [json.loads(line) for line in jsonl.read_text().splitlines()][:2], \
+        json.loads(jsonl.read_text().splitlines()[2])
+    values = [r['fd_digits'] for r in runs]
+    assert all('fid' not in r and 'FID' not in r for r in runs) and 'fids' not in summary
+    assert summary['fd_digits_min'] == min(values) and summary['fd_digits_values'] == values
+    lines = result.stdout.strip().splitlines()
+    assert [line.split()[:2] for line in lines[-5:]] == [
+        ['FD_digits', f'{values[0]:g}'], ['FD_digits', f'{values[1]:g}'], ['Minimum', 'over'],
+        ['fd_digits', f'{min(values):g}'], [f'{min(values):g}']]
+    assert not any(line.startswith(('fid ', 'FID ')) for line in lines)
+    assert features.distance_name(features.load_detector(str(WEIGHTS))) == 'fd_digits'
 
 
 def test_weights_file_of_a_network_is_not_a_detector(tmp_path):
@@ -115,11 +136,11 @@ def test_weights_file_of_a_network_is_not_a_detector(tmp_path):
     net = EDMPrecond(img_resolution=8, img_channels=1, model_type='SongUNet', model_channels=8, channel_mult=[1],
                      num_blocks=1, attn_resolutions=[])
     path = export.export_weights(net, tmp_path / 'net.weights.pt')
-    with pytest.raises(click.ClickException, match='not a feature detector'):
-        fid.load_detector(path)
+    with pytest.raises(features.FeatureError, match='not a feature detector'):
+        features.load_detector(path)
     broken = tmp_path / 'broken.weights.pt'
     shutil.copyfile(WEIGHTS, broken)
     with zipfile.ZipFile(broken, 'a') as archive:  # still a ZIP, but not what torch.save writes
         archive.writestr('extra.txt', 'x')
-    with pytest.raises(click.ClickException, match='--detector'):
-        fid.load_detector(str(broken))
+    with pytest.raises(features.FeatureError, match='--detector'):
+        features.load_detector(str(broken))

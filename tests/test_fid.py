@@ -1,4 +1,5 @@
-"""fid.py: golden statistics and FID, sharding, subset selection, the in-memory network path, and bad input.
+"""fid.py and evaluation/features.py, evaluation/runs.py: golden statistics and FID, sharding, subset selection, the
+in-memory network path, and bad input (the library's plain errors, the command line's one line).
 
 Most tests use the golden stand-in detector. Where only the pipeline matters, a copy narrowed to its 32 non-zero
 features keeps sqrtm cheap (a 2048x2048 sqrtm takes seconds on these CPUs).
@@ -10,6 +11,7 @@ import hashlib
 import json
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import zipfile
@@ -23,6 +25,7 @@ import pytest
 import torch
 
 import fid
+from evaluation import features, metrics, runs
 from tests._tolerance import assert_within, eps, sum_steps
 from tests.conftest import REPO_ROOT, run_python
 
@@ -155,8 +158,8 @@ def test_fid_formula_on_golden_block(golden_dir):
     """The FID restricted to the non-zero 32x32 block equals the golden block-only value."""
     expected = json.loads((golden_dir / 'fid' / 'expected.json').read_text())
     ref, gen = np.load(golden_dir / 'fid' / 'ref_stats.npz'), np.load(golden_dir / 'fid' / 'gen_stats.npz')
-    value = fid.calculate_fid_from_inception_stats(gen['mu'][:32], gen['sigma'][:32, :32], ref['mu'][:32],
-                                                   ref['sigma'][:32, :32])
+    value = features.calculate_fid_from_inception_stats(gen['mu'][:32], gen['sigma'][:32, :32], ref['mu'][:32],
+                                                        ref['sigma'][:32, :32])
     assert value == pytest.approx(expected['fid_block_only'], rel=1e-6)
 
 
@@ -166,21 +169,21 @@ def test_fid_formula_closed_form():
     a, b = rng.uniform(0.1, 2, 6), rng.uniform(0.1, 2, 6)
     mu, mu_ref = rng.normal(size=6), rng.normal(size=6)
     expected = np.square(mu - mu_ref).sum() + np.square(np.sqrt(a) - np.sqrt(b)).sum()
-    assert fid.calculate_fid_from_inception_stats(mu, np.diag(a), mu_ref, np.diag(b)) == pytest.approx(expected,
-                                                                                                     rel=1e-12)
-    assert fid.calculate_fid_from_inception_stats(mu, np.diag(a), mu, np.diag(a)) == pytest.approx(0, abs=1e-12)
+    value = features.calculate_fid_from_inception_stats(mu, np.diag(a), mu_ref, np.diag(b))
+    assert value == pytest.approx(expected, rel=1e-12)
+    assert features.calculate_fid_from_inception_stats(mu, np.diag(a), mu, np.diag(a)) == pytest.approx(0, abs=1e-12)
 
 
 def test_sqrtm_imaginary_part_warns_with_magnitude():
     sigma = np.diag([1.0, -4.0])  # not a covariance: sqrtm of the product is diag(1, 2i)
     with pytest.warns(RuntimeWarning, match=r'imaginary parts up to 2 '):
-        value = fid.calculate_fid_from_inception_stats(np.zeros(2), sigma, np.zeros(2), np.eye(2))
+        value = features.calculate_fid_from_inception_stats(np.zeros(2), sigma, np.zeros(2), np.eye(2))
     assert value == pytest.approx(1 - 4 + 2 - 2 * 1)
 
 
 def test_fid_rejects_mismatched_dimensions():
-    with pytest.raises(click.ClickException, match='same detector'):
-        fid.calculate_fid_from_inception_stats(np.zeros(3), np.eye(3), np.zeros(2), np.eye(2))
+    with pytest.raises(metrics.MetricError, match='same detector'):
+        features.calculate_fid_from_inception_stats(np.zeros(3), np.eye(3), np.zeros(2), np.eye(2))
 
 
 # ----------------------------------------------------------------------------
@@ -189,41 +192,42 @@ def test_fid_rejects_mismatched_dimensions():
 
 def test_feature_stats_match_numpy():
     rng = np.random.default_rng(1)
-    features = rng.normal(size=(37, 5)) * [1, 2, 3, 4, 5] + 10
-    stats = fid.FeatureStats('cpu')
-    for chunk in np.array_split(features, [3, 4, 20]):
+    values = rng.normal(size=(37, 5)) * [1, 2, 3, 4, 5] + 10
+    stats = features.FeatureStats('cpu')
+    for chunk in np.array_split(values, [3, 4, 20]):
         stats.add(torch.from_numpy(chunk))
     mu, sigma = stats.compute()
-    np.testing.assert_allclose(mu, features.mean(0), rtol=1e-12)
-    np.testing.assert_allclose(sigma, np.cov(features, rowvar=False), rtol=1e-10)
+    np.testing.assert_allclose(mu, values.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(sigma, np.cov(values, rowvar=False), rtol=1e-10)
 
 
 def test_batches_do_not_depend_on_world_size(monkeypatch):
     """Ranks deal out the single-process batches round-robin; no batch is re-cut for another world size."""
-    single = fid._rank_batches(range(10), 4)
+    single = features.batches_of_this_rank(range(10), 4)
     assert single == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
-    monkeypatch.setattr(fid.dist, 'get_world_size', lambda: 2)
+    monkeypatch.setattr(features.dist, 'get_world_size', lambda: 2)
     dealt = []
     for rank in (0, 1):
-        monkeypatch.setattr(fid.dist, 'get_rank', lambda: rank)
-        dealt.append(fid._rank_batches(range(10), 4))
+        monkeypatch.setattr(features.dist, 'get_rank', lambda: rank)
+        dealt.append(features.batches_of_this_rank(range(10), 4))
     assert dealt == [[single[0], single[2]], [single[1]]]
 
 
 def test_subset_selection_and_formula_independently(golden_dir, generated_dir):
-    """--num/--seed keep a RandomState(seed)-shuffled subset, sorted; stats equal numpy mean/cov of its features."""
+    """--num-images/--seed keep a RandomState(seed)-shuffled subset, sorted; stats equal numpy mean/cov of its
+    features."""
     with open(golden_dir / STANDIN, 'rb') as f:
         detector = pickle.load(f)
-    mu, sigma = fid.calculate_inception_stats(str(generated_dir), num_expected=50, seed=3, max_batch_size=16,
-                                              num_workers=0, device='cpu', detector=detector)
+    mu, sigma = features.calculate_inception_stats(str(generated_dir), num_expected=50, seed=3, max_batch_size=16,
+                                                   num_workers=0, device='cpu', detector=detector)
     order = np.arange(64)
     np.random.RandomState(3).shuffle(order)
     chosen = np.sort(order[:50])
     images = np.stack([np.asarray(PIL.Image.open(generated_dir / f'{i:06d}.png')) for i in chosen])
     with torch.no_grad():
-        features = detector(torch.from_numpy(images).permute(0, 3, 1, 2), return_features=True).double().numpy()
+        rows = detector(torch.from_numpy(images).permute(0, 3, 1, 2), return_features=True).double().numpy()
     # The batches of 16 above and the batch of 50 here may take other kernels (tests/_tolerance.py).
-    _assert_stats_close(mu, sigma, features.mean(0), np.cov(features, rowvar=False))
+    _assert_stats_close(mu, sigma, rows.mean(0), np.cov(rows, rowvar=False))
 
 
 def test_two_process_stats_equal_single_process(golden_dir, generated_dir, tmp_path):
@@ -257,8 +261,8 @@ def test_grayscale_is_repeated_to_rgb(golden_dir, tmp_path):
     with open(golden_dir / STANDIN, 'rb') as f:
         detector = pickle.load(f)
     kwargs = dict(num_expected=6, num_workers=0, device='cpu', detector=detector)
-    gray, rgb = fid.calculate_inception_stats(str(gray_dir), **kwargs), fid.calculate_inception_stats(str(rgb_dir),
-                                                                                                      **kwargs)
+    gray = features.calculate_inception_stats(str(gray_dir), **kwargs)
+    rgb = features.calculate_inception_stats(str(rgb_dir), **kwargs)
     np.testing.assert_array_equal(gray[0], rgb[0])
     np.testing.assert_array_equal(gray[1], rgb[1])
 
@@ -279,11 +283,11 @@ def test_repeat_reports_each_and_minimum(generated_dir, narrow_detector, narrow_
     assert lines[0] == {'earlier': True}
     runs, summary = lines[1:4], lines[4]
     assert [r['seed'] for r in runs] == [7, 8, 9] and [r['repeat'] for r in runs] == [0, 1, 2]
-    ref_mu, ref_sigma = fid.load_ref_stats(str(narrow_ref))
+    ref_mu, ref_sigma = features.load_ref_stats(str(narrow_ref))
     for index, record in enumerate(runs):
         saved = np.load(tmp_path / f'stats-{index}.npz')
         assert record['fid'] == pytest.approx(
-            fid.calculate_fid_from_inception_stats(saved['mu'], saved['sigma'], ref_mu, ref_sigma), rel=1e-12)
+            features.calculate_fid_from_inception_stats(saved['mu'], saved['sigma'], ref_mu, ref_sigma), rel=1e-12)
     fids = [r['fid'] for r in runs]
     assert len(set(fids)) == 3  # three different subsets
     assert summary['fid_min'] == min(fids) and summary['fids'] == fids and summary['seed'] == [7, 8, 9]
@@ -301,9 +305,9 @@ def test_detector_comes_from_the_download_cache(golden_dir, monkeypatch, tmp_pat
     monkeypatch.setenv('DNNLIB_CACHE_DIR', str(tmp_path))
     downloads = tmp_path / 'downloads'
     downloads.mkdir()
-    name = hashlib.md5(fid.DETECTOR_URL.encode()).hexdigest() + '_inception-2015-12-05.pkl'
+    name = hashlib.md5(features.DETECTOR_URL.encode()).hexdigest() + '_inception-2015-12-05.pkl'
     shutil.copy(golden_dir / STANDIN, downloads / name)
-    detector = fid.load_detector(None, device='cpu', verbose=False)
+    detector = features.load_detector(None, device='cpu', verbose=False)
     assert type(detector).__name__ == 'StandinDetector'
 
 
@@ -321,24 +325,24 @@ def test_offline_without_detector_copy_is_one_clear_error(generated_dir, monkeyp
 
 def test_default_detector_offline_names_url_and_option(monkeypatch, tmp_path):
     monkeypatch.setenv('DNNLIB_CACHE_DIR', str(tmp_path))
-    monkeypatch.setattr(fid, 'DETECTOR_URL', 'http://127.0.0.1:9/metrics/inception-2015-12-05.pkl')
+    monkeypatch.setattr(features, 'DETECTOR_URL', 'http://127.0.0.1:9/metrics/inception-2015-12-05.pkl')
     monkeypatch.setenv('PFGMPP_DOWNLOAD_ATTEMPTS', '1')
-    with pytest.raises(click.ClickException) as info:
-        fid.load_detector(None, verbose=False)
-    assert fid.DETECTOR_URL in info.value.message and '--detector=PATH' in info.value.message
+    with pytest.raises(features.FeatureError) as info:
+        features.load_detector(None, verbose=False)
+    assert features.DETECTOR_URL in str(info.value) and '--detector=PATH' in str(info.value)
 
 
 def test_detector_file_errors(tmp_path):
-    with pytest.raises(click.ClickException, match='no such file'):
-        fid.load_detector(str(tmp_path / 'missing.pkl'))
+    with pytest.raises(features.FeatureError, match='no such file'):
+        features.load_detector(str(tmp_path / 'missing.pkl'))
     junk = tmp_path / 'junk.pkl'
     junk.write_bytes(b'not a pickle')
-    with pytest.raises(click.ClickException, match='not a loadable detector pickle'):
-        fid.load_detector(str(junk))
+    with pytest.raises(features.FeatureError, match='not a loadable detector pickle'):
+        features.load_detector(str(junk))
     plain = tmp_path / 'dict.pkl'
     plain.write_bytes(pickle.dumps({'a': 1}))
-    with pytest.raises(click.ClickException, match='expected a pickled torch.nn.Module'):
-        fid.load_detector(str(plain))
+    with pytest.raises(features.FeatureError, match='expected a pickled torch.nn.Module'):
+        features.load_detector(str(plain))
 
 
 class _BadDetector(torch.nn.Module):
@@ -361,7 +365,7 @@ def test_detector_runs_without_tf32_and_restores_settings():
     try:
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
         probe = _Float32Probe()
-        fid.extract_features(probe, torch.zeros([2, 1, 8, 8], dtype=torch.uint8))
+        features.extract_features(probe, torch.zeros([2, 1, 8, 8], dtype=torch.uint8))
         assert probe.seen == (False, False)
         assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
     finally:
@@ -369,9 +373,9 @@ def test_detector_runs_without_tf32_and_restores_settings():
 
 
 def test_detector_output_of_wrong_shape(generated_dir):
-    with pytest.raises(click.ClickException, match=r'returned \[16, 8, 1, 1\] for 16 images; expected \[16'):
-        fid.calculate_inception_stats(str(generated_dir), num_expected=16, max_batch_size=16, num_workers=0,
-                                      device='cpu', detector=_BadDetector())
+    with pytest.raises(features.FeatureError, match=r'returned \[16, 8, 1, 1\] for 16 images; expected \[16'):
+        features.calculate_inception_stats(str(generated_dir), num_expected=16, max_batch_size=16, num_workers=0,
+                                           device='cpu', detector=_BadDetector())
 
 
 # ----------------------------------------------------------------------------
@@ -406,9 +410,9 @@ def test_malformed_ref(tmp_path, case):
     else:
         np.savez(path, mu=np.array(['a', 'b']), sigma=good['sigma'])
         pattern = 'mu has dtype'
-    with pytest.raises(click.ClickException, match=pattern) as info:
-        fid.load_ref_stats(str(path))
-    assert str(path) in info.value.message
+    with pytest.raises(features.FeatureError, match=pattern) as info:
+        features.load_ref_stats(str(path))
+    assert str(path) in str(info.value)
 
 
 def test_missing_ref_on_the_command_line(generated_dir, tmp_path):
@@ -419,7 +423,7 @@ def test_missing_ref_on_the_command_line(generated_dir, tmp_path):
 def test_fewer_images_than_num(golden_dir, generated_dir, tmp_path):
     result = _invoke(['calc', f'--images={generated_dir}', f'--save-stats={tmp_path / "x.npz"}', '--num=65',
                       f'--detector={golden_dir / STANDIN}', '--workers=0', '--device=cpu'])
-    _assert_cli_error(result, str(generated_dir), 'found 64 images', '--num asks for 65')
+    _assert_cli_error(result, str(generated_dir), 'found 64 images', '--num-images asks for 65')
 
 
 def _write_pngs(folder: Path, sizes: list[int]) -> None:
@@ -436,16 +440,16 @@ def test_mixed_sizes_and_broken_files(golden_dir, tmp_path, workers):
     kwargs = dict(num_expected=4, max_batch_size=2, num_workers=workers, device='cpu', detector=detector)
     mixed = tmp_path / 'mixed'
     _write_pngs(mixed, [16, 16, 8, 16])
-    with pytest.raises(click.ClickException, match=r'000002.png: image is 8x8 but .*000000.png is 16x16') as info:
-        fid.calculate_inception_stats(str(mixed), **kwargs)
-    assert '\n' not in info.value.message and 'Traceback' not in info.value.message
+    with pytest.raises(features.FeatureError, match=r'000002.png: image is 8x8 but .*000000.png is 16x16') as info:
+        features.calculate_inception_stats(str(mixed), **kwargs)
+    assert '\n' not in str(info.value) and 'Traceback' not in str(info.value)
 
     broken = tmp_path / 'broken'
     _write_pngs(broken, [16, 16, 16])
     (broken / '000003.png').write_text('this is not a PNG')
-    with pytest.raises(click.ClickException, match='000003.png: cannot read image') as info:
-        fid.calculate_inception_stats(str(broken), **kwargs)
-    assert '\n' not in info.value.message and 'Traceback' not in info.value.message
+    with pytest.raises(features.FeatureError, match='000003.png: cannot read image') as info:
+        features.calculate_inception_stats(str(broken), **kwargs)
+    assert '\n' not in str(info.value) and 'Traceback' not in str(info.value)
 
 
 def test_calc_needs_ref_or_save_stats(generated_dir):
@@ -483,8 +487,8 @@ def test_gen_in_memory_equals_generate_then_calc(golden_dir, narrow_detector, na
         folder.mkdir()
         for seed in seeds:
             shutil.copy(png_dir / f'{seed:06d}.png', folder)
-        mu, sigma = fid.calculate_inception_stats(str(folder), num_expected=3, max_batch_size=4, num_workers=0,
-                                                  device='cpu', detector=detector)
+        mu, sigma = features.calculate_inception_stats(str(folder), num_expected=3, max_batch_size=4, num_workers=0,
+                                                       device='cpu', detector=detector)
         in_memory = np.load(tmp_path / f'gen-{index}.npz')
         np.testing.assert_array_equal(in_memory['mu'], mu)
         np.testing.assert_array_equal(in_memory['sigma'], sigma)
@@ -503,10 +507,13 @@ def test_gen_bad_network_is_one_clear_error(golden_dir, tmp_path):
     _assert_one_line_error(proc, '--network', str(missing))
 
 
-def test_repeated_seed_ranges():
-    assert fid._repeated_seed_ranges([0, 1, 2, 5], 3, limit=100) == [[0, 1, 2, 5], [6, 7, 8, 11], [12, 13, 14, 17]]
-    with pytest.raises(click.BadParameter, match='seeds up to 109'):
-        fid._repeated_seed_ranges([90, 99], 2, limit=100)
+def test_repeated_seed_ranges(tiny_networks, narrow_detector):
+    assert runs.repeated_seed_ranges([0, 1, 2, 5], 3, limit=100) == [[0, 1, 2, 5], [6, 7, 8, 11], [12, 13, 14, 17]]
+    with pytest.raises(features.FeatureError, match='seeds up to 109'):
+        runs.repeated_seed_ranges([90, 99], 2, limit=100)
+    result = _invoke(['gen', f'--network={tiny_networks[0]}', f'--seeds={(1 << 32) - 2}-{(1 << 32) - 1}', '--repeat=2',
+                      '--save-stats=x.npz', f'--detector={narrow_detector}', '--device=cpu'])
+    assert result.exit_code == 2 and "Invalid value for --repeat: --repeat=2 would need seeds up to" in result.stderr
 
 
 # ----------------------------------------------------------------------------
@@ -568,14 +575,31 @@ def test_calc_refuses_images_of_unrecorded_origins(generated_dir, narrow_detecto
 
 
 def test_calc_accepts_one_setting_split_over_folders(tiny_networks, narrow_detector, tmp_path):
+    """One run's images split over folders (two generate.py calls, or --subdirs) are accepted, and give the
+    statistics of the same seeds generated into one flat folder."""
     net_a, _ = tiny_networks
     root = tmp_path / 'split'
     _generate(root / 'part1', net_a, '--seeds=0-1')
     _generate(root / 'part2', net_a, '--seeds=2-3')
+    _generate(tmp_path / 'flat', net_a, '--seeds=0-3')
     _generate(tmp_path / 'subdirs', net_a, '--seeds=998-1001', '--subdirs')
-    for images in (root, tmp_path / 'subdirs'):
-        result = _calc_stats(images, narrow_detector, tmp_path)
-        assert result.exit_code == 0, result.output
+    _generate(tmp_path / 'flat-998', net_a, '--seeds=998-1001')
+    assert len(list((tmp_path / 'subdirs').rglob('*.png'))) == 4 and not list((tmp_path / 'subdirs').glob('*.png'))
+    for split, flat in ((root, tmp_path / 'flat'), (tmp_path / 'subdirs', tmp_path / 'flat-998')):
+        stats = {}
+        for name, images in (('split', split), ('flat', flat)):
+            result = _invoke(['calc', f'--images={images}', f'--save-stats={tmp_path / name}.npz', '--num-images=4',
+                              f'--detector={narrow_detector}', '--workers=0', '--device=cpu'])
+            assert result.exit_code == 0, result.output
+            stats[name] = np.load(tmp_path / f'{name}.npz')
+        # Same images in the same order and batch: the float64 moments may differ only by summation order,
+        # a few float64 roundings of the largest second moment.
+        scale = float(np.max(np.diag(stats['flat']['sigma']) + stats['flat']['mu'] ** 2))
+        assert_within(stats['split']['mu'], stats['flat']['mu'], sum_steps(4), np.float64, min_scale=np.sqrt(scale),
+                      what='mu')
+        assert_within(stats['split']['sigma'], stats['flat']['sigma'], 2 * sum_steps(4), np.float64,
+                      min_scale=scale, what='sigma')
+        assert np.abs(stats['flat']['sigma']).max() > 0  # the comparison is of real spread, not of zeros
 
 
 def test_ref_feature_size_is_checked_before_statistics(generated_dir, narrow_detector, tmp_path, monkeypatch,
@@ -585,8 +609,8 @@ def test_ref_feature_size_is_checked_before_statistics(generated_dir, narrow_det
 
     def must_not_run(*args, **kwargs):
         raise AssertionError('statistics computed before the reference was checked')
-    monkeypatch.setattr(fid, 'calculate_inception_stats', must_not_run)
-    monkeypatch.setattr(fid, 'calculate_stats_for_network', must_not_run)
+    monkeypatch.setattr(features, 'calculate_features', must_not_run)
+    monkeypatch.setattr(features, 'calculate_features_for_network', must_not_run)
     result = _invoke(['calc', f'--images={generated_dir}', f'--ref={ref}', '--num=4', f'--detector={narrow_detector}',
                       '--workers=0', '--device=cpu'])
     _assert_cli_error(result, f'--ref {ref}', 'has 16 features', 'detector returns 32')
@@ -617,3 +641,72 @@ def test_ref_that_is_not_an_npz_is_one_line_of_ours(generated_dir, tmp_path, cas
     result = _invoke(['calc', f'--images={generated_dir}', f'--ref={ref}', '--num=4', '--device=cpu'])
     error = _assert_cli_error(result, f'--ref {ref}', fragment, 'mu [D] and sigma [D, D]')
     assert 'allow_pickle' not in error and 'Traceback' not in result.output
+
+
+# ----------------------------------------------------------------------------
+# One spelling of --num-images; DataLoader workers; a network that samples NaN.
+
+
+def test_num_images_is_the_one_spelling_and_num_an_alias(generated_dir, narrow_detector, tmp_path):
+    help_text = _invoke(['calc', '--help']).output
+    assert '--num-images INT' in help_text and '--num,' not in help_text and ', --num ' not in help_text
+    for spelling in ('--num-images', '--num'):
+        result = _invoke(['calc', f'--images={generated_dir}', f'--save-stats={tmp_path / "x.npz"}', f'{spelling}=65',
+                          f'--detector={narrow_detector}', '--workers=0', '--device=cpu'])
+        _assert_cli_error(result, 'found 64 images', '--num-images asks for 65')
+        result = _invoke(['calc', f'--images={generated_dir}', '--save-stats=x.npz', f'{spelling}=1'])
+        assert result.exit_code == 2 and "Invalid value for '--num-images': 1" in result.stderr, result.stderr
+    result = _invoke(['calc', f'--images={generated_dir}', f'--save-stats={tmp_path / "x.npz"}', '--num=64',
+                      '--repeat=2', f'--detector={narrow_detector}', '--workers=0', '--device=cpu'])
+    _assert_cli_error(result, '--repeat=2 draws different subsets of --num-images=64 images, but there are only 64')
+
+
+@pytest.mark.parametrize('cores,local_ranks,expected', [(16, 1, 3), (2, 1, 2), (2, 2, 1), (1, 1, 1), (3, 4, 1)])
+def test_default_workers_fit_the_usable_cores(monkeypatch, cores, local_ranks, expected):
+    monkeypatch.setattr(features.dist, 'usable_cpu_count', lambda: cores)
+    monkeypatch.setenv('LOCAL_WORLD_SIZE', str(local_ranks))
+    assert features.default_workers() == expected
+
+
+def test_feature_loader_workers_are_spawned_and_default_to_the_cores(golden_dir, generated_dir, monkeypatch):
+    """Every feature loader starts its workers by spawn (forking after CUDA/NCCL start is unsafe), by default as many
+    as the cores allow; the statistics equal those read without workers."""
+    seen: list[dict] = []
+
+    class RecordingLoader(torch.utils.data.DataLoader):
+        def __init__(self, *args, **kwargs):
+            seen.append(kwargs)
+            super().__init__(*args, **kwargs)
+    monkeypatch.setattr(torch.utils.data, 'DataLoader', RecordingLoader)
+    monkeypatch.setattr(features.dist, 'usable_cpu_count', lambda: 2)
+    monkeypatch.setenv('LOCAL_WORLD_SIZE', '2')
+    with open(golden_dir / STANDIN, 'rb') as f:
+        detector = pickle.load(f)
+    kwargs = dict(num_expected=16, max_batch_size=8, device='cpu', detector=detector)
+    spawned = features.calculate_inception_stats(str(generated_dir), **kwargs)
+    assert seen[-1]['num_workers'] == 1 and seen[-1]['multiprocessing_context'] == 'spawn'
+    assert seen[-1]['pin_memory'] is False  # pinning only helps copies to a CUDA device
+    inline = features.calculate_inception_stats(str(generated_dir), num_workers=0, **kwargs)
+    assert seen[-1]['num_workers'] == 0 and 'multiprocessing_context' not in seen[-1]
+    np.testing.assert_array_equal(spawned[0], inline[0])
+    np.testing.assert_array_equal(spawned[1], inline[1])
+
+
+def test_gen_of_a_network_that_samples_nan_is_one_line_and_no_metric(narrow_detector, narrow_ref, tmp_path,
+                                                                    monkeypatch):
+    """A NaN in the weights makes every sample NaN: gen stops with one line before any uint8 image reaches the
+    detector, and prints, saves and appends no metric."""
+    from tests._sampler_nets import make_tiny_net, save_snapshot
+    net = make_tiny_net(seed=0)
+    with torch.no_grad():
+        next(p for p in net.parameters() if p.ndim == 4).view(-1)[0] = float('nan')
+    network = save_snapshot(net, tmp_path / 'nan.pkl')
+    jsonl, stats = tmp_path / 'gen.jsonl', tmp_path / 'gen.npz'
+    monkeypatch.chdir(tmp_path)
+    result = _invoke(['gen', f'--network={network}', '--seeds=0-3', '--steps=2', f'--ref={narrow_ref}',
+                      f'--detector={narrow_detector}', '--device=cpu', f'--jsonl={jsonl}', f'--save-stats={stats}'])
+    error = _assert_cli_error(result)
+    assert re.search(r'nan|non-finite|not finite', error, re.IGNORECASE), error
+    assert not jsonl.exists() and not stats.exists()
+    assert not [line for line in result.stdout.splitlines() if line.split()[:1] in (['fid'], ['FID'])]
+    assert 'Saved statistics' not in result.stdout

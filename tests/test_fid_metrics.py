@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-import fid
 from tests.conftest import REPO_ROOT, run_python
-from tests.test_fid import _assert_cli_error, _invoke, _last_line, generated_dir, narrow_detector, narrow_ref  # noqa: F401
-from evaluation import metrics
+from tests.test_fid import (_assert_cli_error, _invoke, _last_line, generated_dir,  # noqa: F401
+                            narrow_detector, narrow_ref)
+from evaluation import features, metrics, runs
 
 FID_SCRIPT = str(REPO_ROOT / 'fid.py')
 
@@ -181,7 +181,7 @@ def test_ref_features_subset_is_seeded(generated_dir, narrow_detector, tmp_path)
               '--device=cpu']
     assert _invoke(['ref', f'--dest={full}', *common]).exit_code == 0
     assert _invoke(['ref', f'--dest={part}', '--ref-features=10', *common]).exit_code == 0
-    chosen = np.sort(np.random.default_rng(fid.METRICS_SEED).permutation(64)[:10])
+    chosen = np.sort(np.random.default_rng(runs.METRICS_SEED).permutation(64)[:10])
     np.testing.assert_array_equal(np.load(part)['features'], np.load(full)['features'][chosen])
     assert sorted(np.load(part).files) == ['features']
 
@@ -257,7 +257,7 @@ def test_malformed_metric_arrays_in_ref(tmp_path, case):
         arrays['fd_dinov2_sigma'] = np.eye(2)
         wanted, pattern = ['fd_dinov2'], r'fd_dinov2_mu has shape \[3\] and fd_dinov2_sigma \[2, 2\]'
     np.savez(path, **arrays)
-    with pytest.raises(fid.click.ClickException, match=pattern) as info:
-        fid.load_reference(str(path), wanted)
-    assert str(path) in info.value.message
-    assert sorted(fid.load_reference(str(path), ['fid'])) == ['mu', 'sigma']  # other metrics' arrays are not read
+    with pytest.raises(features.FeatureError, match=pattern) as info:
+        features.load_reference(str(path), wanted)
+    assert str(path) in str(info.value)
+    assert sorted(features.load_reference(str(path), ['fid'])) == ['mu', 'sigma']  # other metrics' arrays are not read

@@ -2,6 +2,7 @@
 
 * :func:`constant` — cached constant tensors, so repeated small constants are not re-uploaded to the device.
 * :func:`assert_shape` — shape checks with ``None`` as a wildcard.
+* :func:`data_loader_kwargs` — the one worker rule of every DataLoader (spawned workers, prefetch, pinning).
 * :class:`InfiniteSampler` — an endless, seeded, rank-sharded sampler whose position can be saved and restored,
   so a resumed run neither replays nor skips data.
 * :func:`copy_params_and_buffers`, :func:`named_params_and_buffers` — move weights between modules by name.
@@ -60,6 +61,25 @@ def assert_shape(tensor: torch.Tensor, ref_shape: Sequence[Optional[int]]) -> No
         if want is not None and int(size) != int(want):
             raise AssertionError(f'dimension {axis} has size {int(size)}, expected {int(want)} '
                                  f'(shape {list(tensor.shape)} vs {list(ref_shape)})')
+
+
+# ----------------------------------------------------------------------------
+# DataLoader workers.
+
+
+def data_loader_kwargs(num_workers: int, pin_memory: bool = True, prefetch_factor: int = 2) -> dict[str, Any]:
+    """Keyword arguments for ``torch.utils.data.DataLoader``: the one worker rule of the project's loaders.
+
+    With ``num_workers`` > 0 the workers are started by spawn, as EDM's loaders are: a process that has initialised
+    CUDA or NCCL cannot safely fork (the child inherits driver state and locks it cannot use), and the default
+    start method on Linux is fork. Each worker prefetches ``prefetch_factor`` batches. Without workers the loader
+    runs in this process, and the worker-only arguments are left out (DataLoader refuses them). ``pin_memory``
+    (page-locked host batches) only helps copies to a CUDA device.
+    """
+    kwargs: dict[str, Any] = dict(num_workers=int(num_workers), pin_memory=bool(pin_memory))
+    if num_workers > 0:
+        kwargs.update(prefetch_factor=int(prefetch_factor), multiprocessing_context='spawn')
+    return kwargs
 
 
 # ----------------------------------------------------------------------------
