@@ -322,7 +322,7 @@ def test_dataset_tool_unwritable_destination(dest_name, tmp_path):
 
 @pytest.mark.parametrize('dest_name', ['out.zip', 'out'])
 def test_dataset_tool_full_disk(dest_name, tmp_path, monkeypatch):
-    import dataset_tool
+    from formats import dataset_writer as dataset_tool
     source = zip_with(tmp_path / 'source.zip', {f'{i}.png': png_bytes(seed=i) for i in range(3)})
     calls = []
 
