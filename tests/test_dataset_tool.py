@@ -389,3 +389,123 @@ def test_progress_bar_shows_total(tmp_path: Path) -> None:
         save_png(tmp_path / 's' / f'{k}.png', random_pixels(k, 4, 4))
     proc = run_python([TOOL, f'--source={tmp_path / "s"}', f'--dest={tmp_path / "o.zip"}', '--max-images=2'])
     assert '2/2' in proc.stderr
+
+
+# ----------------------------------------------------------------------------
+# Where a dataset.json can sit: each layout is used, or named in one line (never dropped in silence).
+
+
+def _png(seed: int) -> bytes:
+    stream = io.BytesIO()
+    PIL.Image.fromarray(random_pixels(seed, 4, 4)).save(stream, format='png')
+    return stream.getvalue()
+
+
+def _labels_json(pairs: dict[str, int]) -> bytes:
+    return json.dumps({'labels': [[name, label] for name, label in pairs.items()]}).encode()
+
+
+def _nested_zip(members: dict[str, bytes]) -> bytes:
+    stream = io.BytesIO()
+    with zipfile.ZipFile(stream, 'w') as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return stream.getvalue()
+
+
+def _make_source(tmp_path: Path, kind: str, files: dict[str, bytes]) -> Path:
+    """The same files as a folder or as a ZIP (names relative to its root)."""
+    if kind == 'zip':
+        path = tmp_path / 'source.zip'
+        path.write_bytes(_nested_zip(files))
+        return path
+    path = tmp_path / 'source'
+    for name, data in files.items():
+        (path / name).parent.mkdir(parents=True, exist_ok=True)
+        (path / name).write_bytes(data)
+    return path
+
+
+# layout -> (files, expected labels in output order or None, pattern the output must show or None)
+LABEL_LAYOUTS = {
+    'root': ({'a/0.png': _png(0), 'b/1.png': _png(1), 'dataset.json': _labels_json({'a/0.png': 4, 'b/1.png': 6})},
+             [4, 6], None),
+    'zipped-folder': ({'data/0.png': _png(0), 'data/1.png': _png(1),
+                       'data/dataset.json': _labels_json({'0.png': 3, '1.png': 5})},
+                      [3, 5], r"sits in the folder 'data'"),
+    'twice-zipped-folder': ({'x/data/0.png': _png(0), 'x/data/1.png': _png(1),
+                             'x/data/dataset.json': _labels_json({'0.png': 8, '1.png': 9})},
+                            [8, 9], r"sits in the folder 'x/data'"),
+    'zipped-folder-of-classes': ({'data/cat/0.png': _png(0), 'data/dog/1.png': _png(1), 'data/dog/2.png': _png(2)},
+                                 [0, 1, 1], r'Classes from the top-level folders of .*data.*cat -> 0, dog -> 1'),
+    'classes-at-root': ({'cat/0.png': _png(0), 'dog/1.png': _png(1)},
+                        [0, 1], r'cat -> 0, dog -> 1'),
+    'wrong-case': ({'0.png': _png(0), '1.png': _png(1), 'Dataset.json': _labels_json({'0.png': 2, '1.png': 7})},
+                   [2, 7], r'Note: reading labels from .*Dataset\.json .*letter case'),
+    'root-and-sub-folder': ({'a/0.png': _png(0), 'b/1.png': _png(1), 'b/dataset.json': _labels_json({'1.png': 9}),
+                             'dataset.json': _labels_json({'a/0.png': 1, 'b/1.png': 0})},
+                            [1, 0], r"ignoring 1 other label file\(s\) below it: '.*dataset\.json'"),
+    'nested-archive': ({'0.png': _png(0), '1.png': _png(1),
+                        'more.zip': _nested_zip({'2.png': _png(2), 'dataset.json': _labels_json({'2.png': 1})})},
+                       None, r"Note: nested archives are not read .*'.*more\.zip'"),
+}
+
+# layout -> (files, pattern of the one error line)
+REFUSED_LABEL_LAYOUTS = {
+    'beside-images-in-a-sub-folder': ({'cat/0.png': _png(0), 'dog/1.png': _png(1),
+                                       'cat/dataset.json': _labels_json({'0.png': 1})},
+                                      r'cat.dataset\.json: a dataset\.json below the dataset root is not read'),
+    'in-a-labels-folder': ({'0.png': _png(0), '1.png': _png(1),
+                            'meta/dataset.json': _labels_json({'0.png': 1, '1.png': 2})},
+                           r'meta.dataset\.json: a dataset\.json below the dataset root is not read; expected the '
+                           r'labels at .*source.*dataset\.json'),
+}
+
+
+@pytest.mark.parametrize('kind', ['folder', 'zip'])
+@pytest.mark.parametrize('layout', list(LABEL_LAYOUTS))
+def test_every_labels_layout_is_used_or_named(layout: str, kind: str, tmp_path: Path) -> None:
+    files, expected, shown = LABEL_LAYOUTS[layout]
+    source = _make_source(tmp_path, kind, files)
+    result = convert([f'--source={source}', f'--dest={tmp_path / "out.zip"}'])
+    assert result.exit_code == 0, result.output
+    labels = json.loads(read_dataset(tmp_path / 'out.zip')[1])['labels']
+    assert (None if labels is None else [label for _, label in labels]) == expected
+    if shown is not None:
+        assert re.search(shown, result.output), result.output
+
+
+@pytest.mark.parametrize('kind', ['folder', 'zip'])
+@pytest.mark.parametrize('layout', list(REFUSED_LABEL_LAYOUTS))
+def test_a_labels_file_that_would_be_passed_over_is_refused(layout: str, kind: str, tmp_path: Path) -> None:
+    files, pattern = REFUSED_LABEL_LAYOUTS[layout]
+    source = _make_source(tmp_path, kind, files)
+    output = fails_with([f'--source={source}', f'--dest={tmp_path / "out.zip"}'], pattern)
+    assert len(output.strip().splitlines()) == 1, output
+    assert not (tmp_path / 'out.zip').exists()
+
+
+def test_two_spellings_of_the_labels_file_in_a_zip_are_refused(tmp_path: Path) -> None:
+    source = _make_source(tmp_path, 'zip', {'0.png': _png(0), 'Dataset.json': _labels_json({'0.png': 1}),
+                                            'DATASET.JSON': _labels_json({'0.png': 2})})
+    fails_with([f'--source={source}', f'--dest={tmp_path / "out.zip"}'],
+               r'2 label files differ only in letter case .*expected one dataset\.json')
+
+
+def test_zip_class_folders_take_class_order(tmp_path: Path) -> None:
+    source = _make_source(tmp_path, 'zip', {'10/0.png': _png(0), '2/1.png': _png(1)})
+    assert convert([f'--source={source}', f'--dest={tmp_path / "text.zip"}']).exit_code == 0
+    assert [k for _, k in json.loads(read_dataset(tmp_path / 'text.zip')[1])['labels']] == [0, 1]
+    assert convert([f'--source={source}', f'--dest={tmp_path / "num.zip"}', '--class-order=numeric']).exit_code == 0
+    assert [k for _, k in json.loads(read_dataset(tmp_path / 'num.zip')[1])['labels']] == [1, 0]
+
+
+def test_script_is_thin_and_the_library_converts_without_click(tmp_path: Path) -> None:
+    from formats import dataset_writer
+    assert len((REPO_ROOT / 'dataset_tool.py').read_text().splitlines()) <= 250
+    lines: list[str] = []
+    source = _make_source(tmp_path, 'folder', {'cat/0.png': _png(0), 'dog/1.png': _png(1)})
+    assert dataset_writer.convert_dataset(str(source), str(tmp_path / 'o'), log=lines.append) == 2
+    assert lines == [f'Classes from the top-level folders of {source} (text order): cat -> 0, dog -> 1']
+    with pytest.raises(dataset_writer.DatasetError, match='--dest .*already exists'):
+        dataset_writer.convert_dataset(str(source), str(tmp_path / 'o'), log=lines.append)
