@@ -245,7 +245,8 @@ def process_umask() -> int:
     other threads creating files meanwhile are unaffected. Elsewhere the only portable query is to set a mask
     and put the old one back; that flip is done under a lock so that two readers here cannot leave the wrong
     mask behind, and sets the private ``0o077`` for that instant, so that a file another thread creates
-    meanwhile errs towards fewer permissions, never more. It is read on every call rather than cached, because a caller may change the umask.
+    meanwhile errs towards fewer permissions, never more. It is read on every call rather than cached, because
+    a caller may change the umask.
     """
     try:
         with open(_PROC_STATUS, encoding='ascii', errors='replace') as status:

@@ -384,7 +384,8 @@ def open_lsun(lmdb_dir: str, max_images: Optional[int]) -> Source:
                 try:
                     pixels = decode(value)
                 except (OSError, ValueError, SyntaxError) as err:
-                    tqdm.write(f'{lmdb_dir}: skipping record {bytes(key)!r}: cannot decode image ({err})', file=sys.stderr)
+                    tqdm.write(f'{lmdb_dir}: skipping record {bytes(key)!r}: cannot decode image ({err})',
+                               file=sys.stderr)
                     continue
                 yield SourceImage(pixels, None, f'{lmdb_dir}:{bytes(key).decode("utf8", "replace")}')
     return Source(count, generate())

@@ -49,7 +49,8 @@ def read_dataset(dest: Path) -> tuple[list[str], bytes, dict[str, np.ndarray]]:
     else:
         with zipfile.ZipFile(dest) as zf:
             files = {name: zf.read(name) for name in zf.namelist() if not name.endswith('/')}
-    images = {name: np.asarray(PIL.Image.open(io.BytesIO(data))) for name, data in files.items() if name.endswith('.png')}
+    images = {name: np.asarray(PIL.Image.open(io.BytesIO(data))) for name, data in files.items()
+              if name.endswith('.png')}
     return sorted(files), files['dataset.json'], images
 
 
@@ -130,7 +131,8 @@ def test_convert_word_is_optional_and_folder_dest(tmp_path: Path) -> None:
     assert convert([f'--source={tmp_path / "src"}', f'--dest={tmp_path / "b"}']).exit_code == 0
     names_a, labels_a, images_a = read_dataset(tmp_path / 'a.zip')
     names_b, labels_b, images_b = read_dataset(tmp_path / 'b')
-    assert names_a == names_b == ['00000/img00000000.png', '00000/img00000001.png', '00000/img00000002.png', 'dataset.json']
+    assert names_a == names_b == ['00000/img00000000.png', '00000/img00000001.png', '00000/img00000002.png',
+                                  'dataset.json']
     assert json.loads(labels_a) == {'labels': None} and labels_a == labels_b
     for k in range(3):
         np.testing.assert_array_equal(images_a[f'00000/img{k:08d}.png'], random_pixels(k, 8, 8))
@@ -162,7 +164,8 @@ def test_folder_labels_from_dataset_json_and_from_folders(tmp_path: Path) -> Non
     assert [label for _, label in json.loads(labels)['labels']] == [1, 2, 0]  # a/deep/1, b/0, root
 
     # An explicit dataset.json wins; an image it does not mention is an error (the original dropped all labels).
-    (tmp_path / 'f' / 'dataset.json').write_text(json.dumps({'labels': [['b/0.png', 7], ['root.png', 3], ['a/deep/1.png', 5]]}))
+    (tmp_path / 'f' / 'dataset.json').write_text(
+        json.dumps({'labels': [['b/0.png', 7], ['root.png', 3], ['a/deep/1.png', 5]]}))
     convert([f'--source={tmp_path / "f"}', f'--dest={tmp_path / "json.zip"}'])
     assert [label for _, label in json.loads(read_dataset(tmp_path / 'json.zip')[1])['labels']] == [5, 7, 3]
     (tmp_path / 'f' / 'dataset.json').write_text(json.dumps({'labels': [['b/0.png', 7]]}))
@@ -186,7 +189,8 @@ def test_mnist_is_padded_to_32(tmp_path: Path) -> None:
     # The header keeps the real file's count: like the original, counts come from the data itself.
     _write_idx(tmp_path / 'train-images-idx3-ubyte.gz', 0x803, [60000, 28, 28], digits)
     _write_idx(tmp_path / 'train-labels-idx1-ubyte.gz', 0x801, [4], np.array([3, 1, 4, 1]))
-    assert convert([f'--source={tmp_path / "train-images-idx3-ubyte.gz"}', f'--dest={tmp_path / "m.zip"}']).exit_code == 0
+    mnist = tmp_path / 'train-images-idx3-ubyte.gz'
+    assert convert([f'--source={mnist}', f'--dest={tmp_path / "m.zip"}']).exit_code == 0
     _, labels, images = read_dataset(tmp_path / 'm.zip')
     assert [label for _, label in json.loads(labels)['labels']] == [3, 1, 4, 1]
     for k in range(4):
@@ -352,7 +356,8 @@ def test_non_square_and_non_power_of_two(tmp_path: Path) -> None:
 
 def test_unknown_missing_and_empty_sources(tmp_path: Path) -> None:
     (tmp_path / 'notes.txt').write_text('hello')
-    fails_with([f'--source={tmp_path / "notes.txt"}', f'--dest={tmp_path / "o.zip"}'], r'notes\.txt: unknown source type')
+    fails_with([f'--source={tmp_path / "notes.txt"}', f'--dest={tmp_path / "o.zip"}'],
+               r'notes\.txt: unknown source type')
     fails_with([f'--source={tmp_path / "nope"}', f'--dest={tmp_path / "o.zip"}'], r'nope: no such file or directory')
     (tmp_path / 'empty').mkdir()
     (tmp_path / 'empty' / 'readme.md').write_text('no images here')
@@ -374,7 +379,8 @@ def test_existing_destination_needs_overwrite(tmp_path: Path) -> None:
     (tmp_path / 'dir').mkdir()
     (tmp_path / 'dir' / 'keep.txt').write_text('old')
     for dest in ('o.zip', 'dir'):
-        fails_with([f'--source={tmp_path / "s"}', f'--dest={tmp_path / dest}'], 'already exists and is not empty .*--overwrite')
+        fails_with([f'--source={tmp_path / "s"}', f'--dest={tmp_path / dest}'],
+                   'already exists and is not empty .*--overwrite')
     assert (tmp_path / 'o.zip').read_bytes() == b'old' and (tmp_path / 'dir' / 'keep.txt').exists()
     for dest in ('o.zip', 'dir'):
         assert convert([f'--source={tmp_path / "s"}', f'--dest={tmp_path / dest}', '--overwrite']).exit_code == 0
