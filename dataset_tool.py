@@ -69,7 +69,7 @@ def convert(source: str, dest: str, max_images: Optional[int], transform: Option
     \b
     --source kinds:
       path/                         images found recursively under path/, in sorted order
-      archive.zip                   images in the ZIP, in sorted order
+      archive.zip                   images in the ZIP, in sorted order (macOS's __MACOSX/ is skipped)
       cifar-10-python.tar.gz        the 50,000 CIFAR-10 training images, labelled
       train-images-idx3-ubyte.gz    MNIST (labels read from train-labels-idx1-ubyte.gz), padded to 32x32
       name_lmdb/                    LSUN LMDB folder (needs `pip install lmdb`)

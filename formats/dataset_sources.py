@@ -53,6 +53,7 @@ MNIST_LABELS_MAGIC = 0x00000801  # idx1: unsigned bytes, one dimension
 MNIST_BORDER = 2  # 28x28 digits padded to 32x32, a power of two
 
 LSUN_DIR_SUFFIX = '_lmdb'
+MACOS_FORKS = '__MACOSX/'  # not images: resource forks the macOS archiver adds beside every file
 ARCHIVE_SUFFIXES = ('.zip', '.tar', '.tar.gz', '.tgz', '.tar.bz2', '.tar.xz')  # nested ones are not read
 
 # CIFAR-10 batches are pickles; only the numpy pieces an array needs may be unpickled from them.
@@ -258,13 +259,15 @@ def open_image_folder(root: str, max_images: Optional[int], class_order: Optiona
 
 def open_image_zip(archive: str, max_images: Optional[int], class_order: Optional[str] = None,
                    log: Log = print) -> Source:
-    """Every image in a ZIP in sorted member order, with labels from dataset.json or folders as for a folder."""
+    """Every image in a ZIP in sorted member order (but those under __MACOSX/), with labels from dataset.json or
+    folders as for a folder."""
     def describe(name: str) -> str:
         return f'{archive}:{name}' if name else archive
     try:
         with zipfile.ZipFile(archive) as zf:
-            files = [name for name in zf.namelist() if not name.endswith('/')]
-            members = sorted(name for name in zf.namelist() if has_image_extension(name))
+            # macOS adds __MACOSX/ (resource forks named like the images, ._0.png) to the ZIPs it makes.
+            files = [name for name in zf.namelist() if not name.endswith('/') and not name.startswith(MACOS_FORKS)]
+            members = sorted(name for name in files if has_image_extension(name))
             count = _limit(len(members), max_images)
             plan = plan_labels(files, describe, archive, log)
             labels = _source_labels(plan, zf.read, describe, archive, members, count, class_order, log)

@@ -491,6 +491,18 @@ def test_a_labels_file_that_would_be_passed_over_is_refused(layout: str, kind: s
     assert not (tmp_path / 'out.zip').exists()
 
 
+def test_zip_made_by_macos_reads_the_wrapped_labels_without_its_resource_forks(tmp_path: Path) -> None:
+    fork = b'\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        '  # an AppleDouble header, not an image
+    source = _make_source(tmp_path, 'zip', {'data/0.png': _png(0), 'data/1.png': _png(1),
+                                            'data/dataset.json': _labels_json({'0.png': 5, '1.png': 6}),
+                                            '__MACOSX/data/._0.png': fork, '__MACOSX/data/._1.png': fork,
+                                            '__MACOSX/data/._dataset.json': fork})
+    result = convert([f'--source={source}', f'--dest={tmp_path / "out.zip"}'])
+    assert result.exit_code == 0, result.output
+    names, labels, _ = read_dataset(tmp_path / 'out.zip')
+    assert len(names) == 3 and [k for _, k in json.loads(labels)['labels']] == [5, 6]
+
+
 def test_two_spellings_of_the_labels_file_in_a_zip_are_refused(tmp_path: Path) -> None:
     source = _make_source(tmp_path, 'zip', {'0.png': _png(0), 'Dataset.json': _labels_json({'0.png': 1}),
                                             'DATASET.JSON': _labels_json({'0.png': 2})})
