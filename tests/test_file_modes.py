@@ -1,5 +1,5 @@
 """Every file the project writes gets the permissions a plain open() would give it, ``0o666 & ~umask``, and every
-folder ``0o777 & ~umask`` (issue 29 item 1: temporary-name-then-rename writes used to leave them 0600).
+folder ``0o777 & ~umask``, although every write goes through a temporary file, which tempfile creates 0600.
 
 The writers run in a subprocess (tests/_file_modes_worker.py) under umasks 0o022, 0o002 and 0o077 in turn, so the
 test process's umask is never touched: train.py (network snapshots, training states, post-hoc EMA snapshots, the
