@@ -1,4 +1,4 @@
-"""Runs every writer of the project once, in this process, under the umask given on the command line.
+"""Runs every writer of the project once per umask, in this process, under the umasks given on the command line.
 
 ``python tests/_file_modes_worker.py OUT DATA_ZIP DETECTOR UMASK...``: for each umask (octal) in turn, sets it,
 then runs train.py (with post-hoc EMA), export.py, generate.py, fid.py ref/calc, reconstruct_phema.py and
