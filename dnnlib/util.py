@@ -17,6 +17,7 @@ import os
 import re
 import sys
 import tempfile
+import threading
 import time
 import types
 import urllib.parse
@@ -231,16 +232,83 @@ def construct_class_by_name(*args: Any, class_name: Optional[str] = None, **kwar
 # Atomic writes.
 
 
+NEW_FILE_MODE = 0o666  # what open() asks for; the umask then takes bits away
+NEW_DIR_MODE = 0o777   # what os.mkdir() asks for
+_PROC_STATUS = '/proc/self/status'
+_umask_lock = threading.Lock()
+
+
+def process_umask() -> int:
+    """The process's file-creation mask (e.g. ``0o022``), as permission bits.
+
+    Read from ``/proc/self/status`` where the kernel reports it (Linux 4.7+): that read changes nothing, so
+    other threads creating files meanwhile are unaffected. Elsewhere the only portable query is to set a mask
+    and put the old one back; that flip is done under a lock so that two readers here cannot leave the wrong
+    mask behind, and sets the private ``0o077`` for that instant, so that a file another thread creates
+    meanwhile errs towards fewer permissions, never more. It is read on every call rather than cached, because
+    a caller may change the umask.
+    """
+    try:
+        with open(_PROC_STATUS, encoding='ascii', errors='replace') as status:
+            for line in status:
+                if line.startswith('Umask:'):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _umask_lock:
+        mask = os.umask(0o077)
+        os.umask(mask)
+    return mask
+
+
+def creation_mode(folder: bool = False) -> int:
+    """Permission bits a plain ``open(path, 'w')`` (``0o666``) or ``os.mkdir`` (``0o777``) would give a new
+    file or folder under the current umask; ``tempfile`` creates owner-only (``0o600``/``0o700``) entries."""
+    return (NEW_DIR_MODE if folder else NEW_FILE_MODE) & ~process_umask()
+
+
+def temporary_file(directory: str, prefix: str, suffix: str) -> tuple[int, str]:
+    """``tempfile.mkstemp`` in ``directory`` with the permissions of a plain create (:func:`creation_mode`), so
+    that renaming it into place gives teammates the access the umask grants. Returns (fd, path).
+
+    Raises:
+        OSError: the file cannot be created (no such folder, read-only, full).
+    """
+    fd, path = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=directory)
+    try:
+        os.chmod(path, creation_mode())
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.remove(path)
+        raise
+    return fd, path
+
+
+def temporary_folder(directory: str, prefix: str, suffix: str) -> str:
+    """``tempfile.mkdtemp`` in ``directory`` with the permissions of ``os.mkdir`` under the umask
+    (:func:`creation_mode`); returns its path. Raises OSError as :func:`temporary_file`."""
+    path = tempfile.mkdtemp(prefix=prefix, suffix=suffix, dir=directory)
+    try:
+        os.chmod(path, creation_mode(folder=True))
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.rmdir(path)
+        raise
+    return path
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = 'wb') -> Iterator[Any]:
     """Open a temporary file next to ``path`` and rename it over ``path`` on success.
 
     A crash or exception inside the block leaves ``path`` untouched and removes the
-    temporary file, so readers never see a truncated file under the final name.
+    temporary file, so readers never see a truncated file under the final name. The file
+    gets the permissions a plain ``open(path, 'w')`` would: ``0o666 & ~umask``.
     """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=directory)
+    fd, tmp = temporary_file(directory, '.' + os.path.basename(path) + '.', '.tmp')
     try:
         with os.fdopen(fd, mode) as f:
             yield f

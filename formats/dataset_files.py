@@ -230,7 +230,8 @@ def _common_prefix_fix(unmatched: list[str], free: set[str]) -> Optional[tuple[d
             renamed = {n: s[len(prefix):] for n, s in zip(unmatched, stripped) if s.startswith(prefix)}
         else:
             renamed = {n: prefix + s for n, s in zip(unmatched, stripped)}
-        if len(renamed) == len(unmatched) and set(renamed.values()) <= free and len(set(renamed.values())) == len(renamed):
+        targets = set(renamed.values())
+        if len(renamed) == len(unmatched) and targets <= free and len(targets) == len(renamed):
             fixes.append((renamed, f'{action}s the leading folder {prefix!r}'))
     return fixes[0] if len(fixes) == 1 else None
 
@@ -287,7 +288,8 @@ def match_labels(table: dict[str, Any], image_names: Sequence[str], where: str,
         if missing:
             parts.append(f'{len(missing)} of {used} images have no label (e.g. {_examples(missing)})')
         if unmatched:
-            parts.append(f'{len(unmatched)} of {len(table)} entries name no image (e.g. {_examples(sorted(unmatched))})')
+            parts.append(f'{len(unmatched)} of {len(table)} entries name no image '
+                         f'(e.g. {_examples(sorted(unmatched))})')
         raise DatasetError(f'{where}: {"; ".join(parts)}; expected one [name, label] entry per image, named by its '
                            f'path relative to the dataset root')
     return labels, notes

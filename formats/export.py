@@ -226,12 +226,8 @@ def export_weights(module: torch.nn.Module, path: Union[str, os.PathLike],
     """
     path = os.fspath(path)
     record = network_record(module, metadata, source=path)
-    with dnnlib.util.atomic_write(path, 'wb') as f:
+    with dnnlib.util.atomic_write(path, 'wb') as f:  # 0o666 & ~umask, as a plain create
         torch.save(record, f)
-        # The temporary file is owner-only; a file meant for sharing gets the permissions a plain create gives.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(f.fileno(), 0o666 & ~umask)
     return path
 
 

@@ -49,7 +49,8 @@ def read_dataset(dest: Path) -> tuple[list[str], bytes, dict[str, np.ndarray]]:
     else:
         with zipfile.ZipFile(dest) as zf:
             files = {name: zf.read(name) for name in zf.namelist() if not name.endswith('/')}
-    images = {name: np.asarray(PIL.Image.open(io.BytesIO(data))) for name, data in files.items() if name.endswith('.png')}
+    images = {name: np.asarray(PIL.Image.open(io.BytesIO(data))) for name, data in files.items()
+              if name.endswith('.png')}
     return sorted(files), files['dataset.json'], images
 
 
@@ -130,7 +131,8 @@ def test_convert_word_is_optional_and_folder_dest(tmp_path: Path) -> None:
     assert convert([f'--source={tmp_path / "src"}', f'--dest={tmp_path / "b"}']).exit_code == 0
     names_a, labels_a, images_a = read_dataset(tmp_path / 'a.zip')
     names_b, labels_b, images_b = read_dataset(tmp_path / 'b')
-    assert names_a == names_b == ['00000/img00000000.png', '00000/img00000001.png', '00000/img00000002.png', 'dataset.json']
+    assert names_a == names_b == ['00000/img00000000.png', '00000/img00000001.png', '00000/img00000002.png',
+                                  'dataset.json']
     assert json.loads(labels_a) == {'labels': None} and labels_a == labels_b
     for k in range(3):
         np.testing.assert_array_equal(images_a[f'00000/img{k:08d}.png'], random_pixels(k, 8, 8))
@@ -162,7 +164,8 @@ def test_folder_labels_from_dataset_json_and_from_folders(tmp_path: Path) -> Non
     assert [label for _, label in json.loads(labels)['labels']] == [1, 2, 0]  # a/deep/1, b/0, root
 
     # An explicit dataset.json wins; an image it does not mention is an error (the original dropped all labels).
-    (tmp_path / 'f' / 'dataset.json').write_text(json.dumps({'labels': [['b/0.png', 7], ['root.png', 3], ['a/deep/1.png', 5]]}))
+    (tmp_path / 'f' / 'dataset.json').write_text(
+        json.dumps({'labels': [['b/0.png', 7], ['root.png', 3], ['a/deep/1.png', 5]]}))
     convert([f'--source={tmp_path / "f"}', f'--dest={tmp_path / "json.zip"}'])
     assert [label for _, label in json.loads(read_dataset(tmp_path / 'json.zip')[1])['labels']] == [5, 7, 3]
     (tmp_path / 'f' / 'dataset.json').write_text(json.dumps({'labels': [['b/0.png', 7]]}))
@@ -186,7 +189,8 @@ def test_mnist_is_padded_to_32(tmp_path: Path) -> None:
     # The header keeps the real file's count: like the original, counts come from the data itself.
     _write_idx(tmp_path / 'train-images-idx3-ubyte.gz', 0x803, [60000, 28, 28], digits)
     _write_idx(tmp_path / 'train-labels-idx1-ubyte.gz', 0x801, [4], np.array([3, 1, 4, 1]))
-    assert convert([f'--source={tmp_path / "train-images-idx3-ubyte.gz"}', f'--dest={tmp_path / "m.zip"}']).exit_code == 0
+    mnist = tmp_path / 'train-images-idx3-ubyte.gz'
+    assert convert([f'--source={mnist}', f'--dest={tmp_path / "m.zip"}']).exit_code == 0
     _, labels, images = read_dataset(tmp_path / 'm.zip')
     assert [label for _, label in json.loads(labels)['labels']] == [3, 1, 4, 1]
     for k in range(4):
@@ -352,7 +356,8 @@ def test_non_square_and_non_power_of_two(tmp_path: Path) -> None:
 
 def test_unknown_missing_and_empty_sources(tmp_path: Path) -> None:
     (tmp_path / 'notes.txt').write_text('hello')
-    fails_with([f'--source={tmp_path / "notes.txt"}', f'--dest={tmp_path / "o.zip"}'], r'notes\.txt: unknown source type')
+    fails_with([f'--source={tmp_path / "notes.txt"}', f'--dest={tmp_path / "o.zip"}'],
+               r'notes\.txt: unknown source type')
     fails_with([f'--source={tmp_path / "nope"}', f'--dest={tmp_path / "o.zip"}'], r'nope: no such file or directory')
     (tmp_path / 'empty').mkdir()
     (tmp_path / 'empty' / 'readme.md').write_text('no images here')
@@ -374,7 +379,8 @@ def test_existing_destination_needs_overwrite(tmp_path: Path) -> None:
     (tmp_path / 'dir').mkdir()
     (tmp_path / 'dir' / 'keep.txt').write_text('old')
     for dest in ('o.zip', 'dir'):
-        fails_with([f'--source={tmp_path / "s"}', f'--dest={tmp_path / dest}'], 'already exists and is not empty .*--overwrite')
+        fails_with([f'--source={tmp_path / "s"}', f'--dest={tmp_path / dest}'],
+                   'already exists and is not empty .*--overwrite')
     assert (tmp_path / 'o.zip').read_bytes() == b'old' and (tmp_path / 'dir' / 'keep.txt').exists()
     for dest in ('o.zip', 'dir'):
         assert convert([f'--source={tmp_path / "s"}', f'--dest={tmp_path / dest}', '--overwrite']).exit_code == 0
@@ -389,3 +395,135 @@ def test_progress_bar_shows_total(tmp_path: Path) -> None:
         save_png(tmp_path / 's' / f'{k}.png', random_pixels(k, 4, 4))
     proc = run_python([TOOL, f'--source={tmp_path / "s"}', f'--dest={tmp_path / "o.zip"}', '--max-images=2'])
     assert '2/2' in proc.stderr
+
+
+# ----------------------------------------------------------------------------
+# Where a dataset.json can sit: each layout is used, or named in one line (never dropped in silence).
+
+
+def _png(seed: int) -> bytes:
+    stream = io.BytesIO()
+    PIL.Image.fromarray(random_pixels(seed, 4, 4)).save(stream, format='png')
+    return stream.getvalue()
+
+
+def _labels_json(pairs: dict[str, int]) -> bytes:
+    return json.dumps({'labels': [[name, label] for name, label in pairs.items()]}).encode()
+
+
+def _nested_zip(members: dict[str, bytes]) -> bytes:
+    stream = io.BytesIO()
+    with zipfile.ZipFile(stream, 'w') as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return stream.getvalue()
+
+
+def _make_source(tmp_path: Path, kind: str, files: dict[str, bytes]) -> Path:
+    """The same files as a folder or as a ZIP (names relative to its root)."""
+    if kind == 'zip':
+        path = tmp_path / 'source.zip'
+        path.write_bytes(_nested_zip(files))
+        return path
+    path = tmp_path / 'source'
+    for name, data in files.items():
+        (path / name).parent.mkdir(parents=True, exist_ok=True)
+        (path / name).write_bytes(data)
+    return path
+
+
+# layout -> (files, expected labels in output order or None, pattern the output must show or None)
+LABEL_LAYOUTS = {
+    'root': ({'a/0.png': _png(0), 'b/1.png': _png(1), 'dataset.json': _labels_json({'a/0.png': 4, 'b/1.png': 6})},
+             [4, 6], None),
+    'zipped-folder': ({'data/0.png': _png(0), 'data/1.png': _png(1),
+                       'data/dataset.json': _labels_json({'0.png': 3, '1.png': 5})},
+                      [3, 5], r"sits in the folder 'data'"),
+    'twice-zipped-folder': ({'x/data/0.png': _png(0), 'x/data/1.png': _png(1),
+                             'x/data/dataset.json': _labels_json({'0.png': 8, '1.png': 9})},
+                            [8, 9], r"sits in the folder 'x/data'"),
+    'zipped-folder-of-classes': ({'data/cat/0.png': _png(0), 'data/dog/1.png': _png(1), 'data/dog/2.png': _png(2)},
+                                 [0, 1, 1], r'Classes from the top-level folders of .*data.*cat -> 0, dog -> 1'),
+    'classes-at-root': ({'cat/0.png': _png(0), 'dog/1.png': _png(1)},
+                        [0, 1], r'cat -> 0, dog -> 1'),
+    'wrong-case': ({'0.png': _png(0), '1.png': _png(1), 'Dataset.json': _labels_json({'0.png': 2, '1.png': 7})},
+                   [2, 7], r'Note: reading labels from .*Dataset\.json .*letter case'),
+    'root-and-sub-folder': ({'a/0.png': _png(0), 'b/1.png': _png(1), 'b/dataset.json': _labels_json({'1.png': 9}),
+                             'dataset.json': _labels_json({'a/0.png': 1, 'b/1.png': 0})},
+                            [1, 0], r"ignoring 1 other label file\(s\) below it: '.*dataset\.json'"),
+    'nested-archive': ({'0.png': _png(0), '1.png': _png(1),
+                        'more.zip': _nested_zip({'2.png': _png(2), 'dataset.json': _labels_json({'2.png': 1})})},
+                       None, r"Note: nested archives are not read .*'.*more\.zip'"),
+}
+
+# layout -> (files, pattern of the one error line)
+REFUSED_LABEL_LAYOUTS = {
+    'beside-images-in-a-sub-folder': ({'cat/0.png': _png(0), 'dog/1.png': _png(1),
+                                       'cat/dataset.json': _labels_json({'0.png': 1})},
+                                      r'cat.dataset\.json: a dataset\.json below the dataset root is not read'),
+    'in-a-labels-folder': ({'0.png': _png(0), '1.png': _png(1),
+                            'meta/dataset.json': _labels_json({'0.png': 1, '1.png': 2})},
+                           r'meta.dataset\.json: a dataset\.json below the dataset root is not read; expected the '
+                           r'labels at .*source.*dataset\.json'),
+}
+
+
+@pytest.mark.parametrize('kind', ['folder', 'zip'])
+@pytest.mark.parametrize('layout', list(LABEL_LAYOUTS))
+def test_every_labels_layout_is_used_or_named(layout: str, kind: str, tmp_path: Path) -> None:
+    files, expected, shown = LABEL_LAYOUTS[layout]
+    source = _make_source(tmp_path, kind, files)
+    result = convert([f'--source={source}', f'--dest={tmp_path / "out.zip"}'])
+    assert result.exit_code == 0, result.output
+    labels = json.loads(read_dataset(tmp_path / 'out.zip')[1])['labels']
+    assert (None if labels is None else [label for _, label in labels]) == expected
+    if shown is not None:
+        assert re.search(shown, result.output), result.output
+
+
+@pytest.mark.parametrize('kind', ['folder', 'zip'])
+@pytest.mark.parametrize('layout', list(REFUSED_LABEL_LAYOUTS))
+def test_a_labels_file_that_would_be_passed_over_is_refused(layout: str, kind: str, tmp_path: Path) -> None:
+    files, pattern = REFUSED_LABEL_LAYOUTS[layout]
+    source = _make_source(tmp_path, kind, files)
+    output = fails_with([f'--source={source}', f'--dest={tmp_path / "out.zip"}'], pattern)
+    assert len(output.strip().splitlines()) == 1, output
+    assert not (tmp_path / 'out.zip').exists()
+
+
+def test_zip_made_by_macos_reads_the_wrapped_labels_without_its_resource_forks(tmp_path: Path) -> None:
+    fork = b'\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        '  # an AppleDouble header, not an image
+    source = _make_source(tmp_path, 'zip', {'data/0.png': _png(0), 'data/1.png': _png(1),
+                                            'data/dataset.json': _labels_json({'0.png': 5, '1.png': 6}),
+                                            '__MACOSX/data/._0.png': fork, '__MACOSX/data/._1.png': fork,
+                                            '__MACOSX/data/._dataset.json': fork})
+    result = convert([f'--source={source}', f'--dest={tmp_path / "out.zip"}'])
+    assert result.exit_code == 0, result.output
+    names, labels, _ = read_dataset(tmp_path / 'out.zip')
+    assert len(names) == 3 and [k for _, k in json.loads(labels)['labels']] == [5, 6]
+
+
+def test_two_spellings_of_the_labels_file_in_a_zip_are_refused(tmp_path: Path) -> None:
+    source = _make_source(tmp_path, 'zip', {'0.png': _png(0), 'Dataset.json': _labels_json({'0.png': 1}),
+                                            'DATASET.JSON': _labels_json({'0.png': 2})})
+    fails_with([f'--source={source}', f'--dest={tmp_path / "out.zip"}'],
+               r'2 label files differ only in letter case .*expected one dataset\.json')
+
+
+def test_zip_class_folders_take_class_order(tmp_path: Path) -> None:
+    source = _make_source(tmp_path, 'zip', {'10/0.png': _png(0), '2/1.png': _png(1)})
+    assert convert([f'--source={source}', f'--dest={tmp_path / "text.zip"}']).exit_code == 0
+    assert [k for _, k in json.loads(read_dataset(tmp_path / 'text.zip')[1])['labels']] == [0, 1]
+    assert convert([f'--source={source}', f'--dest={tmp_path / "num.zip"}', '--class-order=numeric']).exit_code == 0
+    assert [k for _, k in json.loads(read_dataset(tmp_path / 'num.zip')[1])['labels']] == [1, 0]
+
+
+def test_script_is_thin_and_the_library_converts_without_click(tmp_path: Path) -> None:
+    from formats import dataset_writer
+    assert len((REPO_ROOT / 'dataset_tool.py').read_text().splitlines()) <= 250
+    lines: list[str] = []
+    source = _make_source(tmp_path, 'folder', {'cat/0.png': _png(0), 'dog/1.png': _png(1)})
+    assert dataset_writer.convert_dataset(str(source), str(tmp_path / 'o'), log=lines.append) == 2
+    assert lines == [f'Classes from the top-level folders of {source} (text order): cat -> 0, dog -> 1']
+    with pytest.raises(dataset_writer.DatasetError, match='--dest .*already exists'):
+        dataset_writer.convert_dataset(str(source), str(tmp_path / 'o'), log=lines.append)

@@ -322,7 +322,7 @@ def test_dataset_tool_unwritable_destination(dest_name, tmp_path):
 
 @pytest.mark.parametrize('dest_name', ['out.zip', 'out'])
 def test_dataset_tool_full_disk(dest_name, tmp_path, monkeypatch):
-    import dataset_tool
+    from formats import dataset_writer
     source = zip_with(tmp_path / 'source.zip', {f'{i}.png': png_bytes(seed=i) for i in range(3)})
     calls = []
 
@@ -331,9 +331,9 @@ def test_dataset_tool_full_disk(dest_name, tmp_path, monkeypatch):
         if len(calls) == 2:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), name)
         real(self, name, data)
-    real = (dataset_tool.ZipDestination if dest_name.endswith('.zip') else dataset_tool.FolderDestination).write
-    monkeypatch.setattr(dataset_tool.ZipDestination if dest_name.endswith('.zip') else dataset_tool.FolderDestination,
-                        'write', write)
+    writer = dataset_writer.ZipDestination if dest_name.endswith('.zip') else dataset_writer.FolderDestination
+    real = writer.write
+    monkeypatch.setattr(writer, 'write', write)
     assert_one_error(run_dataset_tool('--source', source, '--dest', tmp_path / dest_name), '--dest',
                      'No space left on device')
     assert sorted(p.name for p in tmp_path.iterdir()) == ['source.zip']
