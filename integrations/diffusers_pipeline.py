@@ -74,7 +74,8 @@ class PFGMPPNetwork(ModelMixin, ConfigMixin):
         vectorised paths for unaligned data, whose float32 rounding differs from the exported network's; fresh
         copies make the loaded network compute exactly what the original does.
         """
-        kwargs.setdefault('low_cpu_mem_usage', False)  # the default needs accelerate, which we do not install
+        # Empty-weight initialisation needs accelerate (not a dependency); the tensors are copied anyway.
+        kwargs['low_cpu_mem_usage'] = False
         model = super().from_pretrained(*args, **kwargs)
         with torch.no_grad():
             for tensor in [*model.parameters(), *model.buffers()]:
@@ -119,6 +120,12 @@ class PFGMPPPipeline(DiffusionPipeline):
     def __init__(self, unet: torch.nn.Module, scheduler: PFGMPPScheduler) -> None:
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
+
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any) -> 'PFGMPPPipeline':
+        """diffusers' loader (a local folder loads offline), without its accelerate-only memory saving."""
+        kwargs['low_cpu_mem_usage'] = False
+        return super().from_pretrained(*args, **kwargs)
 
     def _check(self) -> None:
         if isinstance(self.unet, PFGMPPNetwork):
