@@ -19,13 +19,16 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from typing import Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 import torch
 
 from integrations import require_diffusers
 from training import pfgmpp as pfgmpp_lib
-from sampling.schedules import DEFAULT_STEPS, EDM_SIGMA_MAX, EDM_SIGMA_MIN
+from sampling.schedules import EDM_SIGMA_MAX, EDM_SIGMA_MIN
+
+if TYPE_CHECKING:  # importing it needs diffusers, which this module only loads on use
+    from integrations.diffusers_pipeline import PFGMPPPipeline
 
 # The EDM sampler's defaults (generate.py without sampler flags): Heun, rho = 7, sigma in [0.002, 80] clamped to
 # the network's range by the pipeline.
@@ -37,7 +40,7 @@ class DiffusersExportError(ValueError):
     """A pipeline folder that cannot be written or read back; the message names the folder."""
 
 
-def build_pipeline(net: torch.nn.Module, solver: str = DEFAULT_SOLVER) -> 'PFGMPPPipeline':  # noqa: F821
+def build_pipeline(net: torch.nn.Module, solver: str = DEFAULT_SOLVER) -> 'PFGMPPPipeline':
     """A :class:`PFGMPPPipeline` around a copy of ``net`` with the scheduler ``generate.py`` would use by default.
 
     The scheduler's D is the network's recorded kernel (:func:`training.pfgmpp.network_D`; NVIDIA's EDM networks,

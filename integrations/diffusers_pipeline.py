@@ -14,7 +14,6 @@ Needs diffusers (``pip install -r requirements-diffusers.txt``).
 from __future__ import annotations
 
 import importlib
-import json
 from typing import Any, Optional, Sequence, Union
 
 import numpy as np
@@ -217,10 +216,3 @@ class PFGMPPPipeline(DiffusionPipeline):
             return [Image.fromarray(p[:, :, 0], 'L') for p in pixels]
         return [Image.fromarray(np.ascontiguousarray(p), 'RGB') for p in pixels]
 
-
-def describe(pipeline: PFGMPPPipeline) -> str:
-    """One line naming the pipeline's network and scheduler settings."""
-    unet = pipeline.unet
-    name = unet.config.class_name.rsplit('.', 1)[1] if isinstance(unet, PFGMPPNetwork) else type(unet).__name__
-    settings = {k: pipeline.scheduler.config[k] for k in ('D', 'solver', 'sigma_min', 'sigma_max', 'rho')}
-    return f'{name}, scheduler {json.dumps(settings)}'
