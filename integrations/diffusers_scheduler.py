@@ -103,7 +103,7 @@ class PFGMPPScheduler(SchedulerMixin, ConfigMixin):
                       sigmas: Optional[Union[Sequence[float], torch.Tensor]] = None) -> None:
         """Choose the noise levels: ``num_inference_steps`` EDM levels from the config, or explicit ``sigmas``.
 
-        sigmas: decreasing positive levels (a final 0 is appended when missing), e.g. a network's rounded levels
+        sigmas: non-increasing positive levels (a final 0 is appended when missing), e.g. a network's rounded levels
         (:func:`sampling.schedules.edm_time_steps`). Heun evaluates the model twice per interval except the last,
         so :attr:`timesteps` then lists each inner level twice (2N - 1 evaluations for N levels).
         Raises ValueError for a step count below 1 or levels that do not decrease.
@@ -118,7 +118,9 @@ class PFGMPPScheduler(SchedulerMixin, ConfigMixin):
             levels = torch.as_tensor(sigmas, dtype=torch.float64, device=device).reshape(-1)
             if len(levels) and float(levels[-1]) == 0:
                 levels = levels[:-1]
-        if len(levels) < 1 or not bool((levels > 0).all()) or not bool((levels[1:] < levels[:-1]).all()):
+        # Non-increasing, not strictly decreasing: a network's grid (iDDPM) may round two levels onto one, and
+        # generate.py then takes a step of length 0.
+        if len(levels) < 1 or not bool((levels > 0).all()) or not bool((levels[1:] <= levels[:-1]).all()):
             raise ValueError('sigmas must be decreasing positive noise levels (optionally ending with one 0)')
         count = len(levels)
         self.num_inference_steps = count
