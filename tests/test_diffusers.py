@@ -98,6 +98,7 @@ def test_pipeline_euler_matches_generate_ablation_euler_for_diffusion():
     assert float((samples - reference).abs().max()) <= tolerance
 
 
+@pytest.mark.slow
 def test_pipeline_equals_generate_py_pngs(tmp_path):
     """generate.py itself, as a subprocess: the pipeline's PIL images hold the PNGs' exact pixels."""
     D = 2048
@@ -361,6 +362,7 @@ def test_export_from_pretrained_samples_like_the_network(tmp_path, name):
     assert not (folder / 'stale.txt').exists() and (folder / 'model_index.json').is_file()
 
 
+@pytest.mark.slow
 def test_export_cli_original_snapshot(tmp_path, golden_dir):
     """The original EDM code's snapshot (unpickled through its own classes) exports and samples like generate.py."""
     from formats.network_io import load_network
@@ -387,6 +389,7 @@ def test_export_cli_original_snapshot(tmp_path, golden_dir):
     assert check.returncode == 2 and 'drop --format' in check.stderr
 
 
+@pytest.mark.slow
 def test_export_without_diffusers_says_what_to_install(tmp_path):
     """Without diffusers the rest works, and --format=diffusers fails with one line naming the requirements file."""
     blocked = tmp_path / 'blocked'
