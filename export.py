@@ -6,6 +6,7 @@ nothing that runs code when loaded) and ``formats/network_io.py`` (reading every
     python export.py --input network-snapshot-000200.pkl            # -> network-snapshot-000200.weights.pt
     python export.py --input training-state-000200.pt --output net.weights.pt
     python export.py --check --input net.weights.pt                  # load it and print a summary
+    python export.py --format=diffusers --input network-snapshot-000200.pkl   # -> network-snapshot-000200.diffusers/
 
 """
 
@@ -48,6 +49,33 @@ def _load_input(source: str) -> tuple[torch.nn.Module, str]:
         _fail(f'--input {source}: cannot read it ({err.strerror or err})')
 
 
+def _export_diffusers(input_path: str, output_path: Optional[str], force: bool) -> None:
+    """--format=diffusers: a pipeline folder that PFGMPPPipeline.from_pretrained(folder) loads offline."""
+    from integrations import MissingExtraError, require_diffusers
+    from integrations.diffusers_export import DiffusersExportError, export_diffusers
+    try:
+        require_diffusers()
+    except MissingExtraError as err:
+        _fail(f'--format=diffusers: {err}')
+    if output_path is None:
+        if dnnlib.util.is_url(input_path, allow_file_urls=True):
+            raise click.UsageError('--output is needed when --input is a URL')
+        output_path = os.path.splitext(weights_path_for(input_path))[0].removesuffix('.weights') + '.diffusers'
+    if os.path.isfile(output_path):
+        _fail(f'--output {output_path}: is a file; expected a folder name')
+    if os.path.exists(output_path) and not force:
+        _fail(f'--output {output_path}: already exists (pass --force to replace it)')
+    net, _kind = _load_input(input_path)
+    try:
+        export_diffusers(net, output_path, force=force)
+    except DiffusersExportError as err:
+        _fail(f'--output {err}')
+    except OSError as err:
+        _fail(f'--output {output_path}: cannot write it ({err.strerror or err}); nothing was written')
+    print(f'Wrote {output_path}/: diffusers pipeline ({summary(net)["class"]}); load it with '
+          f'PFGMPPPipeline.from_pretrained({output_path!r})')
+
+
 @click.command(context_settings=dict(max_content_width=120))
 @click.option('--input', 'input_path', help='Network snapshot .pkl, training state .pt or weights file',
               metavar='PATH|URL', type=str, required=True)
@@ -55,7 +83,10 @@ def _load_input(source: str) -> tuple[torch.nn.Module, str]:
               metavar='PATH', type=str, default=None)
 @click.option('--force', help='Replace an existing --output', is_flag=True)
 @click.option('--check', help='Only load --input and print a summary (nothing is written)', is_flag=True)
-def main(input_path: str, output_path: Optional[str], force: bool, check: bool) -> None:
+@click.option('--format', 'output_format', type=click.Choice(['weights', 'diffusers']), default='weights',
+              show_default=True, help='weights: one weights-only file; diffusers: a diffusers pipeline folder '
+              '(needs requirements-diffusers.txt)')
+def main(input_path: str, output_path: Optional[str], force: bool, check: bool, output_format: str) -> None:
     """Convert a network snapshot or training state into a weights-only file that is safe to share.
 
     The output holds the network's constructor keywords (JSON) and its tensors and loads with
@@ -67,8 +98,11 @@ def main(input_path: str, output_path: Optional[str], force: bool, check: bool) 
     python export.py --input network-snapshot-000200.pkl
     python export.py --input training-state-000200.pt --output net.weights.pt
     python export.py --check --input net.weights.pt
+    python export.py --format=diffusers --input network-snapshot-000200.pkl --output my-pipeline
     """
     if check:
+        if output_format != 'weights':
+            raise click.UsageError('--check reads a network file and writes nothing; drop --format')
         if output_path is not None:
             raise click.UsageError('--check writes nothing; drop --output')
         net, kind = _load_input(input_path)
@@ -78,6 +112,9 @@ def main(input_path: str, output_path: Optional[str], force: bool, check: bool) 
         print(json.dumps(constructor_kwargs_of(net, input_path), sort_keys=True))
         return
 
+    if output_format == 'diffusers':
+        _export_diffusers(input_path, output_path, force)
+        return
     if output_path is None:
         if dnnlib.util.is_url(input_path, allow_file_urls=True):
             raise click.UsageError('--output is needed when --input is a URL')
