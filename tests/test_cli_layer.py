@@ -18,7 +18,7 @@ from cli import common as cli
 from evaluation import features
 
 SCRIPTS = ('dataset_tool', 'export', 'fid', 'generate', 'reconstruct_phema', 'train')
-LIBRARY_PACKAGES = ('dnnlib', 'torch_utils', 'training', 'sampling', 'evaluation', 'formats', 'cli')
+LIBRARY_PACKAGES = ('dnnlib', 'torch_utils', 'training', 'sampling', 'evaluation', 'formats', 'cli', 'integrations')
 
 
 def _imported_modules(path) -> set[str]:
