@@ -23,6 +23,7 @@ RUN grep -v '^torch==' requirements.txt > /tmp/requirements-no-torch.txt \
     && pip install --no-cache-dir -r /tmp/requirements-no-torch.txt \
     && grep -qx "torch==${TORCH_VERSION}" requirements.txt \
     && python -c "import sys, torch; v = torch.__version__.split('+')[0]; \
-sys.exit(0 if v == sys.argv[1] else f'torch {v} in the image, requirements.txt pins {sys.argv[1]}')" "${TORCH_VERSION}" \
+sys.exit(0 if v == sys.argv[1] else f'torch {v} in the image; requirements.txt pins {sys.argv[1]}')" \
+        "${TORCH_VERSION}" \
     && python -c "import torch; torch.compile(lambda x: x.sin() + 1)(torch.ones(4))"
 COPY . .

@@ -17,7 +17,8 @@ permitting, the side-by-side speed benchmark (``bench.run``).
 ``DIR/gpu-check.json`` is rewritten (atomically) after every step, so a run cut short leaves every finished row.
 Each row has ``step``, ``status`` (ok | failed | skipped | not run), ``seconds`` and the step's figures; a failed
 row has ``error`` (one line) and ``output_tail``. The exit status is 1 when any step failed, and the last line
-names the failed steps. Every step's own time limit keeps the whole run within ``--budget`` seconds (540 by
+names the failed steps. Datasets, runs and images go to ``--work`` (a new temporary folder by default), so that
+DIR holds only results. Every step's own time limit keeps the whole run within ``--budget`` seconds (540 by
 default: a 10-minute device slot with time to spare); steps that would start after the budget is spent are
 recorded as "not run: time budget spent".
 
@@ -36,12 +37,14 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import click
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REFERENCE_NETWORK = REPO_ROOT / 'tests' / 'golden' / 'snapshots' / 'network-snapshot-000000.pkl'
@@ -114,19 +117,17 @@ def _tail(text: str, lines: int = 15) -> str:
 class GpuCheck:
     """The run: its steps, their rows, and the results file rewritten after each row."""
 
-    def __init__(self, out_dir: Path, dry_run: bool, python: str, budget_s: float, only: Optional[set[str]],
-                 reference: Path) -> None:
-        import torch
-        self.torch = torch
-        self.out_dir, self.dry_run, self.python, self.only, self.reference = out_dir, dry_run, python, only, reference
-        self.work = out_dir / 'gpu-check-work'
+    def __init__(self, out_dir: Path, work: Path, dry_run: bool, python: str, budget_s: float,
+                 only: Optional[set[str]], reference: Path) -> None:
+        self.out_dir, self.work, self.dry_run, self.python = out_dir, work, dry_run, python
+        self.only, self.reference = only, reference
         self.sizes = SIZES['dry' if dry_run else 'gpu']
         self.device = 'cpu' if dry_run else 'cuda'
         self.deadline = time.monotonic() + budget_s
         self.rows: list[dict[str, Any]] = []
         self.results: dict[str, Any] = dict(dry_run=dry_run, device=self.device, budget_s=budget_s,
                                             started_utc=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()),
-                                            complete=False, rows=self.rows)
+                                            work=str(work), complete=False, rows=self.rows)
         self.status: dict[str, str] = {}
         self.artifacts: dict[str, Any] = {}
 
@@ -199,7 +200,6 @@ class GpuCheck:
     # ------------------------------------------------------------------ steps
 
     def environment(self) -> dict:
-        torch = self.torch
         pin = pinned_torch()
         figures: dict[str, Any] = dict(python=platform.python_version(), torch=torch.__version__, torch_pinned=pin,
                                        torch_matches_pin=torch.__version__.split('+')[0] == pin,
@@ -215,7 +215,6 @@ class GpuCheck:
         return figures
 
     def reference_network(self) -> dict:
-        torch = self.torch
         if not self.reference.is_file():
             raise StepError(f'reference network not found at {self.reference} (the repository\'s golden snapshot; '
                             f'restore it with git checkout, or point PFGMPP_GPU_CHECK_REFERENCE at a copy)')
@@ -224,7 +223,7 @@ class GpuCheck:
         net = network_io.load_network(str(self.reference), device=self.device)
         expected = torch.load(REFERENCE_EXPECTED, weights_only=True)
         inputs = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in expected['inputs'].items()}
-        with torch.no_grad(), _true_float32(torch):
+        with torch.no_grad(), _true_float32():
             output = net(inputs['x'], inputs['sigma'], inputs['class_labels']).cpu()
         want = expected['output']
         # The golden data's own tolerance for networks (tests use it too); the rounding rule is recorded beside it.
@@ -281,7 +280,7 @@ class GpuCheck:
         if not (math.isfinite(loss) and states and snapshots):
             raise StepError(f'{run_dir.name}: final loss {loss}, {len(states)} training states, {len(snapshots)} '
                             f'snapshots (expected a finite loss and at least one of each)')
-        step = self.torch.load(states[-1], map_location='cpu', weights_only=False)['step']
+        step = torch.load(states[-1], map_location='cpu', weights_only=False)['step']
         if step != want_steps * self.sizes['batch']:
             raise StepError(f'{run_dir.name}: the last training state is at image {step}, expected '
                             f'{want_steps * self.sizes["batch"]}')
@@ -302,7 +301,6 @@ class GpuCheck:
                     precision=precision)
 
     def ddp_two_processes(self) -> dict:
-        torch = self.torch
         if not self.dry_run and torch.cuda.device_count() < 2:
             return dict(status='not run', reason=f'not run: fewer than 2 GPUs ({torch.cuda.device_count()} visible)')
         figures = self.train('ddp_two_processes', nproc=2)
@@ -327,14 +325,13 @@ class GpuCheck:
 
     def samplers(self) -> dict:
         """Every sampler on the reference network, on the device and on the CPU; fails on non-finite images."""
-        torch = self.torch
         from sampling import pipeline
         net = self.artifacts['reference']
         cpu_net = net if self.device == 'cpu' else _copy_to(net, 'cpu')
         seeds = list(range(self.sizes['seeds']))
         figures = {}
         for label, kwargs in SAMPLERS.items():
-            with _true_float32(torch):
+            with _true_float32():
                 images = pipeline.sample_batch(net, seeds, device=self.device, num_steps=self.sizes['sample_steps'],
                                                **kwargs).cpu()
                 reference = pipeline.sample_batch(cpu_net, seeds[:2], device='cpu',
@@ -360,7 +357,6 @@ class GpuCheck:
 
     def fid_features(self) -> dict:
         """Detector features on the device against the CPU's, within float32 rounding of the detector's depth."""
-        torch = self.torch
         from evaluation import features as feature_lib
         from tests._tolerance import sum_steps, tolerance
         generator = torch.Generator().manual_seed(0)
@@ -399,7 +395,7 @@ class GpuCheck:
             return dict(status='not run', reason=f'{left:.0f} s of the budget left, the benchmark needs '
                                                  f'{SPEED_MIN_SECONDS}')
         path = self.out_dir / 'bench-cuda.json'
-        self.run_cli(['-m', 'bench.run', '--device=cuda', '--batch=256', '--sample-batch=256', '--repeats=3',
+        self.run_cli(['-m', 'bench.run', '--device=cuda', '--batch=256', '--sample-batch=256', '--repeats=2',
                       f'--json={path}'], timeout=left)
         return dict(results=path.name)
 
@@ -441,16 +437,13 @@ class GpuCheck:
 class _true_float32:
     """No TF32 in float32 convolutions and matmuls inside the block (the CPU has none), restoring the settings."""
 
-    def __init__(self, torch: Any) -> None:
-        self.torch = torch
-
     def __enter__(self) -> None:
-        backends = self.torch.backends
+        backends = torch.backends
         self.saved = backends.cudnn.allow_tf32, backends.cuda.matmul.allow_tf32
         backends.cudnn.allow_tf32 = backends.cuda.matmul.allow_tf32 = False
 
     def __exit__(self, *exc: Any) -> None:
-        self.torch.backends.cudnn.allow_tf32, self.torch.backends.cuda.matmul.allow_tf32 = self.saved
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = self.saved
 
 
 def _copy_to(net: Any, device: str) -> Any:
@@ -460,13 +453,15 @@ def _copy_to(net: Any, device: str) -> Any:
 
 @click.command()
 @click.option('--out', 'out_dir', type=click.Path(file_okay=False), required=True, help='Folder for gpu-check.json')
+@click.option('--work', 'work_dir', type=click.Path(file_okay=False), default=None,
+              help='Folder for the datasets, runs and images the steps make  [default: a new temporary folder]')
 @click.option('--dry-run', is_flag=True, help='Run every step on the CPU at tiny sizes (no GPU needed)')
 @click.option('--budget', 'budget_s', type=click.FloatRange(min=1), default=540, show_default=True,
               help='Seconds for the whole run; later steps are recorded as not run')
 @click.option('--only', type=str, default=None, metavar='LIST',
               help=f'Comma-separated steps to run, with the steps they need (the others are recorded as not run): '
                    f'{",".join(STEPS)}')
-def main(out_dir: str, dry_run: bool, budget_s: float, only: Optional[str]) -> None:
+def main(out_dir: str, work_dir: Optional[str], dry_run: bool, budget_s: float, only: Optional[str]) -> None:
     """Run every CUDA path once and record one JSON row per step."""
     selected = None
     if only is not None:
@@ -478,7 +473,9 @@ def main(out_dir: str, dry_run: bool, budget_s: float, only: Optional[str]) -> N
         selected = with_needs(selected)
     reference = Path(os.environ.get('PFGMPP_GPU_CHECK_REFERENCE', REFERENCE_NETWORK))
     os.makedirs(out_dir, exist_ok=True)
-    check = GpuCheck(Path(out_dir), dry_run, sys.executable, budget_s, selected, reference)
+    # The work folder stays out of --out, which then holds only the results (the files a device run sends back).
+    work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix='pfgmpp-gpu-check-'))
+    check = GpuCheck(Path(out_dir), work, dry_run, sys.executable, budget_s, selected, reference)
     failed = check.run()
     path = Path(out_dir) / RESULTS_NAME
     if failed:

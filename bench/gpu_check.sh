@@ -7,7 +7,8 @@
 #   bash bench/gpu_check.sh --only=train_compile,samplers   # rerun some steps (bench/gpu_check.py lists them)
 #
 # Results: ${OUT:-bench-out}/gpu-check.json, one row per step, rewritten as each step ends (a run cut short keeps
-# its finished rows), and bench-cuda.json from the speed benchmark. The exit status is non-zero when any step
+# its finished rows), and bench-cuda.json from the speed benchmark; what the steps make goes to --work=DIR (default:
+# a new temporary folder). The exit status is non-zero when any step
 # failed, and the last line names the failed steps. The whole run is sized for 10 minutes (--budget, 540 s).
 #
 # Python: $PYTHON when set; else the first of python3's torch (when it is the pinned version and sees a GPU), a
@@ -73,7 +74,8 @@ else
     fi
 fi
 if [[ "$DRY_RUN" != 1 ]]; then
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv \
+        || { echo "gpu_check: step nvidia-smi FAILED: no NVIDIA driver answers" >&2; exit 1; }
 fi
 echo "gpu_check: $NOTE"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 PFGMPP_GPU_CHECK_INSTALL_NOTE=$NOTE

@@ -234,14 +234,16 @@ def measure_modes(specs: list[dict], settings: dict, rounds: int,
     drifts of a shared machine hit both groups alike. Only one process works at a time.
     """
     context = multiprocessing.get_context('spawn')
-    groups = [(tuned, [i for i, spec in enumerate(specs) if spec['tuned_allocator'] == tuned]) for tuned in (False, True)]
+    groups = [(tuned, [i for i, spec in enumerate(specs) if spec['tuned_allocator'] == tuned])
+              for tuned in (False, True)]
     workers = []
     try:
         for tuned, indices in groups:
             if not indices:
                 continue
             parent, child = context.Pipe()
-            process = context.Process(target=_measure_worker, args=(child, [specs[i] for i in indices], settings, tuned))
+            process = context.Process(target=_measure_worker,
+                                      args=(child, [specs[i] for i in indices], settings, tuned))
             process.start()
             reply = parent.recv()
             if reply != 'ready':

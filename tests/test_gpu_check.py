@@ -35,7 +35,8 @@ def _rows(out: Path) -> list[dict]:
 def test_dry_run_runs_every_step_and_writes_each_row_as_it_ends(tmp_path: Path):
     from bench.gpu_check import STEPS
     out = tmp_path / 'out'
-    proc = subprocess.Popen(['bash', str(SCRIPT), '--dry-run'], cwd=tmp_path, env=_env(out),
+    work = tmp_path / 'work'
+    proc = subprocess.Popen(['bash', str(SCRIPT), '--dry-run', f'--work={work}'], cwd=tmp_path, env=_env(out),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     seen = []  # row counts read while the script runs; every read must parse (the file is replaced atomically)
     try:
@@ -61,7 +62,8 @@ def test_dry_run_runs_every_step_and_writes_each_row_as_it_ends(tmp_path: Path):
     assert rows['reference_network']['max_abs_error'] <= rows['reference_network']['tolerance']
     assert rows['resume_cpu_run_on_cuda']['resumed_from'].startswith('resume_cuda_run_on_cpu/')
     assert set(rows['samplers']['samplers']) >= {'dpmpp2m', 'dpmpp3m', 'restart', 'ablation_euler', 'edm_heun'}
-    assert (out / 'gpu-check-work' / 'generated').is_dir()
+    assert results['work'] == str(work) and len(list((work / 'generated').rglob('*.png'))) == 4
+    assert sorted(path.name for path in out.iterdir()) == ['gpu-check.json']  # results only, nothing else
     # Rows appeared one at a time while the steps ran, not all at the end.
     assert seen == sorted(seen) and len(set(seen) - {0, len(STEPS)}) >= 5, seen
     assert output.rstrip().splitlines()[-1].startswith('gpu_check: all steps passed')
@@ -69,7 +71,8 @@ def test_dry_run_runs_every_step_and_writes_each_row_as_it_ends(tmp_path: Path):
 
 def test_a_run_cut_short_keeps_its_finished_rows(tmp_path: Path):
     out = tmp_path / 'out'
-    proc = subprocess.Popen(['bash', str(SCRIPT)], cwd=tmp_path, env=_env(out, PFGMPP_GPU_CHECK_DRY_RUN='1'),
+    proc = subprocess.Popen(['bash', str(SCRIPT), f'--work={tmp_path / "work"}'], cwd=tmp_path,
+                            env=_env(out, PFGMPP_GPU_CHECK_DRY_RUN='1'),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 300
@@ -93,7 +96,8 @@ def test_a_failing_step_fails_the_script_and_is_named(case: str, tmp_path: Path)
     if case == 'corrupt':
         reference.write_bytes(b'not a pickle')
     out = tmp_path / 'out'
-    proc = subprocess.run(['bash', str(SCRIPT), '--dry-run', '--only=samplers'], cwd=tmp_path, capture_output=True,
+    proc = subprocess.run(['bash', str(SCRIPT), '--dry-run', '--only=samplers', f'--work={tmp_path / "work"}'],
+                          cwd=tmp_path, capture_output=True,
                           text=True, timeout=300, env=_env(out, PFGMPP_GPU_CHECK_REFERENCE=str(reference)))
     assert proc.returncode == 1, proc.stdout + proc.stderr
     last = proc.stderr.rstrip().splitlines()[-1]
@@ -113,7 +117,8 @@ def test_a_failing_step_fails_the_script_and_is_named(case: str, tmp_path: Path)
 @pytest.mark.skipif(torch.cuda.is_available(), reason='checks the refusal on a machine without CUDA')
 def test_the_gpu_mode_refuses_to_run_on_the_cpu(tmp_path: Path):
     env = _env(tmp_path)
-    proc = subprocess.run([sys.executable, '-m', 'bench.gpu_check', f'--out={tmp_path}', '--only=fid_features'],
+    proc = subprocess.run([sys.executable, '-m', 'bench.gpu_check', f'--out={tmp_path}', f'--work={tmp_path}/work',
+                           '--only=fid_features'],
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 1
     rows = {row['step']: row for row in _rows(tmp_path)}
