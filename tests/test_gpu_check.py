@@ -32,6 +32,7 @@ def _rows(out: Path) -> list[dict]:
     return json.loads((out / 'gpu-check.json').read_text())['rows']
 
 
+@pytest.mark.slow
 def test_dry_run_runs_every_step_and_writes_each_row_as_it_ends(tmp_path: Path):
     from bench.gpu_check import STEPS
     out = tmp_path / 'out'
@@ -124,6 +125,27 @@ def test_the_gpu_mode_refuses_to_run_on_the_cpu(tmp_path: Path):
     rows = {row['step']: row for row in _rows(tmp_path)}
     assert rows['environment']['status'] == 'failed' and 'sees no CUDA device' in rows['environment']['error']
     assert rows['fid_features']['status'] == 'skipped'
+
+
+def test_a_command_past_its_limit_fails_its_step_and_leaves_no_process(tmp_path: Path):
+    import psutil
+    from bench.gpu_check import GpuCheck, StepError
+    check = GpuCheck(tmp_path, tmp_path, dry_run=True, python=sys.executable, budget_s=60, only=None,
+                     reference=tmp_path / 'unused.pkl')
+    pid_file = tmp_path / 'grandchild.pid'
+    grandchild = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
+    child = (f'import subprocess, sys, time; subprocess.Popen([sys.executable, "-c", {grandchild!r}]); '
+             f'print("started", flush=True); time.sleep(60)')
+    start = time.monotonic()
+    with pytest.raises(StepError, match=r'^-c ran past its 3 s limit$') as failure:
+        check.run_cli(['-c', child], timeout=3)
+    assert time.monotonic() - start < 30
+    assert 'started' in failure.value.output
+    pid = int(pid_file.read_text())
+    deadline = time.monotonic() + 10
+    while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline, 'the grandchild survived its step'
+        time.sleep(0.1)
 
 
 def test_unknown_step_is_refused():
