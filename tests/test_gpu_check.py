@@ -148,6 +148,23 @@ def test_a_command_past_its_limit_fails_its_step_and_leaves_no_process(tmp_path:
         time.sleep(0.1)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason='checks the refusal on a machine without CUDA')
+def test_without_an_installable_cuda_torch_the_script_fails_at_install(tmp_path: Path):
+    venv = tmp_path / 'venv'
+    (venv / 'bin').mkdir(parents=True)
+    stub = venv / 'bin' / 'python'  # a venv whose pip install fails, as on a machine without network
+    stub.write_text('#!/bin/sh\nexit 1\n')
+    stub.chmod(0o755)
+    env = _env(tmp_path / 'out', PFGMPP_GPU_CHECK_VENV=str(venv))
+    env.pop('PYTHON')
+    proc = subprocess.run(['bash', str(SCRIPT)], cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 1
+    from bench.gpu_check import pinned_torch
+    assert proc.stderr.rstrip().splitlines()[-1].startswith(
+        f'gpu_check: step install FAILED: no CUDA build of torch {pinned_torch()} could be installed')
+    assert not (tmp_path / 'out' / 'gpu-check.json').exists()
+
+
 def test_unknown_step_is_refused():
     from bench import gpu_check
     result = CliRunner().invoke(gpu_check.main, ['--out=unused', '--only=samplers,nope'])
