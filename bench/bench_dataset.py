@@ -126,7 +126,8 @@ def measure_speed(path: Path, batch: int) -> dict[str, Any]:
             figures['get_batch_cache'] = _rate(len(ds), time.perf_counter() - start)
         for workers in (0, 2):
             # Each worker fills its own cache, so cached figures are the second pass.
-            rates = loader_pass(ImageFolderDataset(path, use_labels=True, cache=cache), workers, batch, 2 if cache else 1)
+            rates = loader_pass(ImageFolderDataset(path, use_labels=True, cache=cache), workers, batch,
+                                2 if cache else 1)
             figures[f'dataloader_w{workers}_{tag}'] = rates[-1]
         print(f'  {tag:8s} ' + ', '.join(f'{k}={v}' for k, v in figures.items() if k.split('_')[-1] == tag
                                           or k.endswith('first_pass') and cache), flush=True)
@@ -222,7 +223,8 @@ def measure_memory(path: Path, count: int) -> dict[str, Any]:
         print(f'  {mode:8s} {figures[mode]}', flush=True)
     per_image = {mode: figures[mode]['open_growth_mib'] * MIB / count for mode in ('ours', 'labels', 'zipfile')}
     figures['bytes_per_image'] = {mode: round(v, 1) for mode, v in per_image.items()}
-    figures['extrapolated_imagenet64_mib'] = {mode: round(v * IMAGENET_TRAIN_IMAGES / MIB, 1) for mode, v in per_image.items()}
+    figures['extrapolated_imagenet64_mib'] = {mode: round(v * IMAGENET_TRAIN_IMAGES / MIB, 1)
+                                              for mode, v in per_image.items()}
     return figures
 
 
@@ -259,10 +261,13 @@ def main(cifar_images: int, large_images: int, cache_dir: str, batch: int, workd
             print(f'memory and open time: {large_images} members:', flush=True)
             path = cached_large_zip(Path(cache_dir), large_images)
             figures['memory'] = measure_memory(path, large_images)
-            print(f'  extrapolated to {IMAGENET_TRAIN_IMAGES} images (MiB): {figures["memory"]["extrapolated_imagenet64_mib"]}')
+            print(f'  extrapolated to {IMAGENET_TRAIN_IMAGES} images (MiB): '
+                  f'{figures["memory"]["extrapolated_imagenet64_mib"]}')
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(figures, indent=2))
+        import dnnlib
+        with dnnlib.util.atomic_write(json_path, 'w') as f:
+            json.dump(figures, f, indent=2)
 
 
 if __name__ == '__main__':

@@ -23,11 +23,10 @@ from typing import Callable
 import click
 import torch
 
-from training.loss import DEFAULT_BETA_CLIP
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from training import networks, pfgmpp  # noqa: E402
+from training.loss import DEFAULT_BETA_CLIP  # noqa: E402
 
 # EDM's train.py settings for --arch=ddpmpp on CIFAR-10 (with --augment, hence augment_dim=9).
 DDPMPP_CIFAR = dict(model_type='SongUNet', embedding_type='positional', encoder_type='standard',
@@ -102,7 +101,9 @@ def main(device: str, batch: int, resolution: int, D: float, model_channels: int
     if stf_reference:
         print(f"  STF target, {stf_reference} refs {figures['stf_ms']:9.3f} ms")
     if json_path:
-        Path(json_path).write_text(json.dumps(figures, indent=2))
+        import dnnlib
+        with dnnlib.util.atomic_write(json_path, 'w') as f:
+            json.dump(figures, f, indent=2)
 
 
 if __name__ == '__main__':

@@ -79,7 +79,9 @@ def main(num: int, dim: int, device: str, bootstrap: int, draws: int, shift: flo
         figures['spread_over_draws'] = {k: metrics.summarize_repeats([v[k] for v in values]) for k in values[0]}
     print(json.dumps(figures, indent=1))
     if json_path:
-        Path(json_path).write_text(json.dumps(figures, indent=1))
+        import dnnlib
+        with dnnlib.util.atomic_write(json_path, 'w') as f:
+            json.dump(figures, f, indent=1)
 
 
 if __name__ == '__main__':

@@ -58,7 +58,8 @@ def _batch(cfg, batch, device, gen):
     labels = None
     if label_dim:
         labels = torch.eye(label_dim)[torch.randint(label_dim, [batch], generator=gen)].to(device)
-    kwargs = dict(augment_labels=torch.zeros([batch, cfg['augment_dim']], device=device)) if cfg.get('augment_dim') else {}
+    kwargs = (dict(augment_labels=torch.zeros([batch, cfg['augment_dim']], device=device))
+              if cfg.get('augment_dim') else {})
     return x, sigma, labels, kwargs
 
 
@@ -184,11 +185,12 @@ def main(argv=None):
     def write_json():  # after every case, so an interrupted run keeps what it measured
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
-            tmp = args.json.with_name(args.json.name + '.tmp')
-            tmp.write_text(json.dumps(dict(meta=meta, results=results), indent=2) + '\n')
-            tmp.replace(args.json)
+            import dnnlib
+            with dnnlib.util.atomic_write(args.json, 'w') as f:
+                f.write(json.dumps(dict(meta=meta, results=results), indent=2) + '\n')
 
-    header = f'{"config":8} {"prec":5} {"compile":7} {"batch":>5} {"fwd img/s":>10} {"fwd+bwd img/s":>14} {"1st fwd s":>9} {"1st f+b s":>9}'
+    header = (f'{"config":8} {"prec":5} {"compile":7} {"batch":>5} {"fwd img/s":>10} {"fwd+bwd img/s":>14} '
+              f'{"1st fwd s":>9} {"1st f+b s":>9}')
     print(f'device: {device} ({torch.cuda.get_device_name(device) if on_cuda else platform.processor() or "cpu"}), '
           f'torch {torch.__version__}, threads {torch.get_num_threads()}')
     print(header)

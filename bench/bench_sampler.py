@@ -100,12 +100,16 @@ def generate_once(net: Any, seeds: list[int], device: torch.device, num_steps: i
 
 @click.command()
 @click.option('--device', default=None, help='cpu or cuda  [default: cuda when available]')
-@click.option('--batch', type=click.IntRange(min=2), default=None, help='Images per batch  [default: 128 on CUDA, 4 on CPU]')
-@click.option('--steps', 'num_steps', type=click.IntRange(min=1), default=None, help='Sampling steps, NFE = 2*steps-1  [default: 18; 3 with --quick]')
-@click.option('--repeats', type=click.IntRange(min=1), default=None, help='Timed batches per measurement  [default: 5 on CUDA, 1 on CPU]')
+@click.option('--batch', type=click.IntRange(min=2), default=None,
+              help='Images per batch  [default: 128 on CUDA, 4 on CPU]')
+@click.option('--steps', 'num_steps', type=click.IntRange(min=1), default=None,
+              help='Sampling steps, NFE = 2*steps-1  [default: 18; 3 with --quick]')
+@click.option('--repeats', type=click.IntRange(min=1), default=None,
+              help='Timed batches per measurement  [default: 5 on CUDA, 1 on CPU]')
 @click.option('--fp16', is_flag=True, help='Run the U-Net in float16 (CUDA only, as EDM --fp16)')
 @click.option('--threads', type=click.IntRange(min=1), default=None, help='torch intra-op threads on CPU')
-@click.option('--quick', is_flag=True, help='Small, fast settings: batch 2, 3 steps, one measurement (35-NFE figures extrapolated)')
+@click.option('--quick', is_flag=True,
+              help='Small, fast settings: batch 2, 3 steps, one measurement (35-NFE figures extrapolated)')
 @click.option('--json', 'json_path', default=None, metavar='PATH', help='Also write the figures to this JSON file')
 def main(device: Optional[str], batch: Optional[int], num_steps: Optional[int], repeats: Optional[int], fp16: bool,
          threads: Optional[int], quick: bool, json_path: Optional[str]) -> None:
@@ -159,7 +163,9 @@ def main(device: Optional[str], batch: Optional[int], num_steps: Optional[int], 
         print(f'estimated {figures["images_per_second_at_35_nfe"]:.4f} images/s at {REFERENCE_NFE} NFE')
     print(json.dumps(figures))
     if json_path:
-        Path(json_path).write_text(json.dumps(figures, indent=2) + '\n')
+        import dnnlib
+        with dnnlib.util.atomic_write(json_path, 'w') as f:
+            f.write(json.dumps(figures, indent=2) + '\n')
 
 
 if __name__ == '__main__':

@@ -11,7 +11,9 @@ dropout 0.13; 55.7M parameters) trained with EDMLoss and PFGM++ D=128 and Adam. 
 reference network's forward pass times the NFE (the reference sampler adds nothing measurable on top of the network).
 The reference runs with glibc's default allocator settings, as it ships; our modes run with the host-memory setting
 our CLIs apply (``torch_utils.host_memory``), and one extra reference row shows the reference with that setting too.
-Prints a table and writes JSON with the machine description. No figure here is asserted anywhere.
+Prints a table and writes JSON with the machine description, rewritten (atomically) after every round of
+measurements, so that a run cut short keeps its figures (``rounds_done``, ``complete``); ``reference`` says where the
+reference came from or why its rows are missing. No figure here is asserted anywhere.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import multiprocessing
 import os
 import pickle
 import platform
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -29,6 +32,7 @@ from typing import Any, Callable, Optional
 import click
 import torch
 
+import dnnlib
 from training import cpu_speed, networks
 from training.augment import AugmentPipe
 from training.loss import DEFAULT_BETA_CLIP, EDMLoss
@@ -67,9 +71,12 @@ def best_time(fn: Callable[[], Any], device: torch.device, repeats: int, warmup:
     return min(times)
 
 
+REFERENCE_NETWORK = GOLDEN_DIR / 'snapshots' / 'network-snapshot-000000.pkl'
+
+
 def reference_class() -> Optional[type]:
     """The original EDMPrecond, rebuilt from the source embedded in the golden snapshot (None when absent)."""
-    path = GOLDEN_DIR / 'snapshots' / 'network-snapshot-000000.pkl'
+    path = REFERENCE_NETWORK
     if not path.is_file():
         return None
     with open(path, 'rb') as f:
@@ -214,29 +221,36 @@ def _measure_worker(conn: Any, specs: list[dict], settings: dict, tuned_allocato
         raise
 
 
-def measure_modes(specs: list[dict], settings: dict, rounds: int) -> list[tuple[float, float]]:
+def measure_modes(specs: list[dict], settings: dict, rounds: int,
+                  on_round: Optional[Callable[[int, list[tuple[float, float]]], None]] = None
+                  ) -> list[tuple[float, float]]:
     """Best (train step s, sampling s/image) of ``rounds`` per mode, measured in alternating worker processes.
+
+    ``on_round(rounds_done, best_so_far)`` is called after every round, so that a caller can keep the figures of a
+    run that is cut short.
 
     glibc's allocator setting cannot be undone inside a process, so the modes without it (the reference as it ships)
     and those with it live in two processes; each round times every mode of one process, then of the other, so slow
     drifts of a shared machine hit both groups alike. Only one process works at a time.
     """
     context = multiprocessing.get_context('spawn')
-    groups = [(tuned, [i for i, spec in enumerate(specs) if spec['tuned_allocator'] == tuned]) for tuned in (False, True)]
+    groups = [(tuned, [i for i, spec in enumerate(specs) if spec['tuned_allocator'] == tuned])
+              for tuned in (False, True)]
     workers = []
     try:
         for tuned, indices in groups:
             if not indices:
                 continue
             parent, child = context.Pipe()
-            process = context.Process(target=_measure_worker, args=(child, [specs[i] for i in indices], settings, tuned))
+            process = context.Process(target=_measure_worker,
+                                      args=(child, [specs[i] for i in indices], settings, tuned))
             process.start()
             reply = parent.recv()
             if reply != 'ready':
                 raise RuntimeError(f'benchmark worker failed while building its modes: {reply}')
             workers.append((parent, process, indices))
         samples: list[list[tuple[float, float]]] = [[] for _ in specs]
-        for _ in range(rounds):
+        for round_index in range(rounds):
             for parent, _process, indices in workers:
                 parent.send('measure')
                 reply = parent.recv()
@@ -244,11 +258,17 @@ def measure_modes(specs: list[dict], settings: dict, rounds: int) -> list[tuple[
                     raise RuntimeError(f'benchmark worker failed: {reply}')
                 for index, figures in zip(indices, reply):
                     samples[index].append(figures)
+            if on_round is not None:
+                on_round(round_index + 1, _best(samples))
     finally:
         for parent, process, _indices in workers:
             with contextlib.suppress(OSError):
                 parent.send('stop')
             process.join()
+    return _best(samples)
+
+
+def _best(samples: list[list[tuple[float, float]]]) -> list[tuple[float, float]]:
     return [(min(t for t, _ in runs), min(s for _, s in runs)) for runs in samples]
 
 
@@ -361,7 +381,8 @@ def main(device: Optional[str], batch: Optional[int], sample_batch: Optional[int
     nfe_measured, nfe_target = 2 * steps - 1, 2 * SAMPLING_STEPS - 1
     _configure_backends(dev)
     results: dict[str, Any] = dict(machine=machine_description(dev), batch=batch, sample_batch=sample_batch,
-                                   quick=quick, rounds=repeats, rows=[])
+                                   quick=quick, rounds=repeats, rounds_done=0, complete=False,
+                                   rows=[])
     rows = results['rows']
 
     # "exact" is plain fp32; "fast" runs the U-Net in bf16 with channels_last. Our modes run with the host-memory
@@ -381,6 +402,14 @@ def main(device: Optional[str], batch: Optional[int], sample_batch: Optional[int
         specs[1:1] = [mode('ours fp16 (use_fp16)', 'ours', dict(use_fp16=True)),
                       mode('ours bf16', 'ours', dict(use_bf16=True))]
     has_reference = not no_reference and reference_class() is not None
+    if no_reference:
+        results['reference'] = 'not run: --no-reference'
+    elif has_reference:
+        results['reference'] = str(REFERENCE_NETWORK)
+    else:
+        results['reference'] = f'not run: reference network not found at {REFERENCE_NETWORK}'
+        print(f'Reference rows not run: the reference network is not at {REFERENCE_NETWORK} (set PFGMPP_GOLDEN to '
+              f'the golden folder)', file=sys.stderr, flush=True)
     if has_reference:
         if on_cuda:
             extra_refs = [mode('reference fp16 (use_fp16)', 'reference', dict(use_fp16=True), tuned=False)]
@@ -394,14 +423,29 @@ def main(device: Optional[str], batch: Optional[int], sample_batch: Optional[int
     settings = dict(device=str(dev), batch=batch, sample_batch=sample_batch, steps=steps, nfe_measured=nfe_measured,
                     nfe_target=nfe_target)
     print(f'Building {len(specs)} modes in worker processes, then {repeats} alternating rounds...', flush=True)
-    for spec, (train_s, per_image) in zip(specs, measure_modes(specs, settings, repeats)):
-        label = spec['label']
-        rows.append(dict(mode=label, tuned_host_allocator=spec['tuned_allocator'], train_images_per_s=batch / train_s,
-                         train_step_s=train_s, train_tflops=flops * batch / train_s / 1e12,
-                         sample_s_per_image_35nfe=per_image, sample_images_per_s=1 / per_image,
-                         generate_50k_s=50000 * per_image))
-        print(f'{label:<46} train {batch / train_s:9.2f} img/s   sample(35 NFE) {1 / per_image:9.3f} img/s',
-              flush=True)
+
+    def write_json() -> None:
+        if json_path:
+            with dnnlib.util.atomic_write(json_path, 'w') as f:
+                json.dump(results, f, indent=2)
+
+    def make_rows(best: list[tuple[float, float]]) -> list[dict]:
+        return [dict(mode=spec['label'], tuned_host_allocator=spec['tuned_allocator'],
+                     train_images_per_s=batch / train_s, train_step_s=train_s,
+                     train_tflops=flops * batch / train_s / 1e12, sample_s_per_image_35nfe=per_image,
+                     sample_images_per_s=1 / per_image, generate_50k_s=50000 * per_image)
+                for spec, (train_s, per_image) in zip(specs, best)]
+
+    def after_round(done: int, best: list[tuple[float, float]]) -> None:
+        rows[:] = make_rows(best)  # the best so far, in the file as soon as each round ends
+        results['rounds_done'] = done
+        write_json()
+
+    write_json()
+    rows[:] = make_rows(measure_modes(specs, settings, repeats, on_round=after_round))
+    for row in rows:
+        print(f'{row["mode"]:<46} train {row["train_images_per_s"]:9.2f} img/s   sample(35 NFE) '
+              f'{row["sample_images_per_s"]:9.3f} img/s', flush=True)
 
     host_memory.retain_freed_host_memory()  # what follows measures our own loop
     # Overheads relative to the exact training step.
@@ -410,6 +454,7 @@ def main(device: Optional[str], batch: Optional[int], sample_batch: Optional[int
     overheads = loop_overheads(net, batch, dev, repeats * 3)
     results['overheads_s'] = overheads
     results['overhead_fraction_of_exact_step'] = sum(overheads.values()) / exact['train_step_s']
+    write_json()
     feats = fid_features_per_second(dev, 256 if on_cuda else 64, repeats * 2)
     results['fid_standin_features_per_s'] = feats
 
@@ -437,9 +482,9 @@ def main(device: Optional[str], batch: Optional[int], sample_batch: Optional[int
           f'{100 * results["overhead_fraction_of_exact_step"]:6.2f}%')
     if feats is not None:
         print(f'\nFID features (stand-in detector, float64 accumulation): {feats:,.0f} images/s')
+    results['complete'] = True
+    write_json()
     if json_path:
-        with open(json_path, 'w') as f:
-            json.dump(results, f, indent=2)
         print(f'Wrote {json_path}')
 
 
