@@ -25,6 +25,7 @@ from tests.conftest import REPO_ROOT, run_python
 from torch_utils import cpu_support
 from sampling import quantize
 from sampling import pipeline
+from formats import manifest as manifest_lib
 from formats.network_io import NetworkLoadError, load_network
 
 GOLDEN_SNAPSHOT = 'snapshots/network-snapshot-000000.pkl'  # same weights as networks/edm_ddpmpp_aug.pt
@@ -493,7 +494,7 @@ def test_manifest_records_what_the_sampler_received(nets, tmp_path, monkeypatch)
     call.pop('device')
     # Plus the original's pfgmpp flag, derived from D, as folders written before D became the one kernel value hold it.
     recorded = dict(call, pfgmpp=call['D'] is not None)
-    assert settings['sampler'] == json.loads(json.dumps(generate.manifest_lib.fingerprint(recorded)))
+    assert settings['sampler'] == json.loads(json.dumps(manifest_lib.fingerprint(recorded)))
     assert settings['sampler']['class_idx'] == 1 and settings['sampler']['S_churn'] == 2
 
     from formats import manifest
