@@ -265,14 +265,17 @@ def clear_generated(folder: str) -> int:
     return len(pngs)
 
 
+LegacySettings = Callable[[], list[dict[str, Any]]]
+
+
 def check_resumable(folder: str, settings: dict[str, Any],
-                    legacy_settings: Optional[Callable[[], dict[str, Any]]] = None) -> Optional[dict[str, Any]]:
+                    legacy_settings: Optional[LegacySettings] = None) -> Optional[dict[str, Any]]:
     """Decide whether new images may join ``folder``; returns its manifest (None for a new folder).
 
     A folder whose manifest records other settings but that holds no generated PNG (a run that stopped before its
     first image) is treated as new: nothing made with those settings would be mixed in. ``legacy_settings``, when
-    given, returns the same settings as an earlier version recorded them (network named by file bytes); a folder
-    matching either is accepted. Raises ManifestError when the folder holds images made with other settings, or
+    given, returns the same settings as earlier versions recorded them (the network named by a file's bytes), one
+    dict per file that holds this network; a folder matching any of them is accepted. Raises ManifestError when the folder holds images made with other settings, or
     seed-named PNGs without a manifest.
     """
     pngs = generated_pngs(folder)
@@ -283,8 +286,8 @@ def check_resumable(folder: str, settings: dict[str, Any],
                                 f'made (e.g. {os.path.relpath(pngs[0], folder)})')
         return None
     differences = settings_differences(manifest['settings'], settings)
-    if differences and legacy_settings is not None and not settings_differences(manifest['settings'],
-                                                                                legacy_settings()):
+    if differences and legacy_settings is not None and any(
+            not settings_differences(manifest['settings'], legacy) for legacy in legacy_settings()):
         differences = []
     if differences:
         raise ManifestError(f'{folder} holds images made with other settings ({summarize(differences)})')

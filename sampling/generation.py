@@ -420,8 +420,15 @@ def _generate(request: Request, device: torch.device) -> None:
     network_source = source if dnnlib.util.is_url(source, allow_file_urls=True) else os.path.abspath(source)
 
     @functools.lru_cache(maxsize=None)
-    def file_sha256() -> str:  # how earlier versions named the network; only for folders they recorded
-        return network_io.network_file_sha256(source)
+    def file_sha256s() -> tuple[str, ...]:
+        """How earlier versions named the network: the SHA-256 of the file read, or of ``x.pkl`` when its exported
+        ``x.weights.pt`` is read and holds the same network. Only for folders they recorded."""
+        read = network_io.network_file_sha256(source)
+        given = network_io.network_file_sha256(source, prefer_weights=False)
+        if given == read or manifest_lib.network_content_sha256(
+                network_io.load_network(source, 'cpu', prefer_weights=False)) != content_sha256:
+            return (read,)
+        return read, given
     guidance = guidance_lib.guidance_record(request.gnet, request.guidance, request.guidance_interval)
     quantized_cache: dict[int, torch.nn.Module] = {}
     compiled_net: Optional[torch.nn.Module] = None
@@ -459,7 +466,7 @@ def _generate(request: Request, device: torch.device) -> None:
         def settings(network_id: str, call: dict = sampler_call, opts: dict = options) -> dict:
             return manifest_lib.describe_settings(network_id, net, call, **opts)
         _generate_run(run_net, run, request, sampler_call, device, info, settings(content_sha256),
-                      lambda: settings(file_sha256()))
+                      lambda: [settings(sha) for sha in file_sha256s()])
         if request.grid and dist.is_main():
             paths = [manifest_lib.image_path(run.outdir, s, request.subdirs) for s in request.seeds[:GRID_MAX_IMAGES]]
             write_grid(paths, grid_path_for(request.grid, run))
@@ -484,7 +491,7 @@ def _seed_union(manifest: Optional[dict], seeds: list[int]) -> list[int]:
 
 
 def _prepare_folder(run: Run, seeds: list[int], force: bool, settings: dict,
-                    legacy_settings: Callable[[], dict], info: dict) -> dict:
+                    legacy_settings: Callable[[], list[dict]], info: dict) -> dict:
     """Rank 0: check that ``run.outdir`` may receive these images (clearing it for --force) and record what makes
     them; returns the manifest written (marked incomplete until the run ends)."""
     previous = None
@@ -518,7 +525,7 @@ def _write_batch(net: Any, batch_seeds: list[int], run: Run, subdirs: bool, samp
 
 
 def _generate_run(net: Any, run: Run, request: Request, sampler_call: dict, device: torch.device, info: dict,
-                  settings: dict, legacy_settings: Callable[[], dict]) -> None:
+                  settings: dict, legacy_settings: Callable[[], list[dict]]) -> None:
     seeds, subdirs = request.seeds, request.subdirs
 
     # Rank 0 checks the folder, decides what is missing and tells the others, so all ranks split the same list.

@@ -37,7 +37,8 @@ def _single_intra_op_thread(one_intra_op_thread):
 def nets(tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp('nets')
     made = dict(
-        uncond=make_tiny_net(seed=1), weak=make_tiny_net(seed=2), cond=make_tiny_net(label_dim=4, seed=3),
+        uncond=make_tiny_net(seed=1), weak=make_tiny_net(seed=2),
+        cond=make_tiny_net(label_dim=4, seed=3, label_dropout=0.1),  # --gnet=uncond needs label dropout
         cond_weak=make_tiny_net(label_dim=4, seed=4), cond3=make_tiny_net(label_dim=3, seed=5),
         pfgmpp=make_tiny_net(pfgmpp=True, D=64, seed=6), pfgmpp_weak=make_tiny_net(pfgmpp=True, D=64, seed=7),
         pfgmpp128=make_tiny_net(pfgmpp=True, D=128, seed=8), res16=make_tiny_net(seed=9, img_resolution=16),
