@@ -432,11 +432,12 @@ def _generate(request: Request, device: torch.device) -> None:
     guidance = guidance_lib.guidance_record(request.gnet, request.guidance, request.guidance_interval)
     quantized_cache: dict[int, torch.nn.Module] = {}
     compiled_net: Optional[torch.nn.Module] = None
+    def run_kwargs(run: Run) -> dict:
+        return dict(base_kwargs, num_steps=run.num_steps, **({'noise_injection': run.alpha} if run.alpha else {}))
+    for run in request.runs:  # every run's settings are checked before any file is written
+        _dry_run(net, D, class_idx, run_kwargs(run), request.guidance_interval, guided)
     for run in request.runs:
-        kwargs = dict(base_kwargs, num_steps=run.num_steps)
-        if run.alpha:
-            kwargs['noise_injection'] = run.alpha
-        _dry_run(net, D, class_idx, kwargs, request.guidance_interval, guided)
+        kwargs = run_kwargs(run)
         run_net = net
         if run.bits is not None:
             if run.bits not in quantized_cache:

@@ -204,12 +204,12 @@ def test_guidance_with_a_pfgmpp_network(nets, tmp_path):
 
 def test_sweep_manifest_records_guidance(nets, tmp_path):
     _cli(f'--network={nets["uncond"]}', f'--outdir={tmp_path}', f'--gnet={nets["weak"]}', '--guidance=1.5',
-         '--guidance-interval=0.2,5', '--seeds=0-1', '--sweep-steps=2,3', '--device=cpu')
-    manifest = json.loads((tmp_path / 'steps002' / 'manifest.json').read_text())
+         '--guidance-interval=0.2,5', '--seeds=0-1', '--sweep-steps=3,4', '--device=cpu')
+    manifest = json.loads((tmp_path / 'steps003' / 'manifest.json').read_text())
     assert manifest['guidance'] == dict(gnet=str(nets['weak']), weight=1.5, interval=[0.2, 5.0])
     # Resuming the sweep folder with another weight is refused.
     result = _cli(f'--network={nets["uncond"]}', f'--outdir={tmp_path}', f'--gnet={nets["weak"]}', '--guidance=2',
-                  '--seeds=0-1', '--sweep-steps=2,3', '--device=cpu', expect_ok=False)
+                  '--seeds=0-1', '--sweep-steps=3,4', '--device=cpu', expect_ok=False)
     assert result.exit_code != 0 and 'guidance' in result.output
 
 
