@@ -13,9 +13,10 @@ generate.py, fid.py and the other top-level scripts import this module and the l
   its one-line error handed to every torchrun rank (work every rank does, rank 0 first, is
   ``torch_utils.distributed.rank0_first``).
 
-Library code raises plain exceptions (``ValueError`` subclasses such as ``NetworkLoadError`` or
-``evaluation.features.FeatureError``) whose message is a complete line; this layer turns them into click errors
-(``Error: ...``, exit code 1 or 2) that ``dnnlib.util.run_click_command`` prints once.
+Library code raises plain exceptions (``ValueError`` subclasses such as ``NetworkLoadError``,
+``evaluation.features.FeatureError`` or ``sampling.generation.GenerationError``) whose message is a complete line;
+this layer turns them into click errors (``Error: ...``, exit code 1 or 2; :func:`click_error` for a
+``GenerationError``, which names its flag) that ``dnnlib.util.run_click_command`` prints once.
 """
 
 from __future__ import annotations

@@ -551,6 +551,9 @@ def _generate_run(net: Any, run: Run, request: Request, sampler_call: dict, devi
             bar.update(min(len(batch_seeds) * world, bar.total - bar.n))  # other ranks move at the same pace
     except ValueError as err:  # the sampler's, the pipeline's non-finite samples, to_pil's
         error = sampler_message(err)
+    except torch.cuda.OutOfMemoryError:
+        error = (f'out of {device.type} memory sampling {request.max_batch_size} images at once; lower --batch '
+                 f'(the images already written are complete, rerun to continue)')
     except OSError as err:
         error = (f'cannot write {err.filename or "under --outdir " + run.outdir} ({err.strerror or err}); the '
                  f'images already written are complete, rerun to continue')
