@@ -385,7 +385,8 @@ def _generate(request: Request, device: torch.device) -> None:
     on_main_rank(lambda: _check_output_dirs(request))
     dist.print0(f'Reading the network {request.network} ...')
     net = _load(request.network, device, '--network')
-    content_sha256 = manifest_lib.network_content_sha256(net)  # before options that change the tensors
+    # Rank 0 records the folders; hashed before the speed options, which may add prepacked weights.
+    content_sha256 = manifest_lib.network_content_sha256(net) if dist.is_main() else ''
     precision, precision_note = network_io.precision_for_device(net, request.precision, device)
     if precision_note:
         dist.print0(precision_note)
@@ -466,7 +467,7 @@ def _generate(request: Request, device: torch.device) -> None:
 
         def settings(network_id: str, call: dict = sampler_call, opts: dict = options) -> dict:
             return manifest_lib.describe_settings(network_id, net, call, **opts)
-        _generate_run(run_net, run, request, sampler_call, device, info, settings(content_sha256),
+        _generate_run(run_net, run, request, sampler_call, device, info, functools.partial(settings, content_sha256),
                       lambda: [settings(sha) for sha in file_sha256s()])
         if request.grid and dist.is_main():
             paths = [manifest_lib.image_path(run.outdir, s, request.subdirs) for s in request.seeds[:GRID_MAX_IMAGES]]
@@ -526,12 +527,12 @@ def _write_batch(net: Any, batch_seeds: list[int], run: Run, subdirs: bool, samp
 
 
 def _generate_run(net: Any, run: Run, request: Request, sampler_call: dict, device: torch.device, info: dict,
-                  settings: dict, legacy_settings: Callable[[], list[dict]]) -> None:
+                  settings: Callable[[], dict], legacy_settings: Callable[[], list[dict]]) -> None:
     seeds, subdirs = request.seeds, request.subdirs
 
     # Rank 0 checks the folder, decides what is missing and tells the others, so all ranks split the same list.
     def missing_seeds() -> tuple[list[int], dict]:
-        manifest = _prepare_folder(run, seeds, request.force, settings, legacy_settings, info)
+        manifest = _prepare_folder(run, seeds, request.force, settings(), legacy_settings, info)
         return [s for s in seeds if not os.path.isfile(manifest_lib.image_path(run.outdir, s, subdirs))], manifest
     todo, manifest = on_main_rank(missing_seeds)
     skipped = len(seeds) - len(todo)
