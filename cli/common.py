@@ -13,16 +13,15 @@ generate.py, fid.py and the other top-level scripts import this module and the l
   its one-line error handed to every torchrun rank (work every rank does, rank 0 first, is
   ``torch_utils.distributed.rank0_first``).
 
-Library code raises plain exceptions (``ValueError`` subclasses such as ``NetworkLoadError`` or
-``evaluation.features.FeatureError``) whose message is a complete line; this layer turns them into click errors
-(``Error: ...``, exit code 1 or 2) that ``dnnlib.util.run_click_command`` prints once.
+Library code raises plain exceptions (``ValueError`` subclasses such as ``NetworkLoadError``,
+``evaluation.features.FeatureError`` or ``sampling.generation.GenerationError``) whose message is a complete line;
+this layer turns them into click errors (``Error: ...``, exit code 1 or 2; :func:`click_error` for a
+``GenerationError``, which names its flag) that ``dnnlib.util.run_click_command`` prints once.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import re
 from typing import Any, Callable, Optional, Sequence
 
 import click
@@ -31,10 +30,9 @@ import torch
 import dnnlib
 from torch_utils import distributed as dist
 from sampling import guidance as guidance_lib
-from formats import network_io
-from training import pfgmpp as pfgmpp_lib
 from sampling import edm, fast_solvers, pipeline, schedules
-from formats.network_io import NetworkLoadError, load_network
+from formats.manifest import compact_seeds  # noqa: F401  (fid.py names seed lists with it)
+from sampling import generation
 
 SEED_LIMIT = 1 << 32            # seeds index 32-bit generator seeds; larger values would alias smaller ones
 DEFAULT_STEPS = schedules.DEFAULT_STEPS   # --steps when not given
@@ -101,21 +99,6 @@ class FloatList(click.ParamType):
 
 class Failure(click.ClickException):
     """A one-line error for the user (no traceback)."""
-
-
-def compact_seeds(seeds: Sequence[int]) -> str:
-    """[0, 1, 2, 5] -> '0-2,5' (manifests stay small for 50k seeds)."""
-    parts, start, prev = [], None, None
-    for s in seeds:
-        if start is not None and s == prev + 1:
-            prev = s
-            continue
-        if start is not None:
-            parts.append(f'{start}-{prev}' if prev != start else f'{start}')
-        start = prev = s
-    if start is not None:
-        parts.append(f'{start}-{prev}' if prev != start else f'{start}')
-    return ','.join(parts)
 
 
 def network_evaluations(num_steps: int, sampler_kwargs: dict) -> int:
@@ -187,24 +170,23 @@ def sampler_options(fn: Callable) -> Callable:
 
 
 def check_noise_range(sampler_kwargs: dict) -> None:
-    """--sigma_min must lie below --sigma_max when both are given."""
+    """--sigma_min and --sigma_max must be normal float32 numbers (the networks compute in float32, where 1e-50
+    underflows to 0 and 1e39 overflows to inf), and --sigma_min must lie below --sigma_max when both are given."""
+    info = torch.finfo(torch.float32)
+    for key in ('sigma_min', 'sigma_max'):
+        value = sampler_kwargs.get(key)
+        if value is not None and not info.tiny <= value <= info.max:
+            raise click.BadParameter(f'{value:g} is not a normal float32 number (expected {info.tiny:.4g} .. '
+                                     f'{info.max:.4g}); the networks compute noise levels in float32',
+                                     param_hint=f'--{key}')
     lo, hi = sampler_kwargs.get('sigma_min'), sampler_kwargs.get('sigma_max')
     if lo is not None and hi is not None and not lo < hi:
         raise click.BadParameter(f'--sigma_min={lo} must be below --sigma_max={hi}', param_hint='--sigma_min')
 
 
-# Sampler keyword -> the flag that sets it, so library errors name the flag.
-SAMPLER_FLAGS = {'num_steps': '--steps', 'restart_interval': '--restart-interval',
-                 'restart_repeats': '--restart-repeats', 'restart_steps': '--restart-steps', 'S_churn': '--S_churn', 'noise_injection': '--alpha',
-                 'discretization': '--disc', 'schedule': '--schedule', 'scaling': '--scaling', 'spacing': '--spacing'}
-
-
 def sampler_error(err: ValueError) -> str:
     """A sampler's ValueError as one line that names flags instead of keywords."""
-    message = str(err)
-    for keyword, flag in SAMPLER_FLAGS.items():
-        message = re.sub(rf'(?<![\w-]){keyword}\b', flag, message)
-    return message
+    return generation.sampler_message(err)
 
 
 def check_solver_flags(sampler_kwargs: dict, step_counts: Sequence[int]) -> None:
@@ -232,14 +214,20 @@ def check_solver_flags(sampler_kwargs: dict, step_counts: Sequence[int]) -> None
 
 def resolve_pfgmpp(net: Any, pfgmpp_flag: Optional[bool], aug_dim: Optional[int]) -> Optional[float]:
     """The kernel D to sample ``net`` with (None = diffusion), from the network and the --pfgmpp/--aug_dim flags
-    (:func:`training.pfgmpp.resolve_D`); errors become one line naming the flag."""
+    (:func:`sampling.generation.resolve_kernel`); errors become one line naming the flag."""
     try:
-        return pfgmpp_lib.resolve_D(net, pfgmpp_flag, aug_dim)
-    except pfgmpp_lib.KernelError as err:
-        raise click.BadParameter(str(err), param_hint=f'--{err.option}') from None
-    except ValueError as err:
-        raise click.BadParameter(f'the network records an invalid PFGM++ kernel: {err}',
-                                 param_hint='--network') from None
+        return generation.resolve_kernel(net, pfgmpp_flag, aug_dim)
+    except generation.GenerationError as err:
+        raise click_error(err) from None
+
+
+def click_error(err: generation.GenerationError) -> click.ClickException:
+    """The click error for a library one-liner: a bad value of its flag, a usage error, or a plain failure."""
+    if err.usage:
+        return click.UsageError(str(err))
+    if err.flag is not None:
+        return click.BadParameter(str(err), param_hint=err.flag)
+    return Failure(str(err))
 
 
 # ----------------------------------------------------------------------------
@@ -280,47 +268,25 @@ def make_guide(net: torch.nn.Module, gnet_source: Optional[str], guidance: float
                interval: Optional[tuple[float, float]], D: Optional[int], device: torch.device,
                precision: Optional[str] = None,
                channels_last: bool = False) -> Callable[[torch.nn.Module], torch.nn.Module]:
-    """Load and check the --gnet guide once; the result wraps ``net`` (or a quantized/compiled copy) in guidance.
+    """Load and check the --gnet guide once (:func:`sampling.generation.make_guide`); the result wraps ``net`` (or
+    a quantized/compiled copy) in guidance, and returns its argument itself when unguided."""
+    try:
+        guide = generation.make_guide(net, gnet_source, guidance, interval, D, device, precision, channels_last)
+    except generation.GenerationError as err:
+        raise click_error(err) from None
 
-    The wrapper returns its argument itself when unguided (no --gnet, or --guidance=1).
-    """
-    if gnet_source is None:
-        for flag, given in (('--guidance', guidance != 1), ('--guidance-interval', interval is not None)):
-            if given:
-                raise click.BadParameter('needs a guiding network: give --gnet=PATH (or '
-                                         f'--gnet={guidance_lib.DROPPED_LABEL} for classifier-free guidance)',
-                                         param_hint=flag)
-        return lambda module: module
-    drop_labels = gnet_source == guidance_lib.DROPPED_LABEL
-    gnet = None
-    if not drop_labels:
+    def wrap(module: torch.nn.Module) -> torch.nn.Module:
         try:
-            gnet = load_network(gnet_source, device)
-            network_io.apply_speed_options(gnet, precision, channels_last)
-        except (NetworkLoadError, ValueError) as err:
-            raise click.BadParameter(str(err), param_hint='--gnet') from None
-
-    def guide(module: torch.nn.Module) -> torch.nn.Module:
-        try:
-            return guidance_lib.guided_denoiser(module, gnet, guidance, interval, drop_labels=drop_labels, D=D)
-        except guidance_lib.GuidanceError as err:
-            raise click.BadParameter(f'{gnet_source}: {err}', param_hint='--gnet') from None
-    if guide(net) is not net:  # a guide that does not fit fails here, before any work
-        where = f' for {interval[0]:g} <= sigma <= {interval[1]:g}' if interval else ''
-        dist.print0(f'Guidance W={guidance:g} by {gnet_source}: every network evaluation{where} also evaluates the '
-                    f'guide, so up to twice the NFE below are paid.')
-    return guide
+            return guide(module)
+        except generation.GenerationError as err:
+            raise click_error(err) from None
+    return wrap
 
 
 def guidance_record(gnet_source: Optional[str], guidance: float,
                     interval: Optional[tuple[float, float]]) -> Optional[dict]:
     """The guidance settings for manifests and result lines (None when unguided)."""
-    if gnet_source is None or guidance == 1:
-        return None
-    network = gnet_source
-    if gnet_source != guidance_lib.DROPPED_LABEL and not dnnlib.util.is_url(gnet_source, allow_file_urls=True):
-        network = os.path.abspath(gnet_source)
-    return dict(gnet=network, weight=guidance, interval=list(interval) if interval else None)
+    return guidance_lib.guidance_record(gnet_source, guidance, interval)
 
 
 # ----------------------------------------------------------------------------

@@ -4,7 +4,10 @@ A folder is resumed (existing PNGs kept) only when its manifest records exactly 
 and ``fid.py calc`` refuses to pool images whose folders record different settings. The settings are derived from
 what generation actually uses, not from a list of flags:
 
-* ``network_sha256``: SHA-256 of the network file's bytes (the cached copy for a URL);
+* ``network_sha256``: SHA-256 of what decides the network's outputs (:func:`network_content_sha256`: its class
+  source, constructor keywords and tensors), so a snapshot and the weights-only file exported from it are one
+  network; folders recorded with the SHA-256 of the file's bytes, as earlier versions did, still resume
+  (:func:`check_resumable`'s ``legacy_settings``);
 * ``sampler``: every keyword argument handed to ``training.sampler.sample_batch`` (solver, steps, sigma range, rho,
   S_*, class, PFGM++ D, noise injection, and whatever later options add), modules among them named by a hash of
   their tensors;
@@ -23,11 +26,12 @@ import json
 import os
 import re
 import zipfile
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
 import dnnlib
+from formats import export
 
 MANIFEST_NAME = 'manifest.json'
 #: Written into every manifest; bump when the meaning of ``settings`` changes, so old folders are not resumed.
@@ -91,6 +95,21 @@ def _torch_fingerprint(value: torch.nn.Module | torch.Tensor) -> dict[str, str]:
     return dict(module=class_label(value), sha256=tensor_sha256(value.state_dict()))
 
 
+def compact_seeds(seeds: Sequence[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2,5' (manifests stay small for 50k seeds)."""
+    parts, start, prev = [], None, None
+    for s in seeds:
+        if start is not None and s == prev + 1:
+            prev = s
+            continue
+        if start is not None:
+            parts.append(f'{start}-{prev}' if prev != start else f'{start}')
+        start = prev = s
+    if start is not None:
+        parts.append(f'{start}-{prev}' if prev != start else f'{start}')
+    return ','.join(parts)
+
+
 #: ``--subdirs`` groups seeds by thousands, as EDM does.
 IMAGES_PER_SUBDIR = 1000
 
@@ -116,12 +135,32 @@ def class_label(net: Any) -> str:
     return f'{cls.__module__}.{cls.__qualname__}'
 
 
+def network_content_sha256(net: torch.nn.Module) -> str:
+    """SHA-256 (hex) of what decides a loaded network's outputs, whatever file it came from.
+
+    Covers :func:`class_label` (the SHA-256 of the class source for persistent classes), the constructor keywords
+    it records (as :func:`formats.export.constructor_kwargs_of` names them) and :func:`tensor_sha256` of its state
+    dict. A snapshot ``x.pkl`` and the ``x.weights.pt`` exported from it give the same value; call it before
+    options that change the tensors (precision, quantization).
+    """
+    try:
+        kwargs: Any = export.constructor_kwargs_of(net)
+    except ValueError:  # a module that records no constructor keywords: its class and tensors decide
+        kwargs = None
+    digest = hashlib.sha256()
+    digest.update(class_label(net).encode())
+    digest.update(json.dumps(fingerprint(kwargs), sort_keys=True).encode())
+    digest.update(tensor_sha256(net.state_dict()).encode())
+    return digest.hexdigest()
+
+
 def describe_settings(network_sha256: str, net: torch.nn.Module, sampler_call: dict[str, Any],
                       **options: Any) -> dict[str, Any]:
     """The settings that decide the pixels of a folder, as a JSON-ready dict.
 
-    ``sampler_call`` is exactly the keyword dict passed to ``training.sampler.sample_batch`` (without the seeds
-    and the device); ``options`` are the network options applied after loading (precision, quantization, ...).
+    ``network_sha256`` names the network (:func:`network_content_sha256`; earlier versions recorded the file's
+    SHA-256). ``sampler_call`` is exactly the keyword dict passed to ``sampling.pipeline.sample_batch`` (without the
+    seeds and the device); ``options`` are the network options applied after loading (precision, quantization, ...).
     """
     # The original's pfgmpp flag is recorded beside D, derived from it, as folders written before the kernel became
     # one value D record it: those folders keep resuming.
@@ -226,19 +265,30 @@ def clear_generated(folder: str) -> int:
     return len(pngs)
 
 
-def check_resumable(folder: str, settings: dict[str, Any]) -> Optional[dict[str, Any]]:
+LegacySettings = Callable[[], list[dict[str, Any]]]
+
+
+def check_resumable(folder: str, settings: dict[str, Any],
+                    legacy_settings: Optional[LegacySettings] = None) -> Optional[dict[str, Any]]:
     """Decide whether new images may join ``folder``; returns its manifest (None for a new folder).
 
-    Raises ManifestError when the folder records other settings, or holds seed-named PNGs without a manifest.
+    A folder whose manifest records other settings but that holds no generated PNG (a run that stopped before its
+    first image) is treated as new: nothing made with those settings would be mixed in. ``legacy_settings``, when
+    given, returns the same settings as earlier versions recorded them (the network named by a file's bytes), one
+    dict per file that holds this network; a folder matching any of them is accepted. Raises ManifestError when the folder holds images made with other settings, or
+    seed-named PNGs without a manifest.
     """
-    manifest = read_manifest(folder)
+    pngs = generated_pngs(folder)
+    manifest = read_manifest(folder) if pngs else None
     if manifest is None:
-        pngs = generated_pngs(folder)
         if pngs:
             raise ManifestError(f'{folder} holds {len(pngs)} PNG(s) but no {MANIFEST_NAME} saying how they were '
                                 f'made (e.g. {os.path.relpath(pngs[0], folder)})')
         return None
     differences = settings_differences(manifest['settings'], settings)
+    if differences and legacy_settings is not None and any(
+            not settings_differences(manifest['settings'], legacy) for legacy in legacy_settings()):
+        differences = []
     if differences:
         raise ManifestError(f'{folder} holds images made with other settings ({summarize(differences)})')
     return manifest

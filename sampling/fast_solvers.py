@@ -214,6 +214,27 @@ def check_fast_options(solver: str, num_steps: int = 18, restart_interval: Optio
             raise ValueError(f'{name} must be a positive integer, got {value!r}')
 
 
+def check_distinct_levels(net: Denoiser, t_steps: torch.Tensor, num_steps: int, sigma_min: float,
+                          sigma_max: float, rho: float, spacing: str) -> None:
+    """Raise ValueError (one line naming num_steps and the largest step count that fits) when the network's
+    ``round_sigma`` snapped neighbouring levels of ``t_steps`` (float64, decreasing, final 0) onto one value.
+
+    The fast solvers step in log sigma and need every step to lower it. iDDPM networks support only their grid of
+    levels (Nichol & Dhariwal 2021), so many steps over a short range repeat levels.
+    """
+    def distinct(levels: torch.Tensor) -> bool:
+        positive = levels[levels > 0]
+        return int(torch.unique(positive).numel()) == positive.numel()
+    if distinct(t_steps):
+        return
+    fits = int(torch.unique(t_steps[t_steps > 0]).numel())
+    while fits > 1 and not distinct(edm_time_steps(net, fits, sigma_min, sigma_max, rho, spacing=spacing)):
+        fits -= 1
+    raise ValueError(f'num_steps={num_steps}: the network rounds noise levels to its own grid, which repeats levels '
+                     f'in this range; the fast solvers need decreasing levels, so use num_steps <= {fits} or the '
+                     f'EDM sampler (no --solver)')
+
+
 def fast_sampler(
     net: Denoiser,
     latents: torch.Tensor,
@@ -243,6 +264,7 @@ def fast_sampler(
     lo, hi = max(sigma_min, net.sigma_min), min(sigma_max, net.sigma_max)
     check_fast_options(solver, num_steps, restart_interval, restart_repeats, restart_steps, lo, hi)
     t_steps = edm_time_steps(net, num_steps, sigma_min, sigma_max, rho, device=latents.device, spacing=spacing)
+    check_distinct_levels(net, t_steps, num_steps, sigma_min, sigma_max, rho, spacing)
     x = latents.to(torch.float64)
     if pfgmpp_lib.is_diffusion(D):
         x = x * t_steps[0]

@@ -17,10 +17,12 @@ stay bit for bit.
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Optional
 
 import torch
 
+import dnnlib
 from training import pfgmpp as pfgmpp_lib
 
 #: The reserved ``--gnet`` value that guides with the main network itself, its class label dropped (zero vector).
@@ -151,3 +153,42 @@ def guided_denoiser(net: torch.nn.Module, gnet: Optional[torch.nn.Module], guida
     if guidance == 1:
         return net
     return GuidedDenoiser(net, gnet, guidance, interval, drop_labels=drop_labels)
+
+
+def label_dropout_of(net: Any) -> Optional[float]:
+    """The label dropout probability ``net`` was trained with, as its U-Net records it (``train.py
+    --label-dropout``); None when the network does not record it (EDM's and the PFGM++ fork's networks)."""
+    for module in (getattr(net, 'model', None), net):
+        value = getattr(module, 'label_dropout', None) if module is not None else None
+        if isinstance(value, (int, float)):
+            return float(value)
+    return None
+
+
+def check_label_dropout(net: Any) -> Optional[str]:
+    """Whether ``net`` itself can guide with its label dropped (classifier-free guidance from one network).
+
+    Raises :class:`GuidanceError` when the network records that it was trained without label dropout: its output
+    for the zero label was never trained, so guiding by it extrapolates towards noise, not away from "no class".
+    Returns a one-line note when the network does not record it, else None.
+    """
+    dropout = label_dropout_of(net)
+    if dropout is None:
+        return (f'the network does not record whether it was trained with label dropout; --gnet={DROPPED_LABEL} '
+                f'assumes it was (train.py --label-dropout), or guidance has no unconditional model to work with')
+    if dropout <= 0:
+        raise GuidanceError('the network was trained without label dropout (label_dropout=0), so it has no '
+                            'unconditional mode to guide with; train with --label-dropout, or give an '
+                            'unconditional network as --gnet')
+    return None
+
+
+def guidance_record(gnet_source: Optional[str], guidance: float,
+                    interval: Optional[tuple[float, float]]) -> Optional[dict]:
+    """The guidance settings for manifests and result lines (None when unguided); a --gnet path made absolute."""
+    if gnet_source is None or guidance == 1:
+        return None
+    network = gnet_source
+    if gnet_source != DROPPED_LABEL and not dnnlib.util.is_url(gnet_source, allow_file_urls=True):
+        network = os.path.abspath(gnet_source)
+    return dict(gnet=network, weight=guidance, interval=list(interval) if interval else None)

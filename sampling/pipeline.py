@@ -86,8 +86,70 @@ def sampler_nfe(num_steps: int, sampler_kwargs: dict) -> int:
     return heun
 
 
+class NonFiniteError(ValueError):
+    """Samples or network weights that hold NaN or infinity; the message is one line naming the seeds or file."""
+
+
+#: Seeds named in a non-finite error before "and N more".
+SEEDS_LISTED = 4
+
+
+def _describe_seeds(seeds: Sequence[int]) -> str:
+    shown = ', '.join(str(s) for s in seeds[:SEEDS_LISTED])
+    more = f' and {len(seeds) - SEEDS_LISTED} more' if len(seeds) > SEEDS_LISTED else ''
+    return f'seed{"s" if len(seeds) > 1 else ""} {shown}{more}'
+
+
+def non_finite_tensors(net: Any) -> list[tuple[str, int]]:
+    """``[(name, count), ...]``: the parameters and buffers of ``net`` holding NaN or infinity (empty for a
+    non-module denoiser)."""
+    if not isinstance(net, torch.nn.Module):
+        return []
+    found = []
+    for name, tensor in [*net.named_parameters(), *net.named_buffers()]:
+        if tensor.is_floating_point() or tensor.is_complex():
+            bad = int((~torch.isfinite(tensor.detach())).sum())
+            if bad:
+                found.append((name, bad))
+    return found
+
+
+def check_finite_weights(net: Any, source: str) -> None:
+    """Raise :class:`NonFiniteError` (one line naming ``source``, e.g. the --network path, and the first tensors)
+    when a parameter or buffer of ``net`` holds NaN or infinity: such a network samples NaN everywhere."""
+    found = non_finite_tensors(net)
+    if found:
+        listed = ', '.join(f'{name} ({count})' for name, count in found[:3])
+        more = f' and {len(found) - 3} more tensors' if len(found) > 3 else ''
+        raise NonFiniteError(f'{source}: the network holds non-finite weights (NaN/inf in {listed}{more}); it '
+                             f'cannot make images (a diverged or damaged snapshot: use an earlier one)')
+
+
+def check_finite_samples(net: Any, seeds: Sequence[int], images: torch.Tensor) -> None:
+    """Raise :class:`NonFiniteError` naming the seeds whose float samples ``images`` [N, C, H, W] hold NaN or
+    infinity, and the likely cause, before any cast to uint8 would turn them into black pixels."""
+    finite = torch.isfinite(images.detach()).reshape(images.shape[0], -1).all(dim=1)
+    if bool(finite.all()):
+        return
+    bad = [int(s) for s, ok in zip(seeds, finite.tolist()) if not ok]
+    weights = non_finite_tensors(net)
+    if weights:
+        cause = f'the network holds non-finite weights (e.g. {weights[0][0]})'
+    else:
+        cause = ('float16/bfloat16 overflow (try --precision=fp32) or extreme sampler settings '
+                 '(--sigma_min, --sigma_max, --guidance)')
+    raise NonFiniteError(f'{_describe_seeds(bad)} ({len(bad)} of {len(seeds)} in the batch) sampled NaN or '
+                         f'infinity, so no image is written for them; likely cause: {cause}')
+
+
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """Map samples in [-1, 1] to uint8 like the reference: (x * 127.5 + 128) clipped, then truncated."""
+    """Map samples in [-1, 1] to uint8 like the reference: (x * 127.5 + 128) clipped, then truncated.
+
+    Raises :class:`NonFiniteError` for NaN or infinite samples, which the cast would turn into black or white
+    pixels (:func:`sample_batch` names the seeds first).
+    """
+    if not bool(torch.isfinite(images).all()):
+        raise NonFiniteError('samples hold NaN or infinity; refusing to turn them into pixels')
     return (images * 127.5 + 128).clip(0, 255).to(torch.uint8)
 
 
@@ -187,7 +249,16 @@ def sample_batch(net: Denoiser, seeds: Sequence[int], device: Union[str, torch.d
     None values mean
     "use the default" (as click passes unset options). ``memory_format`` is the layout of the sampler state;
     None follows the network's convolution weights (channels_last after ``net.to(memory_format=...)``).
+    Raises :class:`NonFiniteError` naming the seeds whose samples hold NaN or infinity, and the sampler's
+    ValueError (naming keywords) for settings the network cannot honour.
     """
+    images = _sample(net, seeds, device, class_idx, D, memory_format, sampler_kwargs)
+    check_finite_samples(net, seeds, images)
+    return images
+
+
+def _sample(net: Denoiser, seeds: Sequence[int], device: Union[str, torch.device], class_idx: Optional[int],
+            D: Optional[float], memory_format: Optional[torch.memory_format], sampler_kwargs: dict) -> torch.Tensor:
     kwargs = {k: v for k, v in sampler_kwargs.items() if v is not None}
     name = sampler_name(kwargs)
     ablation = name == 'ablation'
@@ -199,18 +270,48 @@ def sample_batch(net: Denoiser, seeds: Sequence[int], device: Union[str, torch.d
     # The layout carries through the sampler's elementwise updates into every network call (channels_last nets).
     latents = latents.contiguous(memory_format=memory_format or network_memory_format(net))
     labels = draw_class_labels(net, rnd, class_idx)
-    net = BatchPadded(net)
+    padded = BatchPadded(net)
     with torch.no_grad():
         if ablation:
-            return ablation_sampler(net, latents, labels, randn_like=rnd.randn_like, **kwargs)
-        if name in FAST_SOLVERS:
+            images = ablation_sampler(padded, latents, labels, randn_like=rnd.randn_like, **kwargs)
+        elif name in FAST_SOLVERS:
             # Churn settings are inert without churn (sampler_name refused S_churn > 0).
             fast_kwargs = {k: v for k, v in kwargs.items() if k not in ('S_churn', 'S_min', 'S_max', 'S_noise')}
 
             def renoise(x: torch.Tensor, sigma: float) -> torch.Tensor:
                 return rnd.perturbation(x, sigma, D)
-            return fast_sampler(net, latents, labels, renoise=renoise, D=D, **fast_kwargs)
-        return edm_sampler(net, latents, labels, randn_like=rnd.randn_like, D=D, **kwargs)
+            images = fast_sampler(padded, latents, labels, renoise=renoise, D=D, **fast_kwargs)
+        else:
+            images = edm_sampler(padded, latents, labels, randn_like=rnd.randn_like, D=D, **kwargs)
+    return images
+
+
+class _NoiseLevelProbe:
+    """A stand-in denoiser with ``net``'s interface that returns its input and records every sigma it is given."""
+
+    def __init__(self, net: Denoiser) -> None:
+        self.img_resolution, self.img_channels = net.img_resolution, net.img_channels
+        self.label_dim, self.sigma_min, self.sigma_max = net.label_dim, net.sigma_min, net.sigma_max
+        self.round_sigma = net.round_sigma
+        self.levels: list[float] = []
+
+    def __call__(self, x: torch.Tensor, sigma: Any, class_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        self.levels.extend(float(s) for s in torch.as_tensor(sigma).reshape(-1).tolist())
+        return x
+
+
+def evaluated_noise_levels(net: Denoiser, D: Optional[float] = None, class_idx: Optional[int] = None,
+                           **sampler_kwargs: Any) -> list[float]:
+    """The distinct noise levels (sorted, float) at which the sampler these options select evaluates ``net``.
+
+    A dry run of :func:`sample_batch` for one seed on CPU with a stand-in that returns its input: it costs no
+    network evaluation, and raises the sampler's ValueError for settings the network cannot honour before any
+    image or record is written. Churn levels depend on the noise drawn, so they are those of seed 0.
+    """
+    probe = _NoiseLevelProbe(net)
+    with torch.no_grad():
+        _sample(probe, [0], 'cpu', class_idx, D, torch.contiguous_format, sampler_kwargs)
+    return sorted(set(probe.levels))
 
 
 def split_batches(seeds: Sequence[int], max_batch_size: int, num_shards: int = 1) -> list[list[int]]:

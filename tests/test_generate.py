@@ -25,6 +25,7 @@ from tests.conftest import REPO_ROOT, run_python
 from torch_utils import cpu_support
 from sampling import quantize
 from sampling import pipeline
+from formats import manifest as manifest_lib
 from formats.network_io import NetworkLoadError, load_network
 
 GOLDEN_SNAPSHOT = 'snapshots/network-snapshot-000000.pkl'  # same weights as networks/edm_ddpmpp_aug.pt
@@ -256,11 +257,37 @@ def test_sweeps_write_folders_and_manifests(nets, tmp_path):
     assert_clean_error(result, 'S_churn', '--force')
 
 
-def test_quantize_bits_flag(nets, tmp_path):
-    base = ['--network', nets['uncond'], '--seeds=0-1', '--steps=2']
-    cli(*base, '--outdir', tmp_path / 'q', '--quantize-bits=3')
-    cli(*base, '--outdir', tmp_path / 'f')
+@pytest.mark.parametrize('bits', [3, 6])
+def test_quantize_bits_flag_samples_the_quantized_network(nets, tmp_path, bits):
+    """--quantize-bits=K writes the images of the network whose selected weights sampling/quantize put on a K-bit
+    grid: every selected weight within half a step of its original, on at most 2**K - 1 levels, every other tensor
+    untouched; and the PNGs are those of sampling that network."""
+    seeds = [0, 1, 2]
+    cli('--network', nets['uncond'], '--seeds=0-2', '--steps=2', '--outdir', tmp_path / 'q', f'--quantize-bits={bits}')
+    cli('--network', nets['uncond'], '--seeds=0-2', '--steps=2', '--outdir', tmp_path / 'f')
+    net = load_network(nets['uncond'])
+    quantized = quantize.quantize_network(net, bits)
+    selected = set(quantize.quantized_weight_names(net))
+    assert selected and not any(name.startswith('model.enc.8x8_') for name in selected)  # full resolution kept
+    original, changed = net.state_dict(), quantized.state_dict()
+    for name, weight in original.items():
+        if name not in selected:
+            assert torch.equal(changed[name], weight), name
+            continue
+        levels = 2 ** (bits - 1) - 1
+        step = float(weight.abs().max()) / levels
+        error = (changed[name].double() - weight.double()).abs().max().item()
+        # Half a step, plus the float32 rounding of the dequantized value (its magnitude is at most max|w|).
+        assert error <= step / 2 + levels * step * torch.finfo(torch.float32).eps, name
+        codes = changed[name].double() / step
+        assert (codes - codes.round()).abs().max() < 1e-4 and codes.abs().max() <= levels + 1e-4, name
+        assert changed[name].unique().numel() <= 2 * levels + 1
+    images = pipeline.to_uint8(pipeline.sample_batch(quantized, seeds, num_steps=2)).permute(0, 2, 3, 1).numpy()
+    for seed, expected in zip(seeds, images):
+        assert np.array_equal(read_png(tmp_path / 'q' / f'{seed:06d}.png'), expected), seed
     assert png_bytes(tmp_path / 'q') != png_bytes(tmp_path / 'f')
+    manifest = json.loads((tmp_path / 'q' / 'manifest.json').read_text())
+    assert manifest['quantize_bits'] == bits and manifest['quantized_weights'] == len(selected)
 
 
 def test_pfgmpp_settings_come_from_the_network(nets, tmp_path):
@@ -493,7 +520,7 @@ def test_manifest_records_what_the_sampler_received(nets, tmp_path, monkeypatch)
     call.pop('device')
     # Plus the original's pfgmpp flag, derived from D, as folders written before D became the one kernel value hold it.
     recorded = dict(call, pfgmpp=call['D'] is not None)
-    assert settings['sampler'] == json.loads(json.dumps(generate.manifest_lib.fingerprint(recorded)))
+    assert settings['sampler'] == json.loads(json.dumps(manifest_lib.fingerprint(recorded)))
     assert settings['sampler']['class_idx'] == 1 and settings['sampler']['S_churn'] == 2
 
     from formats import manifest

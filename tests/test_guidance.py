@@ -37,7 +37,8 @@ def _single_intra_op_thread(one_intra_op_thread):
 def nets(tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp('nets')
     made = dict(
-        uncond=make_tiny_net(seed=1), weak=make_tiny_net(seed=2), cond=make_tiny_net(label_dim=4, seed=3),
+        uncond=make_tiny_net(seed=1), weak=make_tiny_net(seed=2),
+        cond=make_tiny_net(label_dim=4, seed=3, label_dropout=0.1),  # --gnet=uncond needs label dropout
         cond_weak=make_tiny_net(label_dim=4, seed=4), cond3=make_tiny_net(label_dim=3, seed=5),
         pfgmpp=make_tiny_net(pfgmpp=True, D=64, seed=6), pfgmpp_weak=make_tiny_net(pfgmpp=True, D=64, seed=7),
         pfgmpp128=make_tiny_net(pfgmpp=True, D=128, seed=8), res16=make_tiny_net(seed=9, img_resolution=16),
@@ -203,12 +204,12 @@ def test_guidance_with_a_pfgmpp_network(nets, tmp_path):
 
 def test_sweep_manifest_records_guidance(nets, tmp_path):
     _cli(f'--network={nets["uncond"]}', f'--outdir={tmp_path}', f'--gnet={nets["weak"]}', '--guidance=1.5',
-         '--guidance-interval=0.2,5', '--seeds=0-1', '--sweep-steps=2,3', '--device=cpu')
-    manifest = json.loads((tmp_path / 'steps002' / 'manifest.json').read_text())
+         '--guidance-interval=0.2,5', '--seeds=0-1', '--sweep-steps=3,4', '--device=cpu')
+    manifest = json.loads((tmp_path / 'steps003' / 'manifest.json').read_text())
     assert manifest['guidance'] == dict(gnet=str(nets['weak']), weight=1.5, interval=[0.2, 5.0])
     # Resuming the sweep folder with another weight is refused.
     result = _cli(f'--network={nets["uncond"]}', f'--outdir={tmp_path}', f'--gnet={nets["weak"]}', '--guidance=2',
-                  '--seeds=0-1', '--sweep-steps=2,3', '--device=cpu', expect_ok=False)
+                  '--seeds=0-1', '--sweep-steps=3,4', '--device=cpu', expect_ok=False)
     assert result.exit_code != 0 and 'guidance' in result.output
 
 
