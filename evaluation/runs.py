@@ -31,6 +31,7 @@ from torch_utils import host_memory
 from evaluation import features as feature_lib
 from evaluation import metrics
 from formats import network_io
+from sampling import pipeline
 
 #: Reference files keep the features of at most this many images for KID and precision/recall (a seeded subset).
 REF_FEATURES_DEFAULT = 50000
@@ -332,6 +333,10 @@ def load_network(network_pkl: str, device: torch.device) -> torch.nn.Module:
         except network_io.NetworkLoadError as err:
             raise feature_lib.FeatureError(f'--network {err}') from None
     net = dist.rank0_first(load)
+    try:  # weights holding NaN/inf sample NaN everywhere: name them now, not as the seeds that failed
+        pipeline.check_finite_weights(net, f'--network {network_pkl}')
+    except pipeline.NonFiniteError as err:
+        raise feature_lib.FeatureError(str(err)) from None
     precision, precision_note = network_io.precision_for_device(net, None, device)
     if precision_note:
         dist.print0(precision_note)
