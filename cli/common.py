@@ -135,18 +135,19 @@ SAMPLER_OPTIONS = [
     # EDM's generalised (ablation) sampler: any of these selects it.
     click.option('--solver', type=click.Choice(fast_solvers.ALL_SOLVERS), default=None,
                  metavar='|'.join(fast_solvers.ALL_SOLVERS),
-                 help='euler|heun: ablation sampler\'s ODE solver; dpmpp2m|dpmpp3m (DPM-Solver++ multistep, 1 NFE '
-                      'per step) or restart (Restart sampling): fast solvers for every network, PFGM++ included'),
+                 help='euler|heun: ablation sampler\'s ODE solver; dpmpp2m|dpmpp3m (DPM-Solver++ multistep), ipndm, '
+                      'unipc (1 NFE per step) or restart (Restart sampling): fast solvers for every network, PFGM++ '
+                      'included'),
     click.option('--disc', 'discretization', type=click.Choice(edm.DISCRETIZATIONS), default=None,
                  metavar='vp|ve|iddpm|edm', help='Ablation: how the noise levels are spaced'),
     click.option('--schedule', type=click.Choice(edm.SCHEDULES), default=None, metavar='vp|ve|linear',
                  help='Ablation: noise schedule sigma(t)'),
     click.option('--scaling', type=click.Choice(edm.SCALINGS), default=None, metavar='vp|none',
                  help='Ablation: signal scaling s(t)'),
-    # Fast solvers (--solver=dpmpp2m|dpmpp3m|restart) and the spacing of the noise levels.
+    # Fast solvers (--solver=dpmpp2m|dpmpp3m|ipndm|unipc|restart) and the spacing of the noise levels.
     click.option('--spacing', type=click.Choice(schedules.SPACINGS), default=None, metavar='|'.join(schedules.SPACINGS),
                  help='Noise levels of the EDM sampler and the fast solvers: edm (rho-spaced) or logsnr (uniform in '
-                      'log sigma, DPM-Solver\'s choice for few steps)  [default: edm]'),
+                      'log sigma, DPM-Solver\'s choice for few steps)  [default: logsnr for unipc, else edm]'),
     click.option('--restart-interval', 'restart_interval', type=FloatList(), default=None, metavar='LO,HI',
                  help=f'Restart: noise levels t_min,t_max between which it restarts  '
                       f'[default: {",".join(map(str, fast_solvers.RESTART_INTERVAL))}]'),
@@ -193,7 +194,8 @@ def check_solver_flags(sampler_kwargs: dict, step_counts: Sequence[int]) -> None
     """Refuse solver options that do not fit together, before anything is loaded (one line, naming flags).
 
     ``step_counts``: the --steps values that will run. The restart interval is checked against the noise range
-    the flags give here and against the network's range once it is loaded.
+    the flags give here and against the network's range once it is loaded. A solver on a spacing known to
+    overshoot at these step counts (:func:`sampling.fast_solvers.spacing_hint`) gets a one-line hint on stderr.
     """
     kwargs = {k: v for k, v in sampler_kwargs.items() if v is not None}
     try:
@@ -206,6 +208,9 @@ def check_solver_flags(sampler_kwargs: dict, step_counts: Sequence[int]) -> None
                                             kwargs.get('sigma_max', schedules.EDM_SIGMA_MAX))
     except ValueError as err:
         raise click.UsageError(sampler_error(err)) from None
+    hints = [fast_solvers.spacing_hint(name, n, kwargs.get('spacing')) for n in step_counts]
+    for hint in dict.fromkeys(h for h in hints if h):
+        click.echo(hint, err=True)
 
 
 # ----------------------------------------------------------------------------

@@ -127,10 +127,12 @@ def parse_D(text: str) -> Optional[float]:
 # ----------------------------------------------------------------------------
 # Convergence measurements on the laboratory (shared by bench/solver_lab.py and the tests).
 
-LAB_SOLVERS = ('euler', 'heun', 'dpmpp2m', 'dpmpp3m', 'restart')
+LAB_SOLVERS = ('euler', 'heun', 'dpmpp2m', 'dpmpp3m', 'ipndm', 'unipc', 'restart')
 # The order each solver is stated to converge at (Euler 1; Heun 2; DPM-Solver++(2M) 2; the 3rd-order multistep
-# 3; Restart's ODE segments are Heun's, 2, pathwise for fixed restart noise).
-STATED_ORDER = {'euler': 1, 'heun': 2, 'dpmpp2m': 2, 'dpmpp3m': 3, 'restart': 2}
+# 3; iPNDM 4, Adams-Bashforth with four slopes; UniPC p + 1, its predictor's order p raised by the corrector;
+# Restart's ODE segments are Heun's, 2, pathwise for fixed restart noise).
+STATED_ORDER = {'euler': 1, 'heun': 2, 'dpmpp2m': 2, 'dpmpp3m': 3, **{name: fast_solvers.MULTISTEP_ORDER[name]
+                                                                      for name in ('ipndm', 'unipc')}, 'restart': 2}
 # Restart's steps inside its interval, as a fraction of the main steps, so both refine together.
 RESTART_STEP_FRACTION = 4
 

@@ -2,8 +2,8 @@
 
 An image depends only on its seed: latents, class labels and in-loop noise come from one generator per seed
 (:class:`sampling.schedules.PerSeedRandom`), whatever the batch composition. :func:`sampler_name` picks the sampler
-from the options as EDM's CLI does (any ablation axis selects the ablation sampler; ``dpmpp2m|dpmpp3m|restart`` the
-fast solvers).
+from the options as EDM's CLI does (any ablation axis selects the ablation sampler; ``dpmpp2m|dpmpp3m|ipndm|unipc|
+restart`` the fast solvers).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def uses_ablation_sampler(sampler_kwargs: dict) -> bool:
 
 
 def sampler_name(sampler_kwargs: dict) -> str:
-    """Which sampler the options select: 'edm', 'ablation', 'dpmpp2m', 'dpmpp3m' or 'restart'.
+    """Which sampler the options select: 'edm', 'ablation' or the name of a fast solver (:data:`FAST_SOLVERS`).
 
     Raises ValueError (one line) for combinations that do not fit: an unknown solver, ablation axes or churn
     with a fast solver, restart options without the restart solver, ``spacing`` with the ablation sampler
@@ -71,7 +71,8 @@ def sampler_name(sampler_kwargs: dict) -> str:
 def sampler_nfe(num_steps: int, sampler_kwargs: dict) -> int:
     """Network evaluations per image for ``num_steps`` time steps with these sampler options.
 
-    EDM / ablation Heun: 2 per step except the last; Euler and DPM-Solver++: 1 per step; Restart: Heun's
+    EDM / ablation Heun: 2 per step except the last; Euler and the multistep solvers (DPM-Solver++, iPNDM, UniPC,
+    whose corrector reuses the next step's evaluation): 1 per step; Restart: Heun's
     count plus 2 * restart_steps per restart.
     """
     name = sampler_name(sampler_kwargs)
@@ -245,7 +246,7 @@ def sample_batch(net: Denoiser, seeds: Sequence[int], device: Union[str, torch.d
 
     ``sampler_kwargs`` go to :func:`edm_sampler`, to :func:`ablation_sampler`
     when any of solver (euler|heun)/discretization/schedule/scaling is given, or to :func:`fast_sampler` for
-    solver dpmpp2m|dpmpp3m|restart (Restart's noise comes from the per-seed generators, after the labels).
+    solver dpmpp2m|dpmpp3m|ipndm|unipc|restart (Restart's noise comes from the per-seed generators, after the labels).
     None values mean
     "use the default" (as click passes unset options). ``memory_format`` is the layout of the sampler state;
     None follows the network's convolution weights (channels_last after ``net.to(memory_format=...)``).

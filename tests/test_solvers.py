@@ -1,4 +1,5 @@
-"""Fast solvers (DPM-Solver++ multistep, Restart), noise-level spacings and the exact-denoiser laboratory."""
+"""Fast solvers (DPM-Solver++ multistep, iPNDM, UniPC, Restart), noise-level spacings and the exact-denoiser
+laboratory."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import generate
 from tests import _tolerance as tol
 from sampling import exact_denoiser as lab
 from training import pfgmpp as pfgmpp_lib
-from sampling import edm, fast_solvers, pipeline, schedules
+from sampling import edm, fast_solvers, multistep, pipeline, schedules
 from formats.network_io import load_network
 
 KERNELS = [8.0, 128.0, 2048.0, None]
@@ -126,6 +127,44 @@ def test_first_order_step_is_euler_and_last_step_returns_the_denoised():
     euler = x + (s_next - s) * (x - d) / s
     torch.testing.assert_close(fast_solvers._dpmpp_step(x, s, s_next, d, [], order=1), euler)
     assert torch.equal(fast_solvers._dpmpp_step(x, s, torch.tensor(0.0, dtype=torch.float64), d, [], 3), d)
+
+
+def test_adams_bashforth_weights_are_the_classical_ones_and_exact_for_cubics():
+    # Equal steps: the textbook coefficients times the step (Hairer, Norsett & Wanner, III.1), for every order.
+    classical = {1: [1], 2: [3 / 2, -1 / 2], 3: [23 / 12, -16 / 12, 5 / 12], 4: [55 / 24, -59 / 24, 37 / 24, -9 / 24]}
+    for k, coefficients in classical.items():
+        got = multistep.adams_bashforth_weights([2.0 - 0.5 * j for j in range(k)], 2.0, 2.5)
+        assert got == pytest.approx([0.5 * c for c in coefficients], rel=0, abs=64 * torch.finfo(torch.float64).eps)
+    # Uneven nodes (sigma decreasing, as iPNDM uses them): every polynomial of degree <= 3 is integrated exactly.
+    nodes, start, end = [1.1, 2.0, 3.7, 6.0], 1.1, 0.45
+    weights = multistep.adams_bashforth_weights(nodes, start, end)
+    for degree in range(4):
+        integral = (end ** (degree + 1) - start ** (degree + 1)) / (degree + 1)
+        assert math.isclose(sum(w * t ** degree for w, t in zip(weights, nodes)), integral, rel_tol=1e-12,
+                            abs_tol=1e-12)
+    with pytest.raises(ValueError, match='distinct'):
+        multistep.adams_bashforth_weights([1.0, 1.0], 1.0, 0.5)
+
+
+@pytest.mark.parametrize('with_history', [1, 2])
+def test_unipc_corrector_integrates_polynomials_of_its_degree_exactly(with_history):
+    # The UniC step with k history points and the new evaluation uses k + 1 differences: exact when D is a
+    # polynomial in lambda of degree k + 1 (Zhao et al. 2023, Theorem 3.1 and Algorithm 3).
+    degree = with_history + 1
+    coefficients = [0.3, -0.7, 0.45, 0.2][:degree + 1]
+
+    def denoiser(lam: float) -> float:
+        return sum(c * lam ** k for k, c in enumerate(coefficients))
+    levels = [3.0, 1.7, 1.1, 0.6][2 - with_history:]  # uneven steps in lambda
+    lam = [-math.log(s) for s in levels]
+    t = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+    history = [(lam[j], t(denoiser(lam[j]))) for j in range(len(levels) - 3, -1, -1)]
+    x = 0.9
+    h = lam[-1] - lam[-2]
+    got = multistep._unipc_update(t(x), lam[-2], h, t(denoiser(lam[-2])), history, order=3,
+                                  corrector=(lam[-1], t(denoiser(lam[-1]))))
+    expected = _exact_linear_ode_step(x, levels[-2], levels[-1], denoiser)
+    assert abs(float(got) - expected) < 1e-12
 
 
 def test_log_snr_spacing_is_uniform_in_log_sigma():
