@@ -48,6 +48,8 @@ CONFIGS: dict[str, tuple[dict[str, Any], list[int]]] = {
     'dpmpp2m-logsnr': (dict(solver='dpmpp2m', spacing='logsnr'), [6, 9, 12, 18]),
     'dpmpp3m': (dict(solver='dpmpp3m'), [6, 9, 12, 18]),
     'dpmpp3m-logsnr': (dict(solver='dpmpp3m', spacing='logsnr'), [6, 9, 12, 15, 18]),
+    'ipndm': (dict(solver='ipndm'), [4, 6, 9, 12]),
+    'unipc': (dict(solver='unipc'), [4, 6, 9, 12]),
     'restart': (dict(solver='restart'), [4, 6, 9]),
 }
 LEVEL_STEPS = 18  # Heun's 35-NFE setting of EDM and PFGM++ (CIFAR-10)

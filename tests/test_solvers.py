@@ -449,11 +449,13 @@ def test_solver_lab_and_nfe_benchmarks_run(tmp_path):
                                                   f'--json={tmp_path / "lab.json"}'])
     assert result.exit_code == 0, result.output
     assert '| 8 | dpmpp3m |' in result.output and '| inf | restart |' in result.output
+    assert '| 8 | ipndm |' in result.output and '| inf | unipc |' in result.output
     network = tmp_path / 'lab.pkl'
     result = CliRunner().invoke(solver_lab.main, ['--D=8', f'--save-network={network}'])
     assert result.exit_code == 0 and network.is_file()
     result = CliRunner().invoke(solver_nfe.main, [f'--network=lab={network}', '--seeds=0-1', '--ref-steps=8',
-                                                  '--configs=heun,dpmpp2m', f'--outdir={tmp_path / "nfe"}'])
+                                                  '--configs=heun,dpmpp2m,unipc', f'--outdir={tmp_path / "nfe"}'])
     assert result.exit_code == 0, result.output
     assert (tmp_path / 'nfe' / 'solver-nfe-lab-rms.png').is_file()
-    assert '| lab | dpmpp2m |' in (tmp_path / 'nfe' / 'solver-nfe.md').read_text()
+    table = (tmp_path / 'nfe' / 'solver-nfe.md').read_text()
+    assert '| lab | dpmpp2m |' in table and '| lab | unipc |' in table
