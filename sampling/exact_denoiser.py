@@ -10,7 +10,7 @@ It is computed by :func:`training.pfgmpp.stable_target_field` (which uses
 :func:`training.pfgmpp.kernel_log_weight`), the same code as the ``--stf`` training target, so the
 laboratory and the loss share one implementation of the kernel weights.
 
-:class:`ExactDenoiser` wraps it in the network interface of :class:`training.sampler.Denoiser` (``img_resolution``,
+:class:`ExactDenoiser` wraps it in the network interface of :class:`sampling.schedules.Denoiser` (``img_resolution``,
 ``img_channels``, ``label_dim``, ``sigma_min``, ``sigma_max``, ``round_sigma``, ``pfgmpp``, ``D``, ``N``), so
 ``generate.py``, ``fid.py gen`` and every sampler use it like a trained network; pickled inside a snapshot dict's
 ``ema`` entry (:func:`save_snapshot`) it loads like any snapshot. Because its probability-flow ODE has no model

@@ -19,7 +19,8 @@ last step: a step to sigma = 0 returns D(x; sigma) (the ODE's slope has no limit
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import math
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -80,7 +81,7 @@ def _unipc_coefficients(ratios: Sequence[float], h: float, order: int) -> torch.
     in the data-prediction form (variable -h). Returns float64 [order].
     """
     hh = -h
-    phi = torch.expm1(torch.tensor(hh, dtype=torch.float64))
+    phi = math.expm1(hh)
     b_h = phi
     g = phi / hh - 1
     factorial, rhs = 1.0, []
@@ -90,7 +91,7 @@ def _unipc_coefficients(ratios: Sequence[float], h: float, order: int) -> torch.
         g = g / hh - 1 / factorial
     r = torch.tensor(list(ratios), dtype=torch.float64)
     matrix = torch.stack([r ** (i - 1) for i in range(1, order + 1)])
-    return torch.linalg.solve(matrix, torch.stack(rhs))
+    return torch.linalg.solve(matrix, torch.tensor(rhs, dtype=torch.float64))
 
 
 def unipc_solve(denoise: DenoiseFn, x: torch.Tensor, sigmas: torch.Tensor, order: int = UNIPC_ORDER) -> torch.Tensor:
@@ -123,7 +124,7 @@ def unipc_solve(denoise: DenoiseFn, x: torch.Tensor, sigmas: torch.Tensor, order
 
 def _unipc_update(x: torch.Tensor, lam: float, h: float, denoised: torch.Tensor,
                   history: Sequence[tuple[float, torch.Tensor]], order: int,
-                  corrector: tuple[float, torch.Tensor] | None = None) -> torch.Tensor:
+                  corrector: Optional[tuple[float, torch.Tensor]] = None) -> torch.Tensor:
     """One UniP step from (x, lambda, D_0 = ``denoised``) over h, or the UniC step when ``corrector`` = (lambda',
     D') gives the evaluation at the predicted point. ``history``: earlier (lambda_k, D_k), newest first."""
     points = list(history[:order - 1])
@@ -132,14 +133,14 @@ def _unipc_update(x: torch.Tensor, lam: float, h: float, denoised: torch.Tensor,
     if corrector is not None:
         ratios.append(1.0)
         differences.append(corrector[1] - denoised)
-    phi = torch.expm1(torch.tensor(-h, dtype=torch.float64))
+    phi = math.expm1(-h)
     # Data prediction with alpha = 1: sigma'/sigma = e^-h and the DDIM term is -(e^-h - 1) D_0.
-    x_next = phi.add(1) * x - phi * denoised
+    x_next = (phi + 1) * x - phi * denoised
     if not differences:
         return x_next
     if len(differences) == 1:
         # The paper's choice for UniP-2 and UniC-1 (a_1 = 1/2; the linear system would give a_1 = b_1).
-        weights = torch.tensor([0.5], dtype=torch.float64)
+        weights = [0.5]
     else:
-        weights = _unipc_coefficients(ratios, h, len(differences))
-    return x_next - phi * sum(float(a) * d for a, d in zip(weights, differences))
+        weights = [float(a) for a in _unipc_coefficients(ratios, h, len(differences))]
+    return x_next - phi * sum(a * d for a, d in zip(weights, differences))

@@ -114,8 +114,8 @@ def test_second_order_multistep_local_error_is_third_order():
         lam = [0.0, h, 2 * h]
         sig = [math.exp(-v) for v in lam]
         t = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
-        got = fast_solvers._dpmpp_step(t(0.5), t(sig[1]), t(sig[2]), t(denoiser(lam[1])), [(t(lam[0]), t(denoiser(0.0)))],
-                                   order=2)
+        got = fast_solvers._dpmpp_step(t(0.5), t(sig[1]), t(sig[2]), t(denoiser(lam[1])),
+                                       [(t(lam[0]), t(denoiser(0.0)))], order=2)
         errors.append(abs(float(got) - _exact_linear_ode_step(0.5, sig[1], sig[2], denoiser)))
     ratios = [errors[i] / errors[i + 1] for i in range(2)]
     assert all(7 < r < 9 for r in ratios), ratios  # local error ~ h^3
