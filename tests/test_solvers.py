@@ -167,6 +167,29 @@ def test_unipc_corrector_integrates_polynomials_of_its_degree_exactly(with_histo
     assert abs(float(got) - expected) < 1e-12
 
 
+def test_unipc_predictor_orders():
+    # UniP-3 (two history points, coefficients from the linear system of Algorithm 2) is exact for D quadratic in
+    # lambda; UniP-2 uses the paper's a_1 = 1/2 instead of the system's solution.
+    def denoiser(lam: float) -> float:
+        return 0.3 - 0.7 * lam + 0.45 * lam ** 2
+    levels = [3.0, 1.7, 1.1, 0.6]
+    lam = [-math.log(s) for s in levels]
+    t = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+    history = [(lam[1], t(denoiser(lam[1]))), (lam[0], t(denoiser(lam[0])))]
+    got = multistep._unipc_update(t(0.9), lam[2], lam[3] - lam[2], t(denoiser(lam[2])), history, order=3)
+    assert abs(float(got) - _exact_linear_ode_step(0.9, levels[2], levels[3], denoiser)) < 1e-12
+    # UniP-2 (a_1 = 1/2) on a linear D: local error O(h^3), as a second-order method's.
+    linear = lambda v: 0.3 - 0.7 * v  # noqa: E731
+    errors = []
+    for h in (0.2, 0.1, 0.05):
+        lam = [0.0, h, 2 * h]
+        sig = [math.exp(-v) for v in lam]
+        got = multistep._unipc_update(t(0.9), lam[1], h, t(linear(lam[1])), [(lam[0], t(linear(lam[0])))], order=2)
+        errors.append(abs(float(got) - _exact_linear_ode_step(0.9, sig[1], sig[2], linear)))
+    ratios = [errors[i] / errors[i + 1] for i in range(2)]
+    assert all(7 < r < 9 for r in ratios), ratios
+
+
 def test_log_snr_spacing_is_uniform_in_log_sigma():
     levels = schedules.noise_levels(6, 0.01, 100.0, spacing='logsnr')
     steps = levels.log().diff()
