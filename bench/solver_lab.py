@@ -28,7 +28,6 @@ Prints figures; it never asserts.
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from pathlib import Path
