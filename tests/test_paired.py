@@ -173,3 +173,82 @@ def test_bad_input_is_one_line(case: str, message: str) -> None:
     with pytest.raises(paired.PairedError, match=message) as info:
         paired.paired_fd_difference(a, b, *_reference(), np.random.default_rng(0), confidence=confidence)
     assert '\n' not in str(info.value)
+
+
+# ----------------------------------------------------------------------------
+# fid.py compare on two tiny folders, with the digits classifier shipped with the demo as the detector.
+
+WEIGHTS = 'demo/digits-classifier.weights.pt'
+
+
+def _write_folder(folder, images: np.ndarray, seeds) -> None:
+    os.makedirs(folder, exist_ok=True)
+    for image, seed in zip(images, seeds):
+        Image.fromarray(image[0], 'L').save(os.path.join(folder, f'{seed:06d}.png'))
+
+
+def _blobs(rng: np.random.Generator, count: int) -> np.ndarray:
+    """uint8 [count, 1, 16, 16]: smooth random strokes, so the classifier's features vary between images."""
+    noise = rng.random((count, 1, 4, 4))
+    return (np.kron(noise, np.ones((4, 4))) * 200).astype(np.uint8)
+
+
+@pytest.fixture(scope='module')
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp('compare')
+    rng = np.random.default_rng(0)
+    seeds = list(range(100, 260))
+    images = _blobs(rng, len(seeds))
+    _write_folder(root / 'a', images, seeds)
+    _write_folder(root / 'b', np.clip(images.astype(np.int64) + 50, 0, 255).astype(np.uint8), seeds)
+    from evaluation import features
+    detector = features.load_detector(WEIGHTS, device='cpu')
+    ref = features.extract_features(detector, torch.from_numpy(_blobs(rng, 300)))
+    features.save_stats(str(root / 'ref.npz'), *metrics.feature_moments(ref))
+    return root
+
+
+def test_compare_cli_end_to_end(folders) -> None:
+    jsonl = folders / 'out' / 'compare.jsonl'
+    proc = run_python(['fid.py', 'compare', f'--images-a={folders / "a"}', f'--images-b={folders / "b"}',
+                       f'--ref={folders / "ref.npz"}', f'--detector={WEIGHTS}', '--device=cpu', '--bootstrap=100',
+                       '--confidence=0.9', f'--jsonl={jsonl}'], env={'OMP_NUM_THREADS': '1'})
+    values = dict(line.split(' ', 1) for line in proc.stdout.strip().splitlines()[-6:])
+    assert list(values) == ['fd_a', 'fd_b', 'diff', 'diff_ci_low', 'diff_ci_high', 'n_needed']
+    (record,) = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert record['command'] == 'compare' and record['distance'] == 'fd_digits'
+    assert record['num_images'] == 160 and record['seeds'] == '100-259'
+    assert record['bootstrap'] == 100 and record['confidence'] == 0.9
+    assert float(values['fd_a']) == pytest.approx(record['fd_a'], rel=1e-5)
+    assert float(values['diff']) == pytest.approx(record['fd_a'] - record['fd_b'], rel=1e-5)  # printed with %g
+    low, high = float(values['diff_ci_low']), float(values['diff_ci_high'])
+    assert record['diff_ci'] == pytest.approx([low, high], rel=1e-5)
+    # The brightened B is a different distribution, seen on every seed: the interval excludes zero.
+    assert low > 0 or high < 0
+    assert values['n_needed'] != 'none' and int(values['n_needed']) == record['n_needed']
+    assert [p['num_images'] for p in record['prefixes']] == [128, 160]
+    # fd_a is the Frechet distance fid.py calc reports for the same folder with the same detector.
+    calc = run_python(['fid.py', 'calc', f'--images={folders / "a"}', f'--ref={folders / "ref.npz"}',
+                       f'--detector={WEIGHTS}', '--device=cpu', '--num-images=160', '--workers=0'],
+                      env={'OMP_NUM_THREADS': '1'})
+    assert float(calc.stdout.strip().splitlines()[-1]) == pytest.approx(record['fd_a'], rel=1e-6)
+
+
+@pytest.mark.parametrize('case, message', [
+    ('missing', '--images-a has no image for 1 seed(s) that the comparison needs (e.g. seed 5)'),
+    ('few', '1 image(s) to compare; need at least 2'),
+    ('confidence', '--confidence 1.5: expected a coverage between 0 and 1'),
+])
+def test_compare_cli_bad_input_is_one_line(folders, tmp_path, case: str, message: str) -> None:
+    rng = np.random.default_rng(1)
+    seeds = [3] if case == 'few' else [1, 2, 3, 4]
+    images = _blobs(rng, len(seeds))
+    _write_folder(tmp_path / 'a', images, seeds)
+    _write_folder(tmp_path / 'b', images, seeds if case != 'missing' else [1, 2, 4, 5])
+    proc = run_python(['fid.py', 'compare', f'--images-a={tmp_path / "a"}', f'--images-b={tmp_path / "b"}',
+                       f'--ref={folders / "ref.npz"}', f'--detector={WEIGHTS}', '--device=cpu',
+                       *(['--confidence=1.5'] if case == 'confidence' else [])], check=False,
+                      env={'OMP_NUM_THREADS': '1'})
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('Error: ') and message in lines[0], proc.stderr
