@@ -23,8 +23,10 @@ import io
 import json
 import os
 import platform
+import re
 import resource
 import shutil
+import sys
 import time
 from typing import Any, Optional
 
@@ -43,12 +45,13 @@ from formats import network_io
 
 RECORD_FORMAT = 1   # bump when the meaning of a record changes, so old records are not reused
 METRICS_SEED = 0    # seed of the bootstrap resamples: the records are reproducible
+PHEMA_TRACKED = '0.05,0.1'   # the power-function EMAs tracked with --phema (EDM2's pair)
 
 # Sizes of the two modes; every entry can be overridden by the option of the same name.
 FULL = dict(aug_dims='16,128,2048,inf', train_seeds='0,1', first_kimg=10.0, max_stages=8, num=500, steps=18,
-            bootstrap=200, nproc=2)
+            bootstrap=200, nproc=2, phema=None)
 QUICK = dict(aug_dims='16,inf', train_seeds='0,1', first_kimg=0.064, max_stages=2, num=24, steps=3, bootstrap=20,
-             nproc=1)
+             nproc=1, phema=None)
 
 
 # ----------------------------------------------------------------------------
@@ -116,6 +119,8 @@ class Scorer:
 def train_flags(D: Optional[float], seed: int, cfg: dict) -> list[str]:
     """train.py's flags of a model but its duration: the demo's recipe with this training seed and kernel."""
     kernel = ['--pfgmpp=0'] if D is None else ['--pfgmpp=1', f'--aug_dim={D:g}']
+    if cfg.get('phema'):
+        kernel.append(f'--phema={PHEMA_TRACKED}')
     tick = max(cfg['first_kimg'] / 5, 0.064)
     # A state every five ticks besides the one at each stage's end: an interruption loses little training.
     return [*(f for f in TRAIN_FLAGS if not f.startswith('--seed=')), f'--seed={seed}', *kernel, f'--tick={tick:g}',
@@ -123,9 +128,9 @@ def train_flags(D: Optional[float], seed: int, cfg: dict) -> list[str]:
 
 
 def newest_snapshot(run_dir: str) -> str:
-    """The network snapshot written last (stage ends below 1 kimg share a file name, so by time, then name)."""
-    found = [os.path.join(run_dir, n) for n in os.listdir(run_dir)
-             if n.startswith('network-snapshot-') and n.endswith('.pkl')]
+    """The network snapshot written last (stage ends below 1 kimg share a file name, so by time, then name); not
+    the power-function EMAs of ``--phema`` (``network-snapshot-KKKKKKK-S.SSS.pkl``)."""
+    found = [os.path.join(run_dir, n) for n in os.listdir(run_dir) if re.fullmatch(r'network-snapshot-\d+\.pkl', n)]
     if not found:
         raise click.ClickException(f'{run_dir}: train.py wrote no network snapshot')
     return max(found, key=lambda path: (os.path.getmtime(path), path))
@@ -180,8 +185,33 @@ def train_model(workdir: str, dataset: str, scorer: Scorer, D: Optional[float], 
         if stage > 0 and entry['gain'] < entry['gain_se']:
             record['stopped'] = 'converged'
         write_json(record_path, record)
+    if cfg.get('phema'):
+        pick_phema(runs, scorer, record, cfg)
     write_json(record_path, record)
     return record
+
+
+def pick_phema(runs: str, scorer: Scorer, record: dict, cfg: dict) -> None:
+    """Post-hoc EMA (EDM2) at the model's last stage: reconstruct each sigma_rel of ``--phema`` with
+    reconstruct_phema.py, score it on the same seeds, and record every FD-digits and the best sigma_rel."""
+    stage = len(record['stages']) - 1
+    stds = sorted(float(v) for v in number_list(cfg['phema'], '--phema', minimum=0))
+    done = record.get('phema')
+    if done and done['stage'] == stage and done['sigma_rel'] == stds:
+        return
+    run_dir = os.path.join(runs, record['name'])
+    outdir = os.path.join(run_dir, f'phema-stage{stage}')
+    run_tool([sys.executable, 'reconstruct_phema.py', f'--indir={run_dir}', f'--outdir={outdir}',
+              '--outstd=' + ','.join(f'{v:g}' for v in stds)])
+    fds = {}
+    for name in sorted(os.listdir(outdir)):
+        if name.startswith('phema-') and name.endswith('.pkl'):
+            std = float(name[:-4].rsplit('-', 1)[1])
+            fds[f'{std:g}'] = scorer.fd(scorer.features_of(os.path.join(outdir, name), record['D']))
+    best = min(fds, key=fds.get)
+    record['phema'] = dict(stage=stage, sigma_rel=stds, fd=fds, best_sigma_rel=float(best), best_fd=fds[best])
+    print(f'{record["name"]}: post-hoc EMA FD-digits ' + ', '.join(f'{k}: {v:.2f}' for k, v in fds.items())
+          + f'; best sigma_rel {best}')
 
 
 # ----------------------------------------------------------------------------
@@ -212,7 +242,7 @@ def write_results(results: str, records: list[dict], versus_inf: dict, cfg: dict
     usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
     summary = dict(
         config={k: v for k, v in cfg.items()},
-        models=[dict(name=r['name'], D=r['D'], seed=r['seed'], stopped=r['stopped'],
+        models=[dict(name=r['name'], D=r['D'], seed=r['seed'], stopped=r['stopped'], phema=r.get('phema'),
                      stages=[{k: v for k, v in s.items() if k != 'snapshot'} for s in r['stages']]) for r in records],
         versus_inf=versus_inf,
         machine=dict(platform=platform.platform(), processor=platform.processor(), cpus=os.cpu_count(),
@@ -241,6 +271,8 @@ def write_results(results: str, records: list[dict], versus_inf: dict, cfg: dict
               help=f'Resamples of the gain  [default: {FULL["bootstrap"]}]')
 @click.option('--nproc', type=click.IntRange(min=1), default=None, help=f'torchrun processes  [default: '
               f'{FULL["nproc"]}]')
+@click.option('--phema', default=None, metavar='LIST', help='Post-hoc EMA: train tracking EDM2\'s power EMAs and '
+              'pick the best of these sigma_rel (e.g. 0.05,0.1,0.15) per model  [default: off]')
 def main(quick: bool, outdir: str, results: str, **overrides: Any) -> None:
     """Train (or continue) the reference model set and publish its training curves."""
     started = time.time()

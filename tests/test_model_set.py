@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -70,3 +71,22 @@ def test_train_flags_replace_the_demo_seed() -> None:
     assert '--seed=3' in flags and '--seed=0' not in flags
     assert '--pfgmpp=1' in flags and '--aug_dim=16' in flags
     assert '--pfgmpp=0' in model_set.train_flags(None, 0, model_set.QUICK)
+
+
+def test_quick_model_set_picks_the_best_post_hoc_ema(tmp_path) -> None:
+    outdir, results = tmp_path / 'work', tmp_path / 'docs'
+    stdout = _run(outdir, results, '--aug-dims=inf', '--train-seeds=0', '--max-stages=1', '--phema=0.05,0.15')
+    assert 'reconstruct_phema.py' in stdout
+    record = _record(outdir, 'Dinf-seed0')
+    assert '--phema=' + model_set.PHEMA_TRACKED in record['settings']['flags']
+    # The stage itself is scored on the run's own EMA snapshot, not on a tracked power-function EMA.
+    assert re.fullmatch(r'Dinf-seed0/network-snapshot-\d+\.pkl', record['stages'][0]['snapshot'])
+    phema = record['phema']
+    assert phema['stage'] == 0 and phema['sigma_rel'] == [0.05, 0.15] and sorted(phema['fd']) == ['0.05', '0.15']
+    assert phema['best_fd'] == min(phema['fd'].values()) and phema['fd'][f'{phema["best_sigma_rel"]:g}'] == \
+        phema['best_fd']
+    with open(results / 'model-set.json') as f:
+        assert json.load(f)['models'][0]['phema'] == phema
+    # A rerun finds the reconstruction recorded for this stage and does not redo it.
+    assert 'reconstruct_phema.py' not in _run(outdir, results, '--aug-dims=inf', '--train-seeds=0', '--max-stages=1',
+                                              '--phema=0.05,0.15')
