@@ -7,8 +7,8 @@ FD(A) - FD(B) is bootstrapped over seeds (Efron & Tibshirani 1993, "An Introduct
 13): each resample draws seed indices with replacement and uses the *same* indices for A and B, which keeps the
 pairing. The interval is the percentile interval of the resampled differences (ch. 13). With several training seeds
 per setting (models trained alike but for their seed), a two-level bootstrap resamples the training seeds first,
-then the image seeds within each chosen one (Davison & Hinkley 1997, "Bootstrap Methods and their Application",
-§3.8, the hierarchical bootstrap), so the interval carries the training-seed spread as well.
+then the image seeds within each chosen one (the two-stage bootstrap of hierarchical data; Davison & Hinkley 1997,
+"Bootstrap Methods and their Application", ch. 3), so the interval carries the training-seed spread as well.
 
 :func:`images_needed` evaluates the interval on nested prefixes of the seed list (doubling sizes) and reports the
 smallest number of images whose interval excludes zero, or None.
@@ -67,7 +67,11 @@ class PairedResult:
 
 def _as_models(features: np.ndarray | Sequence[np.ndarray], name: str) -> np.ndarray:
     """Features as [M, N, F] float64: one [N, F] array is one model, a sequence of them several training seeds."""
-    array = np.asarray(features, dtype=np.float64)
+    try:
+        array = np.asarray(features, dtype=np.float64)
+    except ValueError:   # training seeds with different numbers of images or features
+        raise PairedError(f'features {name} of several training seeds differ in shape; expected [models, N, F] '
+                          f'with the same seeds for every model') from None
     if array.ndim == 2:
         array = array[None]
     if array.ndim != 3:
@@ -122,6 +126,9 @@ def paired_fd_difference(features_a: np.ndarray | Sequence[np.ndarray], features
     ``mu_ref`` [F] and ``sigma_ref`` [F, F] are the reference moments (held fixed). ``generator`` draws every
     index. Returns a :class:`PairedResult` in FD units. Raises PairedError for mismatched shapes, fewer than 2
     images, non-finite features, fewer than 2 resamples or a confidence outside (0, 1).
+
+    Cost: 2 M ``num_resamples`` Frechet distances, each O(N F^2) for the moments plus an F x F matrix square root:
+    milliseconds at the digits classifier's F = 64, seconds at Inception's F = 2048.
     """
     a, b = _as_models(features_a, 'A'), _as_models(features_b, 'B')
     _check(a, b, confidence, num_resamples)

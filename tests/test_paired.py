@@ -102,21 +102,23 @@ def test_seeded_generator_reproduces() -> None:
 
 def test_hierarchical_bootstrap_carries_the_training_seed_spread() -> None:
     rng = np.random.default_rng(7)
-    shift = np.full(F, 0.3)
-    # Three training seeds per setting: each model has its own offset, shared by A and B (same training seed).
-    models_b = [rng.standard_normal((100, F)) + 0.2 * rng.standard_normal(F) for _ in range(3)]
-    models_a = [m + shift for m in models_b]
+    # Three training seeds whose own differences disagree far more than the image seeds can tell apart.
+    models_b = [rng.standard_normal((200, F)) for _ in range(3)]
+    models_a = [b + shift for b, shift in zip(models_b, (0.1, 0.4, 0.7))]
     result = paired.paired_fd_difference(models_a, models_b, *_reference(), np.random.default_rng(0),
-                                         num_resamples=200)
-    assert result.num_models == 3 and result.num_images == 100
+                                         num_resamples=300)
+    assert result.num_models == 3 and result.num_images == 200
     per_model = [paired.frechet_of(a, *_reference()) - paired.frechet_of(b, *_reference())
                  for a, b in zip(models_a, models_b)]
     assert result.diff == pytest.approx(np.mean(per_model), rel=1e-12)
     assert result.ci_low < result.diff < result.ci_high
-    # Training seeds that disagree widen the interval beyond that of any one model's image-seed bootstrap.
-    single = paired.paired_fd_difference(models_a[0], models_b[0], *_reference(), np.random.default_rng(0),
-                                         num_resamples=200)
-    assert result.ci_high - result.ci_low > 0.5 * (single.ci_high - single.ci_low)
+    # Its standard error is that of a mean of 3 training seeds (the bootstrap's divides by 3, not 2: ~0.82 of it)...
+    between = np.std(per_model, ddof=1) / math.sqrt(3)
+    assert 0.5 * between < result.diff_se < 1.2 * between
+    # ... several times what pooling the images of all training seeds into one level would claim.
+    pooled = paired.paired_fd_difference(np.concatenate(models_a), np.concatenate(models_b), *_reference(),
+                                         np.random.default_rng(0), num_resamples=300)
+    assert result.diff_se > 3 * pooled.diff_se
 
 
 def test_paired_mean_difference_per_image_values() -> None:
@@ -158,6 +160,7 @@ def test_doubling_sizes() -> None:
 
 @pytest.mark.parametrize('case, message', [
     ('shape', 'same seeds'), ('few', 'at least 2'), ('confidence', 'between 0 and 1'), ('nan', 'NaN'),
+    ('ragged', 'differ in shape'),
 ])
 def test_bad_input_is_one_line(case: str, message: str) -> None:
     a = np.zeros((10, F)) + np.arange(10)[:, None]
@@ -168,6 +171,8 @@ def test_bad_input_is_one_line(case: str, message: str) -> None:
         a, b = a[:1], b[:1]
     elif case == 'confidence':
         confidence = 1.5
+    elif case == 'ragged':
+        a, b = [a, a[:9]], [b, b[:9]]
     else:
         a[3, 1] = np.nan
     with pytest.raises(paired.PairedError, match=message) as info:
