@@ -71,7 +71,7 @@ def read_record(path: str) -> Optional[dict]:
 def write_json(path: str, record: dict) -> None:
     os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
     with dnnlib.util.atomic_write(path, 'w') as f:
-        json.dump(dict(record, format=RECORD_FORMAT), f, indent=2)
+        json.dump(dnnlib.util.json_safe(dict(record, format=RECORD_FORMAT)), f, indent=2)
 
 
 def save_features(path: str, array: np.ndarray) -> None:

@@ -581,7 +581,7 @@ def compare_folders(images_a: str, images_b: str, ref_path: str, seeds: Optional
                       prefixes=[dict(num_images=s.num_images, diff=s.diff, diff_ci=[s.ci_low, s.ci_high])
                                 for s in power.steps], elapsed_s=round(time.time() - started, 3))
         if jsonl_path is not None:
-            append_json_line(jsonl_path, record)
+            append_json_line(jsonl_path, dnnlib.util.json_safe(record))
         return CompareReport(power, distance, record)
     report = on_main_rank(compare)
     return report if report is not None else CompareReport(None, distance, {})
