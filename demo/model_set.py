@@ -238,7 +238,10 @@ def compare_with_diffusion(workdir: str, scorer: Scorer, records: list[dict], cf
     return result
 
 
-def write_results(results: str, records: list[dict], versus_inf: dict, cfg: dict, started: float) -> None:
+def write_results(results: str, records: list[dict], versus_inf: dict, cfg: dict, started: float,
+                  load_at_start: tuple[float, float, float]) -> None:
+    """``model-set.json`` (every model's stages, D against D = inf, the machine, this invocation's wall and CPU time,
+    the load average when it started and the seconds of every recorded stage over all invocations) and the PNG."""
     usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
     summary = dict(
         config={k: v for k, v in cfg.items()},
@@ -246,7 +249,8 @@ def write_results(results: str, records: list[dict], versus_inf: dict, cfg: dict
                      stages=[{k: v for k, v in s.items() if k != 'snapshot'} for s in r['stages']]) for r in records],
         versus_inf=versus_inf,
         machine=dict(platform=platform.platform(), processor=platform.processor(), cpus=os.cpu_count(),
-                     torch=torch.__version__),
+                     torch=torch.__version__, load_average_at_start=list(load_at_start)),
+        stage_seconds_total=round(sum(s['seconds'] for r in records for s in r['stages']), 1),
         wall_s=round(time.time() - started, 1), cpu_s=round(sum(u.ru_utime + u.ru_stime for u in usage), 1))
     write_json(os.path.join(results, 'model-set.json'), summary)
     series = {f'{model_label(r["D"])}, seed {r["seed"]}': ([s['kimg'] for s in r['stages']],
@@ -275,7 +279,7 @@ def write_results(results: str, records: list[dict], versus_inf: dict, cfg: dict
               'pick the best of these sigma_rel (e.g. 0.05,0.1,0.15) per model  [default: off]')
 def main(quick: bool, outdir: str, results: str, **overrides: Any) -> None:
     """Train (or continue) the reference model set and publish its training curves."""
-    started = time.time()
+    started, load_at_start = time.time(), os.getloadavg()
     cfg = dict(QUICK if quick else FULL, **{k: v for k, v in overrides.items() if v is not None})
     if cfg['first_kimg'] <= 0:
         raise click.BadParameter('expected a positive number of kimg', param_hint='--first-kimg')
@@ -286,7 +290,8 @@ def main(quick: bool, outdir: str, results: str, **overrides: Any) -> None:
     dataset = make_digits_dataset(outdir)
     scorer = Scorer(dataset, cfg)
     records = [train_model(outdir, dataset, scorer, D, seed, cfg) for D in aug_dims for seed in seeds]
-    write_results(results, records, compare_with_diffusion(outdir, scorer, records, cfg), cfg, started)
+    write_results(results, records, compare_with_diffusion(outdir, scorer, records, cfg), cfg, started,
+                  load_at_start)
 
 
 if __name__ == '__main__':

@@ -40,6 +40,8 @@ def test_quick_model_set_end_to_end_and_resumed(tmp_path) -> None:
     assert versus['num_models'] == 2 and versus['num_images'] == model_set.QUICK['num']
     assert versus['ci_low'] <= versus['diff_mean'] <= versus['ci_high']
     assert summary['wall_s'] > 0 and summary['cpu_s'] > 0 and summary['machine']['cpus'] >= 1
+    assert summary['stage_seconds_total'] == pytest.approx(sum(m['stages'][0]['seconds'] for m in summary['models']),
+                                                       abs=0.11)
     assert (results / 'model-set.png').stat().st_size > 0
     before = _record(outdir, 'D16-seed0')
 
