@@ -262,18 +262,25 @@ def write_results(results: str, records: list[dict], versus_inf: dict, cfg: dict
 
 @click.command()
 @click.option('--quick', is_flag=True, help='Tiny budget (a test of the pipeline, not a result)')
-@click.option('--outdir', default='model-set-out', show_default=True, help='Working folder (runs, records)')
-@click.option('--results', default='docs/model-set', show_default=True, help='Where the curves (JSON, PNG) go')
-@click.option('--aug-dims', default=None, help=f'D values, "inf" = diffusion  [default: {FULL["aug_dims"]}]')
-@click.option('--train-seeds', default=None, help=f'Training seeds per D  [default: {FULL["train_seeds"]}]')
-@click.option('--first-kimg', type=float, default=None, help=f'First stage  [default: {FULL["first_kimg"]:g}]')
-@click.option('--max-stages', type=click.IntRange(min=1), default=None,
+@click.option('--outdir', metavar='DIR', default='model-set-out', show_default=True,
+              help='Working folder (runs, records)')
+@click.option('--results', metavar='DIR', default='docs/model-set', show_default=True,
+              help='Where the curves (JSON, PNG) go')
+@click.option('--aug-dims', metavar='LIST', default=None,
+              help=f'D values, "inf" = diffusion  [default: {FULL["aug_dims"]}]')
+@click.option('--train-seeds', metavar='LIST', default=None,
+              help=f'Training seeds per D  [default: {FULL["train_seeds"]}]')
+@click.option('--first-kimg', metavar='KIMG', type=float, default=None,
+              help=f'First stage  [default: {FULL["first_kimg"]:g}]')
+@click.option('--max-stages', metavar='INT', type=click.IntRange(min=1), default=None,
               help=f'Most doubling stages per model  [default: {FULL["max_stages"]}]')
-@click.option('--num', type=click.IntRange(min=2), default=None, help=f'Images scored  [default: {FULL["num"]}]')
-@click.option('--steps', type=click.IntRange(min=1), default=None, help=f'Heun steps  [default: {FULL["steps"]}]')
-@click.option('--bootstrap', type=click.IntRange(min=2), default=None,
+@click.option('--num', metavar='INT', type=click.IntRange(min=2), default=None,
+              help=f'Images scored  [default: {FULL["num"]}]')
+@click.option('--steps', metavar='INT', type=click.IntRange(min=1), default=None,
+              help=f'Heun steps  [default: {FULL["steps"]}]')
+@click.option('--bootstrap', metavar='INT', type=click.IntRange(min=2), default=None,
               help=f'Resamples of the gain  [default: {FULL["bootstrap"]}]')
-@click.option('--nproc', type=click.IntRange(min=1), default=None, help=f'torchrun processes  [default: '
+@click.option('--nproc', metavar='INT', type=click.IntRange(min=1), default=None, help=f'torchrun processes  [default: '
               f'{FULL["nproc"]}]')
 @click.option('--phema', default=None, metavar='LIST', help='Post-hoc EMA: train tracking EDM2\'s power EMAs and '
               'pick the best of these sigma_rel (e.g. 0.05,0.1,0.15) per model  [default: off]')
