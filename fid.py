@@ -1,12 +1,11 @@
-"""Frechet Inception Distance (FID) and the other sample-quality metrics: dataset reference statistics (``ref``), the
-metrics of a folder or ZIP of images (``calc``) and of a network's images generated in memory (``gen``).
-
-The command line over :mod:`evaluation.runs`; the library's one-line errors become click's ``Error:`` line here.
-"""
+"""FID and the other sample-quality metrics: reference statistics (``ref``), the metrics of a folder or ZIP
+(``calc``), of a network's images generated in memory (``gen``) and paired comparisons of two folders (``compare``).
+The command line over :mod:`evaluation.runs`; the library's one-line errors become click's ``Error:`` line here."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from typing import Any, Callable, Iterator, Optional
 
@@ -37,11 +36,7 @@ def _metric_list(ctx: click.Context, param: click.Parameter, value: str) -> list
 
 
 def _options(*options: Callable) -> Callable[[Callable], Callable]:
-    def apply(fn: Callable) -> Callable:
-        for option in reversed(options):
-            fn = option(fn)
-        return fn
-    return apply
+    return lambda fn: functools.reduce(lambda decorated, option: option(decorated), reversed(options), fn)
 
 
 _batch_option = click.option('--batch', 'max_batch_size', help='Maximum batch size', metavar='INT',
@@ -72,13 +67,14 @@ _detector_options = _options(
                  type=click.Choice(['cpu', 'cuda']), default=None))
 
 
-def _check_output_file(path: Optional[str], flag: str) -> None:
-    """Fail before any work when the folder of an output file cannot be created or written."""
-    if path is not None:
-        try:
-            dnnlib.util.check_writable_dir(os.path.dirname(os.path.abspath(path)), flag)
-        except OSError as err:
-            raise click.ClickException(str(err)) from None
+def _check_output_file(*paths_and_flags: tuple[Optional[str], str]) -> None:
+    """Fail before any work when the folder of an output file (path, flag) cannot be created or written."""
+    for path, flag in paths_and_flags:
+        if path is not None:
+            try:
+                dnnlib.util.check_writable_dir(os.path.dirname(os.path.abspath(path)), flag)
+            except OSError as err:
+                raise click.ClickException(str(err)) from None
 
 
 def _request(ref_path: Optional[str], stats_path: Optional[str], jsonl_path: Optional[str], bootstrap: int,
@@ -91,16 +87,14 @@ def _request(ref_path: Optional[str], stats_path: Optional[str], jsonl_path: Opt
                                  param_hint='--bootstrap')
     if bootstrap and ref_path is None:
         raise click.UsageError('--bootstrap needs --ref: the interval is of a metric against a reference')
-    for path, flag in ((stats_path, '--save-stats'), (jsonl_path, '--jsonl')):
-        _check_output_file(path, flag)
+    _check_output_file((stats_path, '--save-stats'), (jsonl_path, '--jsonl'))
     return runs.Request(ref_path=ref_path, stats_path=stats_path, jsonl_path=jsonl_path, bootstrap=bootstrap,
                         **kwargs)
 
 
 @contextlib.contextmanager
 def _session(device: Optional[str], sampling: bool = False) -> Iterator[torch.device]:
-    """:func:`evaluation.runs.session` with the library's one-line errors (with ``sampling``, the sampler's
-    ``ValueError`` too, naming flags rather than keywords) as click's one ``Error:`` line."""
+    """:func:`evaluation.runs.session`; one-line errors (and with ``sampling`` the sampler's) become click's."""
     try:
         with runs.session(device) as device_obj:
             yield device_obj
@@ -110,11 +104,6 @@ def _session(device: Optional[str], sampling: bool = False) -> Iterator[torch.de
         if not sampling:
             raise
         raise click.ClickException(cli.sampler_error(err)) from None
-
-
-def _print(report: runs.Report) -> None:
-    for line in report.lines():
-        print(line)
 
 
 @click.group()
@@ -172,8 +161,8 @@ def calc(image_path: str, num_images: int, seed: int, max_batch_size: int, num_w
     """
     request = _request(**options)
     with _session(device) as device_obj:
-        _print(runs.evaluate_folder(request, image_path, num_images, seed, max_batch_size, num_workers, device_obj,
-                                    allow_mixed))
+        runs.evaluate_folder(request, image_path, num_images, seed, max_batch_size, num_workers, device_obj,
+                             allow_mixed).print()
 
 
 @main.command()
@@ -192,11 +181,27 @@ def ref(dest_path: str, device: Optional[str], **options: Any) -> None:
     The file holds what the chosen --metrics need: mu/sigma (fid), fd_dinov2_mu/fd_dinov2_sigma (fd_dinov2) and
     the features of up to --ref-features images (kid, pr).
     """
-    _check_output_file(dest_path, '--dest')
+    _check_output_file((dest_path, '--dest'))
     with _session(device) as device_obj:
         written = runs.write_reference(dest_path=dest_path, device=device_obj, **options)
         if written is not None:
             print(f'Saved dataset reference statistics to "{written}"')
+
+
+@main.command()
+@click.option('--images-a', help='Images of setting A, named by seed', metavar='DIR', required=True)
+@click.option('--images-b', help='Images of setting B from the same seeds', metavar='DIR', required=True)
+@click.option('--ref', 'ref_path', help='Dataset reference statistics', metavar='NPZ|URL', type=str, required=True)
+@click.option('--bootstrap', help='Resamples', metavar='INT', type=click.IntRange(2), default=1000, show_default=True)
+@click.option('--confidence', help='Interval coverage', metavar='FLOAT', type=float, default=0.95, show_default=True)
+@click.option('--jsonl', 'jsonl_path', help='Append the result as a JSON line', metavar='FILE', type=str)
+@_batch_option
+@_detector_options
+def compare(device: Optional[str], **options: Any) -> None:
+    """Paired comparison of two folders from the same seeds: fd_a, fd_b, diff = fd_a - fd_b with a bootstrap interval
+    over seeds (the same for A and B), and n_needed: the images from which the interval excludes zero, or none."""
+    with _session(device) as device_obj:
+        runs.compare_folders(device=device_obj, **options).print()
 
 
 @main.command()
@@ -237,12 +242,8 @@ def gen(network_pkl: str, seeds: list[int], class_idx: Optional[int], max_batch_
         if class_idx is not None and class_idx >= net.label_dim:
             raise click.BadParameter(f'{class_idx} is out of range; the network has {net.label_dim} classes',
                                      param_hint='--class')
-        kwargs = {key: value for key, value in sampler_kwargs.items() if value is not None}
-        settings = dict(pfgmpp=D is not None, D=D, sampler_kwargs=dnnlib.util.json_safe(kwargs),
-                        guidance=cli.guidance_record(gnet, guidance, guidance_interval))
-        labelled = [(cli.compact_seeds(run_seeds), run_seeds) for run_seeds in seed_ranges]
-        _print(runs.evaluate_network(request, ref, net, network_pkl, labelled, settings, max_batch_size, device_obj,
-                                     class_idx, D, **kwargs))
+        runs.evaluate_network(request, ref, net, network_pkl, seed_ranges, cli.guidance_record(
+            gnet, guidance, guidance_interval), max_batch_size, device_obj, class_idx, D, **sampler_kwargs).print()
 
 
 if __name__ == '__main__':

@@ -1,7 +1,8 @@
 """The runs behind ``fid.py``'s commands: reference statistics of a dataset (:func:`write_reference`), the metrics
 of a folder or ZIP of images (:func:`evaluate_folder`) and of the images a network generates in memory
 (:func:`evaluate_network`), each repeated over seeds or seed ranges, with their records: the printed lines
-(:meth:`Report.lines`), the appended JSON lines and the optional statistics files.
+(:meth:`Report.lines`), the appended JSON lines and the optional statistics files; and the paired comparison of
+two folders generated from the same seeds (:func:`compare_folders`, :mod:`evaluation.paired`).
 
 Features come from :mod:`evaluation.features` (one pass of every detector the metrics need), the values from
 :mod:`evaluation.metrics`. Reference files are read on rank 0 before any feature is computed, and its error (if
@@ -29,8 +30,8 @@ import dnnlib
 from torch_utils import distributed as dist
 from torch_utils import host_memory
 from evaluation import features as feature_lib
-from evaluation import metrics
-from formats import network_io
+from evaluation import metrics, paired
+from formats import manifest, network_io
 from sampling import pipeline
 
 #: Reference files keep the features of at most this many images for KID and precision/recall (a seeded subset).
@@ -207,6 +208,11 @@ class Report:
             lines += [f'{key} {s["min"]:g}  ({first["num_images"]} images each; mean {s["mean"]:g}, std {s["std"]:g} '
                       f'over {len(self.results)} repeats)' for key, s in self.summaries().items()]
         return lines + [f'{min(r[keys[0]] for r in self.results):g}']
+
+    def print(self) -> None:
+        """Print :meth:`lines` (nothing off rank 0)."""
+        for line in self.lines():
+            print(line)
 
     def json_lines(self) -> list[dict[str, Any]]:
         """One record per repeat and, with repeats, a summary: ``{key}_min/_mean/_std/_values`` per result, the
@@ -412,16 +418,16 @@ def repeated_seed_ranges(seeds: Sequence[int], repeat: int, limit: int) -> list[
 
 
 def evaluate_network(request: Request, ref: Optional[dict[str, np.ndarray]], net: torch.nn.Module,
-                     network: str, seed_ranges: Sequence[tuple[str, Sequence[int]]], settings: dict[str, Any],
+                     network: str, seed_ranges: Sequence[Sequence[int]], guidance: Optional[dict[str, Any]] = None,
                      max_batch_size: int = 64,
                      device: Optional[torch.device] = None, class_idx: Optional[int] = None,
                      D: Optional[float] = None, **sampler_kwargs: Any) -> Report:
-    """The chosen metrics of the images ``net`` generates in memory for each of ``seed_ranges`` (one repeat each,
-    given as the seeds' printed form and the seeds; see :func:`evaluation.features.calculate_features_for_network`:
-    the images generate.py would write).
+    """The chosen metrics of the images ``net`` generates in memory for each of ``seed_ranges`` (one repeat each;
+    see :func:`evaluation.features.calculate_features_for_network`: the images generate.py would write). Sampler
+    keywords that are None are left out (the sampler's defaults).
 
     ``ref`` comes from :func:`load_reference_on_main` (read before the network, so a bad reference fails first);
-    ``network`` names the network's file and ``settings`` the sampling settings each JSON line repeats. The
+    ``network`` names the network's file and ``guidance`` the guidance record each JSON line repeats. The
     reference's feature size is checked before any image is generated. The sampler's ``ValueError`` (settings the
     network cannot honour, non-finite samples) is passed on.
     """
@@ -431,11 +437,151 @@ def evaluate_network(request: Request, ref: Optional[dict[str, np.ndarray]], net
                        device)
     keep = metrics.needs_features(request.metric_names, request.bootstrap)
 
+    sampler_kwargs = {key: value for key, value in sampler_kwargs.items() if value is not None}
+    settings = dict(pfgmpp=D is not None, D=D, sampler_kwargs=dnnlib.util.json_safe(sampler_kwargs), guidance=guidance)
     runs = []
-    for index, (label, seeds) in enumerate(seed_ranges):
+    for index, seeds in enumerate(seed_ranges):
+        label = manifest.compact_seeds(seeds)
         line = dict(command='gen', network=network, num_images=len(seeds), ref=request.ref_path,
                     **request.detector_record(), seeds=label, repeat=index, class_idx=class_idx, **settings)
         runs.append(((lambda seeds=seeds: feature_lib.calculate_features_for_network(
             net, seeds, detectors, keep, max_batch_size=max_batch_size, device=device, class_idx=class_idx, D=D,
             **sampler_kwargs)), line))
     return _run_repeats(request, ref, detectors, runs, 'seeds', device)
+
+
+# ----------------------------------------------------------------------------
+# Paired comparison of two folders of images generated from the same seeds.
+
+
+@dataclasses.dataclass
+class CompareReport:
+    """``fid.py compare``'s result: the paired comparison on nested prefixes (:class:`evaluation.paired.
+    PowerResult`), the name of the distance (``fid``, ``fd_digits``, ...) and the JSON line. Empty off rank 0."""
+    power: Optional[paired.PowerResult]
+    distance: str
+    record: dict[str, Any]
+
+    def lines(self) -> list[str]:
+        """One ``name value`` line per quantity: fd_a, fd_b, diff, diff_ci_low, diff_ci_high, n_needed."""
+        if self.power is None:
+            return []
+        full = self.power.full
+        return [f'fd_a {full.fd_a:g}', f'fd_b {full.fd_b:g}', f'diff {full.diff:g}', f'diff_ci_low {full.ci_low:g}',
+                f'diff_ci_high {full.ci_high:g}', f'n_needed {self.power.n_needed or "none"}']
+
+    def print(self) -> None:
+        """Print :meth:`lines` (nothing off rank 0)."""
+        for line in self.lines():
+            print(line)
+
+
+def seed_images(folder: str, flag: str) -> dict[int, str]:
+    """Seed -> path of the PNGs named by seed (``{seed:06d}.png``, optionally in numeric subfolders, as generate.py
+    writes them) in ``folder``. Raises FeatureError naming ``flag`` when there are none or a seed repeats."""
+    if not os.path.isdir(folder):
+        raise feature_lib.FeatureError(f'{flag} {folder}: no such folder')
+    found: dict[int, str] = {}
+    for path in manifest.generated_pngs(folder):
+        seed = int(os.path.basename(path)[:-4])
+        if seed in found:
+            raise feature_lib.FeatureError(f'{flag} {folder}: seed {seed} has two images ({found[seed]}, {path})')
+        found[seed] = path
+    if not found:
+        raise feature_lib.FeatureError(f'{flag} {folder}: no PNG named by seed (e.g. 000042.png); expected a folder '
+                                       f'written by generate.py')
+    return found
+
+
+def paired_seeds(found_a: dict[int, str], found_b: dict[int, str], seeds: Optional[Sequence[int]]) -> list[int]:
+    """The seeds both sides are compared on: ``seeds`` (each must be in both), or all, which must be the same in
+    both. Raises FeatureError naming a seed that one side lacks, or when fewer than 2 are left."""
+    for flag, found, other in (('--images-a', found_a, found_b), ('--images-b', found_b, found_a)):
+        missing = [s for s in (seeds if seeds is not None else other) if s not in found]
+        if missing:
+            raise feature_lib.FeatureError(
+                f'{flag} has no image for {len(missing)} seed(s) that the comparison needs (e.g. seed {missing[0]}); '
+                f'a paired comparison needs the same seeds on both sides')
+    chosen = sorted(seeds if seeds is not None else found_a)
+    if len(chosen) < 2:
+        raise feature_lib.FeatureError(f'{len(chosen)} image(s) to compare; need at least 2 seeds in both folders')
+    return chosen
+
+
+def read_seed_images(paths: Sequence[str], flag: str) -> np.ndarray:
+    """uint8 images [N, C, H, W] (C = 1 for grayscale, else 3) of ``paths``. Raises FeatureError naming ``flag`` for
+    an unreadable file or images of different shapes."""
+    from PIL import Image
+    images = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                array = np.asarray(image.convert('L' if image.mode in ('1', 'L', 'I', 'I;16') else 'RGB'))
+        except (OSError, ValueError) as err:
+            raise feature_lib.FeatureError(f'{flag} {path}: cannot read the image ({err})') from None
+        array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+        if images and array.shape != images[0].shape:
+            raise feature_lib.FeatureError(f'{flag} {path}: shape {list(array.shape)} (CHW) differs from the first '
+                                           f'image\'s {list(images[0].shape)}')
+        images.append(array)
+    return np.stack(images)
+
+
+def folder_features(detector: torch.nn.Module, images: np.ndarray, max_batch_size: int,
+                    device: torch.device) -> np.ndarray:
+    """Detector features [N, F] float64 of uint8 images [N, C, H, W], in their order."""
+    parts = [feature_lib.extract_features(detector, torch.from_numpy(images[i:i + max_batch_size]).to(device))
+             for i in range(0, images.shape[0], max_batch_size)]
+    return torch.cat(parts).cpu().numpy()
+
+
+def compare_folders(images_a: str, images_b: str, ref_path: str, seeds: Optional[Sequence[int]] = None,
+                    detector_path: Optional[str] = None, bootstrap: int = paired.DEFAULT_RESAMPLES,
+                    confidence: float = paired.DEFAULT_CONFIDENCE, seed: int = METRICS_SEED,
+                    max_batch_size: int = 64, device: Optional[torch.device] = None,
+                    jsonl_path: Optional[str] = None) -> CompareReport:
+    """Paired comparison of two folders of PNGs named by seed: the Frechet distance of each against the reference
+    (in the ``detector_path`` detector's features), their difference A - B with its bootstrap interval and the
+    number of images that decides (:func:`evaluation.paired.images_needed`, resamples from a generator seeded with
+    ``seed``). Images are matched by the seed in their file name. Runs on rank 0 (the detector is loaded on every
+    rank); appends the JSON line to ``jsonl_path``. Raises FeatureError (mismatched seeds, fewer than 2 images,
+    unreadable images or reference, a reference of another detector) before any bootstrap.
+    """
+    device = torch.device(device) if device is not None else dist.get_device()
+    started = time.time()
+    if not 0 < confidence < 1:
+        raise feature_lib.FeatureError(f'--confidence {confidence}: expected a coverage between 0 and 1, e.g. 0.95')
+    if jsonl_path is not None:
+        try:
+            dnnlib.util.check_writable_dir(os.path.dirname(os.path.abspath(jsonl_path)), '--jsonl')
+        except OSError as err:
+            raise feature_lib.FeatureError(str(err)) from None
+    request = Request(('fid',), ref_path=ref_path, detector_path=detector_path)
+    ref = load_reference_on_main(request)
+    found_a, found_b = seed_images(images_a, '--images-a'), seed_images(images_b, '--images-b')
+    chosen = paired_seeds(found_a, found_b, seeds)
+    detector = feature_lib.load_detectors(request.detector_sources(), device)[metrics.INCEPTION]
+    distance = feature_lib.distance_name(detector)
+
+    def compare() -> CompareReport:
+        features = [folder_features(detector, read_seed_images([found[s] for s in chosen], flag), max_batch_size,
+                                    device) for found, flag in ((found_a, '--images-a'), (found_b, '--images-b'))]
+        if features[0].shape[1] != ref['mu'].shape[0]:
+            raise feature_lib.FeatureError(f'--ref {ref_path}: mu has {ref["mu"].shape[0]} features but the detector '
+                                           f'returns {features[0].shape[1]}; expected statistics of the same detector')
+        dist.print0(f'Bootstrapping {bootstrap} paired resamples per prefix of {len(chosen)} seeds...')
+        power = paired.images_needed(*features, ref['mu'], ref['sigma'], np.random.default_rng(seed), bootstrap,
+                                     confidence)
+        full = power.full
+        record = dict(command='compare', images_a=images_a, images_b=images_b, ref=ref_path,
+                      **request.detector_record(), distance=distance, num_images=len(chosen),
+                      seeds=manifest.compact_seeds(chosen), bootstrap=bootstrap, confidence=confidence,
+                      fd_a=full.fd_a, fd_b=full.fd_b, diff=full.diff, diff_se=full.diff_se,
+                      diff_ci=[full.ci_low, full.ci_high], n_needed=power.n_needed,
+                      prefixes=[dict(num_images=s.num_images, diff=s.diff, diff_ci=[s.ci_low, s.ci_high])
+                                for s in power.steps], elapsed_s=round(time.time() - started, 3))
+        if jsonl_path is not None:
+            append_json_line(jsonl_path, dnnlib.util.json_safe(record))
+        return CompareReport(power, distance, record)
+    report = on_main_rank(compare)
+    return report if report is not None else CompareReport(None, distance, {})
