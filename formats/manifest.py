@@ -64,7 +64,8 @@ def tensor_sha256(tensors: dict[str, torch.Tensor]) -> str:
     for name in sorted(tensors):
         t = tensors[name].detach().to('cpu').contiguous()
         digest.update(f'{name}|{t.dtype}|{list(t.shape)}|'.encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b'')
+        # Flattened first: a contiguous tensor with a size-1 last dimension may keep a stride that view() refuses.
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b'')
     return digest.hexdigest()
 
 

@@ -282,3 +282,13 @@ def test_on_main_rank_keeps_the_flag_of_a_generation_error():
         generation.on_main_rank(fails)
     assert info.value.flag == '--class' and str(info.value) == '5 is out of range'
     assert generation.on_main_rank(lambda: 7) == 7
+
+
+def test_network_content_hash_ignores_memory_layout():
+    """A 1x1 convolution weight in channels-last layout keeps a stride of C_in on its size-1 last dimension: the
+    hash must read its values, not refuse the layout, and equal the hash of the same values laid out plainly."""
+    plain = torch.randn(32, 96, 1, 1, generator=torch.Generator().manual_seed(0))
+    strided = torch.as_strided(plain.permute(0, 2, 3, 1).contiguous().view(-1), (32, 96, 1, 1), (96, 1, 96, 96))
+    assert strided.stride()[-1] == 96 and torch.equal(strided, plain)
+    assert manifest_lib.tensor_sha256({'w': strided}) == manifest_lib.tensor_sha256({'w': plain})
+    assert manifest_lib.tensor_sha256({'w': plain}) != manifest_lib.tensor_sha256({'w': plain + 1})

@@ -57,8 +57,15 @@ def test_nothing_in_the_repository_names_a_folder_beside_it():
         text = path.read_text(errors='replace')
         rel = path.relative_to(REPO_ROOT)
         for number, line in enumerate(text.splitlines(), 1):
-            if 'shared/golden' in line or _SIBLING_FOLDER.search(line):
+            if 'shared/golden' in line:
                 offenders.append(f'{rel}:{number}: {line.strip()}')
+            for match in _SIBLING_FOLDER.finditer(line):
+                # Markdown links resolve against the page's folder; paths in code and scripts against the
+                # repository root (where the commands run), so any climb out of it is outside.
+                climbs = match.group(0).count('../')
+                depth = len(rel.parts) - 1 if path.suffix == '.md' else 0
+                if climbs > depth:
+                    offenders.append(f'{rel}:{number}: {line.strip()}')
             for match in _FILE_PARENTS.finditer(line):
                 climbs = match.group(1).count('.parent') + (int(match.group(2)) + 1 if match.group(2) else 0)
                 if climbs > len(rel.parts):  # one climb is the file's folder, len(parts) the repository root
@@ -71,6 +78,11 @@ def test_nothing_in_the_repository_names_a_folder_beside_it():
                                        ("see training-runs/00000-.../training-state-005000.pt", False)])
 def test_the_sibling_rule_itself(line, bad):
     assert bool(_SIBLING_FOLDER.search(line) or 'shared/golden' in line) == bad
+
+
+def test_a_docs_page_may_link_into_the_repository_but_not_beside_it():
+    assert _SIBLING_FOLDER.search('[x](../formats/dataset_files.py)').group(0).count('../') == 1  # from docs/: inside
+    assert _SIBLING_FOLDER.search('[x](../../shared/DESIGN.md)').group(0).count('../') == 2  # from docs/: outside
 
 
 def test_the_parent_rule_itself():
