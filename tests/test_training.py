@@ -23,7 +23,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from tests._train_data import make_dataset_zip, tiny_train_args
+from tests._train_data import make_dataset_zip, start_ranks, tiny_train_args
 from tests.conftest import REPO_ROOT, run_python
 
 STEP_IMAGES = 4                      # --batch of the single-process runs
@@ -248,6 +248,78 @@ def test_sigterm_finishes_the_step_saves_and_resumes_exactly(uninterrupted: Path
 
     _train(args)
     _assert_same_final_result(uninterrupted, tmp_path)
+
+
+def _wait_for_states(procs: list, outdir: Path, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not list(outdir.glob('*/training-state-*.pt')):
+        if any(p.poll() is not None for p in procs) or time.time() > deadline:
+            for p in procs:
+                if p.poll() is None:
+                    os.killpg(p.pid, signal.SIGKILL)
+            raise AssertionError('no training state appeared:\n' + '\n'.join(p.communicate()[1][-2000:]
+                                                                             for p in procs))
+        time.sleep(0.02)
+
+
+def _communicate(procs: list, timeout: float = 300) -> list[tuple[str, str]]:
+    try:
+        return [p.communicate(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+
+
+TWO_RANK_LONG = dict(batch=8, batch_gpu=None, duration=200 * 8 / 1e6, tick=8 / 1e3, snap=1000, dump=1, lr_rampup=0)
+
+
+def test_sigterm_to_one_of_two_ranks_stops_both_with_exit_code_3(data_zip: Path, tmp_path: Path):
+    """A preemption notice reaching one rank: the ranks agree on the main (gloo) group, save and exit 3."""
+    procs = start_ranks(['train.py', *tiny_train_args(data_zip, tmp_path, **TWO_RANK_LONG)])
+    _wait_for_states(procs, tmp_path)
+    os.kill(procs[1].pid, signal.SIGTERM)
+    outputs = _communicate(procs)
+    assert [p.returncode for p in procs] == [3, 3], outputs
+    assert 'Stopped on request with the training state saved: exit code 3' in outputs[0][0]
+    assert all('Traceback' not in err for _out, err in outputs), outputs
+    state = _state(_only('*/training-state-*.pt', tmp_path))
+    assert 0 < state['step'] < 200 * 8 and state['world_size'] == 2
+
+
+def test_the_surviving_rank_of_a_killed_job_prints_one_line(data_zip: Path, tmp_path: Path):
+    procs = start_ranks(['train.py', *tiny_train_args(data_zip, tmp_path, **TWO_RANK_LONG)])
+    _wait_for_states(procs, tmp_path)
+    os.killpg(procs[1].pid, signal.SIGKILL)
+    (_out, err), _killed = _communicate(procs)
+    assert procs[0].returncode == 1 and procs[1].returncode == -signal.SIGKILL
+    assert 'Traceback' not in err, err[-3000:]
+    errors = [line for line in err.splitlines() if line.startswith('Error:')]
+    assert len(errors) == 1 and 'rank 0: another process of the job ended' in errors[0], err[-3000:]
+    assert 'relaunch the job with --resume=auto' in errors[0]
+
+
+def test_a_restarted_job_names_the_cause_and_the_remedy_not_the_device(data_zip: Path, tmp_path: Path,
+                                                                        monkeypatch):
+    """torchrun --max-restarts on CPU/gloo: the restarted workers cannot re-form the group (a PyTorch limit)."""
+    from torch_utils import distributed as dist_utils
+
+    def cannot_connect(**_kwargs: object) -> None:
+        raise RuntimeError('Connection closed by peer [127.0.0.1]:29500\nmore gloo detail')
+
+    monkeypatch.setattr(torch.distributed, 'init_process_group', cannot_connect)
+    monkeypatch.setattr(dist_utils, '_device', None)
+    monkeypatch.setattr(torch.distributed, 'is_initialized', lambda: False)
+    for key, value in dict(RANK='1', LOCAL_RANK='1', WORLD_SIZE='2', MASTER_ADDR='127.0.0.1', MASTER_PORT='29500',
+                           TORCHELASTIC_RESTART_COUNT='1').items():
+        monkeypatch.setenv(key, value)
+    code, output = _invoke(tiny_train_args(data_zip, tmp_path / 'runs'))
+    errors = [line for line in output.splitlines() if line.startswith('Error:')]
+    assert code == 1 and len(errors) == 1, output
+    assert '--device' not in errors[0] and 'Traceback' not in output
+    for part in ('restart 1 of --max-restarts', 'rank 1 of 2 at 127.0.0.1:29500', 'Connection closed by peer',
+                 'PyTorch limitation', 'relaunch the job with --resume=auto'):
+        assert part in errors[0], errors[0]
 
 
 def test_transfer_starts_from_the_snapshot_weights(ddp_run: Path, data_zip: Path, tmp_path: Path):
