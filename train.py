@@ -79,7 +79,8 @@ def _attn_list(value: Optional[str]) -> Optional[list[int]]:
 @click.option('--lsun', help='Scale noise levels for LSUN 256x256 (PFGM++)', metavar='BOOL', type=bool,
               default=False, show_default=True)
 # Hyperparameters.
-@click.option('--duration', help='Training duration', metavar='MIMG', type=dnnlib.util.float_range(min=0, min_open=True),
+@click.option('--duration', help='Training duration', metavar='MIMG',
+              type=dnnlib.util.float_range(min=0, min_open=True),
               default=200, show_default=True)
 @click.option('--batch', help='Total batch size', metavar='INT', type=click.IntRange(min=1), default=512,
               show_default=True)
@@ -112,7 +113,8 @@ def _attn_list(value: Optional[str]) -> Optional[list[int]]:
               show_default=True)
 @click.option('--precision', help='U-Net precision (fp16 = --fp16=1)  [default: fp32]',
               type=click.Choice(['fp32', 'fp16', 'bf16']))
-@click.option('--ls', help='Loss scaling', metavar='FLOAT', type=dnnlib.util.float_range(min=0, min_open=True), default=1,
+@click.option('--ls', help='Loss scaling', metavar='FLOAT', type=dnnlib.util.float_range(min=0, min_open=True),
+              default=1,
               show_default=True)
 @click.option('--bench', help='Enable cuDNN benchmarking', metavar='BOOL', type=bool, default=True,
               show_default=True)

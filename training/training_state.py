@@ -19,8 +19,8 @@ fresh data order and fresh random states):
                          (:meth:`training.phema.PowerFunctionEMA.state_dict`)
 Loading needs ``torch.load(..., weights_only=False)`` because of the pickled modules: load only files you trust.
 
-This module is the one home of the file name, the keys, reading, loading and (atomic) writing; ``train.py``
-(``--resume``, ``--resume=auto``) and :mod:`training.training_loop` import it.
+This module is the one home of the file name, the keys, reading, loading and (atomic) writing;
+:mod:`training.run_dir` (``--resume=auto``) and :mod:`training.training_loop` import it.
 """
 
 from __future__ import annotations
