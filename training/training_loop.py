@@ -18,8 +18,8 @@ Randomness
     all the same, for code outside the loop that may draw from them.
 
 Stopping
-    SIGTERM or SIGINT on any rank ends the run within a step of the request (the ranks agree on the training's process
-    group, :class:`_StopVote`) with a snapshot and a training state; :func:`training_loop` then returns
+    SIGTERM or SIGINT on any rank ends the run within a step of the request (the ranks agree on the training's
+    process group, :class:`_StopVote`) with a snapshot and a training state; :func:`training_loop` then returns
     :data:`STOPPED` (train.py exits with code 3) instead of :data:`FINISHED`.
 
 Files written to ``run_dir`` (rank 0, each written to a temporary name and renamed):
