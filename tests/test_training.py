@@ -530,6 +530,10 @@ def test_resume_auto_skips_truncated_states_and_names_them(tmp_path: Path):
     assert [path for path, _reason in choice.skipped] == [str(run / 'training-state-000006.pt'),
                                                           str(run / 'training-state-000004.pt')]
     assert all('truncated' in reason for _path, reason in choice.skipped)
+    (run / 'training-state-000002.pt').write_bytes(complete[:200])
+    with pytest.raises(run_dir.RunDirError, match=r'no training state of .*00000-tiny is complete \(3 skipped; '
+                                                   r'the newest, .*training-state-000006.pt: not a complete'):
+        run_dir.choose_run_dir(str(tmp_path), 'tiny', config.run_identity(_options()), 'auto')
 
 
 def test_resume_auto_into_a_named_directory_of_another_run_is_refused(tmp_path: Path):

@@ -157,7 +157,8 @@ def choose_run_dir(outdir: str, desc: str, identity: Mapping[str, Any], resume: 
     ``'auto'`` (the newest matching run's newest complete state, else a new run).
 
     Raises:
-        RunDirError: --resume=auto with --nosubdir/--name names a directory holding a run of another identity.
+        RunDirError: --resume=auto with --nosubdir/--name names a directory holding a run of another identity, or
+            the matching run has training states but none of them is complete.
     """
     fixed = outdir if nosubdir else (os.path.join(outdir, name) if name else None)
     if resume != 'auto':
@@ -174,8 +175,14 @@ def choose_run_dir(outdir: str, desc: str, identity: Mapping[str, Any], resume: 
         candidates = matching_runs(outdir, identity, desc)
     for run_dir in candidates:
         state, skipped = newest_loadable_state(run_dir)
-        if state is not None or skipped:
+        if state is not None:
             return Choice(run_dir, state, skipped)
+        if skipped:
+            # Starting over in that directory would mix a new run with the old one's files.
+            newest, reason = skipped[0]
+            raise RunDirError(f'--resume=auto: no training state of {run_dir} is complete ({len(skipped)} '
+                              f'skipped; the newest, {newest}: {reason}); give --resume=<training-state file> or '
+                              f'move the run away to start a new one')
     return Choice(fixed or next_run_dir(outdir, desc), None, [])
 
 
