@@ -285,6 +285,37 @@ def test_killed_rank_ends_the_job_and_resume_auto_continues(data_zip: Path, tmp_
     assert ticks[-1] == pytest.approx(LONG_STEPS * STEP_IMAGES / 1e3)
 
 
+def test_max_restarts_on_cpu_names_the_cause_and_the_remedy(data_zip: Path, tmp_path: Path):
+    """torchrun --max-restarts restarts the workers after a rank is killed. On CPU/gloo they often cannot re-form
+    the group (a PyTorch limitation, timing-dependent): the error then says so and names the remedy, not --device;
+    when they can, the restarted workers continue the run from its training state."""
+    args = tiny_train_args(data_zip, tmp_path, resume='auto', **LONG_ARGS)
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', '--max-restarts=1',
+           'train.py', *args]
+    agent = subprocess.Popen(cmd, cwd=REPO_ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, start_new_session=True)
+    try:
+        victim = _worker_of_rank([agent], rank=1)
+        deadline = time.time() + TIMEOUT_S
+        while not list(tmp_path.glob('*/training-state-*.pt')):
+            assert time.time() < deadline and agent.poll() is None, 'no training state appeared'
+            time.sleep(0.05)
+        victim.send_signal(signal.SIGKILL)
+    except BaseException:
+        _kill([agent])
+        raise
+    (output,) = _finish([agent])
+    errors = [line for line in output.splitlines() if line.startswith('Error:')]
+    assert not [line for line in errors if '--device' in line], output[-4000:]
+    if agent.returncode == 0:  # the restarted workers formed a group this time: they continued the run
+        assert output.count('Resuming from the training state') == 1, output[-4000:]
+        assert _state(_only('*/training-state-*.pt', tmp_path))['step'] == LONG_STEPS * STEP_IMAGES
+    else:
+        restart = [line for line in errors if 'cannot re-form the process group after torchrun restarted' in line]
+        assert restart, output[-4000:]
+        assert 'PyTorch limitation' in restart[0] and 'relaunch the job with --resume=auto' in restart[0]
+
+
 def test_resume_auto_finds_the_run_of_another_process_count_and_batch(two_node_run: tuple[Path, str]):
     """The run recorded by the two-node launch is found by a launch on 1, 2 or 16 processes with any batch; a
     launch on other data is another run."""

@@ -9,6 +9,7 @@ no-op, so library code never needs to ask which case it is in.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from typing import Any, Callable, Iterable, Optional
 
@@ -73,15 +74,18 @@ def init(device: Optional[str] = None, backend: Optional[str] = None) -> torch.d
 
 
 def _first_line(err: BaseException) -> str:
+    """The error's first line without gloo's source location and its generic advice."""
     text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+    line = text.splitlines()[0] if text else type(err).__name__
+    line = re.sub(r'^\[[^\]]*\.(cc|cpp|h):\d+\]\s*', '', line)
+    return line.split('. This is typically caused by')[0].rstrip('.')
 
 
 def process_group_failure(err: BaseException) -> str:
     """The one line for a process group that cannot be formed: where, why (the error's first line) and what to do.
 
-    A restarted job (torchrun sets TORCHELASTIC_RESTART_COUNT above 0 after ``--max-restarts``) cannot re-form a
-    gloo group in current PyTorch; the remedy is a fresh launch that resumes.
+    A restarted job (torchrun sets TORCHELASTIC_RESTART_COUNT above 0 after ``--max-restarts``) often cannot
+    re-form a gloo group in current PyTorch (it depends on timing); the remedy is a fresh launch that resumes.
     """
     env = os.environ
     where = (f'rank {env.get("RANK", "?")} of {env.get("WORLD_SIZE", "?")} at '
@@ -89,7 +93,7 @@ def process_group_failure(err: BaseException) -> str:
     restarts = int(env.get('TORCHELASTIC_RESTART_COUNT', '0') or 0)
     if restarts > 0:
         return (f'cannot re-form the process group after torchrun restarted the job (restart {restarts} of '
-                f'--max-restarts; {where}): {_first_line(err)}; a restarted group cannot be re-formed on CPU/gloo '
+                f'--max-restarts; {where}): {_first_line(err)}; a restarted gloo group often cannot be re-formed '
                 f'(a PyTorch limitation): run torchrun without --max-restarts and {RELAUNCH_REMEDY}')
     return (f'cannot form the process group ({where}): {_first_line(err)}; check that every process of the job '
             f'started and reaches MASTER_ADDR, then {RELAUNCH_REMEDY}')
