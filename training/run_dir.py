@@ -213,12 +213,15 @@ def record_segment(run_dir: str, config: Mapping[str, Any], world_size: int, res
                  changes=config_lib.option_changes(before, options) if before is not None else {}, options=options)
     if segments and segments[-1].get('world_size') not in (None, world_size):
         entry['changes']['world_size'] = [segments[-1]['world_size'], world_size]
-    try:
-        if not continues or read_options(run_dir) is None:
-            with dnnlib.util.atomic_write(os.path.join(run_dir, OPTIONS_FILE), 'w') as f:
-                json.dump(config, f, indent=2)
-        with dnnlib.util.atomic_write(os.path.join(run_dir, SEGMENTS_FILE), 'w') as f:
-            json.dump([*segments, entry], f, indent=2)
-    except OSError as err:
-        raise RunDirError(f'--outdir {run_dir}: cannot write the run records ({err.strerror or err})') from None
+    if not continues or read_options(run_dir) is None:
+        _write_json(run_dir, OPTIONS_FILE, config)
+    _write_json(run_dir, SEGMENTS_FILE, [*segments, entry])
     return entry
+
+
+def _write_json(run_dir: str, name: str, value: Any) -> None:
+    try:
+        with dnnlib.util.atomic_write(os.path.join(run_dir, name), 'w') as f:
+            json.dump(value, f, indent=2)
+    except OSError as err:
+        raise RunDirError(f'--outdir {run_dir}: cannot write {name} ({err.strerror or err})') from None
