@@ -301,13 +301,12 @@ def test_the_surviving_rank_of_a_killed_job_prints_one_line(data_zip: Path, tmp_
 
 def test_a_restarted_job_names_the_cause_and_the_remedy_not_the_device(data_zip: Path, tmp_path: Path,
                                                                         monkeypatch):
-    """torchrun --max-restarts on CPU/gloo: the restarted workers cannot re-form the group (a PyTorch limit)."""
+    """torchrun --max-restarts on CPU/gloo: restarted workers fail or hang when they re-form the group (a PyTorch
+    limit), so they are refused before trying, in one line naming the cause and the remedy."""
     from torch_utils import distributed as dist_utils
 
-    def cannot_connect(**_kwargs: object) -> None:
-        raise RuntimeError('Connection closed by peer [127.0.0.1]:29500\nmore gloo detail')
-
-    monkeypatch.setattr(torch.distributed, 'init_process_group', cannot_connect)
+    tried = []
+    monkeypatch.setattr(torch.distributed, 'init_process_group', lambda **kwargs: tried.append(kwargs))
     monkeypatch.setattr(dist_utils, '_device', None)
     monkeypatch.setattr(torch.distributed, 'is_initialized', lambda: False)
     for key, value in dict(RANK='1', LOCAL_RANK='1', WORLD_SIZE='2', MASTER_ADDR='127.0.0.1', MASTER_PORT='29500',
@@ -315,11 +314,23 @@ def test_a_restarted_job_names_the_cause_and_the_remedy_not_the_device(data_zip:
         monkeypatch.setenv(key, value)
     code, output = _invoke(tiny_train_args(data_zip, tmp_path / 'runs'))
     errors = [line for line in output.splitlines() if line.startswith('Error:')]
-    assert code == 1 and len(errors) == 1, output
+    assert code == 1 and len(errors) == 1 and not tried, output
     assert '--device' not in errors[0] and 'Traceback' not in output
-    for part in ('restart 1 of --max-restarts', 'rank 1 of 2 at 127.0.0.1:29500', 'Connection closed by peer',
-                 'PyTorch limitation', 'relaunch the job with --resume=auto'):
+    for part in ('after torchrun restarted the job', 'restart 1 of --max-restarts', 'rank 1 of 2 at 127.0.0.1:29500',
+                 'PyTorch limitation', 'without --max-restarts', 'relaunch the job with --resume=auto'):
         assert part in errors[0], errors[0]
+    assert not (tmp_path / 'runs').exists()
+
+    # The first launch of a job is not refused: its failure to form the group is named as such.
+    def cannot_connect(**_kwargs: object) -> None:
+        raise RuntimeError('Connection closed by peer [127.0.0.1]:29500\nmore gloo detail')
+
+    monkeypatch.setattr(torch.distributed, 'init_process_group', cannot_connect)
+    monkeypatch.setenv('TORCHELASTIC_RESTART_COUNT', '0')
+    code, output = _invoke(tiny_train_args(data_zip, tmp_path / 'runs'))
+    (error,) = [line for line in output.splitlines() if line.startswith('Error:')]
+    assert code == 1 and 'cannot form the process group (rank 1 of 2' in error and 'Connection closed by peer' in error
+    assert '--device' not in error and '--resume=auto' in error
 
 
 def test_transfer_starts_from_the_snapshot_weights(ddp_run: Path, data_zip: Path, tmp_path: Path):

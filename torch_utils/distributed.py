@@ -62,6 +62,12 @@ def init(device: Optional[str] = None, backend: Optional[str] = None) -> torch.d
 
     if launched_by_torchrun() and int(os.environ['WORLD_SIZE']) > 1 and not dist.is_initialized():
         backend = backend or ('nccl' if want_cuda else 'gloo')
+        restarts = int(os.environ.get('TORCHELASTIC_RESTART_COUNT', '0') or 0)
+        if backend == 'gloo' and restarts > 0:
+            # Restarted gloo workers sometimes form a group, sometimes fail and sometimes hang in their first
+            # collective: refuse at once rather than risk a silent hang.
+            _device = None
+            raise ProcessGroupError(process_group_failure(None))
         kwargs: dict[str, Any] = dict(backend=backend, init_method='env://')
         if backend == 'nccl':
             kwargs['device_id'] = _device
@@ -81,22 +87,25 @@ def _first_line(err: BaseException) -> str:
     return line.split('. This is typically caused by')[0].rstrip('.')
 
 
-def process_group_failure(err: BaseException) -> str:
-    """The one line for a process group that cannot be formed: where, why (the error's first line) and what to do.
+def process_group_failure(err: Optional[BaseException]) -> str:
+    """The one line for a process group that cannot be formed: where, why and what to do.
 
-    A restarted job (torchrun sets TORCHELASTIC_RESTART_COUNT above 0 after ``--max-restarts``) often cannot
-    re-form a gloo group in current PyTorch (it depends on timing); the remedy is a fresh launch that resumes.
+    ``err``: the error of ``init_process_group``, or None for a job that torchrun restarted on gloo. Restarted gloo
+    workers (torchrun sets TORCHELASTIC_RESTART_COUNT above 0 after ``--max-restarts``) cannot re-form their group
+    reliably in current PyTorch: they fail or hang depending on timing, so :func:`init` refuses them; the remedy is
+    a fresh launch that resumes.
     """
     env = os.environ
     where = (f'rank {env.get("RANK", "?")} of {env.get("WORLD_SIZE", "?")} at '
              f'{env.get("MASTER_ADDR", "?")}:{env.get("MASTER_PORT", "?")}')
     restarts = int(env.get('TORCHELASTIC_RESTART_COUNT', '0') or 0)
+    cause = f': {_first_line(err)}' if err is not None else ''
     if restarts > 0:
         return (f'cannot re-form the process group after torchrun restarted the job (restart {restarts} of '
-                f'--max-restarts; {where}): {_first_line(err)}; a restarted gloo group often cannot be re-formed '
-                f'(a PyTorch limitation): run torchrun without --max-restarts and {RELAUNCH_REMEDY}')
-    return (f'cannot form the process group ({where}): {_first_line(err)}; check that every process of the job '
-            f'started and reaches MASTER_ADDR, then {RELAUNCH_REMEDY}')
+                f'--max-restarts; {where}){cause}; a restarted gloo (CPU) group fails or hangs (a PyTorch '
+                f'limitation): run torchrun without --max-restarts and {RELAUNCH_REMEDY}')
+    return (f'cannot form the process group ({where}){cause}; check that every process of the job started and '
+            f'reaches MASTER_ADDR, then {RELAUNCH_REMEDY}')
 
 
 def is_peer_failure(err: BaseException) -> bool:
