@@ -279,6 +279,8 @@ def test_killed_rank_ends_the_job_and_resume_auto_continues(data_zip: Path, tmp_
                          env=SINGLE_THREAD, timeout=TIMEOUT_S)
     assert f'Resuming from the training state {run}' in resumed.stdout, resumed.stdout[-3000:]
     assert 'this run has 1; data order continues exactly' in resumed.stdout
+    assert 'Changed on resume:       processes 2 -> 1' in resumed.stdout
+    assert 'Changed on resume:       batch_gpu 2 -> null' in resumed.stdout
     final = _state(_only('training-state-*.pt', run))
     assert final['step'] == LONG_STEPS * STEP_IMAGES and final['world_size'] == 1
     ticks = [json.loads(line)['Progress/kimg']['mean'] for line in (run / 'stats.jsonl').read_text().splitlines()]

@@ -98,8 +98,7 @@ def _train_in_group(opts: dnnlib.EasyDict, device: Any) -> int:
         summary.append(('Skipped', f'{path}: {reason}'))
     if opts.resume == 'auto':
         summary.append(('Resume', state or 'nothing to resume, starting a new run'))
-    before = run_dir_lib.previous_options(os.path.dirname(state)) if state is not None and dist.is_main() else None
-    changes = config_lib.option_changes(before, c) if before is not None else {}
+    changes = _changes_since_previous_launch(c, state, world) if dist.is_main() else {}
     dist.print0(f'\nResolved options:\n{json.dumps(c, indent=2)}\n')
     for label, value in summary:
         dist.print0(f'{label + ":":<25}{value}')
@@ -126,6 +125,20 @@ def _train_in_group(opts: dnnlib.EasyDict, device: Any) -> int:
                     f'--resume=auto.')
         return EXIT_STOPPED
     return EXIT_FINISHED
+
+
+def _changes_since_previous_launch(c: dnnlib.EasyDict, state: Optional[str], world: int) -> dict[str, list]:
+    """``{option: [before, now]}`` against the launch that wrote ``state`` (empty for a new run); the process
+    count appears as ``processes``."""
+    if state is None:
+        return {}
+    previous = run_dir_lib.previous_options(os.path.dirname(state))
+    changes = config_lib.option_changes(previous, c) if previous is not None else {}
+    segments = run_dir_lib.read_segments(os.path.dirname(state))
+    previous_world = segments[-1].get('world_size') if segments else None
+    if previous_world not in (None, world):
+        changes['processes'] = [previous_world, world]
+    return changes
 
 
 def _on_main(work: Any) -> Any:
