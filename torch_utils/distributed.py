@@ -9,6 +9,7 @@ no-op, so library code never needs to ask which case it is in.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from typing import Any, Callable, Iterable, Optional
 
@@ -16,6 +17,24 @@ import torch
 import torch.distributed as dist
 
 _device: Optional[torch.device] = None
+
+#: The documented remedy after a process of a job was lost: a fresh launch continues from the newest training state.
+RELAUNCH_REMEDY = 'relaunch the job with --resume=auto to continue from the newest training state'
+#: Fragments of the errors a collective raises when another process of the group has gone (gloo, NCCL, the store).
+_PEER_LOST_MARKERS = ('Connection reset by peer', 'Connection closed by peer', 'Broken pipe', 'gloo/transport',
+                      'NCCL communicator was aborted', 'ProcessGroupNCCL', 'Socket Timeout', 'timed out')
+
+
+class DeviceUnavailableError(RuntimeError):
+    """The requested device cannot be used (CUDA asked for but not available); one line naming --device."""
+
+
+class ProcessGroupError(RuntimeError):
+    """torchrun's process group cannot be formed; one line naming the cause and the remedy."""
+
+
+class PeerLostError(RuntimeError):
+    """A collective failed because another process of the job ended; one line with the remedy."""
 
 
 def launched_by_torchrun() -> bool:
@@ -33,7 +52,7 @@ def init(device: Optional[str] = None, backend: Optional[str] = None) -> torch.d
         return _device
     want_cuda = torch.cuda.is_available() if device is None else str(device).startswith('cuda')
     if want_cuda and not torch.cuda.is_available():
-        raise RuntimeError('--device cuda was requested but CUDA is not available')
+        raise DeviceUnavailableError('--device cuda was requested but CUDA is not available')
     local_rank = int(os.environ.get('LOCAL_RANK', '0'))
     if want_cuda:
         _device = torch.device('cuda', local_rank % torch.cuda.device_count())
@@ -43,11 +62,65 @@ def init(device: Optional[str] = None, backend: Optional[str] = None) -> torch.d
 
     if launched_by_torchrun() and int(os.environ['WORLD_SIZE']) > 1 and not dist.is_initialized():
         backend = backend or ('nccl' if want_cuda else 'gloo')
+        restarts = int(os.environ.get('TORCHELASTIC_RESTART_COUNT', '0') or 0)
+        if backend == 'gloo' and restarts > 0:
+            # Restarted gloo workers sometimes form a group, sometimes fail and sometimes hang in their first
+            # collective: refuse at once rather than risk a silent hang.
+            _device = None
+            raise ProcessGroupError(process_group_failure(None))
         kwargs: dict[str, Any] = dict(backend=backend, init_method='env://')
         if backend == 'nccl':
             kwargs['device_id'] = _device
-        dist.init_process_group(**kwargs)
+        try:
+            dist.init_process_group(**kwargs)
+        except Exception as err:  # the store, gloo and NCCL raise assorted RuntimeError/ValueError subclasses
+            _device = None
+            raise ProcessGroupError(process_group_failure(err)) from None
     return _device
+
+
+def _first_line(err: BaseException) -> str:
+    """The error's first line without gloo's source location and its generic advice."""
+    text = str(err).strip()
+    line = text.splitlines()[0] if text else type(err).__name__
+    line = re.sub(r'^\[[^\]]*\.(cc|cpp|h):\d+\]\s*', '', line)
+    return line.split('. This is typically caused by')[0].rstrip('.')
+
+
+def process_group_failure(err: Optional[BaseException]) -> str:
+    """The one line for a process group that cannot be formed: where, why and what to do.
+
+    ``err``: the error of ``init_process_group``, or None for a job that torchrun restarted on gloo. Restarted gloo
+    workers (torchrun sets TORCHELASTIC_RESTART_COUNT above 0 after ``--max-restarts``) cannot re-form their group
+    reliably in current PyTorch: they fail or hang depending on timing, so :func:`init` refuses them; the remedy is
+    a fresh launch that resumes.
+    """
+    env = os.environ
+    where = (f'rank {env.get("RANK", "?")} of {env.get("WORLD_SIZE", "?")} at '
+             f'{env.get("MASTER_ADDR", "?")}:{env.get("MASTER_PORT", "?")}')
+    restarts = int(env.get('TORCHELASTIC_RESTART_COUNT', '0') or 0)
+    cause = f': {_first_line(err)}' if err is not None else ''
+    if restarts > 0:
+        return (f'cannot re-form the process group after torchrun restarted the job (restart {restarts} of '
+                f'--max-restarts; {where}){cause}; a restarted gloo (CPU) group fails or hangs (a PyTorch '
+                f'limitation): run torchrun without --max-restarts and {RELAUNCH_REMEDY}')
+    return (f'cannot form the process group ({where}){cause}; check that every process of the job started and '
+            f'reaches MASTER_ADDR, then {RELAUNCH_REMEDY}')
+
+
+def is_peer_failure(err: BaseException) -> bool:
+    """Whether ``err``, raised inside a collective while distributed, means another process of the job ended."""
+    dist_error = getattr(dist, 'DistError', None)
+    if dist_error is not None and isinstance(err, dist_error):
+        return True
+    return isinstance(err, RuntimeError) and any(marker in str(err) for marker in _PEER_LOST_MARKERS)
+
+
+def peer_lost(err: BaseException) -> PeerLostError:
+    """The one-line error for a collective that failed because another process ended (see
+    :func:`is_peer_failure`)."""
+    return PeerLostError(f'rank {get_rank()}: another process of the job ended ({_first_line(err)}); '
+                         f'{RELAUNCH_REMEDY}')
 
 
 def usable_cpu_count() -> int:
