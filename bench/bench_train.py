@@ -79,8 +79,8 @@ def main(device: Optional[str], batch: int, steps: int, precision: str, channels
     """Time the training loop on the CIFAR-10 DDPM++ / PFGM++ (D=128) configuration."""
     import torch
 
-    import train
     from torch_utils import distributed as dist
+    from training import config as train_config
     from training import training_loop
 
     if quick:
@@ -91,7 +91,7 @@ def main(device: Optional[str], batch: int, steps: int, precision: str, channels
         data = os.path.join(tmp, 'cifar-like.zip')
         write_random_dataset(data)
         opts = train_cli_options(data, tmp, batch, steps, device_name, precision, channels_last, compile_net)
-        config, _desc = train.build_config(opts, world=dist.get_world_size())
+        config, _desc = train_config.build_config(opts, world=dist.get_world_size())
         config.update(run_dir=tmp, seed=0, snapshot_ticks=None, state_dump_ticks=None)
 
         start = time.perf_counter()

@@ -56,3 +56,26 @@ def tiny_train_args(data: Path, outdir: Path, **overrides: object) -> list[str]:
         else:
             args.append(f'{flag}={value}')
     return args
+
+
+def start_ranks(script_args: list[str], world: int = 2, extra_env: Optional[dict] = None) -> list:
+    """``python SCRIPT_ARGS`` once per rank with torchrun's environment but without its agent, so each rank's exit
+    code and output are its own (the agent would stop the others when one ends). One thread per rank."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT
+
+    with socket.socket() as probe:
+        probe.bind(('127.0.0.1', 0))
+        port = probe.getsockname()[1]
+    procs = []
+    for rank in range(world):
+        env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', RANK=str(rank),
+                   LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                   MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), **(extra_env or {}))
+        procs.append(subprocess.Popen([sys.executable, *script_args], cwd=REPO_ROOT, env=env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True))
+    return procs

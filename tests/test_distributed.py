@@ -76,3 +76,26 @@ def test_two_ranks_asked_for_too_many_threads_get_one_each(tmp_path):
         result = json.loads(Path(f'{out}{rank}').read_text())
         assert result['threads'] == result['limit'] == max(1, dist_utils.usable_cpu_count() // 2)
     assert proc.stdout.count('lowered to') == 1  # rank 0 alone prints
+
+
+def test_a_process_group_that_cannot_form_names_where_why_and_the_remedy(monkeypatch):
+    for key, value in dict(RANK='0', WORLD_SIZE='4', MASTER_ADDR='node7', MASTER_PORT='1234').items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv('TORCHELASTIC_RESTART_COUNT', raising=False)
+    line = dist_utils.process_group_failure(RuntimeError('Socket Timeout\nsecond line'))
+    assert '\n' not in line and 'rank 0 of 4 at node7:1234' in line and 'Socket Timeout' in line
+    assert 'max-restarts' not in line and '--resume=auto' in line
+    monkeypatch.setenv('TORCHELASTIC_RESTART_COUNT', '2')
+    restarted = dist_utils.process_group_failure(RuntimeError('Connection closed by peer'))
+    assert 'restart 2 of --max-restarts' in restarted and 'without --max-restarts' in restarted
+
+
+def test_peer_failures_are_told_from_other_runtime_errors():
+    gloo = RuntimeError('[../third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:1: '
+                        'Connection reset by peer. This is typically caused by a remote worker hanging')
+    assert dist_utils.is_peer_failure(gloo)
+    assert dist_utils.is_peer_failure(torch.distributed.DistBackendError('NCCL error'))
+    assert not dist_utils.is_peer_failure(RuntimeError('mat1 and mat2 shapes cannot be multiplied'))
+    assert not dist_utils.is_peer_failure(ValueError('Connection reset by peer'))
+    line = str(dist_utils.peer_lost(gloo))
+    assert line.startswith('rank 0: another process of the job ended ([') and '--resume=auto' in line

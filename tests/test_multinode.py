@@ -1,9 +1,10 @@
 """Two torchrun agents on this machine acting as two nodes (c10d rendezvous on loopback), one CPU rank each.
 
 Covers: training (final EMA, network and training state), generate.py (bytes of every image) and fid.py
-(statistics) equal to the single-node two-rank run; resuming a two-node run on one node, bit-exact; rank 0 alone
-writes and no temporary file is left; a rank killed with kill -9 ends the whole job naming the rank, and
-``--resume=auto`` continues that run on a different number of processes. The launch command is docs/scale.md's.
+(statistics) equal to the single-node two-rank run; the two-node run records the options it was given and the same
+run identity as the one-node run; resuming a two-node run on one node, bit-exact; rank 0 alone writes and no
+temporary file is left; a rank killed with kill -9 ends the whole job naming the rank, the surviving rank says so in
+one line, and ``--resume=auto`` continues that run on a different number of processes.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from tests.test_training import _only, _state
 
 pytestmark = pytest.mark.slow
 
-# The recipe of docs/scale.md ("Several nodes"), with the port and run id filled in per test.
+# The README's recipe (section "Scale"), with the port and run id filled in per test.
 TWO_NODE_LAUNCH = ('torchrun --nnodes=2 --node_rank={node} --nproc_per_node=1 --rdzv_backend=c10d '
                    '--rdzv_endpoint=127.0.0.1:{port} --rdzv_id={run_id}')
 SINGLE_THREAD = {'OMP_NUM_THREADS': '1', 'MKL_NUM_THREADS': '1'}
@@ -143,10 +144,26 @@ def two_node_run(data_zip, tmp_path_factory) -> tuple[Path, str]:
     return _only('00000-*', outdir), output
 
 
-def test_readme_recipe_is_the_tested_command():
-    readme = (REPO_ROOT / 'docs' / 'scale.md').read_text()
-    for node in (0, 1):
-        assert TWO_NODE_LAUNCH.format(node=node, port=29500, run_id='job1') in readme
+def test_two_nodes_record_the_given_options_and_the_one_node_identity(one_node_run: Path,
+                                                                       two_node_run: tuple[Path, str]):
+    """The flags reach both nodes as given (one group of two ranks on two agents) and the run is the same run as
+    the one-node launch: --resume=auto of either continues the other."""
+    from training import config, run_dir
+
+    run, output = two_node_run
+    options = json.loads((run / 'training_options.json').read_text())
+    assert options['batch_size'] == STEP_IMAGES and options['batch_gpu'] == 2 and options['lr_rampup_kimg'] == 0
+    assert options['total_kimg'] == pytest.approx(4 * STEP_IMAGES / 1e3)
+    assert options['kimg_per_tick'] == pytest.approx(2 * STEP_IMAGES / 1e3)
+    one_node = json.loads((one_node_run / 'training_options.json').read_text())
+    assert {k: v for k, v in options.items() if k != 'run_dir'} == \
+        {k: v for k, v in one_node.items() if k != 'run_dir'}
+    assert config.run_identity(options) == config.run_identity(one_node)
+    (segment,) = json.loads((run / run_dir.SEGMENTS_FILE).read_text())
+    assert segment['world_size'] == 2 and segment['resumed_from'] is None
+    state = _state(_only('training-state-*.pt', run))
+    assert state['world_size'] == 2 and len(state['rng']) == 2  # one group of two ranks, not two runs of one
+    assert 'Processes:               2 on cpu' in output
 
 
 def test_two_nodes_train_like_one_node(one_node_run: Path, two_node_run: tuple[Path, str]):
@@ -246,6 +263,11 @@ def test_killed_rank_ends_the_job_and_resume_auto_continues(data_zip: Path, tmp_
     assert all(agent.returncode != 0 for agent in agents), outputs
     # torchrun's report names the killed rank and the signal.
     assert re.search(r'rank +: 1 \(local_rank: 0\)\s+exitcode +: -9', '\n'.join(outputs)), '\n'.join(outputs)[-4000:]
+    # The surviving rank (node 0) says why in one line, without gloo's traceback.
+    survivor = outputs[0]
+    assert survivor.count('Error: rank 0: another process of the job ended') == 1, survivor[-4000:]
+    assert 'relaunch the job with --resume=auto' in survivor
+    assert not re.search(r'File "[^"]*(train|launch|training_loop|distributed)\.py"', survivor), survivor[-4000:]
     run = _only('00000-*', tmp_path)
     killed_at = _state(_only('training-state-*.pt', run))['step']
     assert killed_at < LONG_STEPS * STEP_IMAGES
@@ -263,16 +285,18 @@ def test_killed_rank_ends_the_job_and_resume_auto_continues(data_zip: Path, tmp_
     assert ticks[-1] == pytest.approx(LONG_STEPS * STEP_IMAGES / 1e3)
 
 
-def test_resume_auto_finds_the_run_of_another_process_count(tmp_path: Path):
-    import dnnlib
-    import train
+def test_resume_auto_finds_the_run_of_another_process_count_and_batch(two_node_run: tuple[Path, str]):
+    """The run recorded by the two-node launch is found by a launch on 1, 2 or 16 processes with any batch; a
+    launch on other data is another run."""
+    from training import config, run_dir
 
-    run = tmp_path / '00003-tiny-uncond-ddpmpp-edm-gpus2-batch8-fp32'
-    run.mkdir()
-    (run / 'training-state-000004.pt').write_bytes(b'')
-    (tmp_path / '00004-tiny-uncond-ddpmpp-edm-gpus2-batch16-fp32').mkdir()  # another batch: another run
-    opts = dnnlib.EasyDict(outdir=str(tmp_path), nosubdir=False, name=None, resume='auto')
-    for world in (1, 2, 16):
-        desc = f'tiny-uncond-ddpmpp-edm-gpus{world}-batch8-fp32'
-        assert train._choose_run_dir(opts, desc) == (str(run), str(run / 'training-state-000004.pt'))
-    assert train._choose_run_dir(opts, 'tiny-uncond-ddpmpp-edm-gpus1-batch16-fp32')[1] is None
+    run, _output = two_node_run
+    options = json.loads((run / 'training_options.json').read_text())
+    identity = config.run_identity(options)
+    newest = str(_only('training-state-*.pt', run))
+    for world, batch in ((1, 8), (2, 8), (16, 512)):
+        desc = f'tiny-uncond-ddpmpp-edm-gpus{world}-batch{batch}-fp32'
+        assert run_dir.choose_run_dir(str(run.parent), desc, identity, 'auto').as_tuple() == (str(run), newest, [])
+    other = config.run_identity(dict(options, dataset_kwargs=dict(options['dataset_kwargs'], max_size=17)))
+    choice = run_dir.choose_run_dir(str(run.parent), 'tiny-uncond-ddpmpp-edm-gpus1-batch8-fp32', other, 'auto')
+    assert choice.state is None and choice.run_dir != str(run)

@@ -12,6 +12,7 @@ import json
 import os
 import pickle
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,7 +23,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from tests._train_data import make_dataset_zip, tiny_train_args
+from tests._train_data import make_dataset_zip, start_ranks, tiny_train_args
 from tests.conftest import REPO_ROOT, run_python
 
 STEP_IMAGES = 4                      # --batch of the single-process runs
@@ -242,13 +243,86 @@ def test_sigterm_finishes_the_step_saves_and_resumes_exactly(uninterrupted: Path
     _wait_for_state(proc, tmp_path)
     os.kill(proc.pid, signal.SIGTERM)
     output, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, output[-3000:]
+    assert proc.returncode == 3, output[-3000:]  # "preempted", told apart from "finished" (0) and errors (1, 2)
     assert 'Stop requested: saving and exiting' in output and 'Exiting...' in output
+    assert 'exit code 3; continue with --resume=auto' in output
     saved = _state(_only('training-state-*.pt', tmp_path))
     assert 0 < saved['step'] < 60 * STEP_IMAGES and saved['step'] % STEP_IMAGES == 0
 
     _train(args)
     _assert_same_final_result(uninterrupted, tmp_path)
+
+
+def _wait_for_states(procs: list, outdir: Path, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not list(outdir.glob('*/training-state-*.pt')):
+        if any(p.poll() is not None for p in procs) or time.time() > deadline:
+            for p in procs:
+                if p.poll() is None:
+                    os.killpg(p.pid, signal.SIGKILL)
+            raise AssertionError('no training state appeared:\n' + '\n'.join(p.communicate()[1][-2000:]
+                                                                             for p in procs))
+        time.sleep(0.02)
+
+
+def _communicate(procs: list, timeout: float = 300) -> list[tuple[str, str]]:
+    try:
+        return [p.communicate(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+
+
+TWO_RANK_LONG = dict(batch=8, batch_gpu=None, duration=200 * 8 / 1e6, tick=8 / 1e3, snap=1000, dump=1, lr_rampup=0)
+
+
+def test_sigterm_to_one_of_two_ranks_stops_both_with_exit_code_3(data_zip: Path, tmp_path: Path):
+    """A preemption notice reaching one rank: the ranks agree on the main (gloo) group, save and exit 3."""
+    procs = start_ranks(['train.py', *tiny_train_args(data_zip, tmp_path, **TWO_RANK_LONG)])
+    _wait_for_states(procs, tmp_path)
+    os.kill(procs[1].pid, signal.SIGTERM)
+    outputs = _communicate(procs)
+    assert [p.returncode for p in procs] == [3, 3], outputs
+    assert 'Stopped on request with the training state saved: exit code 3' in outputs[0][0]
+    assert all('Traceback' not in err for _out, err in outputs), outputs
+    state = _state(_only('*/training-state-*.pt', tmp_path))
+    assert 0 < state['step'] < 200 * 8 and state['world_size'] == 2
+
+
+def test_the_surviving_rank_of_a_killed_job_prints_one_line(data_zip: Path, tmp_path: Path):
+    procs = start_ranks(['train.py', *tiny_train_args(data_zip, tmp_path, **TWO_RANK_LONG)])
+    _wait_for_states(procs, tmp_path)
+    os.killpg(procs[1].pid, signal.SIGKILL)
+    (_out, err), _killed = _communicate(procs)
+    assert procs[0].returncode == 1 and procs[1].returncode == -signal.SIGKILL
+    assert 'Traceback' not in err, err[-3000:]
+    errors = [line for line in err.splitlines() if line.startswith('Error:')]
+    assert len(errors) == 1 and 'rank 0: another process of the job ended' in errors[0], err[-3000:]
+    assert 'relaunch the job with --resume=auto' in errors[0]
+
+
+def test_a_restarted_job_names_the_cause_and_the_remedy_not_the_device(data_zip: Path, tmp_path: Path,
+                                                                        monkeypatch):
+    """torchrun --max-restarts on CPU/gloo: the restarted workers cannot re-form the group (a PyTorch limit)."""
+    from torch_utils import distributed as dist_utils
+
+    def cannot_connect(**_kwargs: object) -> None:
+        raise RuntimeError('Connection closed by peer [127.0.0.1]:29500\nmore gloo detail')
+
+    monkeypatch.setattr(torch.distributed, 'init_process_group', cannot_connect)
+    monkeypatch.setattr(dist_utils, '_device', None)
+    monkeypatch.setattr(torch.distributed, 'is_initialized', lambda: False)
+    for key, value in dict(RANK='1', LOCAL_RANK='1', WORLD_SIZE='2', MASTER_ADDR='127.0.0.1', MASTER_PORT='29500',
+                           TORCHELASTIC_RESTART_COUNT='1').items():
+        monkeypatch.setenv(key, value)
+    code, output = _invoke(tiny_train_args(data_zip, tmp_path / 'runs'))
+    errors = [line for line in output.splitlines() if line.startswith('Error:')]
+    assert code == 1 and len(errors) == 1, output
+    assert '--device' not in errors[0] and 'Traceback' not in output
+    for part in ('restart 1 of --max-restarts', 'rank 1 of 2 at 127.0.0.1:29500', 'Connection closed by peer',
+                 'PyTorch limitation', 'relaunch the job with --resume=auto'):
+        assert part in errors[0], errors[0]
 
 
 def test_transfer_starts_from_the_snapshot_weights(ddp_run: Path, data_zip: Path, tmp_path: Path):
@@ -373,31 +447,127 @@ def test_diverging_loss_stops_with_one_line(data_zip: Path, tmp_path: Path, dump
         assert dump == 1000 and 'no training state was written' in error and '--resume' not in error
 
 
-def test_resume_auto_picks_the_newest_state_of_the_matching_run(tmp_path: Path):
-    import dnnlib
-    import train
+def _fake_run(run_dir: Path, options: dict, states: dict[str, bytes]) -> None:
+    run_dir.mkdir(parents=True)
+    if options is not None:
+        (run_dir / 'training_options.json').write_text(json.dumps(options))
+    for name, content in states.items():
+        (run_dir / name).write_bytes(content)
 
-    desc = 'tiny-uncond-ddpmpp-edm-gpus1-batch4-fp32'
-    layout = {
-        '00000-' + desc: ['training-state-000002.pt'],
-        '00001-other-desc': ['training-state-000009.pt'],
-        '00002-' + desc: ['training-state-000001.pt', 'training-state-000004.pt'],
-        '00003-' + desc: [],
-    }
-    for name, states in layout.items():
-        (tmp_path / name).mkdir()
-        for state in states:
-            (tmp_path / name / state).write_bytes(b'')
-    opts = dnnlib.EasyDict(outdir=str(tmp_path), nosubdir=False, name=None, resume='auto')
-    run_dir, state = train._choose_run_dir(opts, desc)
-    newest = tmp_path / ('00002-' + desc)
-    assert (run_dir, state) == (str(newest), str(newest / 'training-state-000004.pt'))
-    # Nothing to resume: a new numbered run directory.
-    run_dir, state = train._choose_run_dir(opts, 'tiny-cond-adm-vp-gpus1-batch4-fp32')
-    assert state is None and run_dir == str(tmp_path / '00004-tiny-cond-adm-vp-gpus1-batch4-fp32')
-    # An explicit state keeps the original behaviour: a new run directory, the given file.
-    opts.resume = 'x/training-state-000007.pt'
-    assert train._choose_run_dir(opts, desc) == (str(tmp_path / ('00004-' + desc)), 'x/training-state-000007.pt')
+
+def _complete_state() -> bytes:
+    import io
+    buffer = io.BytesIO()
+    torch.save(dict(net=torch.zeros(64), optimizer_state={}), buffer)
+    return buffer.getvalue()
+
+
+def _options(**changes: object) -> dict:
+    base = dict(dataset_kwargs=dict(class_name='training.dataset.ImageFolderDataset', path='data/tiny.zip',
+                                    use_labels=False, xflip=False, cache=True, resolution=8, max_size=16),
+                network_kwargs=dict(class_name='training.networks.EDMPrecond', model_type='SongUNet',
+                                    channel_mult=[1, 2], model_channels=8, dropout=0.13, use_fp16=False),
+                loss_kwargs=dict(class_name='training.loss.EDMLoss'), D=128, stf=False, batch_size=4, batch_gpu=None,
+                optimizer_kwargs=dict(class_name='torch.optim.Adam', lr=0.01), total_kimg=0.016, seed=7)
+    for key, value in changes.items():
+        target = base
+        *parents, leaf = key.split('.')
+        for parent in parents:
+            target = target[parent]
+        target[leaf] = value
+    return base
+
+
+def test_resume_auto_matches_runs_by_identity_not_by_name(tmp_path: Path):
+    from training import config, run_dir
+
+    identity = config.run_identity(_options())
+    complete = _complete_state()
+    _fake_run(tmp_path / '00000-tiny-uncond-ddpmpp-edm-gpus1-batch4-fp32', _options(),
+              {'training-state-000002.pt': complete})
+    # Same name, other architecture: another run whatever its name says.
+    _fake_run(tmp_path / '00001-tiny-uncond-ddpmpp-edm-gpus1-batch4-fp32', _options(**{
+        'network_kwargs.model_channels': 16}), {'training-state-000009.pt': complete})
+    # The newest matching run, launched with another batch, process count, lr, duration, precision and dropout.
+    newest = tmp_path / '00002-tiny-uncond-ddpmpp-edm-gpus8-batch64-fp16'
+    _fake_run(newest, _options(**{'batch_size': 64, 'optimizer_kwargs.lr': 0.1, 'total_kimg': 5,
+                                  'network_kwargs.dropout': 0, 'network_kwargs.use_fp16': True,
+                                  'dataset_kwargs.path': '/elsewhere/tiny.zip'}),
+              {'training-state-000001.pt': complete, 'training-state-000004.pt': complete})
+    _fake_run(tmp_path / '00003-tiny-cond-ddpmpp-edm-gpus1-batch4-fp32', _options(**{
+        'dataset_kwargs.use_labels': True}), {'training-state-000005.pt': complete})
+    _fake_run(tmp_path / '00004-other-D', _options(D=2048), {'training-state-000006.pt': complete})
+    choice = run_dir.choose_run_dir(str(tmp_path), 'tiny-uncond-ddpmpp-edm-gpus1-batch4-fp32', identity, 'auto')
+    assert choice.as_tuple() == (str(newest), str(newest / 'training-state-000004.pt'), [])
+
+    # Nothing of this identity: a new numbered run directory; an explicit state: a new run directory too.
+    other = config.run_identity(_options(**{'loss_kwargs.class_name': 'training.loss.VELoss'}))
+    choice = run_dir.choose_run_dir(str(tmp_path), 'tiny-uncond-ddpmpp-ve', other, 'auto')
+    assert choice.as_tuple() == (str(tmp_path / '00005-tiny-uncond-ddpmpp-ve'), None, [])
+    choice = run_dir.choose_run_dir(str(tmp_path), 'd', identity, 'x/training-state-000007.pt')
+    assert choice.as_tuple() == (str(tmp_path / '00005-d'), 'x/training-state-000007.pt', [])
+
+
+def test_resume_auto_of_a_run_without_options_file_matches_its_name_for_any_batch(tmp_path: Path):
+    from training import config, run_dir
+
+    run = tmp_path / '00003-tiny-uncond-ddpmpp-edm-gpus2-batch8-fp32'
+    _fake_run(run, None, {'training-state-000004.pt': _complete_state()})
+    identity = config.run_identity(_options())
+    for desc in ('tiny-uncond-ddpmpp-edm-gpus1-batch8-fp32', 'tiny-uncond-ddpmpp-edm-gpus16-batch512-fp32'):
+        assert run_dir.choose_run_dir(str(tmp_path), desc, identity, 'auto').state == str(
+            run / 'training-state-000004.pt')
+    assert run_dir.choose_run_dir(str(tmp_path), 'tiny-cond-ddpmpp-edm-gpus1-batch8-fp32', identity,
+                                  'auto').state is None
+
+
+def test_resume_auto_skips_truncated_states_and_names_them(tmp_path: Path):
+    from training import config, run_dir
+
+    complete = _complete_state()
+    run = tmp_path / '00000-tiny'
+    _fake_run(run, _options(), {'training-state-000002.pt': complete, 'training-state-000004.pt': complete[:-100],
+                                'training-state-000006.pt': b''})
+    choice = run_dir.choose_run_dir(str(tmp_path), 'tiny', config.run_identity(_options()), 'auto')
+    assert choice.state == str(run / 'training-state-000002.pt')
+    assert [path for path, _reason in choice.skipped] == [str(run / 'training-state-000006.pt'),
+                                                          str(run / 'training-state-000004.pt')]
+    assert all('truncated' in reason for _path, reason in choice.skipped)
+    (run / 'training-state-000002.pt').write_bytes(complete[:200])
+    with pytest.raises(run_dir.RunDirError, match=r'no training state of .*00000-tiny is complete \(3 skipped; '
+                                                   r'the newest, .*training-state-000006.pt: not a complete'):
+        run_dir.choose_run_dir(str(tmp_path), 'tiny', config.run_identity(_options()), 'auto')
+
+
+def test_resume_auto_into_a_named_directory_of_another_run_is_refused(tmp_path: Path):
+    from training import config, run_dir
+
+    _fake_run(tmp_path / 'mine', _options(), {})
+    with pytest.raises(run_dir.RunDirError, match=r'--resume=auto: .*mine holds another run \(D: 128 -> 64\)'):
+        run_dir.choose_run_dir(str(tmp_path), 'tiny', config.run_identity(_options(D=64)), 'auto', name='mine')
+
+
+def test_resume_after_changing_the_batch_continues_the_run_and_keeps_every_segment(data_zip: Path, tmp_path: Path):
+    first = _train(tiny_train_args(data_zip, tmp_path, resume='auto'))
+    assert 'nothing to resume, starting a new run' in first.stdout
+    run = _only('0*', tmp_path)
+    shutil.copy(_only('training-state-*.pt', run), run / 'training-state-000009.pt')
+    with open(run / 'training-state-000009.pt', 'r+b') as f:  # a newer state cut short by a crash
+        f.truncate(1000)
+    resumed = _train(tiny_train_args(data_zip, tmp_path, resume='auto', batch=8, duration=32 / 1e6, lr=0.02))
+    assert _only('0*', tmp_path) == run  # the run's name says batch4; it is continued, not left behind
+    assert f'Skipped:                 {run / "training-state-000009.pt"}: not a complete' in resumed.stdout
+    assert f'Resuming from the training state {run / "training-state-000000.pt"}' in resumed.stdout
+    for change in ('batch_size 4 -> 8', 'total_kimg 0.016 -> 0.032', 'optimizer_kwargs.lr 0.01 -> 0.02'):
+        assert f'Changed on resume:       {change}' in resumed.stdout, resumed.stdout
+    options = json.loads((run / 'training_options.json').read_text())
+    assert options['batch_size'] == 4 and 'resume_state_dump' not in options  # the first segment's, as written
+    segments = json.loads((run / 'training_segments.json').read_text())
+    assert [s['segment'] for s in segments] == [0, 1] and [s['world_size'] for s in segments] == [1, 1]
+    assert segments[0]['options']['batch_size'] == 4 and segments[1]['options']['batch_size'] == 8
+    assert segments[1]['resumed_from'] == str(run / 'training-state-000000.pt')
+    assert segments[1]['changes']['batch_size'] == [4, 8]
+    assert _state(run / 'training-state-000000.pt')['step'] == 16 + 16  # two steps of 8 after the first 16
 
 
 def test_fp16_on_cpu_says_it_trains_fp32(data_zip: Path, tmp_path: Path):

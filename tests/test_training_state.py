@@ -4,6 +4,8 @@ test_training.py, test_multinode.py and test_phema.py)."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import random
 from pathlib import Path
@@ -12,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+import dnnlib
 from torch_utils import misc
 from training import training_state
 from training.training_state import TrainingError
@@ -124,3 +127,100 @@ def test_power_emas_cannot_start_half_way():
     with pytest.raises(TrainingError, match='must be on from the start'):
         training_state.load_power_emas(object(), dict(net=None), 'x.pt')
     training_state.load_power_emas(None, dict(), 'x.pt')  # neither side tracks: nothing to do
+
+
+class _DiskFillsUp:
+    """A file object that accepts ``room`` bytes and then fails like a full disk (ENOSPC)."""
+
+    def __init__(self, f, room: int) -> None:
+        self.f, self.room = f, room
+
+    def write(self, data) -> int:
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, 'No space left on device')
+        self.room -= len(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def test_a_full_disk_during_torch_save_is_one_line_and_leaves_nothing(tmp_path: Path, monkeypatch):
+    """torch.save reports ENOSPC as its archive writer's RuntimeError raised while handling the OSError."""
+    real_atomic_write = dnnlib.util.atomic_write
+
+    @contextlib.contextmanager
+    def filling_atomic_write(path, mode='wb'):
+        with real_atomic_write(path, mode) as f:
+            yield _DiskFillsUp(f, room=100)
+
+    net, ema, optimizer = _tiny()
+    state = dict(net=net, ema=ema, optimizer_state=optimizer.state_dict(), big=torch.zeros(10_000))
+    path = tmp_path / 'training-state-000004.pt'
+    with pytest.raises(RuntimeError) as raw:  # what the save helper meets
+        with real_atomic_write(str(tmp_path / 'probe.pt')) as f:
+            torch.save(state, _DiskFillsUp(f, room=100))
+    assert not isinstance(raw.value, OSError)
+    monkeypatch.setattr(dnnlib.util, 'atomic_write', filling_atomic_write)
+    with pytest.raises(TrainingError) as err:
+        training_state.save_training_state(str(path), state)
+    message = str(err.value)
+    assert '\n' not in message and str(path) in message and 'No space left on device' in message
+    assert err.value.__suppress_context__  # no second, chained traceback
+    assert list(tmp_path.iterdir()) == []  # neither the state nor a temporary file
+
+
+def test_other_runtime_errors_of_a_writer_are_not_called_a_write_failure(tmp_path: Path):
+    def broken(_f: object) -> None:
+        raise RuntimeError('a bug, not a disk')
+
+    with pytest.raises(RuntimeError, match='a bug, not a disk'):
+        training_state.save_atomically(str(tmp_path / 'x.pt'), broken)
+    assert list(tmp_path.iterdir()) == []
+
+
+def _conv_net(channels_last: bool) -> torch.nn.Module:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Conv2d(8, 4, 1))
+    return net.to(memory_format=torch.channels_last) if channels_last else net
+
+
+def _grads(net: torch.nn.Module, seed: int) -> None:
+    """The same gradient values whatever the layout, each in its parameter's layout (as autograd gives them)."""
+    generator = torch.Generator().manual_seed(seed)
+    for p in net.parameters():
+        p.grad = torch.empty_like(p).copy_(torch.randn(p.shape, generator=generator))
+
+
+@pytest.mark.parametrize('saved_channels_last,resumed_channels_last', [(True, False), (False, True)])
+def test_resume_after_flipping_channels_last_steps_like_the_uninterrupted_run(saved_channels_last: bool,
+                                                                              resumed_channels_last: bool):
+    """Fused Adam (train.py's optimiser) after resuming in the other memory layout: the first step equals the
+    uninterrupted run's, bit for bit (the update is elementwise, so the layout must not change a value)."""
+    import io
+    uninterrupted = _conv_net(saved_channels_last)
+    optimizer = torch.optim.Adam(uninterrupted.parameters(), lr=0.1, fused=True)
+    _grads(uninterrupted, seed=1)
+    optimizer.step()
+    buffer = io.BytesIO()
+    torch.save(dict(weights=uninterrupted.state_dict(), optimizer=optimizer.state_dict()), buffer)
+
+    def resumed_step(load: object) -> torch.nn.Module:
+        buffer.seek(0)
+        saved = torch.load(buffer, weights_only=False)
+        net = _conv_net(resumed_channels_last)
+        net.load_state_dict(saved['weights'])
+        resumed_optimizer = torch.optim.Adam(net.parameters(), lr=0.1, fused=True)
+        load(resumed_optimizer, saved['optimizer'])
+        _grads(net, seed=2)
+        resumed_optimizer.step()
+        return net
+
+    _grads(uninterrupted, seed=2)
+    optimizer.step()
+    resumed = resumed_step(training_state.load_optimizer_state)
+    for expected, got in zip(uninterrupted.parameters(), resumed.parameters()):
+        assert torch.equal(expected, got)
+    # The plain load keeps the saved layout, and the fused step then comes out wrong: the check can fail.
+    plain = resumed_step(torch.optim.Optimizer.load_state_dict)
+    assert not all(torch.equal(a, b) for a, b in zip(uninterrupted.parameters(), plain.parameters()))

@@ -17,6 +17,24 @@ import torch.distributed as dist
 
 _device: Optional[torch.device] = None
 
+#: The documented remedy after a process of a job was lost: a fresh launch continues from the newest training state.
+RELAUNCH_REMEDY = 'relaunch the job with --resume=auto to continue from the newest training state'
+#: Fragments of the errors a collective raises when another process of the group has gone (gloo, NCCL, the store).
+_PEER_LOST_MARKERS = ('Connection reset by peer', 'Connection closed by peer', 'Broken pipe', 'gloo/transport',
+                      'NCCL communicator was aborted', 'ProcessGroupNCCL', 'Socket Timeout', 'timed out')
+
+
+class DeviceUnavailableError(RuntimeError):
+    """The requested device cannot be used (CUDA asked for but not available); one line naming --device."""
+
+
+class ProcessGroupError(RuntimeError):
+    """torchrun's process group cannot be formed; one line naming the cause and the remedy."""
+
+
+class PeerLostError(RuntimeError):
+    """A collective failed because another process of the job ended; one line with the remedy."""
+
 
 def launched_by_torchrun() -> bool:
     return all(k in os.environ for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK'))
@@ -33,7 +51,7 @@ def init(device: Optional[str] = None, backend: Optional[str] = None) -> torch.d
         return _device
     want_cuda = torch.cuda.is_available() if device is None else str(device).startswith('cuda')
     if want_cuda and not torch.cuda.is_available():
-        raise RuntimeError('--device cuda was requested but CUDA is not available')
+        raise DeviceUnavailableError('--device cuda was requested but CUDA is not available')
     local_rank = int(os.environ.get('LOCAL_RANK', '0'))
     if want_cuda:
         _device = torch.device('cuda', local_rank % torch.cuda.device_count())
@@ -46,8 +64,50 @@ def init(device: Optional[str] = None, backend: Optional[str] = None) -> torch.d
         kwargs: dict[str, Any] = dict(backend=backend, init_method='env://')
         if backend == 'nccl':
             kwargs['device_id'] = _device
-        dist.init_process_group(**kwargs)
+        try:
+            dist.init_process_group(**kwargs)
+        except Exception as err:  # the store, gloo and NCCL raise assorted RuntimeError/ValueError subclasses
+            _device = None
+            raise ProcessGroupError(process_group_failure(err)) from None
     return _device
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def process_group_failure(err: BaseException) -> str:
+    """The one line for a process group that cannot be formed: where, why (the error's first line) and what to do.
+
+    A restarted job (torchrun sets TORCHELASTIC_RESTART_COUNT above 0 after ``--max-restarts``) cannot re-form a
+    gloo group in current PyTorch; the remedy is a fresh launch that resumes.
+    """
+    env = os.environ
+    where = (f'rank {env.get("RANK", "?")} of {env.get("WORLD_SIZE", "?")} at '
+             f'{env.get("MASTER_ADDR", "?")}:{env.get("MASTER_PORT", "?")}')
+    restarts = int(env.get('TORCHELASTIC_RESTART_COUNT', '0') or 0)
+    if restarts > 0:
+        return (f'cannot re-form the process group after torchrun restarted the job (restart {restarts} of '
+                f'--max-restarts; {where}): {_first_line(err)}; a restarted group cannot be re-formed on CPU/gloo '
+                f'(a PyTorch limitation): run torchrun without --max-restarts and {RELAUNCH_REMEDY}')
+    return (f'cannot form the process group ({where}): {_first_line(err)}; check that every process of the job '
+            f'started and reaches MASTER_ADDR, then {RELAUNCH_REMEDY}')
+
+
+def is_peer_failure(err: BaseException) -> bool:
+    """Whether ``err``, raised inside a collective while distributed, means another process of the job ended."""
+    dist_error = getattr(dist, 'DistError', None)
+    if dist_error is not None and isinstance(err, dist_error):
+        return True
+    return isinstance(err, RuntimeError) and any(marker in str(err) for marker in _PEER_LOST_MARKERS)
+
+
+def peer_lost(err: BaseException) -> PeerLostError:
+    """The one-line error for a collective that failed because another process ended (see
+    :func:`is_peer_failure`)."""
+    return PeerLostError(f'rank {get_rank()}: another process of the job ended ({_first_line(err)}); '
+                         f'{RELAUNCH_REMEDY}')
 
 
 def usable_cpu_count() -> int:

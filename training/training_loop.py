@@ -17,6 +17,11 @@ Randomness
     same after a resume. The host and process-wide generators (torch, CUDA, numpy, Python) are saved and restored
     all the same, for code outside the loop that may draw from them.
 
+Stopping
+    SIGTERM or SIGINT on any rank ends the run within a step of the request (the ranks agree on the training's
+    process group, :class:`_StopVote`) with a snapshot and a training state; :func:`training_loop` then returns
+    :data:`STOPPED` (train.py exits with code 3) instead of :data:`FINISHED`.
+
 Files written to ``run_dir`` (rank 0, each written to a temporary name and renamed):
     ``stats.jsonl``                     one JSON line per tick (training_stats averages plus a timestamp)
     ``network-snapshot-{kimg:06d}.pkl`` pickle of ``dict(ema, loss_fn, augment_pipe, dataset_kwargs)`` with the
@@ -58,6 +63,8 @@ if TYPE_CHECKING:
 LOSS_STAT = 'Loss/loss'
 #: Gradients are scrubbed of NaN/Inf before each optimiser step; infinities become these values.
 GRAD_CLAMP = 1e5
+#: What :func:`training_loop` returns: the run reached ``total_kimg``, or it stopped on request after saving.
+FINISHED, STOPPED = 'finished', 'stopped'
 #: Streams for :func:`derive_seed`, so that the random numbers of different purposes never coincide.
 STREAM_INIT, STREAM_LOSS, STREAM_DROPOUT, STREAM_LOADER, STREAM_HOST = 1, 2, 3, 4, 5
 
@@ -114,23 +121,38 @@ class StopRequest:
 
 
 class _StopVote:
-    """Whether any rank was asked to stop; one tiny CPU all-reduce per step when distributed."""
+    """Whether any rank was asked to stop, agreed on the training's own process group, one step late.
 
-    def __init__(self, stop: StopRequest) -> None:
-        self.stop = stop
-        self.group = None
-        if dist.is_distributed():
-            # A gloo side group keeps the vote on the host even when training uses NCCL: no device sync.
-            backend = torch.distributed.get_backend()
-            self.group = torch.distributed.new_group(backend='gloo') if backend != 'gloo' else None
-            self.flag = torch.zeros([1], dtype=torch.int32)
+    Each step starts a non-blocking all-reduce (max) of this rank's flag, a tensor on the training device as NCCL
+    needs, and reads the result started the step before. The vote therefore neither waits for the current step's
+    device work nor needs a second backend, and every rank reads the same results at the same steps: all stop
+    together, one step after the first request.
+    """
+
+    def __init__(self, stop: StopRequest, device: torch.device) -> None:
+        self.stop, self.device = stop, device
+        self.pending: Optional[tuple[Any, torch.Tensor]] = None
 
     def __call__(self) -> bool:
         if not dist.is_distributed():
             return self.stop.requested
-        self.flag.fill_(int(self.stop.requested))
-        torch.distributed.all_reduce(self.flag, group=self.group)
-        return bool(self.flag.item())
+        decided = self._collect()
+        flag = torch.full([1], int(self.stop.requested), dtype=torch.int32, device=self.device)
+        work = torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, async_op=True)
+        self.pending = (work, flag)
+        return decided
+
+    def _collect(self) -> bool:
+        if self.pending is None:
+            return False
+        work, flag = self.pending
+        self.pending = None
+        work.wait()
+        return bool(flag.item())
+
+    def finish(self) -> None:
+        """Complete the outstanding vote (every rank calls it at the same step), so no collective stays open."""
+        self._collect()
 
 
 # ----------------------------------------------------------------------------
@@ -170,8 +192,9 @@ def training_loop(
     tensorboard: bool = False,                # Also write each tick's statistics as TensorBoard scalars.
     phema_stds: Optional[list] = None,        # Post-hoc EMA: sigma_rel of each tracked power-function EMA.
     stop: Optional[StopRequest] = None,       # Shared stop flag (tests); None installs SIGTERM/SIGINT handlers.
-) -> None:
-    """Train; returns when ``total_kimg`` is reached or a stop was requested (after saving).
+) -> str:
+    """Train; returns :data:`FINISHED` when ``total_kimg`` is reached, :data:`STOPPED` when a stop was requested
+    (SIGTERM/SIGINT), after saving a training state and snapshot.
 
     Raises:
         TrainingError: a configuration that does not fit (batch geometry, --phema, --transfer), an unusable
@@ -237,7 +260,8 @@ def training_loop(
 
     stop = stop if stop is not None else StopRequest()
     with stop, _TickReporter(run_dir, device, start_time, tensorboard) as report_tick:
-        vote = _StopVote(stop)
+        vote = _StopVote(stop, device)
+        stopped = False
         dist.print0(f'Training for {total_kimg:g} kimg...')
         dist.print0()
         tick_start_nimg = cur_nimg
@@ -296,7 +320,7 @@ def training_loop(
                 raise TrainingError(f'the training loss became {loss_mean} at {cur_nimg / 1e3:.3f} kimg '
                                     f'(tick {cur_tick}); {_nan_advice(run_dir, resume_state_dump)}')
             if stopping and not done:
-                done = True
+                done = stopped = True
                 dist.print0()
                 dist.print0('Stop requested: saving and exiting...')
 
@@ -322,9 +346,11 @@ def training_loop(
             maintenance_sec = tick_start_time - tick_end_time
             if done:
                 break
+        vote.finish()
 
     dist.print0()
     dist.print0('Exiting...')
+    return STOPPED if stopped else FINISHED
 
 
 # ----------------------------------------------------------------------------

@@ -19,8 +19,8 @@ fresh data order and fresh random states):
                          (:meth:`training.phema.PowerFunctionEMA.state_dict`)
 Loading needs ``torch.load(..., weights_only=False)`` because of the pickled modules: load only files you trust.
 
-This module is the one home of the file name, the keys, reading, loading and (atomic) writing; ``train.py``
-(``--resume``, ``--resume=auto``) and :mod:`training.training_loop` import it.
+This module is the one home of the file name, the keys, reading, loading and (atomic) writing;
+:mod:`training.run_dir` (``--resume=auto``) and :mod:`training.training_loop` import it.
 """
 
 from __future__ import annotations
@@ -170,12 +170,36 @@ def load_training_state(data: dict, net: torch.nn.Module, ema: torch.nn.Module,
             dist.print0(f'Note: {source} has no EMA network; the EMA restarts from the network weights.')
             misc.copy_params_and_buffers(data['net'], ema, require_all=True)
         if optimizer is not None:
-            saved_optimizer = data['optimizer_state']
-            optimizer.load_state_dict(saved_optimizer)
+            load_optimizer_state(optimizer, data['optimizer_state'])
     except (ValueError, KeyError, RuntimeError) as err:
         raise TrainingError(f'--resume {source}: does not fit the network built from the current options '
                             f'({str(err).splitlines()[0]}); use the --arch/--cbase/--cres/... of the original run'
                             ) from None
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict) -> None:
+    """``optimizer.load_state_dict(saved)``, then every per-parameter state tensor shaped like its parameter is
+    given that parameter's memory layout (strides).
+
+    ``load_state_dict`` moves the saved moments to the parameter's device and dtype but keeps the layout they were
+    saved in. A run resumed with the other --channels-last setting (or a CUDA run resumed on CPU) would then feed
+    fused Adam moments whose layout differs from the parameter's: on CPU the step silently comes out wrong, on CUDA
+    it raises. Elementwise optimiser updates need only the values, so copying them into the parameter's layout
+    changes nothing else.
+
+    Raises:
+        ValueError: ``saved`` does not fit the optimiser's parameter groups (from ``load_state_dict``).
+    """
+    optimizer.load_state_dict(saved)
+    for group in optimizer.param_groups:
+        for param in group['params']:
+            state = optimizer.state.get(param)
+            if not state:
+                continue
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor) and value.shape == param.shape and value.dim() > 1 \
+                        and value.stride() != param.stride():
+                    state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
 
 def load_power_emas(power_emas: Optional[PowerFunctionEMA], data: dict, source: str) -> None:
@@ -204,18 +228,38 @@ def load_power_emas(power_emas: Optional[PowerFunctionEMA], data: dict, source: 
 # Writing.
 
 
+def _write_failure(err: BaseException) -> Optional[str]:
+    """The reason a write failed when ``err`` (or an error it was raised from or during) is an OSError, else None.
+
+    ``torch.save`` reports a failed write (ENOSPC, EDQUOT, EIO) as a RuntimeError of its archive writer raised
+    while handling the OSError of the file object.
+    """
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError):
+            return err.strerror or str(err)
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def save_atomically(path: str, writer: Callable[[Any], None]) -> None:
-    """Call ``writer(f)`` on a temporary file and rename it to ``path``; nothing appears under ``path`` on failure.
+    """Call ``writer(f)`` on a temporary file and rename it to ``path`` (:func:`dnnlib.util.atomic_write`);
+    nothing appears under ``path`` on failure and the temporary file is removed.
 
     Raises:
-        TrainingError: the file cannot be written (disk full, quota, read-only); earlier files are untouched.
+        TrainingError: the file cannot be written (disk full, quota, read-only), in one line; earlier files are
+            untouched.
     """
     try:
         with dnnlib.util.atomic_write(path, 'wb') as f:
             writer(f)
-    except OSError as err:
-        raise TrainingError(f'{path}: cannot write it ({err.strerror or err}); earlier snapshots and training '
-                            f'states are complete') from None
+    except (OSError, RuntimeError) as err:
+        reason = _write_failure(err)
+        if reason is None:
+            raise
+        raise TrainingError(f'{path}: cannot write it ({reason}); earlier snapshots and training states are '
+                            f'complete') from None
 
 
 def make_training_state(*, net: torch.nn.Module, ema: torch.nn.Module, optimizer: torch.optim.Optimizer,
