@@ -426,6 +426,9 @@ def evaluate_network(request: Request, ref: Optional[dict[str, np.ndarray]], net
     network cannot honour, non-finite samples) is passed on.
     """
     device = torch.device(device) if device is not None else dist.get_device()
+    consistency_sampling.check_request(consistency_sampling.is_consistency_model(net),
+                                       dict(sampler_kwargs, num_steps=sampler_kwargs.get('num_steps')
+                                            or schedules.DEFAULT_STEPS))
     detectors = feature_lib.load_detectors(request.detector_sources(), device)
     check_ref_features(ref, request.ref_path, detectors, [net.img_channels, net.img_resolution, net.img_resolution],
                        device)
