@@ -97,6 +97,8 @@ def consistency_sampler(net: Callable, latents: torch.Tensor, class_labels: Opti
     for index, sigma in enumerate(levels):
         if index > 0:
             x = sample + renoise(sample, sigma)
-        sample = net(x.to(torch.float32), torch.full([x.shape[0]], sigma, device=x.device),
+        # One sigma for the whole batch, as the ODE samplers pass it: the network then takes the same code path
+        # whatever the batch size, and each image stays a function of its seed alone.
+        sample = net(x.to(torch.float32), torch.as_tensor(sigma, dtype=torch.float64, device=x.device),
                      class_labels).to(torch.float64)
     return sample

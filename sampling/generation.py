@@ -414,7 +414,7 @@ def _generate(request: Request, device: torch.device) -> None:
         try:
             consistency_sampling.check_request(is_consistency, dict(base_kwargs, num_steps=run.num_steps))
         except ValueError as err:
-            raise GenerationError(str(err), usage=True) from None
+            raise GenerationError(str(err)) from None
     if pipeline.uses_ablation_sampler(base_kwargs) and D is not None:
         raise GenerationError('--solver/--disc/--schedule/--scaling select the ablation sampler, which does not '
                               'support PFGM++ networks; drop them', usage=True)

@@ -247,7 +247,7 @@ class ConsistencyLoss:
     def r_for(self, t: torch.Tensor, stage: Optional[int] = None) -> torch.Tensor:
         """ECT's r(t) = t * (1 - n(t) / q^(stage + 1)), n(t) = 1 + k sigmoid(-b t), clipped to [sigma_min, t]."""
         stage = self.stage if stage is None else stage
-        shrink = (1 + self.k * torch.sigmoid(-self.b * t)) / self.q ** (stage + 1)
+        shrink = (1 + self.k * torch.sigmoid(-self.b * t)) * float(self.q) ** -(stage + 1)  # underflows to 0
         return (t * (1 - shrink)).clamp(min=self.sigma_min).minimum(t)
 
     def pair(self, y: torch.Tensor, t: torch.Tensor, r: torch.Tensor,
