@@ -24,6 +24,9 @@ import torch
 STEP_SIGMAS: dict[int, tuple[float, ...]] = {1: (), 2: (0.821,), 4: (2.51, 0.821, 0.169)}
 #: Sampler options (generate.py flags) that mean something to a consistency model: the step count and the start.
 CONSISTENCY_OPTIONS = ('num_steps', 'sigma_max')
+#: ODE-sampler options whose default values change nothing (generate.py always passes them): not refused at these.
+INERT_DEFAULTS = {'rho': 7.0, 'S_churn': 0.0, 'S_min': 0.0, 'S_max': float('inf'), 'S_noise': 1.0,
+                  'noise_injection': 0.0}
 #: How the refusals name the sampler keywords.
 OPTION_FLAGS = {'solver': '--solver', 'discretization': '--disc', 'schedule': '--schedule', 'scaling': '--scaling',
                 'spacing': '--spacing', 'S_churn': '--S_churn', 'S_min': '--S_min', 'S_max': '--S_max',
@@ -56,7 +59,8 @@ def check_request(consistency: bool, sampler_kwargs: dict) -> None:
     """Refuse sampler options that do not fit the network, in one line naming the flag.
 
     ``consistency``: whether the network is a consistency model. ``sampler_kwargs``: the sampler keywords in
-    force (None = not given). A consistency model takes only ``num_steps`` in {1, 2, 4} and ``sigma_max``; an
+    force (None = not given). A consistency model takes only ``num_steps`` in {1, 2, 4} and ``sigma_max`` (the
+    ODE options at their inert defaults, :data:`INERT_DEFAULTS`, pass too); an
     ordinary network is refused ``num_steps`` = 1 (one Euler step from pure noise is the mean of the data, not a
     sample).
 
@@ -70,8 +74,8 @@ def check_request(consistency: bool, sampler_kwargs: dict) -> None:
             raise ValueError('--steps=1: one step of an ODE sampler gives a blur, not a sample; use a '
                              'consistency-tuned snapshot (train.py --consistency=1 --init=...) for 1-step sampling')
         return
-    for key in given:
-        if key not in CONSISTENCY_OPTIONS:
+    for key, value in given.items():
+        if key not in CONSISTENCY_OPTIONS and not (key in INERT_DEFAULTS and value == INERT_DEFAULTS[key]):
             flag = OPTION_FLAGS.get(key, key)
             raise ValueError(f'{flag}: the network is a consistency model, which samples with its own 1, 2 or '
                              f'4 steps (--steps), not with an ODE sampler or its options; drop {flag}')

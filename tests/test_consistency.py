@@ -186,6 +186,7 @@ def test_one_step_sample_is_f_of_the_prior_latents():
     (True, dict(num_steps=3), '--steps=3'),
     (True, dict(num_steps=2, solver='heun'), '--solver'),
     (True, dict(num_steps=2, S_churn=10), '--S_churn'),
+    (True, dict(num_steps=2, rho=3), '--rho'),
     (True, dict(num_steps=None), '--steps'),
     (False, dict(num_steps=1), '--steps=1'),
 ])
@@ -200,7 +201,8 @@ def test_bad_combinations_are_refused_in_one_line(consistent, kwargs, flag):
 def test_ordinary_and_consistency_requests_that_fit_pass():
     sampling_cm.check_request(False, dict(num_steps=2, solver='heun'))
     for steps in (1, 2, 4):
-        sampling_cm.check_request(True, dict(num_steps=steps, sigma_max=80.0, solver=None))
+        sampling_cm.check_request(True, dict(num_steps=steps, sigma_max=80.0, solver=None, rho=7, S_churn=0,
+                                             S_min=0, S_max=math.inf, S_noise=1))
 
 
 # ----------------------------------------------------------------------------
