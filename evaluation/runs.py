@@ -31,7 +31,8 @@ from torch_utils import host_memory
 from evaluation import features as feature_lib
 from evaluation import metrics
 from formats import network_io
-from sampling import pipeline
+from sampling import consistency as consistency_sampling
+from sampling import pipeline, schedules
 
 #: Reference files keep the features of at most this many images for KID and precision/recall (a seeded subset).
 REF_FEATURES_DEFAULT = 50000

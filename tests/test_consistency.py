@@ -359,3 +359,29 @@ def test_bad_tuning_flags_fail_with_one_line(case: str, pfgmpp_teacher, tmp_path
         >= 1
     assert 'Traceback' not in proc.stderr
     assert not list(tmp_path.glob('**/training-state-*.pt'))
+
+
+def test_fid_gen_samples_a_consistency_model_and_refuses_what_generate_refuses(golden_dir: Path, tmp_path: Path):
+    from click.testing import CliRunner
+
+    import fid
+    model_path = tmp_path / 'cm.pkl'
+    with open(model_path, 'wb') as f:
+        pickle.dump(dict(ema=_wrap(make_tiny_net(pfgmpp=True, D=128))), f)
+    ordinary = save_snapshot(make_tiny_net(), tmp_path / 'ordinary.pkl')
+    detector = golden_dir / 'fid' / 'detector-standin.pkl'
+
+    def gen(network: Path, steps: int, stats: str):
+        args = ['gen', f'--network={network}', '--seeds=0-2', f'--steps={steps}', '--device=cpu',
+                f'--detector={detector}', f'--save-stats={tmp_path / stats}.npz']
+        return CliRunner().invoke(fid.main, args, catch_exceptions=False)
+    mus = []
+    for steps in (1, 2):
+        result = gen(model_path, steps, f'cm{steps}')
+        assert result.exit_code == 0, result.output
+        mus.append(np.load(tmp_path / f'cm{steps}.npz')['mu'])
+    assert not np.array_equal(mus[0], mus[1])
+    for network, steps, text in ((model_path, 3, '1, 2 or 4 steps'), (ordinary, 1, 'consistency')):
+        result = gen(network, steps, 'refused')
+        assert result.exit_code != 0 and text in result.output, result.output
+        assert not (tmp_path / 'refused.npz').exists()
