@@ -257,7 +257,7 @@ def make_guide(net: torch.nn.Module, gnet_source: Optional[str], weight: float,
 
     Raises :class:`GenerationError` naming --guidance (not finite, or given without --gnet), --guidance-interval
     (without --gnet) or --gnet (a guide that does not fit; --gnet=uncond on a network trained without label
-    dropout). Notes (costs, a label dropout that cannot be known) go to ``log``.
+    dropout; a consistency model, which guidance does not apply to). Notes (costs, a label dropout that cannot be known) go to ``log``.
     """
     if not math.isfinite(weight):
         raise GenerationError(f'{weight}: expected a finite guidance weight (1 = unguided)', flag='--guidance')
@@ -267,6 +267,9 @@ def make_guide(net: torch.nn.Module, gnet_source: Optional[str], weight: float,
                 raise GenerationError('needs a guiding network: give --gnet=PATH (or '
                                       f'--gnet={guidance_lib.DROPPED_LABEL} for classifier-free guidance)', flag=flag)
         return lambda module: module
+    if consistency_sampling.is_consistency_model(net):
+        raise GenerationError('the network is a consistency model; guidance mixes denoisers and does not apply to '
+                              'it', flag='--gnet')
     drop_labels = gnet_source == guidance_lib.DROPPED_LABEL
     gnet = None
     if not drop_labels:
@@ -407,9 +410,6 @@ def _generate(request: Request, device: torch.device) -> None:
     guided = guide(net) is not net
     base_kwargs = {k: v for k, v in request.sampler_kwargs.items() if v is not None}
     is_consistency = consistency_sampling.is_consistency_model(net)
-    if is_consistency and guided:
-        raise GenerationError('the network is a consistency model; guidance (--gnet) mixes denoisers and does not '
-                              'apply to it', flag='--gnet')
     for run in request.runs:
         try:
             consistency_sampling.check_request(is_consistency, dict(base_kwargs, num_steps=run.num_steps))

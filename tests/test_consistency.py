@@ -381,7 +381,11 @@ def test_fid_gen_samples_a_consistency_model_and_refuses_what_generate_refuses(g
         assert result.exit_code == 0, result.output
         mus.append(np.load(tmp_path / f'cm{steps}.npz')['mu'])
     assert not np.array_equal(mus[0], mus[1])
-    for network, steps, text in ((model_path, 3, '1, 2 or 4 steps'), (ordinary, 1, 'consistency')):
-        result = gen(network, steps, 'refused')
+    for network, steps, text, extra in ((model_path, 3, '1, 2 or 4 steps', []), (ordinary, 1, 'consistency', []),
+                                        (model_path, 2, 'consistency model; guidance', [f'--gnet={ordinary}', '--guidance=2'])):
+        result = CliRunner().invoke(fid.main, ['gen', f'--network={network}', '--seeds=0-2', f'--steps={steps}',
+                                               '--device=cpu', f'--detector={detector}',
+                                               f'--save-stats={tmp_path / "refused"}.npz', *extra],
+                                    catch_exceptions=False)
         assert result.exit_code != 0 and text in result.output, result.output
         assert not (tmp_path / 'refused.npz').exists()
