@@ -257,7 +257,8 @@ def make_guide(net: torch.nn.Module, gnet_source: Optional[str], weight: float,
 
     Raises :class:`GenerationError` naming --guidance (not finite, or given without --gnet), --guidance-interval
     (without --gnet) or --gnet (a guide that does not fit; --gnet=uncond on a network trained without label
-    dropout; a consistency model, which guidance does not apply to). Notes (costs, a label dropout that cannot be known) go to ``log``.
+    dropout; a consistency model, which guidance does not apply to). Notes (costs, a label dropout that cannot be
+    known) go to ``log``.
     """
     if not math.isfinite(weight):
         raise GenerationError(f'{weight}: expected a finite guidance weight (1 = unguided)', flag='--guidance')

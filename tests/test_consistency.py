@@ -23,7 +23,7 @@ from sampling import pipeline
 from tests._sampler_nets import TINY_KWARGS, make_tiny_net, save_snapshot
 from tests._train_data import make_dataset_zip
 from tests.conftest import run_python
-from training import consistency, pfgmpp
+from training import consistency
 
 SINGLE_THREAD = {'OMP_NUM_THREADS': '1', 'MKL_NUM_THREADS': '1'}
 GOLDEN_EDM = 'tests/golden/snapshots/network-snapshot-000000.pkl'  # original EDM code, 16x16, augment_dim=9
@@ -382,7 +382,8 @@ def test_fid_gen_samples_a_consistency_model_and_refuses_what_generate_refuses(g
         mus.append(np.load(tmp_path / f'cm{steps}.npz')['mu'])
     assert not np.array_equal(mus[0], mus[1])
     for network, steps, text, extra in ((model_path, 3, '1, 2 or 4 steps', []), (ordinary, 1, 'consistency', []),
-                                        (model_path, 2, 'consistency model; guidance', [f'--gnet={ordinary}', '--guidance=2'])):
+                                        (model_path, 2, 'consistency model; guidance',
+                                         [f'--gnet={ordinary}', '--guidance=2'])):
         result = CliRunner().invoke(fid.main, ['gen', f'--network={network}', '--seeds=0-2', f'--steps={steps}',
                                                '--device=cpu', f'--detector={detector}',
                                                f'--save-stats={tmp_path / "refused"}.npz', *extra],

@@ -484,7 +484,7 @@ def _transfer_weights(resume_pkl: str, net: torch.nn.Module, ema: torch.nn.Modul
         misc.copy_params_and_buffers(src_module=source_net, dst_module=net, require_all=False)
         misc.copy_params_and_buffers(src_module=source_net, dst_module=ema, require_all=False)
     except (NetworkLoadError, ValueError) as err:
-        raise TrainingError(f'--transfer: {err}') from None
+        raise TrainingError(f'{"--init" if getattr(net, "consistency", False) else "--transfer"}: {err}') from None
 
 
 def _resume(path: str, cur_nimg: int, tick_nimg: int, net: torch.nn.Module, ema: torch.nn.Module,
