@@ -289,7 +289,8 @@ def pfgmpp_teacher(tmp_path_factory) -> tuple[Path, Path]:
 
 def test_tuning_from_a_pfgmpp_snapshot_resumes_bit_exactly(pfgmpp_teacher, tmp_path: Path):
     teacher, data = pfgmpp_teacher
-    common = [f'--data={data}', '--consistency=1', f'--init={teacher}', *TUNE_ARGS, '--resume=auto']
+    common = [f'--data={data}', '--consistency=1', f'--init={teacher}', *TUNE_ARGS, '--resume=auto', '--phema=0.05',
+              '--snap-format=both']
     _train([f'--outdir={tmp_path / "a"}', '--nosubdir', '--duration=0.000016', *common])
     _train([f'--outdir={tmp_path / "b"}', '--nosubdir', '--duration=0.000008', *common])
     resumed = _train([f'--outdir={tmp_path / "b"}', '--nosubdir', '--duration=0.000016', *common])
@@ -301,6 +302,17 @@ def test_tuning_from_a_pfgmpp_snapshot_resumes_bit_exactly(pfgmpp_teacher, tmp_p
         sa, sb = a[key].state_dict(), b[key].state_dict()
         assert sa.keys() == sb.keys() and all(torch.equal(sa[n], sb[n]) for n in sa), key
     assert consistency.is_consistency_model(a['ema']) and a['ema'].D == 128
+    # The post-hoc EMA and the weights-only twin of the snapshot continue exactly too, and hold the model.
+    from formats import export
+    for name in ('network-snapshot-0000000-0.050.pkl', 'network-snapshot-000000.pkl'):
+        with open(tmp_path / 'a' / name, 'rb') as f:
+            ema_a = pickle.load(f)['ema']
+        with open(tmp_path / 'b' / name, 'rb') as f:
+            ema_b = pickle.load(f)['ema']
+        assert all(torch.equal(x, y) for x, y in zip(ema_a.state_dict().values(), ema_b.state_dict().values()))
+    weights = export.load_weights(tmp_path / 'b' / 'network-snapshot-000000.weights.pt')
+    assert consistency.is_consistency_model(weights) and weights.D == 128
+    assert all(torch.equal(x, y) for x, y in zip(weights.state_dict().values(), ema_b.state_dict().values()))
     # It trained: the weights moved away from the teacher's.
     teacher_state = make_tiny_net(pfgmpp=True, D=128, dropout=0.1).state_dict()
     assert any(not torch.equal(v, teacher_state[n.removeprefix('denoiser.')])
