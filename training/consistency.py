@@ -254,7 +254,7 @@ class ConsistencyLoss:
              generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(x_t, x_r) sharing one perturbation: n from the kernel at t, x_t = y + n, x_r = y + (r / t) n."""
         noise = _pfgmpp().sample_perturbation(y.shape, t, D=self.D, generator=generator, device=y.device,
-                                              dtype=y.dtype, clip_beta=self.beta_clip if self.D else None)
+                                              dtype=y.dtype, clip_beta=self.beta_clip)
         return y + noise, y + (r / t) * noise
 
     def distance(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
