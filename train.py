@@ -78,6 +78,24 @@ def _attn_list(value: Optional[str]) -> Optional[list[int]]:
               default=4096, show_default=True)
 @click.option('--lsun', help='Scale noise levels for LSUN 256x256 (PFGM++)', metavar='BOOL', type=bool,
               default=False, show_default=True)
+# Consistency tuning (training/consistency.py: ECT on any D).
+@click.option('--consistency', help='Tune the --init snapshot into a consistency model (1, 2 or 4-step sampling)',
+              metavar='BOOL', type=bool, default=False, show_default=True)
+@click.option('--init', help='Snapshot to tune: its network, architecture and weights', metavar='PKL|URL', type=str)
+@click.option('--cm-stage', 'cm_stage', help='Consistency: images per stage of the shrinking t-r gap',
+              metavar='KIMG', type=dnnlib.util.float_range(min=0, min_open=True), default=1280, show_default=True)
+@click.option('--cm-q', 'cm_q', help='Consistency: gap shrink factor per stage', metavar='FLOAT',
+              type=dnnlib.util.float_range(min=1, min_open=True), default=2, show_default=True)
+@click.option('--cm-k', 'cm_k', help='Consistency: n(t) = 1 + k sigmoid(-b t)', metavar='FLOAT',
+              type=dnnlib.util.float_range(min=0), default=8, show_default=True)
+@click.option('--cm-b', 'cm_b', help='Consistency: n(t) = 1 + k sigmoid(-b t)', metavar='FLOAT', type=float,
+              default=1, show_default=True)
+@click.option('--cm-huber', 'cm_huber', help='Consistency: pseudo-Huber c (0 = squared L2)', metavar='FLOAT',
+              type=dnnlib.util.float_range(min=0), default=0, show_default=True)
+@click.option('--cm-pmean', 'cm_pmean', help='Consistency: mean of ln t', metavar='FLOAT', type=float,
+              default=-1.1, show_default=True)
+@click.option('--cm-pstd', 'cm_pstd', help='Consistency: std of ln t', metavar='FLOAT',
+              type=dnnlib.util.float_range(min=0, min_open=True), default=2.0, show_default=True)
 # Hyperparameters.
 @click.option('--duration', help='Training duration', metavar='MIMG',
               type=dnnlib.util.float_range(min=0, min_open=True),
@@ -154,6 +172,12 @@ def main(**kwargs: Any) -> int:
     # DDPM++ with PFGM++ (D=128) on CIFAR-10, 8 GPUs:
     torchrun --standalone --nproc_per_node=8 train.py --outdir=runs --data=datasets/cifar10-32x32.zip \\
         --arch=ddpmpp --pfgmpp=1 --aug_dim=128
+
+    \b
+    # Tune a trained snapshot (EDM or PFGM++, any D) into a consistency model (ECT), then sample it in 2 steps:
+    python train.py --outdir=runs --data=datasets/cifar10-32x32.zip --consistency=1 \\
+        --init=network-snapshot-200000.pkl --lr=1e-4 --lr-rampup=0 --duration=10
+    python generate.py --network=runs/.../network-snapshot-010000.pkl --steps=2 --seeds=0-63 --outdir=out
 
     Exit codes: 0 finished, 3 stopped on request (SIGTERM/Ctrl-C) with the state saved, 1 error, 2 bad flag.
     """

@@ -32,7 +32,8 @@ from torch_utils import host_memory
 from evaluation import features as feature_lib
 from evaluation import metrics, paired
 from formats import manifest, network_io
-from sampling import pipeline
+from sampling import consistency as consistency_sampling
+from sampling import pipeline, schedules
 
 #: Reference files keep the features of at most this many images for KID and precision/recall (a seeded subset).
 REF_FEATURES_DEFAULT = 50000
@@ -432,6 +433,9 @@ def evaluate_network(request: Request, ref: Optional[dict[str, np.ndarray]], net
     network cannot honour, non-finite samples) is passed on.
     """
     device = torch.device(device) if device is not None else dist.get_device()
+    consistency_sampling.check_request(consistency_sampling.is_consistency_model(net),
+                                       dict(sampler_kwargs, num_steps=sampler_kwargs.get('num_steps')
+                                            or schedules.DEFAULT_STEPS))
     detectors = feature_lib.load_detectors(request.detector_sources(), device)
     check_ref_features(ref, request.ref_path, detectors, [net.img_channels, net.img_resolution, net.img_resolution],
                        device)

@@ -13,6 +13,8 @@ File layout (``torch.save`` of plain values only, read back with ``torch.load(we
 
     {'format': 'pfgmpp-weights', 'version': 1,
      'class_name': 'training.networks.EDMPrecond',           # one of ALLOWED_CLASSES, nothing else
+                                                              # (a preconditioner, a consistency model wrapping
+                                                              # one, or a feature detector of ours)
      'init_kwargs': '{"img_resolution": 32, ...}',            # constructor keywords as a JSON string
      'state_dict': {name: tensor, ...},                       # every parameter and persistent buffer
      'metadata': {...}}                                        # informational (source file, torch version)
@@ -49,6 +51,10 @@ ALLOWED_CLASSES = tuple(f'{NETWORKS_MODULE}.{name}' for name in ('EDMPrecond', '
 # the classifier moved to evaluation/ name it by its old module (training.MOVED resolves it).
 DETECTOR_CLASSES = ('evaluation.digits_classifier.DigitsClassifier', 'training.digits_classifier.DigitsClassifier')
 ALLOWED_CLASSES += DETECTOR_CLASSES
+# Consistency models wrap one of the preconditioners above; their constructor builds only those
+# (training.consistency.denoiser_class_name), so the file still names no other code.
+CONSISTENCY_CLASSES = ('training.consistency.ConsistencyModel',)
+ALLOWED_CLASSES += CONSISTENCY_CLASSES
 # The four preconditioners of EDM (and the PFGM++ fork) share these leading positional parameters; anything
 # else must have been passed by keyword (the training loops always do).
 POSITIONAL_PARAMS = ('img_resolution', 'img_channels', 'label_dim', 'use_fp16')
@@ -121,7 +127,10 @@ def _plain(value: Any, where: str) -> Any:
 def class_name_of(module: torch.nn.Module, source: str = 'network') -> str:
     """Our allow-listed class for ``module`` (an instance of ours or of the original code's same-named class)."""
     name = f'{type(module).__module__}.{type(module).__name__}'
-    if name not in DETECTOR_CLASSES:
+    consistency = {n.rsplit('.', 1)[1]: n for n in CONSISTENCY_CLASSES}
+    if type(module).__name__ in consistency:
+        name = consistency[type(module).__name__]  # ours, also when unpickled from a snapshot's own source
+    elif name not in DETECTOR_CLASSES:
         name = f'{NETWORKS_MODULE}.{type(module).__name__}'  # ours, or the original code's same-named class
     if name not in ALLOWED_CLASSES:
         raise WeightsFormatError(f'{source}: cannot export a {type(module).__name__}; expected one of the '

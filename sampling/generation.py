@@ -30,6 +30,7 @@ from tqdm import tqdm
 import dnnlib
 from formats import manifest as manifest_lib
 from formats import network_io
+from sampling import consistency as consistency_sampling
 from sampling import guidance as guidance_lib
 from sampling import pipeline, quantize, schedules
 from torch_utils import distributed as dist
@@ -256,7 +257,8 @@ def make_guide(net: torch.nn.Module, gnet_source: Optional[str], weight: float,
 
     Raises :class:`GenerationError` naming --guidance (not finite, or given without --gnet), --guidance-interval
     (without --gnet) or --gnet (a guide that does not fit; --gnet=uncond on a network trained without label
-    dropout). Notes (costs, a label dropout that cannot be known) go to ``log``.
+    dropout; a consistency model, which guidance does not apply to). Notes (costs, a label dropout that cannot be
+    known) go to ``log``.
     """
     if not math.isfinite(weight):
         raise GenerationError(f'{weight}: expected a finite guidance weight (1 = unguided)', flag='--guidance')
@@ -266,6 +268,9 @@ def make_guide(net: torch.nn.Module, gnet_source: Optional[str], weight: float,
                 raise GenerationError('needs a guiding network: give --gnet=PATH (or '
                                       f'--gnet={guidance_lib.DROPPED_LABEL} for classifier-free guidance)', flag=flag)
         return lambda module: module
+    if consistency_sampling.is_consistency_model(net):
+        raise GenerationError('the network is a consistency model; guidance mixes denoisers and does not apply to '
+                              'it', flag='--gnet')
     drop_labels = gnet_source == guidance_lib.DROPPED_LABEL
     gnet = None
     if not drop_labels:
@@ -405,6 +410,12 @@ def _generate(request: Request, device: torch.device) -> None:
                        request.channels_last)
     guided = guide(net) is not net
     base_kwargs = {k: v for k, v in request.sampler_kwargs.items() if v is not None}
+    is_consistency = consistency_sampling.is_consistency_model(net)
+    for run in request.runs:
+        try:
+            consistency_sampling.check_request(is_consistency, dict(base_kwargs, num_steps=run.num_steps))
+        except ValueError as err:
+            raise GenerationError(str(err)) from None
     if pipeline.uses_ablation_sampler(base_kwargs) and D is not None:
         raise GenerationError('--solver/--disc/--schedule/--scaling select the ablation sampler, which does not '
                               'support PFGM++ networks; drop them', usage=True)
@@ -457,8 +468,9 @@ def _generate(request: Request, device: torch.device) -> None:
                        device=device.type, subdirs=request.subdirs, guidance=guidance)
         info = dict(
             network=network_source, network_summary=network_io.network_summary(net), sweep=run.sweep,
-            sampler=pipeline.sampler_name(kwargs), sampler_kwargs=kwargs,
-            nfe_per_image=pipeline.sampler_nfe(run.num_steps, kwargs), class_idx=class_idx,
+            sampler='consistency' if is_consistency else pipeline.sampler_name(kwargs), sampler_kwargs=kwargs,
+            nfe_per_image=run.num_steps if is_consistency else pipeline.sampler_nfe(run.num_steps, kwargs),
+            class_idx=class_idx,
             pfgmpp=D is not None, D=D, noise_injection_alpha=run.alpha, quantize_bits=run.bits,
             quantize_scheme=scheme,
             quantized_weights=(len(quantize.quantized_weight_names(net)) if run.bits is not None else 0),

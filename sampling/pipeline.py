@@ -3,7 +3,8 @@
 An image depends only on its seed: latents, class labels and in-loop noise come from one generator per seed
 (:class:`sampling.schedules.PerSeedRandom`), whatever the batch composition. :func:`sampler_name` picks the sampler
 from the options as EDM's CLI does (any ablation axis selects the ablation sampler; ``dpmpp2m|dpmpp3m|ipndm|unipc|
-restart`` the fast solvers).
+restart`` the fast solvers); a consistency model (``training.consistency``) gets its own 1/2/4-step sampler
+(:mod:`sampling.consistency`) whatever the options, which refuses ODE-solver options.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any, Iterator, Optional, Sequence, Union
 import torch
 
 from training import pfgmpp as pfgmpp_lib
+from sampling import consistency
 from sampling.schedules import Denoiser, EDM_SIGMA_MAX, PerSeedRandom
 from sampling.edm import ablation_sampler, edm_sampler
 from sampling.fast_solvers import (ALL_SOLVERS, FAST_SOLVERS, MULTISTEP_ORDER, RESTART_REPEATS, RESTART_STEPS,
@@ -261,6 +263,8 @@ def sample_batch(net: Denoiser, seeds: Sequence[int], device: Union[str, torch.d
 def _sample(net: Denoiser, seeds: Sequence[int], device: Union[str, torch.device], class_idx: Optional[int],
             D: Optional[float], memory_format: Optional[torch.memory_format], sampler_kwargs: dict) -> torch.Tensor:
     kwargs = {k: v for k, v in sampler_kwargs.items() if v is not None}
+    if consistency.is_consistency_model(net):
+        return _sample_consistency(net, seeds, device, class_idx, D, memory_format, kwargs)
     name = sampler_name(kwargs)
     ablation = name == 'ablation'
     if ablation and not pfgmpp_lib.is_diffusion(D):
@@ -287,6 +291,25 @@ def _sample(net: Denoiser, seeds: Sequence[int], device: Union[str, torch.device
     return images
 
 
+def _sample_consistency(net: Denoiser, seeds: Sequence[int], device: Union[str, torch.device],
+                        class_idx: Optional[int], D: Optional[float], memory_format: Optional[torch.memory_format],
+                        kwargs: dict) -> torch.Tensor:
+    """:func:`sampling.consistency.consistency_sampler` for a consistency model: latents, labels and re-noising
+    from the per-seed generators, in that order."""
+    consistency.check_request(True, kwargs)
+    sigma_max = min(kwargs.get('sigma_max', EDM_SIGMA_MAX), net.sigma_max)
+    rnd = PerSeedRandom(seeds, device)
+    latents = draw_latents(net, seeds, rnd, D=D, sigma_max=sigma_max)
+    latents = latents.contiguous(memory_format=memory_format or network_memory_format(net))
+    labels = draw_class_labels(net, rnd, class_idx)
+
+    def renoise(x: torch.Tensor, sigma: float) -> torch.Tensor:
+        return rnd.perturbation(x, sigma, D)
+    with torch.no_grad():
+        return consistency.consistency_sampler(BatchPadded(net), latents, labels, renoise, kwargs['num_steps'],
+                                               sigma_max, scale_latents=pfgmpp_lib.is_diffusion(D))
+
+
 class _NoiseLevelProbe:
     """A stand-in denoiser with ``net``'s interface that returns its input and records every sigma it is given."""
 
@@ -294,6 +317,7 @@ class _NoiseLevelProbe:
         self.img_resolution, self.img_channels = net.img_resolution, net.img_channels
         self.label_dim, self.sigma_min, self.sigma_max = net.label_dim, net.sigma_min, net.sigma_max
         self.round_sigma = net.round_sigma
+        self.consistency = consistency.is_consistency_model(net)
         self.levels: list[float] = []
 
     def __call__(self, x: torch.Tensor, sigma: Any, class_labels: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -116,8 +116,29 @@ def check_options(opts: dnnlib.EasyDict) -> None:
         raise OptionError('--label-dropout trains classifier-free guidance and needs class labels (--cond=1)')
     if opts.transfer is not None and not dnnlib.util.is_url(opts.transfer) and not os.path.isfile(opts.transfer):
         raise OptionError(f'--transfer {opts.transfer}: no such file (expected a network-snapshot .pkl)')
+    _check_consistency_options(opts)
     if opts.tensorboard and importlib.util.find_spec('tensorboard') is None:
         raise OptionError('--tensorboard needs the optional tensorboard package: pip install tensorboard')
+
+
+def _check_consistency_options(opts: dnnlib.EasyDict) -> None:
+    """--consistency and --init: one needs the other, and the architecture flags belong to the snapshot."""
+    if not opts.get('consistency'):
+        if opts.get('init') is not None:
+            raise OptionError('--init is the snapshot that --consistency=1 tunes; to start an ordinary run from a '
+                              'snapshot\'s weights use --transfer')
+        return
+    if opts.init is None:
+        raise OptionError('--consistency=1 needs --init=PKL, the trained snapshot (EDM or PFGM++) to tune')
+    if opts.transfer is not None:
+        raise OptionError('--consistency=1 takes its network from --init; drop --transfer')
+    if opts.stf:
+        raise OptionError('--consistency=1 does not use a stable target field; drop --stf')
+    for flag in ('cbase', 'cres', 'nblock', 'attn'):
+        if opts[flag] is not None:
+            raise OptionError(f'--{flag}: with --consistency=1 the architecture comes from --init; drop --{flag}')
+    if not dnnlib.util.is_url(opts.init) and not os.path.isfile(opts.init):
+        raise OptionError(f'--init {opts.init}: no such file (expected a network snapshot .pkl or .weights.pt)')
 
 
 def precision(opts: Mapping[str, Any]) -> str:
@@ -160,12 +181,14 @@ def check_batch(opts: Mapping[str, Any], world: int) -> None:
                           f'({batch_gpu}) = {world * batch_gpu}')
 
 
-def _describe_dataset(c: dnnlib.EasyDict, opts: Mapping[str, Any]) -> str:
-    """Open the dataset once to validate it and pin its resolution and size; returns its name."""
+def _describe_dataset(c: dnnlib.EasyDict, opts: Mapping[str, Any]) -> tuple[str, int, int]:
+    """Open the dataset once to validate it and pin its resolution and size; returns its name, channel count
+    and label dimension (0 without --cond)."""
     from training.dataset import DatasetError
+    label_dim = 0
     try:
         dataset = dnnlib.util.construct_class_by_name(**dict(c.dataset_kwargs, use_labels=False))
-        name, size, resolution = dataset.name, len(dataset), dataset.resolution
+        name, size, resolution, channels = dataset.name, len(dataset), dataset.resolution, dataset.num_channels
         del dataset
     except (OSError, DatasetError) as err:
         raise InputError(f'--data: {err}') from None
@@ -174,7 +197,7 @@ def _describe_dataset(c: dnnlib.EasyDict, opts: Mapping[str, Any]) -> str:
     if opts['cond']:
         try:
             labelled = dnnlib.util.construct_class_by_name(**c.dataset_kwargs)
-            has_labels = labelled.has_labels
+            has_labels, label_dim = labelled.has_labels, labelled.label_dim
             del labelled
         except DatasetError as err:
             raise InputError(f'--cond=1 needs class labels in dataset.json ({err})') from None
@@ -182,7 +205,7 @@ def _describe_dataset(c: dnnlib.EasyDict, opts: Mapping[str, Any]) -> str:
             raise InputError(f'--cond=1 needs class labels, but {opts["data"]} has none in dataset.json')
     c.dataset_kwargs.resolution = resolution
     c.dataset_kwargs.max_size = size
-    return name
+    return name, channels, label_dim
 
 
 def _check_depth(c: dnnlib.EasyDict, opts: Mapping[str, Any]) -> None:
@@ -220,8 +243,41 @@ def build_config(opts: dnnlib.EasyDict, world: int) -> tuple[dnnlib.EasyDict, st
         c.loss_kwargs.sigma_scale = LSUN_SIGMA_SCALE
     c.optimizer_kwargs = dnnlib.EasyDict(class_name='torch.optim.Adam', lr=opts.lr, **ADAM_SETTINGS)
 
-    dataset_name = _describe_dataset(c, opts)
+    dataset_name, channels, label_dim = _describe_dataset(c, opts)
+    if opts.get('consistency'):
+        D = _consistency_network(c, opts, channels, label_dim)
+        model = 'consistency'
+    else:
+        D = _network(c, opts)
+        model = f'{opts.arch}-{opts.precond}'
 
+    c.total_kimg = opts.duration * 1000
+    c.lr_rampup_kimg = opts.lr_rampup
+    c.ema_halflife_kimg = opts.ema * 1000
+    if opts.phema:
+        c.phema_stds = list(opts.phema)
+    c.update(D=D, stf=opts.stf, rbatch=opts.rbatch)
+    c.batch_size, c.batch_gpu, c.loss_scaling = opts.batch, opts.batch_gpu, opts.ls
+    c.kimg_per_tick, c.snapshot_ticks, c.state_dump_ticks = opts.tick, opts.snap, opts.dump
+    c.snapshot_format = opts.snap_format
+    c.cudnn_benchmark, c.channels_last, c.compile = opts.bench, opts.channels_last, opts.compile
+    if opts.tensorboard:
+        c.tensorboard = True
+    if opts.transfer is not None or opts.get('init') is not None:
+        # --init: the teacher's weights start the run (a training state, when resuming, replaces them).
+        c.resume_pkl = opts.transfer if opts.transfer is not None else opts.init
+        c.ema_rampup_ratio = None
+
+    cond = 'cond' if opts.cond else 'uncond'
+    desc = f'{dataset_name}-{cond}-{model}-gpus{world}-batch{opts.batch}-{precision(opts)}'
+    if opts.desc is not None:
+        desc += f'-{opts.desc}'
+    return c, desc
+
+
+def _network(c: dnnlib.EasyDict, opts: dnnlib.EasyDict) -> Optional[float]:
+    """The network and augmentation options of an ordinary run (--arch, --precond and their overrides); returns
+    the kernel D of --pfgmpp/--aug_dim."""
     for flag, key in NETWORK_OVERRIDES:
         if opts[flag] is not None:
             c.network_kwargs[key] = opts[flag]
@@ -238,29 +294,62 @@ def build_config(opts: dnnlib.EasyDict, world: int) -> tuple[dnnlib.EasyDict, st
     if used_precision == 'bf16':
         # bf16 also on CPU (native bf16 dot products on recent x86); fp16 stays CUDA-only, as the original's --fp16.
         c.network_kwargs.update(use_bf16=True, reduced_precision_on_cpu=True)
-
-    c.total_kimg = opts.duration * 1000
-    c.lr_rampup_kimg = opts.lr_rampup
-    c.ema_halflife_kimg = opts.ema * 1000
-    if opts.phema:
-        c.phema_stds = list(opts.phema)
     from training import pfgmpp
-    c.update(D=pfgmpp.flags_D(opts.pfgmpp, opts.aug_dim), stf=opts.stf, rbatch=opts.rbatch)
-    c.batch_size, c.batch_gpu, c.loss_scaling = opts.batch, opts.batch_gpu, opts.ls
-    c.kimg_per_tick, c.snapshot_ticks, c.state_dump_ticks = opts.tick, opts.snap, opts.dump
-    c.snapshot_format = opts.snap_format
-    c.cudnn_benchmark, c.channels_last, c.compile = opts.bench, opts.channels_last, opts.compile
-    if opts.tensorboard:
-        c.tensorboard = True
-    if opts.transfer is not None:
-        c.resume_pkl = opts.transfer
-        c.ema_rampup_ratio = None
+    return pfgmpp.flags_D(opts.pfgmpp, opts.aug_dim)
 
-    cond = 'cond' if opts.cond else 'uncond'
-    desc = f'{dataset_name}-{cond}-{opts.arch}-{opts.precond}-gpus{world}-batch{opts.batch}-{used_precision}'
-    if opts.desc is not None:
-        desc += f'-{opts.desc}'
-    return c, desc
+
+def _consistency_network(c: dnnlib.EasyDict, opts: dnnlib.EasyDict, channels: int,
+                         label_dim: int) -> Optional[float]:
+    """The network, loss and augmentation options of --consistency=1; returns the snapshot's kernel D.
+
+    The network is a ``training.consistency.ConsistencyModel`` around the --init snapshot's denoiser (its class,
+    constructor keywords and kernel D; the loop copies the weights when it starts), trained with
+    ``training.consistency.ConsistencyLoss``; --dropout, --precision and --label-dropout apply to the denoiser.
+    Augmentation is on (--augment) when the snapshot's network takes augmentation labels, off otherwise.
+
+    Raises:
+        InputError: --init cannot be read, is not a preconditioner, or does not fit the --data images.
+        OptionError: --pfgmpp/--aug_dim contradict the snapshot's kernel.
+    """
+    from formats.network_io import NetworkLoadError, load_network
+    from training import consistency, pfgmpp
+    try:
+        teacher = load_network(opts.init, device='cpu')
+        denoiser_class, denoiser_kwargs, sigma_min = consistency.teacher_description(teacher)
+        D = pfgmpp.network_D(teacher.denoiser if consistency.is_consistency_model(teacher) else teacher)
+    except NetworkLoadError as err:
+        raise InputError(f'--init: {err}') from None
+    except ValueError as err:
+        raise InputError(f'--init {opts.init}: {err}') from None
+    if opts.pfgmpp and pfgmpp.flags_D(True, opts.aug_dim) != D:
+        raise OptionError(f'--pfgmpp=1 --aug_dim={opts.aug_dim} contradicts the --init snapshot, which has '
+                          f'{"D=" + str(D) if D is not None else "no PFGM++ kernel (diffusion)"}; drop the flags')
+    expected = dict(img_resolution=c.dataset_kwargs.resolution, img_channels=channels, label_dim=label_dim)
+    for key, value in expected.items():
+        if int(getattr(teacher, key, value) or 0) != value:
+            raise InputError(f'--init {opts.init}: the network has {key}={getattr(teacher, key)}, the --data '
+                             f'images give {value} (with --cond={int(bool(opts.cond))})')
+    if sigma_min is None:
+        sigma_min = max(consistency.DEFAULT_SIGMA_MIN, float(getattr(teacher, 'sigma_min', 0) or 0))
+    used_precision = precision(opts)
+    denoiser_kwargs.update(dropout=opts.dropout, use_fp16=used_precision == 'fp16')
+    if used_precision == 'bf16':
+        denoiser_kwargs.update(use_bf16=True, reduced_precision_on_cpu=True)
+    if opts.label_dropout:
+        denoiser_kwargs['label_dropout'] = opts.label_dropout
+    for key in pfgmpp.network_kwargs(D):
+        denoiser_kwargs.pop(key, None)  # the loop passes the kernel keywords of c.D
+    denoiser_kwargs.pop('D', None)
+    c.network_kwargs = dnnlib.EasyDict(class_name='training.consistency.ConsistencyModel',
+                                       denoiser_class=denoiser_class, denoiser_kwargs=denoiser_kwargs,
+                                       sigma_min=sigma_min)
+    c.loss_kwargs = dnnlib.EasyDict(class_name='training.consistency.ConsistencyLoss', P_mean=opts.cm_pmean,
+                                    P_std=opts.cm_pstd, q=opts.cm_q, k=opts.cm_k, b=opts.cm_b,
+                                    stage_kimg=opts.cm_stage, huber_c=opts.cm_huber or None, sigma_min=sigma_min)
+    if opts.augment and denoiser_kwargs.get('augment_dim'):
+        c.augment_kwargs = dnnlib.EasyDict(class_name='training.augment.AugmentPipe', p=opts.augment,
+                                           **AUGMENT_SETTINGS)
+    return D
 
 
 def run_identity(config: Mapping[str, Any]) -> dict[str, Any]:

@@ -88,7 +88,8 @@ def _train_in_group(opts: dnnlib.EasyDict, device: Any) -> int:
     summary = [
         ('Run directory', c.run_dir),
         ('Dataset', f'{c.dataset_kwargs.path} ({"class-conditional" if opts.cond else "unconditional"})'),
-        ('Architecture / precond', f'{opts.arch} / {opts.precond}'),
+        ('Architecture / precond', f'{opts.arch} / {opts.precond}' if not opts.get('consistency')
+         else f'consistency tuning of {opts.init}'),
         ('Model', 'diffusion' if c.D is None else f'PFGM++ with D={c.D}'),
         ('Processes', f'{world} on {device.type}'),
         ('Batch', f'{c.batch_size} per step'),

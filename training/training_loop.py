@@ -271,6 +271,8 @@ def training_loop(
             # Accumulate gradients over the micro-batches of this rank.
             for p in params:
                 p.grad = None
+            if hasattr(loss_fn, 'set_progress'):
+                loss_fn.set_progress(cur_nimg)  # losses with a schedule over training (consistency stages)
             for round_idx in range(rounds):
                 position = data_position + rank * loaded_per_rank + round_idx * batch_gpu
                 loss_generator.manual_seed(derive_seed(seed, STREAM_LOSS, position))
@@ -473,10 +475,16 @@ def _transfer_weights(resume_pkl: str, net: torch.nn.Module, ema: torch.nn.Modul
     dist.print0(f'Transfer: starting from the weights of {resume_pkl}')
     try:
         source_net = load_network(resume_pkl, device='cpu')
+        if getattr(net, 'consistency', False):
+            # A consistency model is built around the snapshot's own network: every tensor must be found.
+            from training.consistency import copy_teacher_weights
+            copy_teacher_weights(source_net, net)
+            copy_teacher_weights(source_net, ema)
+            return
         misc.copy_params_and_buffers(src_module=source_net, dst_module=net, require_all=False)
         misc.copy_params_and_buffers(src_module=source_net, dst_module=ema, require_all=False)
     except (NetworkLoadError, ValueError) as err:
-        raise TrainingError(f'--transfer: {err}') from None
+        raise TrainingError(f'{"--init" if getattr(net, "consistency", False) else "--transfer"}: {err}') from None
 
 
 def _resume(path: str, cur_nimg: int, tick_nimg: int, net: torch.nn.Module, ema: torch.nn.Module,
