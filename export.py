@@ -20,6 +20,7 @@ import click
 import torch
 
 import dnnlib
+from cli import common as cli
 from formats.export import (FORMAT, WEIGHTS_SUFFIX, WeightsFormatError, constructor_kwargs_of, export_weights,
                              load_weights, looks_like_weights_file, weights_path_for)
 from formats.network_io import NetworkLoadError, load_network, network_summary
@@ -158,4 +159,4 @@ def main(input_path: str, output_path: Optional[str], force: bool, check: bool, 
 
 
 if __name__ == '__main__':
-    dnnlib.util.run_click_command(main)
+    cli.run_click_command(main)

@@ -136,12 +136,12 @@ def main() -> None:
 @click.option('--seed', help='Random seed for selecting the images', metavar='INT', type=int, default=0,
               show_default=True)
 @_batch_option
-@dnnlib.util.refused_option('--ckpt', '--end_ckpt', type=int, script='fid.py calc', advice=(
+@cli.refused_option('--ckpt', '--end_ckpt', type=int, script='fid.py calc', advice=(
     'this calc evaluates one folder: run it once per checkpoint folder, e.g. fid.py calc --images=DIR/ckpt_NNNNNN '
     '--ref=REF.npz'))
-@dnnlib.util.refused_option('--gen_seed', type=int, script='fid.py calc', advice=(
+@cli.refused_option('--gen_seed', type=int, script='fid.py calc', advice=(
     'pass the folder of that seed range instead, e.g. --images=DIR/ckpt_2_NNNNNN for seeds 50000-99999'))
-@dnnlib.util.refused_option('--steps', '--alpha', '--prune', '--quant', type=bool, script='fid.py calc', advice=(
+@cli.refused_option('--steps', '--alpha', '--prune', '--quant', type=bool, script='fid.py calc', advice=(
     'pass each sweep folder to --images, e.g. --images=DIR/steps018 after generate.py --outdir=DIR '
     '--sweep-steps=...  (alpha0.1, bits08 likewise; pruning is not offered)'))
 @click.option('--allow-mixed', 'allow_mixed', is_flag=True,
@@ -247,4 +247,4 @@ def gen(network_pkl: str, seeds: list[int], class_idx: Optional[int], max_batch_
 
 
 if __name__ == '__main__':
-    dnnlib.util.run_click_command(main)  # under torchrun, errors are printed by rank 0 only
+    cli.run_click_command(main)  # under torchrun, errors are printed by rank 0 only

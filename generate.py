@@ -36,12 +36,12 @@ def fork_options(fn: Callable) -> Callable:
     the others stop with one line giving the equivalent command."""
     script = 'generate.py'
     for option in (
-        dnnlib.util.refused_option('--ckpt', type=int, script=script, advice=FORK_PER_CHECKPOINT),
-        dnnlib.util.refused_option('--end_ckpt', type=int, script=script, advice=FORK_PER_CHECKPOINT),
-        dnnlib.util.refused_option('--resume', type=int, script=script, advice=FORK_PER_CHECKPOINT),
-        dnnlib.util.refused_option('--edm', type=bool, script=script,
+        cli.refused_option('--ckpt', type=int, script=script, advice=FORK_PER_CHECKPOINT),
+        cli.refused_option('--end_ckpt', type=int, script=script, advice=FORK_PER_CHECKPOINT),
+        cli.refused_option('--resume', type=int, script=script, advice=FORK_PER_CHECKPOINT),
+        cli.refused_option('--edm', type=bool, script=script,
                                    advice='drop it: --network names the file to sample, EDM or PFGM++ alike'),
-        dnnlib.util.refused_option('--save_images', is_flag=True, script=script,
+        cli.refused_option('--save_images', is_flag=True, script=script,
                                    advice='for a grid of one batch use --grid=DIR/ode_images.png --seeds=0-63'),
         click.option('--use_pickle', type=bool, default=None, hidden=True, expose_value=False),
     ):
@@ -163,4 +163,4 @@ def main(network_pkl: str, outdir: str, seeds: list[int], subdirs: bool, class_i
 
 
 if __name__ == '__main__':
-    dnnlib.util.run_click_command(main)  # under torchrun, errors are printed by rank 0 only
+    cli.run_click_command(main)  # under torchrun, errors are printed by rank 0 only

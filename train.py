@@ -24,6 +24,7 @@ from typing import Any, Optional
 import click
 
 import dnnlib
+from cli import common as cli
 from training.config import ARCH_PRESETS, PRECOND_CLASSES
 
 # DDP on recent PyTorch warns about bucket view strides for channels-last parameters; the warning is harmless.
@@ -64,10 +65,10 @@ def _attn_list(value: Optional[str]) -> Optional[list[int]]:
               default='edm', show_default=True)
 @click.option('--pfgmpp', '--pfgmv2', 'pfgmpp', help='Train PFGM++ instead of a diffusion model (--pfgmv2: the '
               'PFGM++ fork\'s early name)', metavar='BOOL', type=bool, default=False, show_default=True)
-@dnnlib.util.refused_option('--align', type=bool, script='train.py', advice=(
+@cli.refused_option('--align', type=bool, script='train.py', advice=(
     '--align=1 scaled sigma by sqrt(1+N/D), an early alignment its release dropped; this train.py trains the '
     'released r = sigma*sqrt(D) alignment: drop the flag and give --pfgmpp=1 --aug_dim=D'))
-@dnnlib.util.refused_option('--align_precond', type=bool, script='train.py', advice=(
+@cli.refused_option('--align_precond', type=bool, script='train.py', advice=(
     '--align_precond=1 is an early preconditioning variant its release dropped: drop the flag (the released '
     'PFGM++ uses EDM\'s preconditioning with sigma = r/sqrt(D))'))
 @click.option('--aug_dim', help='PFGM++ augmented dimensions D', metavar='INT', type=int, default=128,
@@ -83,22 +84,22 @@ def _attn_list(value: Optional[str]) -> Optional[list[int]]:
               metavar='BOOL', type=bool, default=False, show_default=True)
 @click.option('--init', help='Snapshot to tune: its network, architecture and weights', metavar='PKL|URL', type=str)
 @click.option('--cm-stage', 'cm_stage', help='Consistency: images per stage of the shrinking t-r gap',
-              metavar='KIMG', type=dnnlib.util.float_range(min=0, min_open=True), default=1280, show_default=True)
+              metavar='KIMG', type=cli.float_range(min=0, min_open=True), default=1280, show_default=True)
 @click.option('--cm-q', 'cm_q', help='Consistency: gap shrink factor per stage', metavar='FLOAT',
-              type=dnnlib.util.float_range(min=1, min_open=True), default=2, show_default=True)
+              type=cli.float_range(min=1, min_open=True), default=2, show_default=True)
 @click.option('--cm-k', 'cm_k', help='Consistency: n(t) = 1 + k sigmoid(-b t)', metavar='FLOAT',
-              type=dnnlib.util.float_range(min=0), default=8, show_default=True)
+              type=cli.float_range(min=0), default=8, show_default=True)
 @click.option('--cm-b', 'cm_b', help='Consistency: n(t) = 1 + k sigmoid(-b t)', metavar='FLOAT', type=float,
               default=1, show_default=True)
 @click.option('--cm-huber', 'cm_huber', help='Consistency: pseudo-Huber c (0 = squared L2)', metavar='FLOAT',
-              type=dnnlib.util.float_range(min=0), default=0, show_default=True)
+              type=cli.float_range(min=0), default=0, show_default=True)
 @click.option('--cm-pmean', 'cm_pmean', help='Consistency: mean of ln t', metavar='FLOAT', type=float,
               default=-1.1, show_default=True)
 @click.option('--cm-pstd', 'cm_pstd', help='Consistency: std of ln t', metavar='FLOAT',
-              type=dnnlib.util.float_range(min=0, min_open=True), default=2.0, show_default=True)
+              type=cli.float_range(min=0, min_open=True), default=2.0, show_default=True)
 # Hyperparameters.
 @click.option('--duration', help='Training duration', metavar='MIMG',
-              type=dnnlib.util.float_range(min=0, min_open=True),
+              type=cli.float_range(min=0, min_open=True),
               default=200, show_default=True)
 @click.option('--batch', help='Total batch size', metavar='INT', type=click.IntRange(min=1), default=512,
               show_default=True)
@@ -110,19 +111,19 @@ def _attn_list(value: Optional[str]) -> Optional[list[int]]:
               type=click.IntRange(min=1))
 @click.option('--attn', help='Resolutions with self-attention, or none  [default: varies]', metavar='LIST|none',
               callback=lambda _ctx, _param, value: _attn_list(value))
-@click.option('--lr', help='Learning rate', metavar='FLOAT', type=dnnlib.util.float_range(min=0, min_open=True),
+@click.option('--lr', help='Learning rate', metavar='FLOAT', type=cli.float_range(min=0, min_open=True),
               default=10e-4, show_default=True)
-@click.option('--lr-rampup', help='Learning-rate warm-up length', metavar='KIMG', type=dnnlib.util.float_range(min=0),
+@click.option('--lr-rampup', help='Learning-rate warm-up length', metavar='KIMG', type=cli.float_range(min=0),
               default=10000, show_default=True)
-@click.option('--ema', help='EMA half-life', metavar='MIMG', type=dnnlib.util.float_range(min=0), default=0.5,
+@click.option('--ema', help='EMA half-life', metavar='MIMG', type=cli.float_range(min=0), default=0.5,
               show_default=True)
 @click.option('--phema', help='Also track power-function EMAs for post-hoc EMA (reconstruct_phema.py)',
               metavar='STD,...', type=str, default=None)
 @click.option('--label-dropout', 'label_dropout', help='Drop class labels with this probability (for CFG)',
-              metavar='FLOAT', type=dnnlib.util.float_range(min=0, max=1, max_open=True), default=0, show_default=True)
-@click.option('--dropout', help='Dropout probability', metavar='FLOAT', type=dnnlib.util.float_range(min=0, max=1),
+              metavar='FLOAT', type=cli.float_range(min=0, max=1, max_open=True), default=0, show_default=True)
+@click.option('--dropout', help='Dropout probability', metavar='FLOAT', type=cli.float_range(min=0, max=1),
               default=0.13, show_default=True)
-@click.option('--augment', help='Augment probability', metavar='FLOAT', type=dnnlib.util.float_range(min=0, max=1),
+@click.option('--augment', help='Augment probability', metavar='FLOAT', type=cli.float_range(min=0, max=1),
               default=0.12, show_default=True)
 @click.option('--xflip', help='Enable dataset x-flips', metavar='BOOL', type=bool, default=False,
               show_default=True)
@@ -131,7 +132,7 @@ def _attn_list(value: Optional[str]) -> Optional[list[int]]:
               show_default=True)
 @click.option('--precision', help='U-Net precision (fp16 = --fp16=1)  [default: fp32]',
               type=click.Choice(['fp32', 'fp16', 'bf16']))
-@click.option('--ls', help='Loss scaling', metavar='FLOAT', type=dnnlib.util.float_range(min=0, min_open=True),
+@click.option('--ls', help='Loss scaling', metavar='FLOAT', type=cli.float_range(min=0, min_open=True),
               default=1,
               show_default=True)
 @click.option('--bench', help='Enable cuDNN benchmarking', metavar='BOOL', type=bool, default=True,
@@ -153,7 +154,7 @@ def _attn_list(value: Optional[str]) -> Optional[list[int]]:
 @click.option('--name', help='Run directory name under --outdir (instead of a numbered one)', metavar='STR',
               type=str)
 @click.option('--tick', help='How often to print progress', metavar='KIMG',
-              type=dnnlib.util.float_range(min=0, min_open=True), default=50, show_default=True)
+              type=cli.float_range(min=0, min_open=True), default=50, show_default=True)
 @click.option('--snap', help='How often to save snapshots', metavar='TICKS', type=click.IntRange(min=1), default=50,
               show_default=True)
 @click.option('--snap-format', 'snap_format', help='Snapshot files: pickle, weights-only (.weights.pt) or both',
@@ -197,4 +198,4 @@ def main(**kwargs: Any) -> int:
 
 
 if __name__ == '__main__':
-    dnnlib.util.run_click_command(main)  # under torchrun, errors are printed by rank 0 only
+    cli.run_click_command(main)  # under torchrun, errors are printed by rank 0 only

@@ -16,12 +16,13 @@ generate.py, fid.py and the other top-level scripts import this module and the l
 Library code raises plain exceptions (``ValueError`` subclasses such as ``NetworkLoadError``,
 ``evaluation.features.FeatureError`` or ``sampling.generation.GenerationError``) whose message is a complete line;
 this layer turns them into click errors (``Error: ...``, exit code 1 or 2; :func:`click_error` for a
-``GenerationError``, which names its flag) that ``dnnlib.util.run_click_command`` prints once.
+``GenerationError``, which names its flag) that ``run_click_command`` prints once.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 from typing import Any, Callable, Optional, Sequence
 
 import click
@@ -31,11 +32,65 @@ import dnnlib
 from torch_utils import distributed as dist
 from sampling import guidance as guidance_lib
 from sampling import edm, fast_solvers, pipeline, schedules
-from formats.manifest import compact_seeds  # noqa: F401  (fid.py names seed lists with it)
+from formats.manifest import compact_seeds  # noqa: F401  (the scripts name seed lists in their messages with it)
 from sampling import generation
 
 SEED_LIMIT = 1 << 32            # seeds index 32-bit generator seeds; larger values would alias smaller ones
 DEFAULT_STEPS = schedules.DEFAULT_STEPS   # --steps when not given
+
+# ----------------------------------------------------------------------------
+# Running a command, the float type of every script's flags, and the PFGM++ fork's flags.
+
+
+def run_click_command(command: Any) -> None:
+    """Run a click command as a program, with its errors printed by one process only.
+
+    Under torchrun every rank meets the same validation error; printing it once per rank repeats the message.
+    Here rank 0 prints it (click's usual ``Error: ...`` line, no traceback) and every rank exits with click's exit
+    code. Exits the interpreter.
+    """
+    try:
+        result = command.main(standalone_mode=False)
+    except click.ClickException as err:
+        if dnnlib.util.launch_rank() == 0:
+            err.show()
+        sys.exit(err.exit_code)
+    except click.Abort:
+        if dnnlib.util.launch_rank() == 0:
+            click.echo('Aborted!', err=True)
+        sys.exit(1)
+    sys.exit(result if isinstance(result, int) else 0)
+
+
+class FloatRange(click.FloatRange):
+    """``click.FloatRange`` that also refuses nan (every comparison with nan is False, so the bounds let it pass)."""
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        number = super().convert(value, param, ctx)
+        if math.isnan(number):  # every comparison with nan is False, so click's bounds let it through
+            self.fail(f'{value!r} is not a number', param, ctx)
+        return number
+
+
+def float_range(**kwargs: Any) -> Any:
+    """``click.FloatRange(**kwargs)`` that also refuses nan; the float type of the command-line flags."""
+    return FloatRange(**kwargs)
+
+
+def refused_option(*names: str, script: str, advice: str, **kwargs: Any) -> Any:
+    """A hidden click option for a flag of another code base that this program does not take: giving it stops
+    with one line, ``--flag is the PFGM++ fork's (script); advice``, where ``advice`` gives the equivalent command.
+
+    ``kwargs`` go to ``click.option`` (type, is_flag, ...), so the flag parses as it did there.
+    """
+
+    def refuse(ctx: Any, param: Any, value: Any) -> None:
+        if value is not None and value is not False:
+            flags = '/'.join(param.opts)
+            verb = 'is an option' if len(param.opts) == 1 else 'are options'
+            raise click.UsageError(f'{flags} {verb} of the PFGM++ fork\'s {script}; {advice}', ctx=ctx)
+    return click.option(*names, hidden=True, expose_value=False, callback=refuse, default=None, **kwargs)
+
 
 # ----------------------------------------------------------------------------
 # Lists.
@@ -110,8 +165,8 @@ def network_evaluations(num_steps: int, sampler_kwargs: dict) -> int:
 # Sampler flags and their checks.
 
 
-POSITIVE = dnnlib.util.float_range(min=0, min_open=True)
-NON_NEGATIVE = dnnlib.util.float_range(min=0)
+POSITIVE = float_range(min=0, min_open=True)
+NON_NEGATIVE = float_range(min=0)
 
 #: The sampler flags (EDM sampler, ablation sampler, PFGM++ restatements) of generate.py and ``fid.py gen``.
 SAMPLER_OPTIONS = [

@@ -98,3 +98,23 @@ def number_list(text: str, flag: str, kind: type = float, minimum: float = -math
             f' >= {minimum:g}' if math.isfinite(minimum) else ''
         raise click.BadParameter(f'expected one or more finite numbers{bounds}, got "{text}"', param_hint=flag)
     return sorted(set(values)) if sort else values
+
+
+def read_record(path: str, record_format: int) -> Optional[dict]:
+    """The JSON record a resumable study wrote at ``path``, or None when it is missing, unreadable or of another
+    ``record_format`` (then the work it describes is redone)."""
+    try:
+        with open(path) as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and record.get('format') == record_format else None
+
+
+def write_record(path: str, record: dict, record_format: int) -> None:
+    """Write ``record`` with its ``record_format`` at ``path``, atomically, creating the folder. The values are
+    written as they are (a record compares equal to the settings it was made from only if nothing rewrote them)."""
+    import dnnlib
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    with dnnlib.util.atomic_write(path, 'w') as f:
+        json.dump(dict(record, format=record_format), f, indent=2)

@@ -35,6 +35,7 @@ import click
 import numpy as np
 
 import dnnlib
+from cli import common as cli
 from dnnlib.util import file_sha256
 from demo.digits import make_digits_dataset, number_list, run_tool
 from demo.plots import line_chart
@@ -373,14 +374,14 @@ def write_report(results: dict, points: dict, results_dir: str) -> None:
 @click.option('--outdir', default='guidance-out', show_default=True, help='Work folder: runs, snapshots, points')
 @click.option('--results', 'results_dir', default=os.path.join('docs', 'guidance'), show_default=True,
               help='Where results.json, results.md and the charts go')
-@click.option('--kimg', default=32.0, show_default=True, type=dnnlib.util.float_range(min=0.1),
+@click.option('--kimg', default=32.0, show_default=True, type=cli.float_range(min=0.1),
               help='Training length of the main models, in thousands of images')
-@click.option('--guide-kimg', default=8.0, show_default=True, type=dnnlib.util.float_range(min=0.1),
+@click.option('--guide-kimg', default=8.0, show_default=True, type=cli.float_range(min=0.1),
               help='Training length of the autoguidance guides')
 @click.option('--guide-cbase', default=16, show_default=True, type=click.IntRange(min=1),
               help='Channel multiplier of the guides (the main models have 32)')
 @click.option('--aug-dim', default=128, show_default=True, type=click.IntRange(min=1), help='PFGM++ D')
-@click.option('--label-dropout', default=0.1, show_default=True, type=dnnlib.util.float_range(min=0, max=1))
+@click.option('--label-dropout', default=0.1, show_default=True, type=cli.float_range(min=0, max=1))
 @click.option('--track', default='0.05,0.1', show_default=True, help='sigma_rel of the tracked power EMAs')
 @click.option('--weights', default='2,3,1.5,1.25', show_default=True,
               help='Guidance weights W to sweep besides 1, measured in this order')

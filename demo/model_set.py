@@ -20,7 +20,6 @@ Usage: python -m demo.model_set [--quick] [--outdir=model-set-out] [--results=do
 from __future__ import annotations
 
 import io
-import json
 import os
 import platform
 import re
@@ -36,6 +35,7 @@ import torch
 
 import dnnlib
 from dnnlib.util import file_sha256
+from demo import digits
 from demo.digits import load_digits_dataset, make_digits_dataset, number_list, run_tool
 from demo.plots import line_chart
 from demo.robustness import launcher, model_label, model_name, parse_aug_dims
@@ -59,19 +59,11 @@ QUICK = dict(aug_dims='16,inf', train_seeds='0,1', first_kimg=0.064, max_stages=
 
 
 def read_record(path: str) -> Optional[dict]:
-    """The JSON record at ``path``, or None when it is missing, unreadable or of another format (then redone)."""
-    try:
-        with open(path) as f:
-            record = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return record if isinstance(record, dict) and record.get('format') == RECORD_FORMAT else None
+    return digits.read_record(path, RECORD_FORMAT)
 
 
 def write_json(path: str, record: dict) -> None:
-    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-    with dnnlib.util.atomic_write(path, 'w') as f:
-        json.dump(dnnlib.util.json_safe(dict(record, format=RECORD_FORMAT)), f, indent=2)
+    digits.write_record(path, dnnlib.util.json_safe(record), RECORD_FORMAT)
 
 
 def save_features(path: str, array: np.ndarray) -> None:

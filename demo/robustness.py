@@ -34,7 +34,9 @@ import numpy as np
 import torch
 
 import dnnlib
+from cli import common as cli
 from dnnlib.util import file_sha256
+from demo import digits
 from demo.digits import load_digits_dataset, make_digits_dataset, number_list, run_tool
 from demo.plots import line_chart
 from demo.run import DIGITS_DETECTOR, TRAIN_FLAGS, latest
@@ -58,19 +60,11 @@ QUICK = dict(aug_dims='16,128,2048,inf', kimg=0.2, num=16, sets=2, clean_steps=4
 
 
 def read_record(path: str) -> Optional[dict]:
-    """The JSON record at ``path``, or None when it is missing or unreadable (then the work is redone)."""
-    try:
-        with open(path) as f:
-            record = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return record if isinstance(record, dict) and record.get('format') == RECORD_FORMAT else None
+    return digits.read_record(path, RECORD_FORMAT)
 
 
 def write_record(path: str, record: dict) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with dnnlib.util.atomic_write(path, 'w') as f:
-        json.dump(dict(record, format=RECORD_FORMAT), f, indent=2)
+    digits.write_record(path, record, RECORD_FORMAT)
 
 
 def model_name(D: Optional[float]) -> str:
@@ -363,7 +357,7 @@ def write_results(results_dir: str, aug_dims: list[Optional[float]], fd: dict, f
 @click.option('--quick', is_flag=True, help='Tiny training and few images: checks the pipeline in about 2 minutes')
 @click.option('--aug-dims', 'aug_dims', default=None, metavar='LIST', help=f'D values, "inf" = diffusion  '
               f'[default: {FULL["aug_dims"]}]')
-@click.option('--kimg', type=dnnlib.util.float_range(min=0.1), default=None, help=f'Training length of each model  '
+@click.option('--kimg', type=cli.float_range(min=0.1), default=None, help=f'Training length of each model  '
               f'[default: {FULL["kimg"]:g}; --quick {QUICK["kimg"]:g}]')
 @click.option('--num', type=click.IntRange(min=2), default=None, help=f'Images per set  [default: {FULL["num"]}; '
               f'--quick {QUICK["num"]}]')

@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image
 
 import dnnlib
+from cli import common as cli
 
 from demo.digits import REPO_ROOT, load_digits_dataset, make_digits_dataset, run_tool
 from demo.plots import captioned_sheet, line_chart, tile_grid
@@ -95,7 +96,7 @@ def reported_value(stdout: str) -> float:
 
 @click.command()
 @click.option('--outdir', default='demo-out', show_default=True, help='Where everything is written')
-@click.option('--kimg', default=40.0, show_default=True, type=dnnlib.util.float_range(min=0.1),
+@click.option('--kimg', default=40.0, show_default=True, type=cli.float_range(min=0.1),
               help='Training length of each model, in thousands of images')
 @click.option('--nproc', default=2, show_default=True, type=click.IntRange(min=1), help='torchrun processes')
 @click.option('--aug-dim', default=128, show_default=True, type=click.IntRange(min=1), help='PFGM++ D')

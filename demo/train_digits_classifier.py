@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import dnnlib
+from cli import common as cli
 
 from demo.digits import REPO_ROOT, load_digits_dataset, make_digits_dataset, split_indices
 from evaluation.digits_classifier import DigitsClassifier, accuracy
@@ -72,7 +73,7 @@ def train(images: torch.Tensor, labels: torch.Tensor, epochs: int, batch: int, l
 @click.option('--workdir', default=None, metavar='DIR', help='Where the dataset ZIP is made  [default: a temp dir]')
 @click.option('--epochs', default=40, show_default=True, type=click.IntRange(min=1))
 @click.option('--batch', default=64, show_default=True, type=click.IntRange(min=1))
-@click.option('--lr', default=2e-3, show_default=True, type=dnnlib.util.float_range(min=0, min_open=True))
+@click.option('--lr', default=2e-3, show_default=True, type=cli.float_range(min=0, min_open=True))
 @click.option('--seed', default=0, show_default=True, type=int, help='Initial weights, shuffling and shifts')
 def main(out_path: str, workdir: Optional[str], epochs: int, batch: int, lr: float, seed: int) -> None:
     """Train the digits classifier used as the demo's offline feature detector and report held-out accuracy."""

@@ -8,7 +8,6 @@ paying for the torch import.
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import importlib
 import io
@@ -443,58 +442,3 @@ def launch_rank() -> int:
         return int(os.environ.get('RANK', '0'))
     except ValueError:
         return 0
-
-
-def run_click_command(command: Any) -> None:
-    """Run a click command as a program, with its errors printed by one process only.
-
-    Under torchrun every rank meets the same validation error; printing it once per rank repeats the message.
-    Here rank 0 prints it (click's usual ``Error: ...`` line, no traceback) and every rank exits with click's exit
-    code. Exits the interpreter.
-    """
-    import click  # late: dnnlib is importable without click
-    try:
-        result = command.main(standalone_mode=False)
-    except click.ClickException as err:
-        if launch_rank() == 0:
-            err.show()
-        sys.exit(err.exit_code)
-    except click.Abort:
-        if launch_rank() == 0:
-            click.echo('Aborted!', err=True)
-        sys.exit(1)
-    sys.exit(result if isinstance(result, int) else 0)
-
-
-@functools.lru_cache(maxsize=None)
-def _nan_refusing_float_range() -> type:
-    import click  # late: dnnlib is importable without click
-
-    class FloatRange(click.FloatRange):
-        def convert(self, value: Any, param: Any, ctx: Any) -> Any:
-            number = super().convert(value, param, ctx)
-            if math.isnan(number):  # every comparison with nan is False, so click's bounds let it through
-                self.fail(f'{value!r} is not a number', param, ctx)
-            return number
-    return FloatRange
-
-
-def float_range(**kwargs: Any) -> Any:
-    """``click.FloatRange(**kwargs)`` that also refuses nan; the float type of the command-line flags."""
-    return _nan_refusing_float_range()(**kwargs)
-
-
-def refused_option(*names: str, script: str, advice: str, **kwargs: Any) -> Any:
-    """A hidden click option for a flag of another code base that this program does not take: giving it stops
-    with one line, ``--flag is the PFGM++ fork's (script); advice``, where ``advice`` gives the equivalent command.
-
-    ``kwargs`` go to ``click.option`` (type, is_flag, ...), so the flag parses as it did there.
-    """
-    import click  # late: dnnlib is importable without click
-
-    def refuse(ctx: Any, param: Any, value: Any) -> None:
-        if value is not None and value is not False:
-            flags = '/'.join(param.opts)
-            verb = 'is an option' if len(param.opts) == 1 else 'are options'
-            raise click.UsageError(f'{flags} {verb} of the PFGM++ fork\'s {script}; {advice}', ctx=ctx)
-    return click.option(*names, hidden=True, expose_value=False, callback=refuse, default=None, **kwargs)

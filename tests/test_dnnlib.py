@@ -10,6 +10,7 @@ import threading
 import pytest
 
 import dnnlib
+from cli import common as cli
 from dnnlib import util
 
 
@@ -140,7 +141,7 @@ def test_float_range_refuses_nan_and_keeps_click_bounds():
     from click.testing import CliRunner
 
     @click.command()
-    @click.option('--x', type=dnnlib.util.float_range(min=0))
+    @click.option('--x', type=cli.float_range(min=0))
     def show(x):
         click.echo(repr(x))
     run = lambda value: CliRunner().invoke(show, [f'--x={value}'])  # noqa: E731

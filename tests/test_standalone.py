@@ -16,7 +16,7 @@ GOLDEN = REPO_ROOT / 'tests' / 'golden'
 
 # A relative path that starts by climbing out of its folder into a named sibling folder (`../shared`, `../../data/x`); names of
 # files such as '../evil.png' (hostile archive members in the tests) are not folders and do not match.
-_SIBLING_FOLDER = re.compile(r'(?<![\w./])(?:\.\./)+([A-Za-z_][\w-]*)(?=[/\'"`\s)]|$)')
+_SIBLING_FOLDER = re.compile(r'(?<![\w./\[])(?:\.\./)+([A-Za-z_][\w-]*)(?=[/\'"`\s)]|$)')
 # Path arithmetic on __file__: `.parent` chains and `.parents[k]`.
 _FILE_PARENTS = re.compile(r'Path\(__file__\)(?:\.resolve\(\))?((?:\.parent(?!s))*)(?:\.parents\[(\d+)\])?')
 
@@ -75,6 +75,7 @@ def test_nothing_in_the_repository_names_a_folder_beside_it():
 
 @pytest.mark.parametrize('line, bad', [("x = '../shared/golden'", True), ("Path('../../data/train')", True),
                                        ("members = {'../evil.png': 1}", False), ("'sub/../../evil3.png'", False), ("'a/../b' resolved", False),
+                                       ("RuntimeError('[../third_party/gloo/pair.cc:537] Read error')", False),
                                        ("see training-runs/00000-.../training-state-005000.pt", False)])
 def test_the_sibling_rule_itself(line, bad):
     assert bool(_SIBLING_FOLDER.search(line) or 'shared/golden' in line) == bad
