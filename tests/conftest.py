@@ -88,3 +88,7 @@ def run_torchrun(script: str | os.PathLike, args: list[str], nproc: int = 2, tim
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f'torchrun {script} failed with {proc.returncode}:\n{proc.stderr[-3000:]}'
     return proc
+
+
+# Fixtures of the command-line contract tests (each script's test file): hostile inputs, a full disk, a full tmpfs.
+from tests._cli_inputs import detector, full_disk, inputs, tiny_tmpfs  # noqa: E402,F401

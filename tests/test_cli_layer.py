@@ -9,13 +9,17 @@ import math
 import pickle
 
 import click
+from click.testing import CliRunner
 import numpy as np
 import pytest
 
 import dnnlib
-from tests.conftest import REPO_ROOT, run_python
 from cli import common as cli
 from evaluation import features
+
+from tests.conftest import REPO_ROOT, run_python
+from tests._train_data import make_dataset_zip, tiny_train_args
+from tests._cli_inputs import assert_one_error, invoke, tree
 
 SCRIPTS = ('dataset_tool', 'export', 'fid', 'generate', 'reconstruct_phema', 'train')
 LIBRARY_PACKAGES = ('dnnlib', 'torch_utils', 'training', 'sampling', 'evaluation', 'formats', 'cli', 'integrations')
@@ -165,3 +169,86 @@ def test_weights_errors_are_network_load_errors():
     with pytest.raises(network_io.NetworkLoadError, match='0 bytes'):
         export.load_weights_bytes(b'', 'x.weights.pt')
     assert pickle.loads(pickle.dumps(export.WeightsFormatError('m'))).args == ('m',)
+
+# ----------------------------------------------------------------------------
+# The whole suite, and the same promise outside CliRunner.
+
+
+
+
+@pytest.mark.parametrize('script, args', [
+    ('dataset_tool.py', ['--source={truncated_zip}', '--dest={tmp}/o.zip']),
+    ('generate.py', ['--network={empty}', '--outdir={tmp}/out', '--seeds=0']),
+    ('fid.py', ['calc', '--images={dataset}', '--ref={ref_nan}', '--num=8']),
+])
+def test_real_processes_print_one_line_and_no_traceback(script, args, inputs, tmp_path):
+    formatted = [a.format(tmp=tmp_path, **inputs) for a in args]
+    proc = run_python([script, *formatted], check=False, env=dict(OMP_NUM_THREADS='1'))
+    assert proc.returncode != 0
+    assert 'Traceback' not in proc.stderr + proc.stdout
+    assert len([line for line in proc.stderr.splitlines() if line.startswith('Error:')]) == 1, proc.stderr
+    assert tree(tmp_path / 'o.zip') == {} and tree(tmp_path / 'out') == {}
+
+
+# ----------------------------------------------------------------------------
+# The PFGM++ fork's command lines: accepted with the same meaning, or one line giving our equivalent command.
+
+FORK_REFUSALS = [
+    ('generate', ['--outdir={out}', '--seeds=0-3', '--pfgmpp=1', '--aug_dim=64'],
+     ['--network is required', 'training-state-000100.pt', 'ckpt_000100', '--seeds=0-3']),
+    ('generate', ['--network={net}', '--outdir={out}', '--ckpt', '80000'], ['--ckpt', 'once per checkpoint']),
+    ('generate', ['--network={net}', '--outdir={out}', '--end_ckpt', '81000'], ['--end_ckpt', '--network=']),
+    ('generate', ['--network={net}', '--outdir={out}', '--save_images'], ['--save_images', '--grid=']),
+    ('generate', ['--network={net}', '--outdir={out}', '--edm=1'], ['--edm', 'drop it']),
+    ('fid', ['calc', '--images={out}', '--ref=r.npz', '--num', '50000', '--ckpt', '80000', '--end_ckpt', '81000'],
+     ['--ckpt/--end_ckpt', '--images=DIR/ckpt_NNNNNN']),
+    ('fid', ['calc', '--images={out}', '--ref=r.npz', '--gen_seed', '2'], ['--gen_seed', 'ckpt_2_']),
+    ('fid', ['calc', '--images={out}', '--ref=r.npz', '--quant=1'], ['--quant', 'sweep folder']),
+    ('train', ['--outdir={out}', '--data=d.zip', '--pfgmpp=1', '--align=1'], ['--align', 'r = sigma*sqrt(D)']),
+    ('train', ['--outdir={out}', '--data=d.zip', '--align_precond=1'], ['--align_precond', 'drop the flag']),
+]
+
+
+@pytest.mark.parametrize('script,args,fragments', FORK_REFUSALS,
+                         ids=[f'{s}-{a[-1] if s != "generate" or i else "no-network"}'
+                              for i, (s, a, _f) in enumerate(FORK_REFUSALS)])
+def test_fork_flags_are_refused_with_the_equivalent_command(script, args, fragments, inputs, tmp_path):
+    import fid
+    import generate
+    import train
+    out = tmp_path / 'exp'
+    out.mkdir()
+    (out / 'training-state-000100.pt').write_bytes(b'')  # the fork's generate.py looked for these
+    command = dict(generate=generate.main, fid=fid.main, train=train.main)[script]
+    result = invoke(command, [a.format(out=out, net=inputs['uncond']) for a in args])
+    assert_one_error(result, *fragments)
+    assert sorted(p.name for p in out.iterdir()) == ['training-state-000100.pt']  # nothing written
+
+
+def test_fork_flags_with_the_same_meaning_are_accepted(inputs, tmp_path):
+    import generate
+    import train
+    ours = invoke(generate.main, ['--network', inputs['uncond'], '--outdir', tmp_path / 'a', '--seeds=0', '--steps=2',
+                                  '--device=cpu'])
+    fork = invoke(generate.main, ['--network', inputs['uncond'], '--outdir', tmp_path / 'b', '--seeds=0', '--steps=2',
+                                  '--device=cpu', '--use_pickle=1'])
+    assert ours.exit_code == fork.exit_code == 0, fork.output
+    assert (tmp_path / 'a' / '000000.png').read_bytes() == (tmp_path / 'b' / '000000.png').read_bytes()
+    # --pfgmv2 is the fork's early name of --pfgmpp; --align=0 and --align_precond=0 are the released behaviour.
+    data = make_dataset_zip(tmp_path / 'd.zip', count=4)
+    result = invoke(train.main, [*tiny_train_args(data, tmp_path / 'runs', pfgmpp=None), '--pfgmv2=1', '--align=0',
+                                 '--align_precond=0', '--dry-run'])
+    assert result.exit_code == 0, result.output
+    assert '"D": 128' in result.output
+
+
+def test_fork_defaults_that_differ_are_named_in_help():
+    import generate
+    import train
+    generate_help = CliRunner().invoke(generate.main, ['--help']).output
+    train_help = CliRunner().invoke(train.main, ['--help']).output
+    for flag in ('--S_max', '--S_noise'):
+        line = generate_help[generate_help.index(flag):].split('\n  --')[0]
+        assert "EDM's default holds" in ' '.join(line.split()) and 'fork' in line
+    line = train_help[train_help.index('--dump'):].split('\n  --')[0]
+    assert "EDM's default holds" in ' '.join(line.split()) and '50' in line and '500' in line

@@ -15,6 +15,9 @@ import shutil
 import tarfile
 import zipfile
 from pathlib import Path
+import errno
+import uuid
+from typing import Any
 
 import numpy as np
 import PIL.Image
@@ -22,7 +25,9 @@ import pytest
 from click.testing import CliRunner
 
 import dataset_tool
+
 from tests.conftest import GOLDEN_DIR, REPO_ROOT, run_python
+from tests._cli_inputs import zip_with, assert_one_error, invoke, png_bytes, tree, truncated, unchanged, under_a_file
 
 TOOL = str(REPO_ROOT / 'dataset_tool.py')
 GOLDEN_CASES = sorted((GOLDEN_DIR / 'dataset_tool').glob('*.expected.json'))
@@ -527,3 +532,136 @@ def test_script_is_thin_and_the_library_converts_without_click(tmp_path: Path) -
     assert lines == [f'Classes from the top-level folders of {source} (text order): cat -> 0, dog -> 1']
     with pytest.raises(dataset_writer.DatasetError, match='--dest .*already exists'):
         dataset_writer.convert_dataset(str(source), str(tmp_path / 'o'), log=lines.append)
+
+
+# ----------------------------------------------------------------------------
+# Hostile and broken input: one ``Error:`` line naming the file or flag, no traceback, no partial output.
+
+
+def run_dataset_tool(*args: Any) -> Any:
+    import dataset_tool
+    return invoke(dataset_tool.main, list(args))
+
+
+BAD_LABEL_FILES = {
+    'labels-not-a-list': b'{"labels": 5}',
+    'entry-not-a-pair': b'{"labels": [["img0.png", 1, 2]]}',
+    'top-level-list': b'[["img0.png", 1]]',
+    'not-json': b'{"labels": [["img0.png", 1]',
+    'missing-labels-key': b'{"classes": []}',
+}
+
+
+@pytest.mark.parametrize('case', list(BAD_LABEL_FILES))
+def test_dataset_tool_dataset_json_with_wrong_types(case, tmp_path):
+    source = zip_with(tmp_path / 'source.zip', {'img0.png': png_bytes(), 'img1.png': png_bytes(seed=1),
+                                                'dataset.json': BAD_LABEL_FILES[case]})
+    dest = tmp_path / 'out.zip'
+    with unchanged(tmp_path / 'out.zip'):
+        assert_one_error(run_dataset_tool('--source', source, '--dest', dest), 'dataset.json', 'expected')
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['source.zip']
+
+
+def test_dataset_tool_dataset_json_in_a_folder(tmp_path):
+    source = tmp_path / 'images'
+    source.mkdir()
+    (source / 'a.png').write_bytes(png_bytes())
+    (source / 'dataset.json').write_bytes(b'{"labels": {"a.png": 1}}')
+    dest = tmp_path / 'out'
+    assert_one_error(run_dataset_tool('--source', source, '--dest', dest), 'dataset.json')
+    assert not dest.exists()
+
+
+@pytest.mark.parametrize('dest_name', ['out.zip', 'out'])
+def test_dataset_tool_truncated_png(dest_name, tmp_path):
+    source = tmp_path / 'images'
+    source.mkdir()
+    (source / 'a.png').write_bytes(png_bytes())
+    (source / 'b.png').write_bytes(truncated(png_bytes(seed=1)))
+    assert_one_error(run_dataset_tool('--source', source, '--dest', tmp_path / dest_name), 'b.png',
+                     'cannot read image')
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['images']
+
+
+def test_dataset_tool_truncated_png_inside_a_zip(inputs, tmp_path):
+    assert_one_error(run_dataset_tool('--source', inputs['truncated_png_zip'], '--dest', tmp_path / 'o.zip'),
+                     'img00000000.png')
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_dataset_tool_truncated_zip(inputs, tmp_path):
+    assert_one_error(run_dataset_tool('--source', inputs['truncated_zip'], '--dest', tmp_path / 'o.zip'),
+                     '--source', 'not a readable ZIP')
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_dataset_tool_empty_source_file(tmp_path):
+    source = tmp_path / 'empty.zip'
+    source.write_bytes(b'')
+    assert_one_error(run_dataset_tool('--source', source, '--dest', tmp_path / 'o.zip'), '--source')
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['empty.zip']
+
+
+@pytest.mark.parametrize('dest_name', ['out.zip', 'out'])
+def test_dataset_tool_zip_path_traversal_stays_inside(dest_name, tmp_path):
+    """Members named ../x.png or /tmp/x.png are read as images but never become output paths."""
+    work = tmp_path / 'work'
+    work.mkdir()
+    outside_abs = Path('/tmp') / f'pfgmpp-hostile-{uuid.uuid4().hex}.png'
+    members = {'../evil.png': png_bytes(seed=1), '../../evil2.png': png_bytes(seed=2),
+               'sub/../../evil3.png': png_bytes(seed=3), str(outside_abs): png_bytes(seed=4),
+               'ok.png': png_bytes(seed=5)}
+    source = zip_with(work / 'source.zip', members)
+    dest = work / dest_name
+    result = run_dataset_tool('--source', source, '--dest', dest)
+    assert result.exit_code == 0, result.output
+    # Nothing beside or above the destination, nothing at the absolute name.
+    assert sorted(p.name for p in work.iterdir()) == sorted(['source.zip', dest_name])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['work']
+    assert not outside_abs.exists() and not Path('/tmp/evil.png').exists()
+    names = sorted(tree(dest)) if dest.is_dir() else sorted(zipfile.ZipFile(dest).namelist())
+    assert names == ['00000/img00000000.png', '00000/img00000001.png', '00000/img00000002.png',
+                     '00000/img00000003.png', '00000/img00000004.png', 'dataset.json']
+    assert all('..' not in name and not name.startswith('/') for name in names)
+
+
+@pytest.mark.parametrize('dest_name', ['out.zip', 'out'])
+def test_dataset_tool_unwritable_destination(dest_name, tmp_path):
+    source = zip_with(tmp_path / 'source.zip', {'a.png': png_bytes()})
+    dest = under_a_file(tmp_path, 'sub', dest_name)
+    assert_one_error(run_dataset_tool('--source', source, '--dest', dest), '--dest', str(dest))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['blocker.txt', 'source.zip']
+
+
+@pytest.mark.parametrize('dest_name', ['out.zip', 'out'])
+def test_dataset_tool_full_disk(dest_name, tmp_path, monkeypatch):
+    from formats import dataset_writer
+    source = zip_with(tmp_path / 'source.zip', {f'{i}.png': png_bytes(seed=i) for i in range(3)})
+    calls = []
+
+    def write(self: Any, name: str, data: Any) -> None:
+        calls.append(name)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), name)
+        real(self, name, data)
+    writer = dataset_writer.ZipDestination if dest_name.endswith('.zip') else dataset_writer.FolderDestination
+    real = writer.write
+    monkeypatch.setattr(writer, 'write', write)
+    assert_one_error(run_dataset_tool('--source', source, '--dest', tmp_path / dest_name), '--dest',
+                     'No space left on device')
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['source.zip']
+
+
+def test_dataset_tool_full_tmpfs(tiny_tmpfs, tmp_path):
+    source = zip_with(tmp_path / 'source.zip', {f'{i}.png': png_bytes(size=32, seed=i) for i in range(4)})
+    with unchanged(tiny_tmpfs):
+        assert_one_error(run_dataset_tool('--source', source, '--dest', tiny_tmpfs / 'out.zip'), '--dest',
+                         'No space left on device')
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['source.zip', 'tmpfs']
+
+
+def test_dataset_tool_bad_resolution_flag(tmp_path):
+    source = zip_with(tmp_path / 'source.zip', {'a.png': png_bytes()})
+    assert_one_error(run_dataset_tool('--source', source, '--dest', tmp_path / 'o.zip', '--resolution', '8xq'),
+                     '--resolution')
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['source.zip']

@@ -13,11 +13,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from tests._sampler_nets import golden_network
-from tests.conftest import randomize_parameters_
-from tests.conftest import run_python
 from formats import export
 from formats.network_io import NetworkLoadError, load_network
+
+from tests._sampler_nets import golden_network
+from tests.conftest import randomize_parameters_, run_python
+from tests._cli_inputs import assert_one_error, invoke, under_a_file
 
 GOLDEN_NETWORKS = ['networks/edm_adm_cond.pt', 'networks/edm_ddpmpp_aug.pt', 'networks/edm_ncsnpp_cond.pt']
 SNAPSHOT = 'snapshots/network-snapshot-000000.pkl'
@@ -408,3 +409,51 @@ def test_fid_gen_reads_weights_files(golden_dir, tmp_path):
         stats[label] = np.load(tmp_path / f'{label}.npz')
     assert np.array_equal(stats['pickle']['mu'], stats['weights']['mu'])
     assert np.array_equal(stats['pickle']['sigma'], stats['weights']['sigma'])
+
+
+# ----------------------------------------------------------------------------
+# Hostile and broken input: one ``Error:`` line naming the file or flag, no traceback, no partial output.
+
+
+def run_export(*args: Any) -> Any:
+    import export as export_script
+    return invoke(export_script.main, list(args))
+
+
+@pytest.mark.parametrize('key, fragment', [('empty', '0 bytes'), ('truncated_pkl', 'truncated.pkl'),
+                                           ('dataset', 'dataset.zip'),
+                                           ('weights_foreign_class', 'is not allowed')])
+def test_export_bad_input(key, fragment, inputs, tmp_path):
+    output = tmp_path / 'out.weights.pt'
+    assert_one_error(run_export('--input', inputs[key], '--output', output), '--input', fragment)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_refuses_a_network_outside_the_allow_list(tmp_path):
+    from training.networks import SongUNet
+    source = tmp_path / 'unet.pkl'
+    with open(source, 'wb') as f:
+        pickle.dump(dict(ema=SongUNet(img_resolution=8, in_channels=3, out_channels=3, model_channels=8,
+                                      channel_mult=[1], attn_resolutions=[])), f)
+    assert_one_error(run_export('--input', source), '--input', 'cannot export a SongUNet')
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['unet.pkl']
+
+
+def test_export_existing_output_is_kept(inputs, tmp_path):
+    output = tmp_path / 'keep.weights.pt'
+    output.write_bytes(b'precious')
+    assert_one_error(run_export('--input', inputs['uncond'], '--output', output), '--output', '--force')
+    assert output.read_bytes() == b'precious'
+
+
+def test_export_unwritable_output(inputs, tmp_path):
+    assert_one_error(run_export('--input', inputs['uncond'], '--output', under_a_file(tmp_path, 'o.weights.pt')),
+                     '--output', 'not writable')
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['blocker.txt']
+
+
+def test_export_full_disk(inputs, tmp_path, full_disk):
+    output = tmp_path / 'o.weights.pt'
+    assert_one_error(run_export('--input', inputs['uncond'], '--output', output), '--output',
+                     'No space left on device')
+    assert list(tmp_path.iterdir()) == []

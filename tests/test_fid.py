@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import click
 from click.testing import CliRunner
@@ -26,8 +27,10 @@ import torch
 
 import fid
 from evaluation import features, metrics, runs
+
 from tests._tolerance import assert_within, eps, sum_steps
 from tests.conftest import REPO_ROOT, run_python
+from tests._cli_inputs import assert_one_error, invoke, unchanged, under_a_file
 
 STANDIN = 'fid/detector-standin.pkl'
 FID_SCRIPT = str(REPO_ROOT / 'fid.py')
@@ -710,3 +713,101 @@ def test_gen_of_a_network_that_samples_nan_is_one_line_and_no_metric(narrow_dete
     assert not jsonl.exists() and not stats.exists()
     assert not [line for line in result.stdout.splitlines() if line.split()[:1] in (['fid'], ['FID'])]
     assert 'Saved statistics' not in result.stdout
+
+
+# ----------------------------------------------------------------------------
+# Hostile and broken input: one ``Error:`` line naming the file or flag, no traceback, no partial output.
+
+
+def run_fid(*args: Any) -> Any:
+    import fid
+    return invoke(fid.main, list(args))
+
+
+FID_REFS = {
+    'nan': ('ref_nan', 'NaN'),
+    'wrong-shape': ('ref_shape', 'shape'),
+    'missing-keys': ('ref_keys', 'missing'),
+    'truncated': ('ref_truncated', 'ref-truncated.npz'),
+    'empty': ('empty', 'empty.pkl'),
+    'missing-file': (None, 'missing.npz'),
+}
+
+
+@pytest.mark.parametrize('case', list(FID_REFS))
+def test_fid_calc_bad_ref(case, inputs, detector, tmp_path):
+    key, fragment = FID_REFS[case]
+    ref = inputs[key] if key else tmp_path / 'missing.npz'
+    stats = tmp_path / 'stats.npz'
+    assert_one_error(run_fid('calc', '--images', inputs['dataset'], '--ref', ref, '--num=8', '--detector', detector,
+                             '--device=cpu', '--workers=0', '--save-stats', stats), fragment)
+    assert not stats.exists()
+
+
+@pytest.mark.parametrize('key, fragments', [('truncated_zip', ('--images', 'truncated.zip')),
+                                            ('truncated_png_zip', ('--images', 'img00000000.png')),
+                                            ('empty', ('--images', 'empty.pkl'))])
+def test_fid_calc_broken_images(key, fragments, inputs, detector, tmp_path):
+    stats = tmp_path / 'stats.npz'
+    assert_one_error(run_fid('calc', '--images', inputs[key], '--num=8', '--detector', detector, '--device=cpu',
+                             '--workers=0', '--save-stats', stats), *fragments)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_fid_ref_broken_dataset(inputs, detector, tmp_path):
+    dest = tmp_path / 'ref.npz'
+    assert_one_error(run_fid('ref', '--data', inputs['truncated_zip'], '--dest', dest, '--detector', detector,
+                             '--device=cpu', '--workers=0'), '--data')
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_fid_ref_unwritable_dest(inputs, detector, tmp_path):
+    dest = under_a_file(tmp_path, 'ref.npz')
+    assert_one_error(run_fid('ref', '--data', inputs['dataset'], '--dest', dest, '--detector', detector,
+                             '--device=cpu', '--workers=0'), '--dest')
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['blocker.txt']
+
+
+def test_fid_ref_full_disk(inputs, detector, tmp_path, full_disk):
+    dest = tmp_path / 'ref.npz'
+    assert_one_error(run_fid('ref', '--data', inputs['dataset'], '--dest', dest, '--detector', detector,
+                             '--device=cpu', '--workers=0'), '--dest', 'No space left on device')
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_fid_calc_full_tmpfs(inputs, detector, tiny_tmpfs):
+    with unchanged(tiny_tmpfs):
+        assert_one_error(run_fid('calc', '--images', inputs['dataset'], '--num=8', '--detector', detector,
+                                 '--device=cpu', '--workers=0', '--save-stats', tiny_tmpfs / 'stats.npz'),
+                         '--save-stats', 'No space left on device')
+
+
+def fid_gen(network: Path, tmp_path: Path, detector: Path, *extra: Any) -> Any:
+    return run_fid('gen', '--network', network, '--seeds=0-1', '--steps=2', '--detector', detector, '--device=cpu',
+                   '--save-stats', tmp_path / 'stats.npz', *extra)
+
+
+@pytest.mark.parametrize('key, fragment', [('empty', '0 bytes'), ('dataset', 'dataset.zip'),
+                                           ('weights_foreign_class', 'is not allowed')])
+def test_fid_gen_bad_network(key, fragment, inputs, detector, tmp_path):
+    assert_one_error(fid_gen(inputs[key], tmp_path, detector), '--network', fragment)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize('seeds', ['5-2', 'a-b'])
+def test_fid_gen_bad_seeds(seeds, inputs, detector, tmp_path):
+    assert_one_error(run_fid('gen', '--network', inputs['uncond'], f'--seeds={seeds}', '--detector', detector,
+                             '--save-stats', tmp_path / 's.npz'), '--seeds')
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_fid_gen_class_out_of_range(inputs, detector, tmp_path):
+    assert_one_error(fid_gen(inputs['cond'], tmp_path, detector, '--class=7'), '--class')
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_fid_gen_unwritable_save_stats(inputs, detector, tmp_path):
+    stats = under_a_file(tmp_path, 'stats.npz')
+    assert_one_error(run_fid('gen', '--network', inputs['uncond'], '--seeds=0-1', '--steps=2', '--detector', detector,
+                             '--device=cpu', '--save-stats', stats), '--save-stats')
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['blocker.txt']

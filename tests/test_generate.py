@@ -5,13 +5,11 @@ from __future__ import annotations
 import functools
 import http.server
 import json
-import os
 import re
 import shutil
-import subprocess
-import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import PIL.Image
@@ -20,13 +18,14 @@ import torch
 from click.testing import CliRunner
 
 import generate
-from tests._sampler_nets import make_tiny_net, save_snapshot, save_training_state
-from tests.conftest import REPO_ROOT, run_python
 from torch_utils import cpu_support
-from sampling import quantize
-from sampling import pipeline
+from sampling import quantize, pipeline
 from formats import manifest as manifest_lib
 from formats.network_io import NetworkLoadError, load_network
+
+from tests._sampler_nets import make_tiny_net, save_snapshot, save_training_state
+from tests.conftest import REPO_ROOT, run_python
+from tests._cli_inputs import copy_file, assert_one_error, invoke, tree, truncated, unchanged, under_a_file
 
 GOLDEN_SNAPSHOT = 'snapshots/network-snapshot-000000.pkl'  # same weights as networks/edm_ddpmpp_aug.pt
 
@@ -567,3 +566,84 @@ def test_another_process_continues_a_folder_of_a_pickled_network(nets, tmp_path)
         {name: data for name, data in before.items() if name != 'manifest.json'}
     assert sorted(p.name for p in folder.glob('*.png')) == [f'{s:06d}.png' for s in range(4)]
     assert json.loads((folder / 'manifest.json').read_text())['seeds'] == '0-3'
+
+
+# ----------------------------------------------------------------------------
+# Hostile and broken input: one ``Error:`` line naming the file or flag, no traceback, no partial output.
+
+
+def run_generate(network: Path, outdir: Path, *extra: Any) -> Any:
+    import generate
+    return invoke(generate.main, ['--network', network, '--outdir', outdir, '--seeds=0-1', '--steps=2',
+                                  '--device=cpu', *extra])
+
+
+GENERATE_NETWORKS = {
+    'empty': ('empty', ('--network', 'empty.pkl', '0 bytes')),
+    'truncated-pickle': ('truncated_pkl', ('--network', 'truncated.pkl')),
+    'dataset-zip': ('dataset', ('--network', 'dataset.zip')),
+    'dict-without-ema': ('no_ema_pkl', ('--network', '"ema"')),
+    'optimizer-state': ('optimizer_pt', ('--network', '"ema"')),
+    'weights-foreign-class': ('weights_foreign_class', ('--network', "'builtins.eval' is not allowed")),
+    'weights-bad-shape': ('weights_bad_shape', ('--network', 'model.map_layer0.weight is [2, 2]')),
+    'ref-npz-as-network': ('ref_nan', ('--network', 'ref-nan.npz')),
+}
+
+
+@pytest.mark.parametrize('case', list(GENERATE_NETWORKS))
+def test_generate_bad_network(case, inputs, tmp_path):
+    key, fragments = GENERATE_NETWORKS[case]
+    outdir = tmp_path / 'out'
+    assert_one_error(run_generate(inputs[key], outdir), *fragments)
+    assert tree(outdir) == {}
+
+
+def test_generate_broken_weights_sibling_is_named(inputs, tmp_path):
+    snapshot = copy_file(inputs['uncond'], tmp_path / 'net.pkl')
+    (tmp_path / 'net.weights.pt').write_bytes(truncated(inputs['weights'].read_bytes()))
+    assert_one_error(run_generate(snapshot, tmp_path / 'out'), '--network', 'net.weights.pt')
+    assert tree(tmp_path / 'out') == {}
+
+
+SEED_CASES = {'5-2': 'empty', 'a-b': "'a-b'", '1,,x': "'x'", '-3': 'seed -3 is out of range', '4294967296': 'out of range',
+              ',': 'no integers'}
+
+
+@pytest.mark.parametrize('seeds', list(SEED_CASES))
+def test_generate_bad_seeds(seeds, inputs, tmp_path):
+    import generate
+    result = invoke(generate.main, ['--network', inputs['uncond'], '--outdir', tmp_path / 'out', f'--seeds={seeds}'])
+    assert_one_error(result, '--seeds', SEED_CASES[seeds])
+    assert not (tmp_path / 'out').exists()
+
+
+@pytest.mark.parametrize('network, class_idx, fragment', [('cond', 3, 'out of range; expected 0..2'),
+                                                          ('uncond', 0, 'unconditional')])
+def test_generate_class_label_out_of_range(network, class_idx, fragment, inputs, tmp_path):
+    assert_one_error(run_generate(inputs[network], tmp_path / 'out', f'--class={class_idx}'), '--class', fragment)
+    assert tree(tmp_path / 'out') == {}
+
+
+def test_generate_unwritable_outdir(inputs, tmp_path):
+    outdir = under_a_file(tmp_path, 'images')
+    assert_one_error(run_generate(inputs['uncond'], outdir), '--outdir', 'not writable')
+
+
+def test_generate_unwritable_grid(inputs, tmp_path):
+    grid = under_a_file(tmp_path, 'grid.png')
+    assert_one_error(run_generate(inputs['uncond'], tmp_path / 'out', '--grid', grid), '--grid')
+    assert tree(tmp_path / 'out') == {}
+
+
+def test_generate_full_disk(inputs, tmp_path, full_disk):
+    outdir = tmp_path / 'out'
+    # The manifest is the first file written (before any image, so that an interrupted run is described).
+    assert_one_error(run_generate(inputs['uncond'], outdir), f'--outdir {outdir}', 'manifest.json',
+                     'No space left on device')
+    assert tree(outdir) == {}
+
+
+def test_generate_full_tmpfs(inputs, tiny_tmpfs):
+    with unchanged(tiny_tmpfs):
+        assert_one_error(run_generate(inputs['uncond'], tiny_tmpfs / 'out'), f'--outdir {tiny_tmpfs / "out"}',
+                         'No space left on device')

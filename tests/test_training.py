@@ -18,13 +18,18 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+import contextlib
+from typing import Any, Callable, Iterator
 
 import pytest
 import torch
 from click.testing import CliRunner
 
+import dnnlib
+
 from tests._train_data import make_dataset_zip, start_ranks, tiny_train_args
 from tests.conftest import REPO_ROOT, run_python
+from tests._cli_inputs import copy_file, zip_with, _FullDiskFile, assert_one_error, invoke, png_bytes, under_a_file
 
 STEP_IMAGES = 4                      # --batch of the single-process runs
 LONG_MIMG = 60 * STEP_IMAGES / 1e6   # 60 steps: long enough to be killed half-way
@@ -603,3 +608,75 @@ def test_bf16_without_cpu_bf16_kernels_trains_fp32_with_one_line(data_zip: Path,
     monkeypatch.setattr(cpu_support, 'bf16_supported', lambda: True)
     code, output = _invoke(tiny_train_args(data_zip, tmp_path / 'runs', dry_run=True, precision='bf16'))
     assert code == 0 and '"use_bf16": true' in output and 'bfloat16 kernels' not in output, output
+
+
+# ----------------------------------------------------------------------------
+# Hostile and broken input: one ``Error:`` line naming the file or flag, no traceback, no partial output.
+
+
+def run_train(data: Path, outdir: Path, **overrides: Any) -> Any:
+    import train
+    return invoke(train.main, tiny_train_args(data, outdir, **overrides))
+
+
+def assert_no_training_output(outdir: Path) -> None:
+    """No snapshot, training state or temporary file (a run folder with its log may remain)."""
+    leftovers = [p.name for p in outdir.rglob('*') if p.is_file() and (p.suffix in ('.pkl', '.pt', '.tmp')
+                                                                          or p.name.startswith('.'))]
+    assert leftovers == [], leftovers
+
+
+def labelled_zip(path: Path, labels_json: bytes) -> Path:
+    return zip_with(path, {'00000/img00000000.png': png_bytes(), '00000/img00000001.png': png_bytes(seed=1),
+                           'dataset.json': labels_json})
+
+
+TRAIN_CASES: dict[str, tuple[Callable[[dict, Path], dict], tuple[str, ...]]] = {
+    'truncated-zip': (lambda f, t: dict(data=f['truncated_zip']), ('--data',)),
+    'truncated-png': (lambda f, t: dict(data=f['truncated_png_zip']), ('--data', 'img00000000.png')),
+    'labels-wrong-types': (lambda f, t: dict(data=labelled_zip(t / 'l.zip', b'{"labels": [["x", 1, 2]]}'), cond=1),
+                           ('l.zip/dataset.json', 'expected {"labels"')),
+    'labels-out-of-range': (lambda f, t: dict(data=labelled_zip(
+        t / 'l.zip', b'{"labels": [["00000/img00000000.png", -1], ["00000/img00000001.png", 2]]}'), cond=1),
+        ('l.zip/dataset.json', 'non-negative integers')),
+    'resume-empty': (lambda f, t: dict(resume=copy_file(f['empty'], t / 'training-state-000000.pt')),
+                     ('--resume', 'training-state-000000.pt')),
+    'resume-wrong-kind': (lambda f, t: dict(resume=copy_file(f['uncond'], t / 'training-state-000000.pt')),
+                          ('--resume', 'training state')),
+    'transfer-empty': (lambda f, t: dict(transfer=f['empty']), ('--transfer', 'empty')),
+    'transfer-wrong-kind': (lambda f, t: dict(transfer=f['optimizer_pt']), ('--transfer', '"ema"')),
+    'transfer-bad-weights': (lambda f, t: dict(transfer=f['weights_bad_shape']), ('--transfer', 'do not match')),
+    'cres-not-integers': (lambda f, t: dict(cres='a,b'), ('--cres',)),
+    'unwritable-outdir': (lambda f, t: dict(outdir=under_a_file(t, 'runs')), ('--outdir', 'not writable')),
+}
+
+
+@pytest.mark.parametrize('case', list(TRAIN_CASES))
+def test_train_hostile_input(case, inputs, tmp_path):
+    make_overrides, fragments = TRAIN_CASES[case]
+    given = tmp_path / 'given'
+    given.mkdir()
+    overrides = make_overrides(inputs, given)
+    data = overrides.pop('data', inputs['dataset'])
+    outdir = overrides.pop('outdir', tmp_path / 'runs')
+    assert_one_error(run_train(data, outdir, **overrides), *fragments)
+    assert_no_training_output(outdir)
+
+
+def test_train_full_disk(inputs, tmp_path, full_disk):
+    assert_one_error(run_train(inputs['dataset'], tmp_path / 'runs'), '--outdir', 'training_options.json',
+                     'No space left on device')
+    assert_no_training_output(tmp_path)
+
+
+def test_train_full_disk_at_the_first_snapshot(inputs, tmp_path, monkeypatch):
+    real = dnnlib.util.atomic_write
+
+    @contextlib.contextmanager
+    def fail_for_snapshots(path: Any, mode: str = 'wb') -> Iterator[Any]:
+        with real(path, mode) as f:
+            yield _FullDiskFile(f, os.fspath(path)) if 'network-snapshot' in os.fspath(path) else f
+    monkeypatch.setattr(dnnlib.util, 'atomic_write', fail_for_snapshots)
+    assert_one_error(run_train(inputs['dataset'], tmp_path / 'runs', snap=1, dump=1), 'network-snapshot-000000.pkl',
+                     'No space left on device')
+    assert_no_training_output(tmp_path)
