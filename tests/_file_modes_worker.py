@@ -3,7 +3,7 @@
 ``python tests/_file_modes_worker.py OUT DATA_ZIP DETECTOR UMASK...``: for each umask (octal) in turn, sets it,
 then runs train.py (with post-hoc EMA), export.py, generate.py, fid.py ref/calc, reconstruct_phema.py and
 dataset_tool.py (ZIP and folder) in-process, as their ``__main__`` blocks would, with outputs under
-OUT/umask-UMASK; tests/test_file_modes.py checks the modes. One process for all umasks keeps the test to one
+OUT/umask-UMASK; tests/formats/test_file_modes.py checks the modes. One process for all umasks keeps the test to one
 torch import, and checks that writers follow a umask changed after the first files were written.
 """
 
@@ -60,7 +60,7 @@ def write_all(out: Path, data_zip: str, detector: str) -> None:
 def main() -> None:
     out, data_zip, detector = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
     out.mkdir(parents=True, exist_ok=True)
-    # The stand-in detector narrowed to its active features (as tests/test_fid.py does): the FID of 2048 mostly
+    # The stand-in detector narrowed to its active features (as tests/scripts/test_fid.py does): the FID of 2048 mostly
     # empty dimensions costs a minute of matrix square root, 32 cost nothing.
     import pickle
     with open(detector, 'rb') as f:

@@ -29,7 +29,7 @@ import torch
 
 from tests._train_data import make_dataset_zip, tiny_train_args
 from tests.conftest import REPO_ROOT, run_python, run_torchrun
-from tests.test_training import _only, _state
+from tests.scripts.test_train import _only, _state
 
 pytestmark = pytest.mark.slow
 

@@ -303,7 +303,7 @@ def test_phema_training_resumes_bit_exactly_and_its_snapshots_load(data_zip, tmp
                                                 '--guidance=2', f'--outdir={tmp_path / "cfg"}', '--seeds=0-1',
                                                 '--steps=2', '--device=cpu'])
     assert result.exit_code == 0, result.output
-    from tests.test_fid import STANDIN
+    from tests.scripts.test_fid import STANDIN
     from tests.conftest import GOLDEN_DIR
     result = CliRunner().invoke(fid.main, ['gen', f'--network={out / "phema-0000000-0.080.pkl"}', '--seeds=0-2',
                                            '--steps=2', '--device=cpu', f'--detector={GOLDEN_DIR / STANDIN}',

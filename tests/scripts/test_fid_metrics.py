@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tests.conftest import REPO_ROOT, run_python
-from tests.test_fid import (_assert_cli_error, _invoke, _last_line, generated_dir,  # noqa: F401
+from tests.scripts.test_fid import (_assert_cli_error, _invoke, _last_line, generated_dir,  # noqa: F401
                             narrow_detector, narrow_ref)
 from evaluation import features, metrics, runs
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from tests._tolerance import assert_within, sum_steps
-from tests.test_networks import GOLDEN_NETWORKS, REDUCED_PRECISION_STEPS, TINY_ADM, TINY_SONG, _golden_forward, \
+from tests.training.test_networks import GOLDEN_NETWORKS, REDUCED_PRECISION_STEPS, TINY_ADM, TINY_SONG, _golden_forward, \
     _golden_trained_net, assert_close, build, inputs, steps
 from torch_utils import cpu_support
 from training import cpu_speed, networks

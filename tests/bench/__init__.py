@@ -1,0 +1,1 @@
+"""Tests of bench/: the GPU check script (dry run)."""

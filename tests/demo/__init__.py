@@ -1,0 +1,1 @@
+"""Tests of demo/: the demos and studies."""

@@ -1,0 +1,1 @@
+"""Tests of evaluation/: metrics, paired comparisons, the digits classifier."""

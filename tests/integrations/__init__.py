@@ -1,0 +1,1 @@
+"""Tests of integrations/: the diffusers scheduler, pipeline and export."""

@@ -1,0 +1,1 @@
+"""Tests of sampling/: noise levels, samplers and solvers, guidance, the generation pipeline and runs."""
