@@ -119,29 +119,12 @@ class ConsistencyModel(torch.nn.Module):
         self.N = self.img_channels * self.img_resolution ** 2
 
     # Precision switches live on the denoiser; generate.py's --precision sets them through these.
-    @property
-    def use_fp16(self) -> bool:
-        return self.denoiser.use_fp16
-
-    @use_fp16.setter
-    def use_fp16(self, value: bool) -> None:
-        self.denoiser.use_fp16 = value
-
-    @property
-    def use_bf16(self) -> bool:
-        return self.denoiser.use_bf16
-
-    @use_bf16.setter
-    def use_bf16(self, value: bool) -> None:
-        self.denoiser.use_bf16 = value
-
-    @property
-    def reduced_precision_on_cpu(self) -> bool:
-        return self.denoiser.reduced_precision_on_cpu
-
-    @reduced_precision_on_cpu.setter
-    def reduced_precision_on_cpu(self, value: bool) -> None:
-        self.denoiser.reduced_precision_on_cpu = value
+    use_fp16 = property(lambda self: self.denoiser.use_fp16,
+                        lambda self, value: setattr(self.denoiser, 'use_fp16', value))
+    use_bf16 = property(lambda self: self.denoiser.use_bf16,
+                        lambda self, value: setattr(self.denoiser, 'use_bf16', value))
+    reduced_precision_on_cpu = property(lambda self: self.denoiser.reduced_precision_on_cpu,
+                                        lambda self, value: setattr(self.denoiser, 'reduced_precision_on_cpu', value))
 
     def unet_dtype(self, device: Any, force_fp32: bool = False) -> torch.dtype:
         """The dtype the denoiser's U-Net runs in on ``device``."""
