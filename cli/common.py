@@ -63,18 +63,26 @@ def run_click_command(command: Any) -> None:
 
 
 class FloatRange(click.FloatRange):
-    """``click.FloatRange`` that also refuses nan (every comparison with nan is False, so the bounds let it pass)."""
+    """``click.FloatRange`` that also refuses nan (every comparison with nan is False, so the bounds let it pass)
+    and, unless ``allow_inf``, infinity (an infinite learning rate or EMA length passes a lower bound)."""
+
+    def __init__(self, *args: Any, allow_inf: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.allow_inf = allow_inf
 
     def convert(self, value: Any, param: Any, ctx: Any) -> Any:
         number = super().convert(value, param, ctx)
-        if math.isnan(number):  # every comparison with nan is False, so click's bounds let it through
+        if math.isnan(number):
             self.fail(f'{value!r} is not a number', param, ctx)
+        if math.isinf(number) and not self.allow_inf:
+            self.fail(f'{value!r} is not a finite number', param, ctx)
         return number
 
 
-def float_range(**kwargs: Any) -> Any:
-    """``click.FloatRange(**kwargs)`` that also refuses nan; the float type of the command-line flags."""
-    return FloatRange(**kwargs)
+def float_range(allow_inf: bool = False, **kwargs: Any) -> Any:
+    """``click.FloatRange(**kwargs)`` that also refuses nan and (unless ``allow_inf``) infinity; the float type of
+    the command-line flags."""
+    return FloatRange(allow_inf=allow_inf, **kwargs)
 
 
 def refused_option(*names: str, script: str, advice: str, **kwargs: Any) -> Any:
@@ -183,7 +191,7 @@ SAMPLER_OPTIONS = [
                  help='Churn: how much noise the stochastic sampler re-adds'),
     click.option('--S_min', 'S_min', type=NON_NEGATIVE, default=0, show_default=True, metavar='FLOAT',
                  help='Churn only at noise levels from here ...'),
-    click.option('--S_max', 'S_max', type=NON_NEGATIVE, default='inf', show_default=True, metavar='FLOAT',
+    click.option('--S_max', 'S_max', type=float_range(min=0, allow_inf=True), default='inf', show_default=True, metavar='FLOAT',
                  help="... up to here (EDM's default holds; the PFGM++ fork's generate.py defaulted to 0)"),
     click.option('--S_noise', 'S_noise', type=float, default=1, show_default=True, metavar='FLOAT',
                  help="Scale of the re-added noise (EDM's default holds; the PFGM++ fork's defaulted to 0)"),

@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from typing import TYPE_CHECKING, Optional, Union
 
 import torch
+
+import dnnlib
 
 from integrations import require_diffusers
 from training import pfgmpp as pfgmpp_lib
@@ -55,10 +56,16 @@ def build_pipeline(net: torch.nn.Module, solver: str = DEFAULT_SOLVER) -> 'PFGMP
     return PFGMPPPipeline(unet=PFGMPPNetwork.from_network(net), scheduler=scheduler)
 
 
-def _fsync_tree(folder: str) -> None:
-    for root, _dirs, files in os.walk(folder):
+def _settle_tree(folder: str) -> None:
+    """Flush every file of ``folder`` to disk and give files and folders the permissions a plain create would
+    (diffusers and safetensors may write owner-only files; teammates must be able to read the pipeline)."""
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), dnnlib.util.creation_mode(folder=True))
         for name in files:
-            with open(os.path.join(root, name), 'rb') as f:
+            path = os.path.join(root, name)
+            os.chmod(path, dnnlib.util.creation_mode())
+            with open(path, 'rb') as f:
                 os.fsync(f.fileno())
 
 
@@ -75,14 +82,18 @@ def export_diffusers(net: torch.nn.Module, folder: Union[str, os.PathLike], forc
         raise DiffusersExportError(f'{folder}: is a file; expected a folder name for the diffusers pipeline')
     if os.path.exists(folder) and not force:
         raise DiffusersExportError(f'{folder}: already exists (pass --force to replace it)')
+    if getattr(net, 'consistency', False):
+        raise DiffusersExportError(f'{folder}: the network is a consistency model, which samples in 1, 2 or 4 steps '
+                                   f'with its own sampler (generate.py --steps); the diffusers scheduler would '
+                                   f'integrate it as an ODE and give other images. Export the weights-only format')
     pipeline = build_pipeline(net, solver=solver)
     parent = os.path.dirname(os.path.abspath(folder))
     os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix='.' + os.path.basename(os.path.abspath(folder)) + '.', suffix='.tmp',
-                               dir=parent)
+    staging = dnnlib.util.temporary_folder(parent, prefix='.' + os.path.basename(os.path.abspath(folder)) + '.',
+                                           suffix='.tmp')
     try:
         pipeline.save_pretrained(staging, safe_serialization=True)
-        _fsync_tree(staging)
+        _settle_tree(staging)
         problem = reload_mismatch(staging, net)
         if problem:
             raise DiffusersExportError(f'{folder}: the written pipeline does not read back ({problem})')

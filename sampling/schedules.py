@@ -169,6 +169,9 @@ def edm_time_steps(net: Denoiser, num_steps: int = 18, sigma_min: float = EDM_SI
     """
     lo = max(sigma_min, net.sigma_min)
     hi = min(sigma_max, net.sigma_max)
+    if not lo < hi:  # the levels would rise: every image would come out of a reversed ODE
+        raise ValueError(f'sigma_min={sigma_min:g} must be below sigma_max={hi:g} (the network samples sigma in '
+                         f'[{float(net.sigma_min):g}, {float(net.sigma_max):g}])')
     levels = net.round_sigma(noise_levels(num_steps, lo, hi, rho, spacing, device))
     levels = torch.as_tensor(levels, dtype=torch.float64, device=device)
     return torch.cat([levels, levels.new_zeros(1)])

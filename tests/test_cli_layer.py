@@ -252,3 +252,24 @@ def test_fork_defaults_that_differ_are_named_in_help():
         assert "EDM's default holds" in ' '.join(line.split()) and 'fork' in line
     line = train_help[train_help.index('--dump'):].split('\n  --')[0]
     assert "EDM's default holds" in ' '.join(line.split()) and '50' in line and '500' in line
+
+
+def test_float_range_refuses_nan_and_infinity_and_keeps_click_bounds():
+    import click
+    from click.testing import CliRunner
+
+    @click.command()
+    @click.option('--x', type=cli.float_range(min=0))
+    def show(x):
+        click.echo(repr(x))
+    run = lambda value: CliRunner().invoke(show, [f'--x={value}'])  # noqa: E731
+    assert run('nan').exit_code == 2 and "'nan' is not a number" in run('nan').output
+    assert run('-1').exit_code == 2 and '>=0' in run('-1').output.replace(' ', '')
+    assert run('inf').exit_code == 2 and "'inf' is not a finite number" in run('inf').output
+    assert run('0.5').output.strip() == '0.5'
+
+    @click.command()
+    @click.option('--s-max', type=cli.float_range(min=0, allow_inf=True))
+    def show_inf(s_max):
+        click.echo(repr(s_max))
+    assert CliRunner().invoke(show_inf, ['--s-max=inf']).output.strip() == 'inf'  # EDM's S_max default

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import stat
 import sys
 from pathlib import Path
 
@@ -408,3 +410,30 @@ def test_export_without_diffusers_says_what_to_install(tmp_path):
     probe = run_python(['-c', 'import sys, export, generate, fid, train; assert "diffusers" not in sys.modules'])
     assert probe.returncode == 0
     assert sys.modules.get('diffusers') is diffusers
+
+
+@pytest.mark.parametrize('umask', [0o022, 0o002])
+def test_exported_folder_has_the_permissions_of_a_plain_create(tmp_path, umask):
+    """diffusers and safetensors may write owner-only files; the exported folder must be readable as the umask
+    allows, like every other file the project writes."""
+    net = make_tiny_net(seed=3)
+    old = os.umask(umask)
+    try:
+        folder = Path(export_diffusers(net, tmp_path / 'pipe'))
+    finally:
+        os.umask(old)
+    modes = {str(p.relative_to(folder)): stat.S_IMODE(p.stat().st_mode) for p in [folder, *folder.rglob('*')]}
+    assert modes['unet/diffusion_pytorch_model.safetensors'] == 0o666 & ~umask
+    assert {m for name, m in modes.items() if (folder / name).is_file()} == {0o666 & ~umask}
+    assert {m for name, m in modes.items() if (folder / name).is_dir()} == {0o777 & ~umask}
+
+
+def test_export_refuses_a_consistency_model(tmp_path):
+    from training import consistency
+    teacher = make_tiny_net(seed=4)
+    name, init_kwargs, _ = consistency.teacher_description(teacher)
+    model = consistency.ConsistencyModel(denoiser_class=name, denoiser_kwargs=init_kwargs)
+    consistency.copy_teacher_weights(teacher, model)
+    with pytest.raises(DiffusersExportError, match='consistency model'):
+        export_diffusers(model, tmp_path / 'pipe')
+    assert list(tmp_path.iterdir()) == []
