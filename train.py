@@ -184,6 +184,7 @@ def main(**kwargs: Any) -> int:
     """
     from torch_utils import distributed as dist
     from training import config, launch, run_dir
+    from formats.dataset_files import DatasetError
     from training.training_state import TrainingError
     try:
         return launch.train(dnnlib.EasyDict(kwargs))
@@ -191,6 +192,8 @@ def main(**kwargs: Any) -> int:
         raise click.UsageError(str(err)) from None
     except (config.InputError, run_dir.RunDirError, TrainingError, dist.ProcessGroupError) as err:
         raise click.ClickException(str(err)) from None
+    except DatasetError as err:  # an image that fails while training (headers were checked before the start)
+        raise click.ClickException(f'--data: {err.one_line()}') from None
     except dist.PeerLostError as err:
         # Every surviving rank says it once: rank 0 may be the process that ended.
         click.echo(f'Error: {err}', err=True)

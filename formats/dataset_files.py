@@ -57,6 +57,14 @@ EXPECTED_MODES = ('8-bit grayscale or colour (L, RGB), 1-bit, 16-bit grayscale (
 class DatasetError(ValueError):
     """Dataset content that cannot be used; the message names the path and what was expected."""
 
+    def one_line(self) -> str:
+        """The message as one line. A DataLoader worker re-raises the error with the worker's traceback in front
+        of the original message; the original is its last line, after the class name."""
+        lines = [line for line in str(self).strip().splitlines() if line.strip()]
+        last = lines[-1] if lines else ''
+        name = f'{type(self).__module__}.{type(self).__name__}: '
+        return last.split(name, 1)[1] if name in last else last.removeprefix(f'{type(self).__name__}: ')
+
 
 # ----------------------------------------------------------------------------
 # Pixels.

@@ -680,3 +680,26 @@ def test_train_full_disk_at_the_first_snapshot(inputs, tmp_path, monkeypatch):
     assert_one_error(run_train(inputs['dataset'], tmp_path / 'runs', snap=1, dump=1), 'network-snapshot-000000.pkl',
                      'No space left on device')
     assert_no_training_output(tmp_path)
+
+
+@pytest.mark.parametrize('workers', [0, 1])
+def test_an_image_that_fails_while_training_is_one_line(tmp_path: Path, workers: int):
+    """Headers are checked before the start; a PNG whose pixel data is cut off fails only when a step reads it, in
+    this process or in a DataLoader worker, whose error arrives with the worker's traceback in front of it."""
+    import io
+    import numpy as np
+    import PIL.Image
+    folder = tmp_path / 'images'
+    folder.mkdir()
+    for index in range(4):
+        buffer = io.BytesIO()
+        PIL.Image.fromarray(np.random.RandomState(index).randint(0, 256, [8, 8, 3], dtype=np.uint8)).save(
+            buffer, format='png', compress_level=0)
+        data = buffer.getvalue()
+        (folder / f'img{index}.png').write_bytes(data[:len(data) - 120] if index == 3 else data)
+    proc = _train(tiny_train_args(folder, tmp_path / 'runs', workers=workers, pfgmpp=None, aug_dim=None),
+                  check=False)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert 'Traceback' not in proc.stderr, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith('Error:')]
+    assert len(errors) == 1 and errors[0].startswith('Error: --data: ') and 'img3.png' in errors[0], proc.stderr
