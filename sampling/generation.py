@@ -13,6 +13,7 @@ recorded complete that is not.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -60,7 +61,8 @@ class GenerationError(ValueError):
 SAMPLER_FLAGS = {'num_steps': '--steps', 'restart_interval': '--restart-interval',
                  'restart_repeats': '--restart-repeats', 'restart_steps': '--restart-steps', 'S_churn': '--S_churn',
                  'noise_injection': '--alpha', 'discretization': '--disc', 'schedule': '--schedule',
-                 'scaling': '--scaling', 'spacing': '--spacing'}
+                 'scaling': '--scaling', 'spacing': '--spacing', 'sigma_min': '--sigma_min',
+                 'sigma_max': '--sigma_max'}
 
 
 def sampler_message(err: Exception) -> str:
@@ -359,6 +361,7 @@ def generate(request: Request) -> None:
     if thread_note:
         dist.print0(thread_note)
     success = False
+    created = not os.path.exists(request.outdir)
     try:
         _generate(request, device)
         success = True
@@ -369,7 +372,17 @@ def generate(request: Request) -> None:
                               f'({err.strerror or err}); the images already written are complete, rerun to '
                               f'continue') from None
     finally:
+        if not success and created:
+            _remove_empty_folders(request.outdir)
         _leave_process_group(success)
+
+
+def _remove_empty_folders(outdir: str) -> None:
+    """Undo the folders a refused or failed run created and left empty (the folder checks create --outdir before
+    the network and flags are known to work); a folder holding any file stays."""
+    for root, _dirs, _files in os.walk(outdir, topdown=False):
+        with contextlib.suppress(OSError):  # not empty, or another rank removed it first
+            os.rmdir(root)
 
 
 def _check_output_dirs(request: Request) -> None:

@@ -91,10 +91,22 @@ def test_non_finite_weights_are_named_at_load_and_nothing_is_written(nets, tmp_p
                           expect_ok=False))
     assert '--network' in line and str(nets['nan']) in line and 'non-finite weights' in line
     assert 'model.dec.8x8_aux_conv.weight (1)' in line
-    assert not (tmp_path / 'out').exists() or not any((tmp_path / 'out').iterdir())
+    assert not (tmp_path / 'out').exists()  # a refused run leaves no folder behind, not even an empty one
     guided = error_line(cli('--network', nets['uncond'], '--gnet', nets['nan'], '--guidance=2', '--outdir',
                             tmp_path / 'g', '--seeds=0', '--steps=2', expect_ok=False))
     assert '--gnet' in guided and 'non-finite weights' in guided
+    assert not (tmp_path / 'g').exists()
+    (tmp_path / 'kept').mkdir()  # a folder the user made stays, even when the run is refused
+    error_line(cli('--network', nets['nan'], '--outdir', tmp_path / 'kept', '--seeds=0', '--steps=2',
+                   expect_ok=False))
+    assert (tmp_path / 'kept').is_dir()
+
+
+def test_sigma_min_above_the_networks_sigma_max_is_refused(nets, tmp_path):
+    line = error_line(cli('--network', nets['uncond'], '--outdir', tmp_path / 'out', '--seeds=0', '--steps=2',
+                          '--sigma_min=100', expect_ok=False))
+    assert '--sigma_min' in line and 'below' in line
+    assert not (tmp_path / 'out').exists()
 
 
 def test_non_finite_samples_name_the_seeds_and_write_no_image(nets, tmp_path):
@@ -135,7 +147,7 @@ def test_check_finite_samples_names_only_the_bad_seeds():
 def test_noise_levels_must_be_normal_float32(nets, tmp_path, flag, value):
     line = error_line(cli('--network', nets['uncond'], '--outdir', tmp_path, '--seeds=0', f'{flag}={value}',
                           expect_ok=False))
-    assert flag in line and 'normal float32' in line
+    assert flag in line and ('normal float32' in line or 'not a finite number' in line)
     assert not any(tmp_path.iterdir())
     tiny = torch.finfo(torch.float32).tiny
     cli('--network', nets['uncond'], '--outdir', tmp_path / 'ok', '--seeds=0', '--steps=2', f'--sigma_min={tiny}')
@@ -208,7 +220,7 @@ def test_guidance_interval_outside_the_sampled_levels_is_refused(nets, tmp_path)
     line = error_line(cli(*common, '--outdir', tmp_path / 'b', f'--guidance-interval={gap[0]},{gap[1]}',
                           expect_ok=False))
     assert 'guidance would change nothing' in line
-    assert not any((tmp_path / 'a').iterdir()) and not any((tmp_path / 'b').iterdir())
+    assert not (tmp_path / 'a').exists() and not (tmp_path / 'b').exists()  # refused runs leave no folder
     cli(*common, '--outdir', tmp_path / 'c', f'--guidance-interval={levels[1]},{levels[2]}')
 
 
