@@ -28,7 +28,7 @@ from typing import Any, Optional, Union
 import torch
 
 import dnnlib
-from torch_utils import cpu_support
+from torch_utils import cpu_support, misc
 from torch_utils.distributed import print0
 from formats import export
 from formats.export import NetworkLoadError  # noqa: F401  (the error of every network format; defined there)
@@ -113,6 +113,10 @@ def load_network(path_or_url: Union[str, os.PathLike], device: Optional[Union[st
         net = export.load_weights_bytes(data, source)
     else:
         net = _pick_network(source, _unpickle(source, data))
+    problem = misc.non_finite_summary(net)
+    if problem:  # a diverged or damaged snapshot samples NaN everywhere and cannot be trained from
+        raise NetworkLoadError(f'{source}: {problem}; it cannot make images or be trained from (a diverged or '
+                               f'damaged snapshot: use an earlier one)')
     if device is not None:
         net = net.to(device)
     if eval_mode:

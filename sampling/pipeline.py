@@ -14,6 +14,7 @@ from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 
+from torch_utils import misc
 from training import pfgmpp as pfgmpp_lib
 from sampling import consistency
 from sampling.schedules import Denoiser, EDM_SIGMA_MAX, PerSeedRandom
@@ -103,29 +104,13 @@ def _describe_seeds(seeds: Sequence[int]) -> str:
     return f'seed{"s" if len(seeds) > 1 else ""} {shown}{more}'
 
 
-def non_finite_tensors(net: Any) -> list[tuple[str, int]]:
-    """``[(name, count), ...]``: the parameters and buffers of ``net`` holding NaN or infinity (empty for a
-    non-module denoiser)."""
-    if not isinstance(net, torch.nn.Module):
-        return []
-    found = []
-    for name, tensor in [*net.named_parameters(), *net.named_buffers()]:
-        if tensor.is_floating_point() or tensor.is_complex():
-            bad = int((~torch.isfinite(tensor.detach())).sum())
-            if bad:
-                found.append((name, bad))
-    return found
-
-
 def check_finite_weights(net: Any, source: str) -> None:
     """Raise :class:`NonFiniteError` (one line naming ``source``, e.g. the --network path, and the first tensors)
     when a parameter or buffer of ``net`` holds NaN or infinity: such a network samples NaN everywhere."""
-    found = non_finite_tensors(net)
-    if found:
-        listed = ', '.join(f'{name} ({count})' for name, count in found[:3])
-        more = f' and {len(found) - 3} more tensors' if len(found) > 3 else ''
-        raise NonFiniteError(f'{source}: the network holds non-finite weights (NaN/inf in {listed}{more}); it '
-                             f'cannot make images (a diverged or damaged snapshot: use an earlier one)')
+    problem = misc.non_finite_summary(net)
+    if problem:
+        raise NonFiniteError(f'{source}: {problem}; it cannot make images (a diverged or damaged snapshot: use an '
+                             f'earlier one)')
 
 
 def check_finite_samples(net: Any, seeds: Sequence[int], images: torch.Tensor) -> None:
@@ -135,7 +120,7 @@ def check_finite_samples(net: Any, seeds: Sequence[int], images: torch.Tensor) -
     if bool(finite.all()):
         return
     bad = [int(s) for s, ok in zip(seeds, finite.tolist()) if not ok]
-    weights = non_finite_tensors(net)
+    weights = misc.non_finite_tensors(net)
     if weights:
         cause = f'the network holds non-finite weights (e.g. {weights[0][0]})'
     else:

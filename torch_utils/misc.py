@@ -376,3 +376,28 @@ def print_module_summary(module: torch.nn.Module, inputs: Sequence[Any], max_nes
         print('  '.join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
     print()
     return result
+
+
+def non_finite_tensors(net: Any) -> list[tuple[str, int]]:
+    """``[(name, count), ...]``: the parameters and buffers of ``net`` holding NaN or infinity (empty for a
+    non-module denoiser)."""
+    if not isinstance(net, torch.nn.Module):
+        return []
+    found = []
+    for name, tensor in [*net.named_parameters(), *net.named_buffers()]:
+        if tensor.is_floating_point() or tensor.is_complex():
+            bad = int((~torch.isfinite(tensor.detach())).sum())
+            if bad:
+                found.append((name, bad))
+    return found
+
+
+def non_finite_summary(net: Any) -> Optional[str]:
+    """``'the network holds non-finite weights (NaN/inf in a (1), b (4) and 2 more tensors)'`` for the first
+    tensors :func:`non_finite_tensors` finds, or None when every weight is finite."""
+    found = non_finite_tensors(net)
+    if not found:
+        return None
+    listed = ', '.join(f'{name} ({count})' for name, count in found[:3])
+    more = f' and {len(found) - 3} more tensors' if len(found) > 3 else ''
+    return f'the network holds non-finite weights (NaN/inf in {listed}{more})'

@@ -457,3 +457,21 @@ def test_export_full_disk(inputs, tmp_path, full_disk):
     assert_one_error(run_export('--input', inputs['uncond'], '--output', output), '--output',
                      'No space left on device')
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_network_with_non_finite_weights_is_refused_at_load(tmp_path):
+    """export.py --check, export.py itself and every other loader (generate, fid gen, --transfer, --init) read
+    networks through formats.network_io.load_network, which names the non-finite tensors."""
+    from tests._sampler_nets import make_tiny_net, save_snapshot
+    net = make_tiny_net(seed=5)
+    with torch.no_grad():
+        next(p for p in net.parameters() if p.ndim == 4).view(-1)[0] = float('nan')
+    source = save_snapshot(net, tmp_path / 'nan.pkl')
+    with pytest.raises(NetworkLoadError, match=r'non-finite weights \(NaN/inf in model\.'):
+        load_network(source)
+    for args in (['--check', '--input', source], ['--input', source, '--output', tmp_path / 'nan.weights.pt']):
+        result = export_cli(*args)
+        assert result.exit_code == 1, result.output
+        lines = [line for line in result.output.splitlines() if line.startswith('Error:')]
+        assert len(lines) == 1 and 'non-finite weights' in lines[0] and str(source) in lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['nan.pkl']
