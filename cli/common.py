@@ -66,8 +66,8 @@ class FloatRange(click.FloatRange):
     """``click.FloatRange`` that also refuses nan (every comparison with nan is False, so the bounds let it pass)
     and, unless ``allow_inf``, infinity (an infinite learning rate or EMA length passes a lower bound)."""
 
-    def __init__(self, *args: Any, allow_inf: bool = False, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, *bounds: Any, allow_inf: bool = False, **options: Any) -> None:
+        super().__init__(*bounds, **options)
         self.allow_inf = allow_inf
 
     def convert(self, value: Any, param: Any, ctx: Any) -> Any:

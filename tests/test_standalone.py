@@ -14,7 +14,7 @@ from tests.conftest import REPO_ROOT
 
 GOLDEN = REPO_ROOT / 'tests' / 'golden'
 
-# A relative path that starts by climbing out of its folder into a named sibling folder (`../shared`, `../../data/x`); names of
+# A relative path that starts by climbing out of its folder into a named sibling folder (`../sibling`, `../../data/x`); names of
 # files such as '../evil.png' (hostile archive members in the tests) are not folders and do not match.
 _SIBLING_FOLDER = re.compile(r'(?<![\w./\[])(?:\.\./)+([A-Za-z_][\w-]*)(?=[/\'"`\s)]|$)')
 # Path arithmetic on __file__: `.parent` chains and `.parents[k]`.
@@ -73,7 +73,7 @@ def test_nothing_in_the_repository_names_a_folder_beside_it():
     assert offenders == []
 
 
-@pytest.mark.parametrize('line, bad', [("x = '../shared/golden'", True), ("Path('../../data/train')", True),
+@pytest.mark.parametrize('line, bad', [("x = '../sibling/golden'", True), ("Path('../../data/train')", True),
                                        ("members = {'../evil.png': 1}", False), ("'sub/../../evil3.png'", False), ("'a/../b' resolved", False),
                                        ("RuntimeError('[../third_party/gloo/pair.cc:537] Read error')", False),
                                        ("see training-runs/00000-.../training-state-005000.pt", False)])
@@ -83,7 +83,7 @@ def test_the_sibling_rule_itself(line, bad):
 
 def test_a_docs_page_may_link_into_the_repository_but_not_beside_it():
     assert _SIBLING_FOLDER.search('[x](../formats/dataset_files.py)').group(0).count('../') == 1  # from docs/: inside
-    assert _SIBLING_FOLDER.search('[x](../../shared/DESIGN.md)').group(0).count('../') == 2  # from docs/: outside
+    assert _SIBLING_FOLDER.search('[x](../../sibling/DESIGN.md)').group(0).count('../') == 2  # from docs/: outside
 
 
 def test_the_parent_rule_itself():

@@ -677,9 +677,9 @@ def test_feature_loader_workers_are_spawned_and_default_to_the_cores(golden_dir,
     seen: list[dict] = []
 
     class RecordingLoader(torch.utils.data.DataLoader):
-        def __init__(self, *args, **kwargs):
-            seen.append(kwargs)
-            super().__init__(*args, **kwargs)
+        def __init__(self, dataset, **options):
+            seen.append(options)
+            super().__init__(dataset, **options)
     monkeypatch.setattr(torch.utils.data, 'DataLoader', RecordingLoader)
     monkeypatch.setattr(features.dist, 'usable_cpu_count', lambda: 2)
     monkeypatch.setenv('LOCAL_WORLD_SIZE', '2')
