@@ -50,6 +50,18 @@ def _load_input(source: str) -> tuple[torch.nn.Module, str]:
         _fail(f'--input {source}: cannot read it ({err.strerror or err})')
 
 
+def _default_output(input_path: str, suffix: str) -> str:
+    """X.pkl / X.pt / X.weights.pt -> X + suffix beside the input (``weights_path_for`` names X.weights.pt)."""
+    if dnnlib.util.is_url(input_path, allow_file_urls=True):
+        raise click.UsageError('--output is needed when --input is a URL')
+    return os.path.splitext(weights_path_for(input_path))[0].removesuffix('.weights') + suffix
+
+
+def _refuse_existing(output_path: str, force: bool) -> None:
+    if os.path.exists(output_path) and not force:
+        _fail(f'--output {output_path}: already exists (pass --force to replace it)')
+
+
 def _export_diffusers(input_path: str, output_path: Optional[str], force: bool) -> None:
     """--format=diffusers: a pipeline folder that PFGMPPPipeline.from_pretrained(folder) loads offline."""
     from integrations import MissingExtraError, require_diffusers
@@ -59,13 +71,10 @@ def _export_diffusers(input_path: str, output_path: Optional[str], force: bool) 
     except MissingExtraError as err:
         _fail(f'--format=diffusers: {err}')
     if output_path is None:
-        if dnnlib.util.is_url(input_path, allow_file_urls=True):
-            raise click.UsageError('--output is needed when --input is a URL')
-        output_path = os.path.splitext(weights_path_for(input_path))[0].removesuffix('.weights') + '.diffusers'
+        output_path = _default_output(input_path, '.diffusers')
     if os.path.isfile(output_path):
         _fail(f'--output {output_path}: is a file; expected a folder name')
-    if os.path.exists(output_path) and not force:
-        _fail(f'--output {output_path}: already exists (pass --force to replace it)')
+    _refuse_existing(output_path, force)
     net, _kind = _load_input(input_path)
     try:
         export_diffusers(net, output_path, force=force)
@@ -117,17 +126,14 @@ def main(input_path: str, output_path: Optional[str], force: bool, check: bool, 
         _export_diffusers(input_path, output_path, force)
         return
     if output_path is None:
-        if dnnlib.util.is_url(input_path, allow_file_urls=True):
-            raise click.UsageError('--output is needed when --input is a URL')
-        output_path = weights_path_for(input_path)
+        output_path = _default_output(input_path, WEIGHTS_SUFFIX)
         if output_path == input_path:
             raise click.UsageError(f'--input {input_path} already has the {WEIGHTS_SUFFIX} name; give --output')
     if os.path.abspath(output_path) == os.path.abspath(input_path):
         raise click.UsageError('--output must differ from --input')
     if os.path.isdir(output_path):
         _fail(f'--output {output_path}: is a directory; expected a file name')
-    if os.path.exists(output_path) and not force:
-        _fail(f'--output {output_path}: already exists (pass --force to replace it)')
+    _refuse_existing(output_path, force)
 
     net, _kind = _load_input(input_path)
     try:

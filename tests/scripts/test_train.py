@@ -87,10 +87,7 @@ def test_fast_mode_loss_curve_tracks_exact_mode(data_zip: Path, tmp_path: Path):
         curves[name] = _tick_losses(run)
         if name == 'fast':
             net = pickle.load(open(_only('network-snapshot-*.pkl', run), 'rb'))['ema']
-            # --precision=bf16 runs bf16 on a CPU with oneDNN bf16 kernels and falls back to fp32 elsewhere.
-            from torch_utils import cpu_support
-            bf16_here = cpu_support.supported_precision('bf16', torch.device('cpu'))[0] == 'bf16'
-            assert net.use_bf16 == bf16_here and net.reduced_precision_on_cpu == bf16_here
+            assert net.use_bf16 and net.reduced_precision_on_cpu  # --precision=bf16 really ran bf16 on the CPU
     exact, fast = curves['exact'], curves['fast']
     assert len(exact) == len(fast) == 7  # the first step, then every 8 steps
     assert exact[-1] < 0.9 * exact[0]  # the run learns, so the comparison means something
