@@ -80,7 +80,10 @@ def missing_network_advice(outdir: str, seeds: list[int]) -> str:
 @click.option('--quantize-bits', 'quantize_bits', type=int, default=None, metavar='K',
               help='Quantize the conv/linear weights to K bits before sampling')
 @click.option('--quantize-scheme', 'quantize_scheme', type=click.Choice(quantize.SCHEMES), default='symmetric',
-              show_default=True, help='symmetric (per tensor, zero kept) or minmax (the PFGM++ fork\'s quantizer)')
+              show_default=True, help='symmetric (zero kept) or minmax (the PFGM++ fork\'s quantizer)')
+@click.option('--quantize-granularity', 'quantize_granularity', type=click.Choice(quantize.GRANULARITIES),
+              default='tensor', show_default=True,
+              help='One quantization scale per weight tensor (the paper\'s) or one per output channel')
 @click.option('--sweep-steps', 'sweep_steps', type=cli.IntList(), default=None, metavar='LIST',
               help='Several step counts, each into its own folder (e.g. 5,10,18)')
 @click.option('--sweep-alpha', 'sweep_alpha', type=cli.FloatList(), default=None, metavar='LIST',
@@ -104,8 +107,9 @@ def missing_network_advice(outdir: str, seeds: list[int]) -> str:
 @fork_options
 def main(network_pkl: str, outdir: str, seeds: list[int], subdirs: bool, class_idx: Optional[int],
          max_batch_size: int, pfgmpp: Optional[bool], aug_dim: Optional[int], alpha: Optional[float],
-         quantize_bits: Optional[int], quantize_scheme: str, sweep_steps: Optional[list[int]],
-         sweep_alpha: Optional[list[float]], sweep_bits: Optional[list[int]], force: bool, grid: Optional[str],
+         quantize_bits: Optional[int], quantize_scheme: str, quantize_granularity: str,
+         sweep_steps: Optional[list[int]], sweep_alpha: Optional[list[float]], sweep_bits: Optional[list[int]],
+         force: bool, grid: Optional[str],
          device: Optional[str], precision: Optional[str], channels_last: bool, compile_net: bool,
          num_steps: Optional[int], gnet: Optional[str], guidance: float,
          guidance_interval: Optional[tuple[float, float]],
@@ -142,7 +146,7 @@ def main(network_pkl: str, outdir: str, seeds: list[int], subdirs: bool, class_i
         raise click.UsageError(missing_network_advice(outdir, seeds))
     try:
         runs = generation.plan_runs(outdir, num_steps, alpha, quantize_bits, sweep_steps, sweep_alpha, sweep_bits,
-                                    quantize_scheme)
+                                    quantize_scheme, quantize_granularity)
     except generation.GenerationError as err:
         raise cli.click_error(err) from None
     cli.check_noise_range(sampler_kwargs)
@@ -153,9 +157,9 @@ def main(network_pkl: str, outdir: str, seeds: list[int], subdirs: bool, class_i
     request = generation.Request(
         network=network_pkl, outdir=outdir, seeds=seeds, runs=runs, sampler_kwargs=sampler_kwargs, subdirs=subdirs,
         class_idx=class_idx, max_batch_size=max_batch_size, pfgmpp=pfgmpp, aug_dim=aug_dim,
-        quantize_scheme=quantize_scheme, force=force, grid=grid, device=device, precision=precision,
-        channels_last=channels_last, compile=compile_net, gnet=gnet, guidance=guidance,
-        guidance_interval=guidance_interval)
+        quantize_scheme=quantize_scheme, quantize_granularity=quantize_granularity, force=force, grid=grid,
+        device=device, precision=precision, channels_last=channels_last, compile=compile_net, gnet=gnet,
+        guidance=guidance, guidance_interval=guidance_interval)
     try:
         generation.generate(request)
     except generation.GenerationError as err:

@@ -118,3 +118,36 @@ def write_record(path: str, record: dict, record_format: int) -> None:
     os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
     with dnnlib.util.atomic_write(path, 'w') as f:
         json.dump(dict(record, format=record_format), f, indent=2)
+
+
+def model_name(D: Optional[float]) -> str:
+    return 'Dinf' if D is None else f'D{D:g}'
+
+
+def model_label(D: Optional[float]) -> str:
+    return 'D=inf (EDM)' if D is None else f'D={D:g}'
+
+
+def parse_aug_dims(text: str) -> list[Optional[float]]:
+    """'16,128,inf' -> [16.0, 128.0, None] (None = diffusion, D -> inf)."""
+    values: list[Optional[float]] = []
+    for part in text.split(','):
+        part = part.strip().lower()
+        if part in ('inf', 'infinity'):
+            values.append(None)
+            continue
+        try:
+            value = float(part)
+        except ValueError:
+            value = -1.0
+        if value < 1 or value != int(value):
+            raise click.BadParameter(f'expected integers >= 1 or "inf", got "{part}"', param_hint='--aug-dims')
+        values.append(value)
+    return values
+
+
+def launcher(nproc: int) -> list[str]:
+    """How a tool is started: under torchrun (gloo on the CPU) for several processes, plainly for one."""
+    if nproc == 1:
+        return [sys.executable]
+    return [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}']

@@ -40,6 +40,7 @@ from dnnlib.util import file_sha256
 from demo.digits import make_digits_dataset, number_list, run_tool
 from demo.plots import line_chart
 from demo.run import DIGITS_DETECTOR, TRAIN_FLAGS
+from evaluation import paired
 from training import phema
 
 # The demo's recipe, class-conditional; only the flags below differ between the runs of the study.
@@ -250,42 +251,110 @@ def measure_point(points_dir: str, key: str, network: str, gnet: Optional[str], 
 # ----------------------------------------------------------------------------
 # Report.
 
+def _signed(value: float) -> str:
+    """``+4.9`` or ``−10.8`` (a true minus sign, as in the docs)."""
+    return f'{value:+.1f}'.replace('-', '−')
+
+
+def paired_by_range(point: dict, base: dict) -> Optional[paired.PairedResult]:
+    """FD(point) - FD(base) paired by seed range with Student's t interval over the ranges
+    (:func:`evaluation.paired.paired_t_interval`), or None when the two were not scored on the same number of
+    ranges or on fewer than 2."""
+    if len(point['fd']) != len(base['fd']) or len(point['fd']) < 2:
+        return None
+    return paired.paired_t_interval(point['fd'], base['fd'])
+
+
+def verdict(result: paired.PairedResult) -> str:
+    """'worse' (higher FD) or 'better' when the interval excludes 0, else 'undecided'."""
+    return 'worse' if result.ci_low > 0 else 'better' if result.ci_high < 0 else 'undecided'
+
+
+def _difference(result: paired.PairedResult) -> str:
+    """``Δ +4.9, 95% CI −10.8 to +20.6, undecided``."""
+    return (f'Δ {_signed(result.diff)}, {result.confidence:.0%} CI {_signed(result.ci_low)} to '
+            f'{_signed(result.ci_high)}, {verdict(result)}')
+
+
 def _cell(point: Optional[dict], base: Optional[dict] = None) -> str:
-    """``mean ± std``, and with ``base`` the difference to it paired by seed range (same seeds, so much of the
-    sampling noise cancels): ``(Δ mean ± std)`` over the per-range differences."""
+    """``mean ± std`` of a reference point; with ``base`` the mean and the difference to ``base`` paired by seed
+    range (same seeds, so much of the sampling noise cancels) with its t interval over the ranges and a verdict."""
     if point is None:
         return '–'
-    text = f'{point["mean"]:.1f} ± {point["std"]:.1f}'
-    if base is not None and len(point['fd']) == len(base['fd']):
-        mean, std = mean_std(np.subtract(point['fd'], base['fd']))
-        text += f' (Δ {mean:+.1f} ± {std:.1f})'
-    return text
+    result = None if base is None else paired_by_range(point, base)
+    if result is None:
+        return f'{point["mean"]:.1f} ± {point["std"]:.1f}'
+    return f'{point["mean"]:.1f} ({_difference(result)})'
+
+
+def _kernel_cell(first: Optional[dict], second: Optional[dict]) -> str:
+    """FD(first) - FD(second) paired by seed range, without the values: two kernels at one setting or two guidance
+    methods at one W (the same seeds throughout the study)."""
+    result = None if first is None or second is None else paired_by_range(first, second)
+    return '–' if result is None else _difference(result)
 
 
 def markdown_tables(results: dict) -> str:
-    """The study's two tables (FD against W; FD against sigma_rel) as Markdown, from ``results.json``'s dict."""
-    weights = results['weights']
-    lines = [f'{FD_NAME} against the guidance weight W (mean ± std over {results["repeat"]} disjoint sets of '
-             f'{results["num"]} images; W = 1 is the unguided network, the same images for both methods; Δ: '
-             'difference to W = 1 paired by seed range, mean ± std of the per-range differences):', '',
+    """The study's two tables (FD against W; FD against sigma_rel) as Markdown, from ``results.json``'s dict.
+
+    Every non-reference cell shows the paired difference to its reference with Student's t interval over the
+    seed ranges and a verdict. Further rows compare, paired by seed range as well, CFG with autoguidance at each W
+    and D, and (with two kernels) the two kernels setting by setting."""
+    weights, kernels, repeat = results['weights'], results['kernels'], results['repeat']
+    first, second = kernels[0], kernels[-1]
+    compare_kernels = len(kernels) == 2
+    kernel_row = f'{d_caption(first)} − {d_caption(second)}'
+
+    def note(reference: str, extra: str = '') -> str:
+        if repeat < 2:
+            return 'one seed range per point: no paired interval'
+        text = (f'Δ: difference to {reference} paired by seed range (the same seeds for every setting), mean over '
+                f'the {repeat} ranges with its {paired.DEFAULT_CONFIDENCE:.0%} Student-t interval ({repeat - 1} '
+                f'degree{"s" if repeat > 2 else ""} of freedom) and a verdict: "worse"/"better" when the interval '
+                'excludes 0 (FD higher/lower), else "undecided"')
+        if compare_kernels:
+            text += (f'. Rows "{kernel_row}": FD at D = {d_caption(first)} minus FD at D = {d_caption(second)} at the '
+                     f'same setting and seeds, "worse" meaning D = {d_caption(first)} is worse')
+        return text + extra
+
+    methods_note = ('. Rows "CFG − autoguidance": FD with CFG minus FD with autoguidance at the same W, D and '
+                    'seeds, "worse" meaning CFG is worse') if repeat >= 2 else ''
+    lines = [f'{FD_NAME} against the guidance weight W (mean over {repeat} disjoint sets of {results["num"]} '
+             'images; ± std at W = 1, the unguided network and the reference of both methods; '
+             f'{note("W = 1", methods_note)}):', '',
              '| method | D | ' + ' | '.join(f'W = {w:g}' for w in weights) + ' |',
              '|---|---|' + '---|' * len(weights)]
     for method, caption in (('cfg', 'CFG'), ('autoguidance', 'autoguidance')):
-        for D in results['kernels']:
+        for D in kernels:
             row, base = results['guidance'][D][method], results['classic_ema'].get(D)
             cells = [_cell(row.get(f'{w:g}'), None if w == 1 else base) for w in weights]
             lines.append(f'| {caption} | {d_caption(D)} | ' + ' | '.join(cells) + ' |')
+        if compare_kernels:
+            rows = [results['guidance'][D][method] for D in (first, second)]
+            lines.append(f'| {caption} | {kernel_row} | '
+                         + ' | '.join(_kernel_cell(rows[0].get(f'{w:g}'), rows[1].get(f'{w:g}')) for w in weights)
+                         + ' |')
+    for D in kernels:
+        rows = [results['guidance'][D][method] for method in ('cfg', 'autoguidance')]
+        lines.append(f'| CFG − autoguidance | {d_caption(D)} | '
+                     + ' | '.join('–' if w == 1 else _kernel_cell(rows[0].get(f'{w:g}'), rows[1].get(f'{w:g}'))
+                                  for w in weights) + ' |')
     stds = results['phema_grid']
-    lines += ['', f'{FD_NAME} against the post-hoc EMA length σ_rel (unguided; same seeds; Δ: difference to the '
-              'classic EMA, paired by seed range):', '',
+    lines += ['', f'{FD_NAME} against the post-hoc EMA length σ_rel (unguided; mean, ± std for the classic EMA, the '
+              f'reference; {note("the classic EMA of the same D")}):', '',
               '| D | ' + ' | '.join(f'σ_rel = {s:g}' for s in stds) + ' | classic EMA |',
               '|---|' + '---|' * (len(stds) + 1)]
-    for D in results['kernels']:
+    for D in kernels:
         row = results['phema'][D]
         lines.append(f'| {d_caption(D)} | ' + ' | '.join(_cell(row.get(f'{s:g}'), results['classic_ema'].get(D))
                                                          for s in stds)
                      + f' | {_cell(results["classic_ema"].get(D))} |')
-    errors = results.get('phema_profile_error', {}).get(results['kernels'][0])
+    if compare_kernels:
+        rows = [results['phema'][D] for D in (first, second)]
+        lines.append(f'| {kernel_row} | '
+                     + ' | '.join(_kernel_cell(rows[0].get(f'{s:g}'), rows[1].get(f'{s:g}')) for s in stds)
+                     + f' | {_kernel_cell(results["classic_ema"].get(first), results["classic_ema"].get(second))} |')
+    errors = results.get('phema_profile_error', {}).get(kernels[0])
     if errors:
         lines.append('| profile error | ' + ' | '.join(f'{errors[f"{s:g}"]:.2f}' for s in stds) + ' | |')
         lines += ['', 'Profile error: relative L2 distance between the least-squares combination of the tracked '

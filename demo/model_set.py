@@ -20,6 +20,7 @@ Usage: python -m demo.model_set [--quick] [--outdir=model-set-out] [--results=do
 from __future__ import annotations
 
 import io
+import math
 import os
 import platform
 import re
@@ -27,7 +28,7 @@ import resource
 import shutil
 import sys
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import click
 import numpy as np
@@ -36,9 +37,9 @@ import torch
 import dnnlib
 from dnnlib.util import file_sha256
 from demo import digits
-from demo.digits import load_digits_dataset, make_digits_dataset, number_list, run_tool
+from demo.digits import (launcher, load_digits_dataset, make_digits_dataset, model_label, model_name, number_list,
+                         parse_aug_dims, run_tool)
 from demo.plots import line_chart
-from demo.robustness import launcher, model_label, model_name, parse_aug_dims
 from demo.run import DIGITS_DETECTOR, TRAIN_FLAGS
 from evaluation import features, metrics, paired
 from formats import network_io
@@ -94,10 +95,15 @@ class Scorer:
 
     def features_of(self, snapshot: str, D: Optional[float]) -> np.ndarray:
         """float64 [num, F] detector features of the snapshot's images, in seed order."""
-        net = network_io.load_network(snapshot, self.device)
-        found = features.calculate_features_for_network(net, self.seeds, {metrics.INCEPTION: self.detector},
+        return self.features(network_io.load_network(snapshot, self.device), D, self.seeds, **self.sampling)
+
+    def features(self, net: torch.nn.Module, D: Optional[float], seeds: Sequence[int],
+                 **sampler_kwargs: Any) -> np.ndarray:
+        """float64 [len(seeds), F] detector features of the images ``net`` generates for ``seeds`` (sorted) with
+        these sampler options (:func:`sampling.pipeline.sample_batch`'s keywords), made in memory."""
+        found = features.calculate_features_for_network(net, seeds, {metrics.INCEPTION: self.detector},
                                                         keep={metrics.INCEPTION}, max_batch_size=100,
-                                                        device=self.device, D=D, **self.sampling)
+                                                        device=self.device, D=D, **sampler_kwargs)
         return found[metrics.INCEPTION].features.astype(np.float64)
 
     def fd(self, feats: np.ndarray) -> float:
@@ -207,6 +213,64 @@ def pick_phema(runs: str, scorer: Scorer, record: dict, cfg: dict) -> None:
 
 
 # ----------------------------------------------------------------------------
+# The finished set, as the studies built on it read it.
+
+
+def trained_models(outdir: str) -> list[dict]:
+    """The models of the set under ``outdir`` (``python -m demo.model_set --outdir``) at their last recorded stage:
+    dicts with name, D (None = diffusion), seed, kimg, fd, stopped, snapshot (absolute path) and features (the
+    float64 [num, F] array of that stage, seeds 0..num-1, Heun with the set's steps), sorted by D then seed.
+    Raises click.ClickException when the folder holds no recorded stage."""
+    runs = os.path.join(outdir, 'runs')
+    models = []
+    for name in sorted(os.listdir(runs)) if os.path.isdir(runs) else []:
+        record = read_record(os.path.join(runs, name)) if name.endswith('.json') else None
+        if record is None or not record.get('stages'):
+            continue
+        last = record['stages'][-1]
+        models.append(dict(name=record['name'], D=record['D'], seed=record['seed'], kimg=last['kimg'],
+                           fd=last['fd'], stopped=record['stopped'],
+                           snapshot=os.path.join(runs, last['snapshot']), settings=record['settings'],
+                           features=np.load(os.path.join(runs, f'{record["name"]}-features',
+                                                         f'stage{last["stage"]}.npy'))))
+    if not models:
+        raise click.ClickException(f'{outdir}: no trained model recorded; run python -m demo.model_set '
+                                   f'--outdir={outdir} first')
+    return sorted(models, key=lambda m: (math.inf if m['D'] is None else m['D'], m['seed']))
+
+
+class FeatureStore:
+    """Features of generated images kept on disk, one ``<key>.npy`` per setting with its settings in
+    ``<key>.json``: :meth:`get` returns the stored array when the recorded settings equal the given ones and makes
+    (and stores) it otherwise, so a study resumes where it stopped and redoes only what changed."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+
+    def get(self, key: str, settings: dict, make: Callable[[], np.ndarray]) -> np.ndarray:
+        path = os.path.join(self.folder, key)
+        settings = dnnlib.util.json_safe(settings)
+        record = read_record(path + '.json')
+        if record is not None and record.get('settings') == settings and os.path.isfile(path + '.npy'):
+            return np.load(path + '.npy')
+        started = time.time()
+        array = make()
+        save_features(path + '.npy', array)
+        write_json(path + '.json', dict(settings=settings, seconds=round(time.time() - started, 1)))
+        return array
+
+
+def machine_record(started: float, load_at_start: tuple[float, float, float]) -> dict:
+    """The machine and this process's wall and CPU time (its own and its children's), for a study's JSON."""
+    usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    return dict(machine=dict(platform=platform.platform(), processor=platform.processor(), cpus=os.cpu_count(),
+                             cpu_capability=torch.backends.cpu.get_cpu_capability(), torch=torch.__version__,
+                             threads=torch.get_num_threads(), load_average_at_start=list(load_at_start)),
+                wall_s=round(time.time() - started, 1),
+                cpu_s=round(sum(u.ru_utime + u.ru_stime for u in usage), 1))
+
+
+# ----------------------------------------------------------------------------
 # Results.
 
 
@@ -234,16 +298,13 @@ def write_results(results: str, records: list[dict], versus_inf: dict, cfg: dict
                   load_at_start: tuple[float, float, float]) -> None:
     """``model-set.json`` (every model's stages, D against D = inf, the machine, this invocation's wall and CPU time,
     the load average when it started and the seconds of every recorded stage over all invocations) and the PNG."""
-    usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
     summary = dict(
         config={k: v for k, v in cfg.items()},
         models=[dict(name=r['name'], D=r['D'], seed=r['seed'], stopped=r['stopped'], phema=r.get('phema'),
                      stages=[{k: v for k, v in s.items() if k != 'snapshot'} for s in r['stages']]) for r in records],
         versus_inf=versus_inf,
-        machine=dict(platform=platform.platform(), processor=platform.processor(), cpus=os.cpu_count(),
-                     torch=torch.__version__, load_average_at_start=list(load_at_start)),
         stage_seconds_total=round(sum(s['seconds'] for r in records for s in r['stages']), 1),
-        wall_s=round(time.time() - started, 1), cpu_s=round(sum(u.ru_utime + u.ru_stime for u in usage), 1))
+        **machine_record(started, load_at_start))
     write_json(os.path.join(results, 'model-set.json'), summary)
     series = {f'{model_label(r["D"])}, seed {r["seed"]}': ([s['kimg'] for s in r['stages']],
                                                            [s['fd'] for s in r['stages']]) for r in records}

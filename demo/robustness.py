@@ -1,431 +1,304 @@
-"""The paper's robustness study (PFGM++ §5, Figs. 4-6) at small scale, with trained U-Nets, on the demo's digits.
+"""The paper's robustness claims (PFGM++ §5, Figs. 4-6) tested on the reference model set with paired differences.
 
-For each D (default 16, 128, 2048 and inf = diffusion) the same small DDPM++ is trained on the 16x16 handwritten
-digits with the same budget and seed (``train.py`` under torchrun, the demo's recipe). Each model is then sampled
-with ``generate.py`` while one thing is made harder at a time:
+Every model of the set (``python -m demo.model_set``: the demo's DDPM++ on the 16x16 digits for each D and training
+seed, at its last stage) is sampled from the same seeds 0..num-1 while one thing is made harder at a time:
 
-- ``alpha``: noise x += alpha * t_i * eps injected before every Heun step (Fig. 4), ``--sweep-alpha``;
-- ``steps``: fewer Heun steps, reported as NFE = 2 * steps - 1 (Fig. 5), ``--sweep-steps``;
-- ``bits``: conv/linear weights quantized to K bits (Fig. 6), ``--sweep-bits``.
+- ``alpha``: noise x += alpha * t_i * eps injected before every Heun step (Fig. 4);
+- ``steps``: fewer Heun steps, reported as NFE = 2 * steps - 1 (Fig. 5);
+- ``bits``: conv/linear weights quantized to K bits (:mod:`sampling.quantize`, symmetric), per tensor and per output
+  channel (Fig. 6).
 
-Every setting is scored with FD-digits (the Frechet distance in the features of ``demo/digits-classifier.weights.pt``,
-against all 1,797 real digits; not FID) on several disjoint seed ranges of ``--num`` images each, which give the
-mean and standard deviation drawn as error bars. The clean setting (``--clean-steps`` Heun steps, alpha = 0, float32
-weights) is measured once per model and shared by the three studies.
+The clean setting is the model set's own sampler (Heun at its steps, float32 weights, alpha = 0). Each finite D is
+compared with D = inf on the same image seeds, training seed k with training seed k, by the two-level paired
+bootstrap (:mod:`evaluation.paired`; training seeds, then image seeds):
 
-Everything is resumable: each trained model, each folder of images and each FD value has its settings recorded
-beside it, and a rerun reuses exactly those whose settings match (a changed setting redoes that piece only).
-Training and generation run the project's command-line tools as a user would; the commands are printed.
+- the gap FD(D, s) - FD(inf, s) at every setting s (what the paper's figures show);
+- the degradation contrast [FD(D, s) - FD(D, clean)] - [FD(inf, s) - FD(inf, clean)]: below zero means D lost less
+  than diffusion did, whatever their clean FDs (:func:`evaluation.paired.paired_fd_contrast`).
 
-Usage: python -m demo.robustness [--quick] [--outdir=robustness-out] [--results=docs/robustness]
+Verdicts, per claim and D, from the contrast's 95% intervals over the settings of the study: "reproduced" when some
+interval lies below 0 and none above, "reversed" when the other way round, "mixed" when both occur, "undecided at
+this power" when every interval contains 0. The steps study uses only the step counts at which every model stays
+within 2x of its clean FD (the usable range). The sweet-spot claim (an intermediate D beats both D = inf and the
+smallest D at the clean setting) is judged from the clean gaps.
+
+FD-digits throughout (the Frechet distance in the features of ``demo/digits-classifier.weights.pt`` against all
+1,797 real digits; not FID). Features are stored per model and setting with their settings beside them, so a rerun
+redoes only what changed. Results: ``robustness.json`` (with the machine, wall and CPU time), ``robustness.md`` and
+one figure per study in ``--results``.
+
+Usage: python -m demo.robustness [--quick] [--model-set=model-set-out] [--outdir=robustness-out]
+                                 [--results=docs/robustness]
 """
 
 from __future__ import annotations
 
-import json
+import math
 import os
-import shutil
-import sys
 import time
 from typing import Any, Optional
 
 import click
 import numpy as np
-import torch
 
-import dnnlib
-from cli import common as cli
 from dnnlib.util import file_sha256
-from demo import digits
-from demo.digits import load_digits_dataset, make_digits_dataset, number_list, run_tool
+from demo.digits import load_digits_dataset, make_digits_dataset, model_label, model_name, number_list
+from demo.model_set import (METRICS_SEED, FeatureStore, Scorer, machine_record, trained_models, write_json)
 from demo.plots import line_chart
-from demo.run import DIGITS_DETECTOR, TRAIN_FLAGS, latest
-from evaluation import features
-from evaluation import metrics
+from evaluation import paired
+from formats import network_io
 from sampling import quantize
-from formats.manifest import image_path
 
 STUDIES = ('alpha', 'steps', 'bits')
-RECORD_FORMAT = 1   # bump when the meaning of a record changes, so old records are not reused
+GRANULARITIES = ('tensor', 'channel')
+USABLE_RATIO = 2.0     # a step count is in the usable range when every model's FD is within this factor of clean
 
-# Sizes of the two modes; every entry can be overridden by the option of the same name.
-FULL = dict(aug_dims='16,128,2048,inf', kimg=20.0, num=150, sets=3, clean_steps=12, alphas='0.1,0.2,0.3,0.6',
-            steps='3,5,8', bits='4,5,6', nproc=2)
-QUICK = dict(aug_dims='16,128,2048,inf', kimg=0.2, num=16, sets=2, clean_steps=4, alphas='0.3', steps='2',
-             bits='4', nproc=1)
+FULL = dict(alphas='0.3,0.6', steps='3,4,6', bits='2,3', num=500, bootstrap=500)
+QUICK = dict(alphas='0.3', steps='2', bits='3', num=24, bootstrap=20)   # num: the quick model set's
 
 
 # ----------------------------------------------------------------------------
-# Records: settings written beside each artefact; work is reused only when they match.
+# Features of every setting of every model.
 
 
-def read_record(path: str) -> Optional[dict]:
-    return digits.read_record(path, RECORD_FORMAT)
+def settings_of(cfg: dict, clean_steps: int) -> dict[str, dict]:
+    """Setting tag -> dict(study, x, steps, alpha, bits, granularity); 'clean' first."""
+    points = {'clean': dict(study='clean', x=None, steps=clean_steps, alpha=0.0, bits=None, granularity=None)}
+    for a in cfg['alphas']:
+        points[f'alpha{a:g}'] = dict(study='alpha', x=a, steps=clean_steps, alpha=a, bits=None, granularity=None)
+    for n in cfg['steps']:
+        if n != clean_steps:
+            points[f'steps{n:03d}'] = dict(study='steps', x=2 * n - 1, steps=n, alpha=0.0, bits=None,
+                                           granularity=None)
+    for b in cfg['bits']:
+        for g in GRANULARITIES:
+            points[f'bits{b:02d}-{g}'] = dict(study='bits', x=b, steps=clean_steps, alpha=0.0, bits=b, granularity=g)
+    return points
 
 
-def write_record(path: str, record: dict) -> None:
-    digits.write_record(path, record, RECORD_FORMAT)
-
-
-def model_name(D: Optional[float]) -> str:
-    return 'Dinf' if D is None else f'D{D:g}'
-
-
-def model_label(D: Optional[float]) -> str:
-    return 'D=inf (EDM)' if D is None else f'D={D:g}'
-
-
-def parse_aug_dims(text: str) -> list[Optional[float]]:
-    """'16,128,inf' -> [16.0, 128.0, None] (None = diffusion, D -> inf)."""
-    values: list[Optional[float]] = []
-    for part in text.split(','):
-        part = part.strip().lower()
-        if part in ('inf', 'infinity'):
-            values.append(None)
+def model_features(store: FeatureStore, scorer: Scorer, model: dict, points: dict[str, dict],
+                   num: int) -> dict[str, np.ndarray]:
+    """float64 [num, F] features of every setting of one model, seeds 0..num-1 (the clean one is the model set's
+    own when it has those seeds)."""
+    net = network_io.load_network(model['snapshot'], scorer.device)
+    sha = file_sha256(model['snapshot'])
+    seeds = list(range(num))
+    found = {}
+    for tag, point in points.items():
+        if tag == 'clean' and model['features'].shape[0] >= num and model['settings']['steps'] == point['steps']:
+            found[tag] = model['features'][:num]
             continue
-        try:
-            value = float(part)
-        except ValueError:
-            value = -1.0
-        if value < 1 or value != int(value):
-            raise click.BadParameter(f'expected integers >= 1 or "inf", got "{part}"', param_hint='--aug-dims')
-        values.append(value)
-    return values
 
+        def make(point: dict = point) -> np.ndarray:
+            sampled = net if point['bits'] is None else quantize.quantize_network(
+                net, point['bits'], granularity=point['granularity'])
+            kwargs = dict(num_steps=point['steps'])
+            if point['alpha']:
+                kwargs['noise_injection'] = point['alpha']
+            return scorer.features(sampled, model['D'], seeds, **kwargs)
 
-def launcher(nproc: int) -> list[str]:
-    """How a tool is started: under torchrun (gloo on the CPU) for several processes, plainly for one."""
-    if nproc == 1:
-        return [sys.executable]
-    return [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}']
+        settings = dict(scorer.identity, snapshot_sha256=sha, seeds=num, **point)
+        found[tag] = store.get(f'{model["name"]}/{tag}', settings, make)
+    return found
 
 
 # ----------------------------------------------------------------------------
-# Stage 1: one trained model per D.
+# Paired comparisons and verdicts.
 
 
-def train_model(workdir: str, dataset: str, D: Optional[float], kimg: float, nproc: int) -> dict:
-    """Train (or reuse, or continue) the model for ``D``; returns its record with the final snapshot and its hash."""
-    name = model_name(D)
-    runs = os.path.join(workdir, 'runs')
-    run_dir = os.path.join(runs, name)
-    record_path = os.path.join(runs, f'{name}.json')
-    tick = max(kimg / 10, 0.1)
-    kernel = ['--pfgmpp=0'] if D is None else ['--pfgmpp=1', f'--aug_dim={D:g}']
-    # A state every two ticks, so an interrupted run loses at most a fifth of its training.
-    flags = [*TRAIN_FLAGS, *kernel, f'--duration={kimg / 1000:g}', f'--tick={tick:g}', '--snap=10', '--dump=2']
-    settings = dict(flags=flags, nproc=nproc, dataset_sha256=file_sha256(dataset))
-    record = read_record(record_path)
-    if record is not None and record['settings'] == settings and record.get('complete'):
-        # The snapshot is recorded relative to the working folder, which may have been moved since.
-        snapshot = os.path.join(runs, record['snapshot'])
-        if os.path.isfile(snapshot) and file_sha256(snapshot) == record['snapshot_sha256']:
-            print(f'{name}: reusing the trained model {snapshot}')
-            return dict(record, snapshot=snapshot)
-    if record is None or record['settings'] != settings:
-        if os.path.isdir(run_dir):
-            print(f'{name}: {run_dir} was trained with other settings (or has no record); starting it over')
-            shutil.rmtree(run_dir)
-        record = dict(settings=settings, complete=False, seconds=0.0)
-        write_record(record_path, record)
-    started = time.time()
-    # One thread per rank: the ranks already fill the cores, and more threads would only contend.
-    run_tool([*launcher(nproc), 'train.py', f'--outdir={runs}', f'--name={name}', f'--data={dataset}', *flags,
-              '--resume=auto'], env={'OMP_NUM_THREADS': '1'})
-    snapshot = latest(os.path.join(run_dir, 'network-snapshot-*.pkl'))
-    record = dict(record, complete=True, snapshot=os.path.relpath(snapshot, runs),
-                  snapshot_sha256=file_sha256(snapshot), seconds=round(record['seconds'] + time.time() - started, 1))
-    write_record(record_path, record)
-    return dict(record, snapshot=snapshot)
+def interval(result: paired.PairedResult) -> dict:
+    return dict(value=result.diff, se=result.diff_se, ci=[result.ci_low, result.ci_high],
+                sign=int(result.ci_low > 0) - int(result.ci_high < 0))
 
 
-# ----------------------------------------------------------------------------
-# Stage 2: images for every setting of every study.
-
-
-def study_points(study: str, cfg: dict) -> list[tuple[str, dict]]:
-    """(generate.py's sweep folder name, sampling settings) of each point a study generates itself.
-
-    The clean point (alpha = 0 at --clean-steps, float32) belongs to the alpha study; the others borrow it.
-    """
-    clean = cfg['clean_steps']
-    if study == 'alpha':
-        return [(f'alpha{a:g}', dict(steps=clean, alpha=a, bits=None)) for a in [0.0, *cfg['alphas']]]
-    if study == 'steps':
-        return [(f'steps{n:03d}', dict(steps=n, alpha=0.0, bits=None)) for n in cfg['steps'] if n != clean]
-    return [(f'bits{b:02d}', dict(steps=clean, alpha=0.0, bits=b)) for b in cfg['bits']]
-
-
-def sweep_flags(study: str, cfg: dict, points: list[tuple[str, dict]]) -> list[str]:
-    if study == 'steps':
-        return ['--sweep-steps=' + ','.join(str(p['steps']) for _, p in points)]
-    values = ','.join(f'{p[study]:g}' for _, p in points)
-    return [f'--steps={cfg["clean_steps"]}', f'--sweep-{study}={values}']
-
-
-def all_images_present(folder: str, seeds: range) -> bool:
-    return all(os.path.isfile(image_path(folder, seed, False)) for seed in seeds)
-
-
-def generate_study(workdir: str, model: dict, D: Optional[float], study: str, cfg: dict) -> dict[str, dict]:
-    """Make sure every point of ``study`` holds the images of all seed sets; returns tag -> point settings.
-
-    A point folder whose recorded settings differ (another model, another sampler setting) is deleted first;
-    generate.py then adds whatever seeds are missing, so more sets reuse the images already there.
-    """
-    points = study_points(study, cfg)
-    if not points:
-        return {}
-    outdir = os.path.join(workdir, 'samples', model_name(D), study)
-    record_path = outdir + '.json'
-    record = read_record(record_path) or dict(points={}, seconds=0.0)
-    planned = {tag: dict(model_sha256=model['snapshot_sha256'], **sampling) for tag, sampling in points}
-    for tag, settings in planned.items():
-        if record['points'].get(tag) != settings:
-            record['points'].pop(tag, None)
-            if os.path.isdir(os.path.join(outdir, tag)):
-                print(f'{model_name(D)}/{study}/{tag}: made with other settings; deleting it')
-                shutil.rmtree(os.path.join(outdir, tag))
-    seeds = range(cfg['num'] * cfg['sets'])
-    if all(tag in record['points'] and all_images_present(os.path.join(outdir, tag), seeds) for tag in planned):
-        print(f'{model_name(D)}/{study}: reusing {len(planned)} finished point(s)')
-        return planned
-    record['points'] = {tag: s for tag, s in record['points'].items() if tag not in planned}
-    write_record(record_path, record)   # the planned points count only once generate.py has finished them
-    started = time.time()
-    run_tool([*launcher(cfg['nproc']), 'generate.py', f'--network={model["snapshot"]}', f'--outdir={outdir}',
-              f'--seeds=0-{len(seeds) - 1}', '--batch=100', '--device=cpu', *sweep_flags(study, cfg, points)],
-             env={'OMP_NUM_THREADS': '1'})
-    record = dict(record, points={**record['points'], **planned},
-                  seconds=round(record['seconds'] + time.time() - started, 1))
-    write_record(record_path, record)
-    return planned
-
-
-# ----------------------------------------------------------------------------
-# Stage 3: FD-digits of every seed set of every point.
-
-
-class FDScorer:
-    """FD-digits of image sets against the reference statistics of all real digits (``fid.py ref``'s file)."""
-
-    def __init__(self, ref_path: str):
-        self.detector = features.load_detector(DIGITS_DETECTOR, device='cpu')
-        self.mu_ref, self.sigma_ref = features.load_ref_stats(ref_path)
-        self.identity = dict(ref_sha256=file_sha256(ref_path), detector_sha256=file_sha256(DIGITS_DETECTOR))
-
-    def score(self, images: np.ndarray) -> float:
-        """FD of uint8 images [N, 1, H, W] (N >= 2): the same features and formula as ``fid.py calc``."""
-        feats = features.extract_features(self.detector, torch.from_numpy(images))
-        mu, sigma = metrics.feature_moments(feats)
-        return metrics.frechet_distance(mu, sigma, self.mu_ref, self.sigma_ref)
-
-
-def read_seed_range(folder: str, seeds: range) -> np.ndarray:
-    from PIL import Image
-    return np.stack([np.asarray(Image.open(image_path(folder, s, False)).convert('L'))[None]
-                     for s in seeds])
-
-
-def score_study(workdir: str, scorer: FDScorer, D: Optional[float], study: str, planned: dict[str, dict],
-                cfg: dict) -> dict[str, list[float]]:
-    """tag -> FD-digits of each seed set (set k: seeds k*num ... (k+1)*num - 1), reusing matching records."""
-    folder = os.path.join(workdir, 'samples', model_name(D), study)
-    record_path = os.path.join(workdir, 'fd', model_name(D), f'{study}.json')
-    record = read_record(record_path) or dict(values={}, seconds=0.0)
-    started, computed = time.time(), 0
-    values: dict[str, list[float]] = {}
-    for tag, settings in planned.items():
-        values[tag] = []
-        for k in range(cfg['sets']):
-            seeds = range(k * cfg['num'], (k + 1) * cfg['num'])
-            key = f'{tag}/seeds{seeds.start}-{seeds.stop - 1}'
-            entry_settings = dict(settings, **scorer.identity)
-            entry = record['values'].get(key)
-            if entry is None or entry['settings'] != entry_settings:
-                entry = dict(settings=entry_settings, fd=scorer.score(read_seed_range(os.path.join(folder, tag),
-                                                                                       seeds)))
-                record['values'][key] = entry
-                computed += 1
-            values[tag].append(entry['fd'])
-    if computed:
-        record['seconds'] = round(record['seconds'] + time.time() - started, 1)
-        write_record(record_path, record)
-    print(f'{model_name(D)}/{study}: FD-digits of {computed} image set(s) computed, '
-          f'{sum(len(v) for v in values.values()) - computed} reused')
-    return values
-
-
-def real_floor(dataset: str, scorer: FDScorer, cfg: dict) -> list[float]:
-    """FD-digits of disjoint sets of --num real digits: the floor that this number of images allows."""
-    images, _ = load_digits_dataset(dataset)
-    order = np.random.default_rng(0).permutation(images.shape[0])
-    sets = min(cfg['sets'], images.shape[0] // cfg['num'])
-    return [scorer.score(images[order[k * cfg['num']:(k + 1) * cfg['num']]].numpy()) for k in range(sets)]
-
-
-# ----------------------------------------------------------------------------
-# Results: JSON, Markdown and one figure per study.
-
-
-def summary(values: list[float]) -> dict:
-    arr = np.asarray(values, dtype=np.float64)
-    return dict(mean=float(arr.mean()), std=float(arr.std(ddof=1)) if arr.size > 1 else 0.0, n=int(arr.size),
-                values=[float(v) for v in arr])
-
-
-def study_axis(study: str, cfg: dict) -> list[tuple[float, str, str]]:
-    """(x value, axis label, (study, tag) of the point measured) for each x of a study's figure and table."""
-    clean = cfg['clean_steps']
-    if study == 'alpha':
-        return [(a, f'{a:g}', ('alpha', f'alpha{a:g}')) for a in [0.0, *cfg['alphas']]]
-    if study == 'steps':
-        return [(2 * n - 1, str(2 * n - 1), ('steps', f'steps{n:03d}') if n != clean else ('alpha', 'alpha0'))
-                for n in sorted({*cfg['steps'], clean})]
-    return [*[(b, f'{b} bits', ('bits', f'bits{b:02d}')) for b in cfg['bits']],
-            (32, 'float32', ('alpha', 'alpha0'))]
-
-
-DODGE = 0.01   # sideways shift between the D values in the figures, as a fraction of the x range
-COLUMN_NAMES = dict(alpha='α={}', steps='NFE {}', bits='{}')
-AXIS_TITLES = dict(alpha=('alpha (noise injected at every step)', 'FD-digits vs injected noise alpha (Fig. 4)'),
-                   steps=('NFE (Heun)', 'FD-digits vs NFE (Fig. 5)'),
-                   bits=('weight bits', 'FD-digits vs weight quantization (Fig. 6)'))
-
-
-def write_results(results_dir: str, aug_dims: list[Optional[float]], fd: dict, floor: list[float], cfg: dict,
-                  timing: dict) -> list[str]:
-    os.makedirs(results_dir, exist_ok=True)
-    table: dict[str, Any] = dict(
-        settings=dict(cfg, aug_dims=[None if D is None else D for D in aug_dims],
-                      metric='FD-digits (demo/digits-classifier.weights.pt) against all real digits',
-                      error_bars=f'{cfg["sets"]} disjoint seed ranges of {cfg["num"]} images; mean and sample '
-                                 f'std over them'),
-        real_floor=summary(floor), timing=timing, studies={})
-    written = []
-    lines = ['# Robustness study at small scale: FD-digits (lower is better)', '',
-             f'Mean ± std over {cfg["sets"]} disjoint sets of {cfg["num"]} images per point (n = {cfg["sets"]}); '
-             f'{cfg["num"]} real digits score {summary(floor)["mean"]:.1f} ± {summary(floor)["std"]:.1f} '
-             f'(the floor at this size). Models: {cfg["kimg"]:g} kimg each, same seed; '
-             f'clean setting {cfg["clean_steps"]} Heun steps (NFE {2 * cfg["clean_steps"] - 1}).', '']
-    for study in STUDIES:
-        axis = study_axis(study, cfg)
-        xlabel, title = AXIS_TITLES[study]
+def compare_all(feats: dict[Optional[float], list[dict[str, np.ndarray]]], points: dict[str, dict],
+                scorer: Scorer, bootstrap: int) -> dict[str, dict[str, dict]]:
+    """D name -> tag -> dict(fd, gap, contrast) for every finite D against D = inf (training seeds paired)."""
+    base = feats[None]
+    rng = np.random.default_rng(METRICS_SEED)
+    table: dict[str, dict[str, dict]] = {}
+    for D, models in feats.items():
         rows = {}
-        series = {}
-        xs = [x for x, _, _ in axis if not (study == 'bits' and x == 32)]
-        # Each D's points are moved sideways by a little, so that error bars at the same setting do not hide
-        # each other.
-        dodge = DODGE * (max(xs) - min(xs) if len(xs) > 1 else 1.0)
-        for index, D in enumerate(aug_dims):
-            points = [summary(fd[model_name(D)][source][tag]) for _, _, (source, tag) in axis]
-            rows[model_name(D)] = [dict(x=x, label=label, **p) for (x, label, _), p in zip(axis, points)]
-            shift = dodge * (index - (len(aug_dims) - 1) / 2)
-            series[model_label(D)] = ([x + shift for x in xs], [p['mean'] for p in points[:len(xs)]],
-                                      [p['std'] for p in points[:len(xs)]])
-        floor_stats = summary(floor)
-        series[f'{cfg["num"]} real digits'] = (xs, [floor_stats['mean']] * len(xs), [floor_stats['std']] * len(xs))
-        table['studies'][study] = rows
-        path = line_chart(series, os.path.join(results_dir, f'fd-vs-{study}.png'),
-                          title=title + (' (float32 in the table)' if study == 'bits' else ''),
-                          xlabel=xlabel, ylabel=f'FD-digits ({cfg["num"]} images, mean ± std over {cfg["sets"]})')
-        written.append(path)
-        lines += [f'## {title}', '', '| model | ' + ' | '.join(COLUMN_NAMES[study].format(label)
-                                                             for _, label, _ in axis) + ' |',
-                  '|---|' + '---:|' * len(axis)]
-        for D in aug_dims:
-            cells = [f'{p["mean"]:.1f} ± {p["std"]:.1f}' for p in rows[model_name(D)]]
-            lines.append(f'| {model_label(D)} | ' + ' | '.join(cells) + ' |')
-        lines.append('')
-    json_path = os.path.join(results_dir, 'robustness.json')
-    with dnnlib.util.atomic_write(json_path, 'w') as f:
-        json.dump(table, f, indent=2)
-    md_path = os.path.join(results_dir, 'robustness.md')
-    with dnnlib.util.atomic_write(md_path, 'w') as f:
-        f.write('\n'.join(lines))
-    return [json_path, md_path, *written]
+        for tag in points:
+            fds = [paired.frechet_of(m[tag], scorer.mu_ref, scorer.sigma_ref) for m in models]
+            row = dict(fd=float(np.mean(fds)), fd_per_seed=fds)
+            if D is not None:
+                ours, theirs = [m[tag] for m in models], [m[tag] for m in base]
+                row['gap'] = interval(paired.paired_fd_difference(ours, theirs, scorer.mu_ref, scorer.sigma_ref,
+                                                                  rng, bootstrap))
+                if tag != 'clean':
+                    sets = [ours, [m['clean'] for m in models], theirs, [m['clean'] for m in base]]
+                    row['contrast'] = interval(paired.paired_fd_contrast(sets, [1.0, -1.0, -1.0, 1.0],
+                                                                         scorer.mu_ref, scorer.sigma_ref, rng,
+                                                                         bootstrap))
+            rows[tag] = row
+        table[model_name(D)] = rows
+    return table
+
+
+def usable(table: dict, tag: str) -> bool:
+    """Every model (mean over training seeds) within USABLE_RATIO of its clean FD at this setting."""
+    return all(rows[tag]['fd'] <= USABLE_RATIO * rows['clean']['fd'] for rows in table.values())
+
+
+def claim_verdict(signs: list[int]) -> str:
+    if not signs or all(s == 0 for s in signs):
+        return 'undecided at this power'
+    if -1 in signs and 1 in signs:
+        return 'mixed'
+    return 'reproduced' if -1 in signs else 'reversed'
+
+
+def verdicts(table: dict, points: dict[str, dict], aug_dims: list[Optional[float]],
+             feats: dict[Optional[float], list[dict[str, np.ndarray]]], scorer: Scorer, bootstrap: int) -> dict:
+    """Per claim: the verdict of every finite D, the settings it rests on, and the sweet-spot verdict."""
+    finite = [D for D in aug_dims if D is not None]
+    result: dict[str, Any] = {}
+    for study in STUDIES:
+        tags = [t for t, p in points.items() if p['study'] == study and (study != 'steps' or usable(table, t))]
+        result[study] = dict(settings=tags, by_D={
+            model_name(D): claim_verdict([table[model_name(D)][t]['contrast']['sign'] for t in tags])
+            for D in finite})
+    # Sweet spot at the clean setting: an intermediate D better than diffusion and than the smallest D.
+    middle = finite[1:]
+    sweet: dict[str, Any] = dict(verdict='undecided at this power', best=None)
+    if finite and middle:
+        best = min(middle, key=lambda D: table[model_name(D)]['clean']['fd'])
+        smallest = finite[0]
+        versus_small = paired.paired_fd_difference([m['clean'] for m in feats[best]],
+                                                   [m['clean'] for m in feats[smallest]], scorer.mu_ref,
+                                                   scorer.sigma_ref, np.random.default_rng(METRICS_SEED), bootstrap)
+        signs = [table[model_name(best)]['clean']['gap']['sign'], interval(versus_small)['sign']]
+        all_worse = all(table[model_name(D)]['clean']['gap']['sign'] == 1 for D in finite)
+        sweet = dict(best=model_name(best), versus_inf=table[model_name(best)]['clean']['gap'],
+                     versus_smallest=interval(versus_small), smallest=model_name(smallest),
+                     verdict='reproduced' if signs == [-1, -1] else 'reversed' if all_worse or 1 in signs
+                     else 'undecided at this power')
+    result['sweet_spot'] = sweet
+    return result
 
 
 # ----------------------------------------------------------------------------
+# Results.
+
+
+AXIS = dict(alpha=('alpha (noise injected at every step)', 'FD-digits vs injected noise alpha (Fig. 4)'),
+            steps=('NFE (Heun)', 'FD-digits vs NFE (Fig. 5)'),
+            bits=('weight bits (32 = float)', 'FD-digits vs weight quantization (Fig. 6)'))
+
+
+def cell(entry: Optional[dict]) -> str:
+    if entry is None:
+        return ''
+    return f'{entry["value"]:+.1f} ({entry["ci"][0]:+.1f}, {entry["ci"][1]:+.1f})'
+
+
+def write_results(results: str, table: dict, claims: dict, points: dict[str, dict], aug_dims: list, floor: list,
+                  cfg: dict, models: list[dict], started: float, load: tuple) -> None:
+    os.makedirs(results, exist_ok=True)
+    summary = dict(config=cfg, models=[dict(name=m['name'], D=m['D'], seed=m['seed'], kimg=m['kimg'],
+                                            stopped=m['stopped']) for m in models],
+                   points=points, table=table, verdicts=claims, real_floor=floor, **machine_record(started, load))
+    write_json(os.path.join(results, 'robustness.json'), summary)
+    seeds = sorted({m['seed'] for m in models})
+    lines = [f'FD-digits of {cfg["num"]} images per model (mean over training seeds {seeds}); gap = FD(D) - FD(inf) '
+             f'and degradation contrast = [FD(D, s) - FD(D, clean)] - [FD(inf, s) - FD(inf, clean)], paired over '
+             f'seeds and training seeds, with 95% intervals. {cfg["num"]} real digits score '
+             f'{np.mean(floor):.1f} against all of them.', '',
+             '| setting | ' + ' | '.join(f'FD {model_label(D)}' for D in aug_dims) + ' | ' +
+             ' | '.join(f'gap {model_name(D)} | contrast {model_name(D)}' for D in aug_dims if D is not None) + ' |',
+             '|---|' + '---:|' * (len(aug_dims) + 2 * sum(D is not None for D in aug_dims))]
+    for tag in points:
+        row = [f'{table[model_name(D)][tag]["fd"]:.1f}' for D in aug_dims]
+        row += [x for D in aug_dims if D is not None
+                for x in (cell(table[model_name(D)][tag].get('gap')), cell(table[model_name(D)][tag].get('contrast')))]
+        lines.append(f'| {tag} | ' + ' | '.join(row) + ' |')
+    lines += ['', '| claim | ' + ' | '.join(model_name(D) for D in aug_dims if D is not None) + ' | settings |',
+              '|---|' + '---|' * (sum(D is not None for D in aug_dims) + 1)]
+    for study in STUDIES:
+        lines.append(f'| {study} | ' + ' | '.join(claims[study]['by_D'][model_name(D)] for D in aug_dims
+                                                 if D is not None) + f' | {", ".join(claims[study]["settings"])} |')
+    sweet = claims['sweet_spot']
+    lines += ['', f'Sweet spot at the clean setting: {sweet["verdict"]}'
+              + (f' (best intermediate {sweet["best"]}: versus inf {cell(sweet["versus_inf"])}, versus '
+                 f'{sweet["smallest"]} {cell(sweet["versus_smallest"])})' if sweet.get('best') else '')]
+    with open(os.path.join(results, 'robustness.md'), 'w') as f:
+        f.write('\n'.join(lines) + '\n')
+    for study in STUDIES:
+        series = {}
+        for D in aug_dims:
+            for g in (GRANULARITIES if study == 'bits' else (None,)):
+                tags = [t for t, p in points.items() if p['study'] == study and p['granularity'] == g]
+                xs = [points[t]['x'] for t in tags]
+                clean_x = dict(alpha=0.0, steps=2 * points['clean']['steps'] - 1, bits=32)[study]
+                pairs = sorted([(clean_x, 'clean'), *zip(xs, tags)])
+                name = model_label(D) + (f', per {g}' if g else '')
+                series[name] = ([x for x, _ in pairs], [table[model_name(D)][t]['fd'] for _, t in pairs])
+        xlabel, title = AXIS[study]
+        line_chart(series, os.path.join(results, f'fd-vs-{study}.png'), title=title, xlabel=xlabel,
+                   ylabel=f'FD-digits ({cfg["num"]} images, mean over training seeds)', log_x=study == 'steps',
+                   log_y=True)
+    print(f'Wrote {results}/robustness.json, robustness.md and the figures')
+
+
+def real_floor(dataset: str, scorer: Scorer, num: int) -> list[float]:
+    """FD-digits of disjoint sets of ``num`` real digits: what this number of images allows at best."""
+    images, _ = load_digits_dataset(dataset)
+    from evaluation import features
+    feats = features.extract_features(scorer.detector, images).numpy().astype(np.float64)
+    order = np.random.default_rng(0).permutation(feats.shape[0])
+    return [scorer.fd(feats[order[k * num:(k + 1) * num]]) for k in range(max(1, feats.shape[0] // num))]
 
 
 @click.command()
-@click.option('--outdir', default='robustness-out', show_default=True,
-              help='Working folder: dataset, trained models, generated images, records (reused on a rerun)')
-@click.option('--results', 'results_dir', default=None, metavar='DIR',
-              help='Where the table and figures go  [default: docs/robustness, or OUTDIR/results with --quick]')
-@click.option('--quick', is_flag=True, help='Tiny training and few images: checks the pipeline in about 2 minutes')
-@click.option('--aug-dims', 'aug_dims', default=None, metavar='LIST', help=f'D values, "inf" = diffusion  '
-              f'[default: {FULL["aug_dims"]}]')
-@click.option('--kimg', type=cli.float_range(min=0.1), default=None, help=f'Training length of each model  '
-              f'[default: {FULL["kimg"]:g}; --quick {QUICK["kimg"]:g}]')
-@click.option('--num', type=click.IntRange(min=2), default=None, help=f'Images per set  [default: {FULL["num"]}; '
-              f'--quick {QUICK["num"]}]')
-@click.option('--sets', type=click.IntRange(min=1), default=None, help=f'Disjoint seed sets per point (error '
-              f'bars)  [default: {FULL["sets"]}; --quick {QUICK["sets"]}]')
-@click.option('--clean-steps', 'clean_steps', type=click.IntRange(min=1), default=None,
-              help=f'Heun steps of the clean setting and of the alpha and bits studies  [default: '
-              f'{FULL["clean_steps"]}; --quick {QUICK["clean_steps"]}]')
-@click.option('--alphas', default=None, metavar='LIST', help=f'Injected noise levels besides 0  [default: '
-              f'{FULL["alphas"]}]')
-@click.option('--steps', default=None, metavar='LIST', help=f'Heun step counts besides the clean one  [default: '
-              f'{FULL["steps"]}]')
-@click.option('--bits', default=None, metavar='LIST', help=f'Weight bit widths  [default: {FULL["bits"]}]')
-@click.option('--nproc', type=click.IntRange(min=1), default=None,
-              help=f'torchrun processes for training and generation  [default: {FULL["nproc"]}; --quick '
-              f'{QUICK["nproc"]}: its runs are too short to repay starting a second process]')
-def main(outdir: str, results_dir: Optional[str], quick: bool, **overrides: Any) -> None:
-    """Train small U-Nets for several D and measure FD-digits against alpha, NFE and weight bits."""
-    start = time.time()
-    sizes = dict(QUICK if quick else FULL, **{k: v for k, v in overrides.items() if v is not None})
-    aug_dims = parse_aug_dims(sizes['aug_dims'])
-    cfg = dict(kimg=float(sizes['kimg']), num=sizes['num'], sets=sizes['sets'], clean_steps=sizes['clean_steps'],
-               alphas=number_list(sizes['alphas'], '--alphas', float, 0.0, sort=True),
-               steps=number_list(sizes['steps'], '--steps', int, 1, sort=True),
-               bits=number_list(sizes['bits'], '--bits', int, quantize.MIN_BITS['symmetric'], quantize.MAX_BITS,
-                                sort=True),
-               nproc=sizes['nproc'])
-    cfg['alphas'] = [a for a in cfg['alphas'] if a > 0]
-    outdir = os.path.abspath(outdir)
-    results_dir = results_dir or (os.path.join(outdir, 'results') if quick else 'docs/robustness')
-    os.makedirs(outdir, exist_ok=True)
-    dataset = make_digits_dataset(outdir)
-
-    # The reference statistics of all real digits, as a user makes them.
-    ref_path = os.path.join(outdir, 'ref-fd-digits.npz')
-    ref_record_path = ref_path + '.json'
-    ref_settings = dict(dataset_sha256=file_sha256(dataset), detector_sha256=file_sha256(DIGITS_DETECTOR))
-    ref_record = read_record(ref_record_path)
-    if not (os.path.isfile(ref_path) and ref_record is not None and ref_record['settings'] == ref_settings):
-        run_tool([sys.executable, 'fid.py', 'ref', f'--data={dataset}', f'--dest={ref_path}',
-                  f'--detector={DIGITS_DETECTOR}', '--device=cpu', '--workers=0'])
-        write_record(ref_record_path, dict(settings=ref_settings))
-
-    models = {model_name(D): train_model(outdir, dataset, D, cfg['kimg'], cfg['nproc']) for D in aug_dims}
-    scorer = FDScorer(ref_path)
-    fd: dict[str, dict[str, dict[str, list[float]]]] = {}
+@click.option('--quick', is_flag=True, help='Few settings and images (a test of the pipeline, not a result)')
+@click.option('--model-set', 'model_set', metavar='DIR', default='model-set-out', show_default=True,
+              help='The trained model set (python -m demo.model_set --outdir)')
+@click.option('--outdir', metavar='DIR', default='robustness-out', show_default=True,
+              help='Working folder (features and their settings, reused on a rerun)')
+@click.option('--results', metavar='DIR', default='docs/robustness', show_default=True, help='Tables and figures')
+@click.option('--alphas', metavar='LIST', default=None, help=f'Injected noise levels  [default: {FULL["alphas"]}]')
+@click.option('--steps', metavar='LIST', default=None, help=f'Heun step counts  [default: {FULL["steps"]}]')
+@click.option('--bits', metavar='LIST', default=None, help=f'Weight bit widths  [default: {FULL["bits"]}]')
+@click.option('--num', type=click.IntRange(min=2), default=None, help=f'Images per model  [default: {FULL["num"]}]')
+@click.option('--bootstrap', type=click.IntRange(min=2), default=None,
+              help=f'Bootstrap resamples  [default: {FULL["bootstrap"]}]')
+def main(quick: bool, model_set: str, outdir: str, results: str, **overrides: Any) -> None:
+    """Test the paper's robustness claims on the model set: every D against D = inf, paired."""
+    started, load = time.time(), os.getloadavg()
+    cfg = dict(QUICK if quick else FULL, **{k: v for k, v in overrides.items() if v is not None})
+    cfg['alphas'] = [a for a in number_list(str(cfg['alphas']), '--alphas', minimum=0, sort=True) if a > 0]
+    cfg['steps'] = number_list(str(cfg['steps']), '--steps', kind=int, minimum=1, sort=True)
+    cfg['bits'] = number_list(str(cfg['bits']), '--bits', kind=int, minimum=quantize.MIN_BITS['symmetric'],
+                              maximum=quantize.MAX_BITS, sort=True)
+    models = trained_models(os.path.abspath(model_set))
+    aug_dims = sorted({m['D'] for m in models}, key=lambda D: math.inf if D is None else D)
+    if None not in aug_dims or len(aug_dims) < 2:
+        raise click.ClickException(f'{model_set}: the study needs D = inf and at least one finite D in the set')
+    seeds = sorted({m['seed'] for m in models if m['D'] is None})
+    models = [m for m in models if m['seed'] in seeds]
     for D in aug_dims:
-        fd[model_name(D)] = {}
-        for study in STUDIES:
-            planned = generate_study(outdir, models[model_name(D)], D, study, cfg)
-            fd[model_name(D)][study] = score_study(outdir, scorer, D, study, planned, cfg)
-    floor = real_floor(dataset, scorer, cfg)
-
-    # Seconds each artefact took when it was made (summed over interrupted attempts), and this run's wall time.
-    def recorded_seconds(pattern: str) -> float:
-        import glob
-        return round(sum((read_record(p) or {}).get('seconds', 0.0) for p in glob.glob(pattern)), 1)
-    timing = dict(training_s=recorded_seconds(os.path.join(outdir, 'runs', '*.json')),
-                  generation_s=recorded_seconds(os.path.join(outdir, 'samples', '*', '*.json')),
-                  fd_s=recorded_seconds(os.path.join(outdir, 'fd', '*', '*.json')),
-                  this_invocation_s=round(time.time() - start, 1))
-    written = write_results(results_dir, aug_dims, fd, floor, cfg, timing)
-    print(f'\nDone in {timing["this_invocation_s"]:.0f} s (recorded work: training {timing["training_s"]:.0f} s, '
-          f'generation {timing["generation_s"]:.0f} s, FD {timing["fd_s"]:.0f} s). Results:')
-    for path in written:
-        print(f'  {path}')
-    with open(os.path.join(results_dir, 'robustness.md')) as f:
-        print('\n' + f.read())
+        have = sorted(m['seed'] for m in models if m['D'] == D)
+        if have != seeds:
+            raise click.ClickException(f'{model_set}: {model_label(D)} has training seeds {have} but D = inf has '
+                                       f'{seeds}; the paired comparison needs the same seeds for every D')
+    clean_steps = models[0]['settings']['steps']
+    if any(m['settings']['steps'] != clean_steps for m in models):
+        raise click.ClickException(f'{model_set}: the models were scored with different Heun steps')
+    outdir = os.path.abspath(outdir)
+    dataset = make_digits_dataset(outdir)
+    scorer = Scorer(dataset, dict(num=cfg['num'], steps=clean_steps, bootstrap=cfg['bootstrap']))
+    store = FeatureStore(os.path.join(outdir, 'features'))
+    points = settings_of(cfg, clean_steps)
+    feats = {D: [model_features(store, scorer, m, points, cfg['num']) for m in models if m['D'] == D]
+             for D in aug_dims}
+    table = compare_all(feats, points, scorer, cfg['bootstrap'])
+    claims = verdicts(table, points, aug_dims, feats, scorer, cfg['bootstrap'])
+    write_results(results, table, claims, points, aug_dims, real_floor(dataset, scorer, cfg['num']), cfg, models,
+                  started, load)
+    for study in (*STUDIES, 'sweet_spot'):
+        shown = claims[study].get('by_D') or {'': claims[study]['verdict']}
+        print(f'{study}: ' + ', '.join(f'{k} {v}'.strip() for k, v in shown.items()))
 
 
 if __name__ == '__main__':

@@ -371,6 +371,8 @@ def open_url(url: str, cache_dir: Optional[str] = None, num_attempts: int = 3, v
     """
     if not is_url(url, allow_file_urls=True):
         path = os.fspath(url)
+        if os.path.isdir(path):   # a folder is not "missing": say what it is
+            raise IsADirectoryError(f'{path}: is a directory, not a file')
         if not os.path.isfile(path):
             raise FileNotFoundError(f'{path}: no such file')
         return path if return_filename else open(path, 'rb')

@@ -548,8 +548,9 @@ def calculate_features_for_network(net: torch.nn.Module, seeds: Sequence[int],
 
     rank_batches = batches_of_this_rank(ordered, max_batch_size)
     nfe = pipeline.sampler_nfe(sampler_kwargs.get('num_steps') or schedules.DEFAULT_STEPS, sampler_kwargs)
-    dist.print0(f'Generating {len(ordered)} images in memory ({nfe} network evaluations each) and calculating '
-                f'their statistics...')
+    plural = 's' if nfe != 1 else ''
+    dist.print0(f'Generating {len(ordered)} images in memory ({nfe} network evaluation{plural} each) and '
+                f'calculating their statistics...')
     for batch_seeds in dist.progress(rank_batches, unit='batch', total=len(rank_batches)):
         # One batch exactly as given (the batching above is generate.py's), through the pipeline's checked path.
         for seeds_done, images in pipeline.generate_images(net, batch_seeds, batch_size=max(len(batch_seeds), 1),

@@ -133,6 +133,36 @@ def frechet_distance(mu: np.ndarray, sigma: np.ndarray, mu_ref: np.ndarray, sigm
     return float(mean_term + np.trace(sigma) + np.trace(sigma_ref) - 2 * np.trace(root))
 
 
+class FrechetReference:
+    """:func:`frechet_distance` against one fixed reference, for many statistics (a bootstrap's resamples).
+
+    The trace term is computed without a general matrix square root: with R = sigma_ref^(1/2) (symmetric, from one
+    eigendecomposition), sigma @ sigma_ref = (sigma R) R has the eigenvalues of R sigma R, which is symmetric positive
+    semi-definite, so tr sqrtm(sigma @ sigma_ref) = sum of the square roots of its eigenvalues (negative round-off
+    clipped to 0). Same value as :func:`frechet_distance` to float64 round-off, tens of times faster at d = 64.
+    ``mu_ref`` [d], ``sigma_ref`` [d, d] (symmetric). Raises MetricError for a non-finite reference.
+    """
+
+    def __init__(self, mu_ref: np.ndarray, sigma_ref: np.ndarray):
+        self.mu_ref = np.asarray(mu_ref, dtype=np.float64)
+        self.sigma_ref = np.asarray(sigma_ref, dtype=np.float64)
+        if not (np.all(np.isfinite(self.mu_ref)) and np.all(np.isfinite(self.sigma_ref))):
+            raise MetricError('the reference statistics hold NaN or infinite values')
+        values, vectors = np.linalg.eigh((self.sigma_ref + self.sigma_ref.T) / 2)
+        self.root = (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
+        self.trace_ref = float(np.trace(self.sigma_ref))
+
+    def distance(self, mu: np.ndarray, sigma: np.ndarray) -> float:
+        """FD of N(mu, sigma) ([d], [d, d] symmetric) to the reference; MetricError for mismatched dimensions."""
+        if mu.shape != self.mu_ref.shape or sigma.shape != self.sigma_ref.shape:
+            raise MetricError(f'statistics have {mu.shape[0]} features but the reference has '
+                              f'{self.mu_ref.shape[0]}; the reference must come from the same detector')
+        inner = self.root @ sigma @ self.root
+        eigen = np.linalg.eigvalsh((inner + inner.T) / 2)
+        trace_root = float(np.sqrt(np.clip(eigen, 0, None)).sum())
+        return float(np.square(mu - self.mu_ref).sum() + np.trace(sigma) + self.trace_ref - 2 * trace_root)
+
+
 # ----------------------------------------------------------------------------
 # KID.
 

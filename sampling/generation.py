@@ -91,11 +91,12 @@ class Run:
 
 def plan_runs(outdir: str, steps: Optional[int], alpha: Optional[float], bits: Optional[int],
               sweep_steps: Optional[list[int]], sweep_alpha: Optional[list[float]],
-              sweep_bits: Optional[list[int]], quantize_scheme: str = 'symmetric') -> list[Run]:
+              sweep_bits: Optional[list[int]], quantize_scheme: str = 'symmetric',
+              quantize_granularity: str = 'tensor') -> list[Run]:
     """One run for a plain command; the cartesian product of the sweep lists otherwise (``outdir/steps005-...``).
 
-    Raises :class:`GenerationError` for a single value given with its sweep, a step count below 1 or a bit width
-    ``quantize_scheme`` cannot use.
+    Raises :class:`GenerationError` for a single value given with its sweep, a step count below 1, a bit width
+    ``quantize_scheme`` cannot use or a ``quantize_granularity`` not in ``quantize.GRANULARITIES``.
     """
     for single, single_name, sweep, sweep_name in ((steps, '--steps', sweep_steps, '--sweep-steps'),
                                                    (alpha, '--alpha', sweep_alpha, '--sweep-alpha'),
@@ -104,6 +105,10 @@ def plan_runs(outdir: str, steps: Optional[int], alpha: Optional[float], bits: O
             raise GenerationError(f'{single_name} and {sweep_name} both given; use one of them', usage=True)
     if sweep_steps and min(sweep_steps) < 1:
         raise GenerationError(f'step counts must be >= 1, got {min(sweep_steps)}', flag='--sweep-steps')
+    try:
+        quantize.check_granularity(quantize_granularity)
+    except ValueError as err:
+        raise GenerationError(str(err), flag='--quantize-granularity') from None
     for width in ([bits] if bits is not None else []) + list(sweep_bits or []):
         try:
             quantize.check_bits(width, quantize_scheme)
@@ -334,6 +339,7 @@ class Request:
     pfgmpp: Optional[bool] = None
     aug_dim: Optional[int] = None
     quantize_scheme: str = 'symmetric'
+    quantize_granularity: str = 'tensor'
     force: bool = False
     grid: Optional[str] = None
     device: Optional[str] = None
@@ -466,7 +472,8 @@ def _generate(request: Request, device: torch.device) -> None:
         run_net = net
         if run.bits is not None:
             if run.bits not in quantized_cache:
-                quantized = quantize.quantize_network(net, run.bits, request.quantize_scheme)
+                quantized = quantize.quantize_network(net, run.bits, request.quantize_scheme,
+                                                      granularity=request.quantize_granularity)
                 # Compile after quantizing: the compiled graph captures the weights it was traced with.
                 quantized_cache[run.bits] = torch.compile(quantized) if request.compile else quantized
             run_net = quantized_cache[run.bits]
@@ -476,16 +483,19 @@ def _generate(request: Request, device: torch.device) -> None:
         # Exactly what the sampler receives decides the pixels, so the manifest is derived from it.
         sampler_call = dict(class_idx=class_idx, D=D, **kwargs)
         scheme = request.quantize_scheme if run.bits is not None else None
+        granularity = request.quantize_granularity if run.bits is not None else None
+        # Per-tensor quantization is all earlier versions did: its folders record no granularity, so they resume.
+        granularity_setting = {} if granularity in (None, 'tensor') else {'quantize_granularity': granularity}
         options = dict(precision=_effective_precision(net), channels_last=request.channels_last,
                        compile=request.compile, quantize_bits=run.bits, quantize_scheme=scheme,
-                       device=device.type, subdirs=request.subdirs, guidance=guidance)
+                       **granularity_setting, device=device.type, subdirs=request.subdirs, guidance=guidance)
         info = dict(
             network=network_source, network_summary=network_io.network_summary(net), sweep=run.sweep,
             sampler='consistency' if is_consistency else pipeline.sampler_name(kwargs), sampler_kwargs=kwargs,
             nfe_per_image=run.num_steps if is_consistency else pipeline.sampler_nfe(run.num_steps, kwargs),
             class_idx=class_idx,
             pfgmpp=D is not None, D=D, noise_injection_alpha=run.alpha, quantize_bits=run.bits,
-            quantize_scheme=scheme,
+            quantize_scheme=scheme, quantize_granularity=granularity,
             quantized_weights=(len(quantize.quantized_weight_names(net)) if run.bits is not None else 0),
             subdirs=request.subdirs, guidance=guidance,
         )
@@ -565,7 +575,7 @@ def _generate_run(net: Any, run: Run, request: Request, sampler_call: dict, devi
     my_batches = pipeline.split_batches(todo, request.max_batch_size, world)[rank::world]
 
     dist.print0(f'Generating {len(todo)} images to "{run.outdir}"' + (f' ({skipped} already there)' if skipped else '')
-                + f', {info["nfe_per_image"]} network evaluations each...')
+                + f', {info["nfe_per_image"]} network evaluation{"s" if info["nfe_per_image"] != 1 else ""} each...')
     bar = tqdm(total=len(todo), unit='img', file=sys.stderr, mininterval=1.0, dynamic_ncols=True,
                disable=not dist.is_main() or not todo)
     start = time.time()

@@ -13,11 +13,17 @@ its experiment touches (the fork's quantization script, reconstructed here):
   i.e. the input convolution, the output layers and the highest-resolution
   blocks). We exclude the ``{R}x{R}`` layers for the network's own resolution R.
 
-Each selected weight tensor is quantized per tensor. ``scheme='symmetric'``
-(default) uses 2**(k-1) - 1 levels each side of zero with scale max|w| / levels;
-``scheme='minmax'`` is the fork's asymmetric uniform quantizer over [min, max]
-with an integer zero point. Weights are replaced by their dequantized values
-(float), so the network runs exactly as before, just with coarser weights.
+Each selected weight tensor is quantized per tensor by default, as the paper
+does (``granularity='tensor'``: one scale for the whole tensor), or per output
+channel (``granularity='channel'``: each slice ``weight[i]`` along dim 0 gets its
+own scale, and zero point for minmax, from its own values), which keeps the
+small-valued channels of a tensor from collapsing onto a few levels. A channel
+(or tensor) that is all zeros, or constant for minmax, is left as it is.
+``scheme='symmetric'`` (default) uses 2**(k-1) - 1 levels each side of zero with
+scale max|w| / levels; ``scheme='minmax'`` is the fork's asymmetric uniform
+quantizer over [min, max] with an integer zero point. Weights are replaced by
+their dequantized values (float), so the network runs exactly as before, just
+with coarser weights.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from typing import Iterable
 import torch
 
 SCHEMES = ('symmetric', 'minmax')
+GRANULARITIES = ('tensor', 'channel')  # one scale per tensor | one per output channel (slice along dim 0)
 MIN_BITS = {'symmetric': 2, 'minmax': 1}  # symmetric needs at least one level on each side of zero
 MAX_BITS = 16
 
@@ -47,9 +54,25 @@ def check_bits(bits: int, scheme: str = 'symmetric') -> None:
         raise ValueError(f'{scheme} quantization needs {MIN_BITS[scheme]}..{MAX_BITS} bits, got {bits!r}')
 
 
-def quantize_tensor(weight: torch.Tensor, bits: int, scheme: str = 'symmetric') -> torch.Tensor:
-    """Quantize ``weight`` to ``bits`` bits per tensor and return the dequantized values (same dtype)."""
+def check_granularity(granularity: str) -> None:
+    """Raise ValueError unless ``granularity`` is one of :data:`GRANULARITIES`."""
+    if granularity not in GRANULARITIES:
+        raise ValueError(f'quantization granularity must be one of {"|".join(GRANULARITIES)}, got {granularity!r}')
+
+
+def quantize_tensor(weight: torch.Tensor, bits: int, scheme: str = 'symmetric',
+                    granularity: str = 'tensor') -> torch.Tensor:
+    """Quantize ``weight`` to ``bits`` bits and return the dequantized values (same shape and dtype).
+
+    ``granularity='tensor'`` derives one scale (and minmax zero point) from the whole tensor; ``'channel'`` derives
+    them for every output channel ``weight[i]`` (dim 0) from that channel alone, with the same arithmetic, so the
+    result equals the per-tensor quantization of each slice on its own. An all-zero tensor or channel (constant
+    for minmax) is returned unchanged. Raises ValueError for a scheme, bit width or granularity it cannot use.
+    """
     check_bits(bits, scheme)
+    check_granularity(granularity)
+    if granularity == 'channel':
+        return _quantize_channels(weight, bits, scheme)
     w = weight.detach().to(torch.float32)
     if scheme == 'symmetric':
         levels = 2 ** (bits - 1) - 1
@@ -68,6 +91,33 @@ def quantize_tensor(weight: torch.Tensor, bits: int, scheme: str = 'symmetric') 
     zero_point = int(float((-lo / step).clamp(0, top)))
     codes = (zero_point + w / step).clamp(0, top).round()
     return (step * (codes - zero_point)).to(weight.dtype)
+
+
+def _quantize_channels(weight: torch.Tensor, bits: int, scheme: str) -> torch.Tensor:
+    """Per-output-channel :func:`quantize_tensor`: the per-tensor formulas with [C, 1] scales, one row per channel.
+
+    Every operation is elementwise in float32 as in the per-tensor path, so each row gets the same bits as the
+    per-tensor quantization of that row alone. Degenerate rows (no spread) get a stand-in step of 1 to keep the
+    arithmetic finite and are then replaced by their original values.
+    """
+    original = weight.detach()
+    rows = original.reshape(original.shape[0] if original.ndim else 1, -1)
+    w = rows.to(torch.float32)
+    if scheme == 'symmetric':
+        levels = 2 ** (bits - 1) - 1
+        peak = w.abs().amax(dim=1, keepdim=True)
+        usable = peak > 0
+        step = torch.where(usable, peak / levels, torch.ones_like(peak))
+        values = (w / step).round().clamp(-levels, levels) * step
+    else:
+        top = 2.0 ** bits - 1
+        lo, hi = w.amin(dim=1, keepdim=True), w.amax(dim=1, keepdim=True)
+        usable = hi > lo
+        step = torch.where(usable, (hi - lo) / top, torch.ones_like(hi))
+        zero_point = (-lo / step).clamp(0, top).floor()   # non-negative, so floor truncates as int() does
+        codes = (zero_point + w / step).clamp(0, top).round()
+        values = step * (codes - zero_point)
+    return torch.where(usable, values.to(original.dtype), rows).reshape(original.shape)
 
 
 def _full_resolution_tag(net: torch.nn.Module) -> str | None:
@@ -96,13 +146,17 @@ def quantized_weight_names(net: torch.nn.Module, keep_full_resolution: bool = Tr
 
 
 def quantize_network(net: torch.nn.Module, bits: int, scheme: str = 'symmetric',
-                     keep_full_resolution: bool = True, names: Iterable[str] | None = None) -> torch.nn.Module:
+                     keep_full_resolution: bool = True, names: Iterable[str] | None = None,
+                     granularity: str = 'tensor') -> torch.nn.Module:
     """A deep copy of ``net`` whose selected conv/linear weights are quantized to ``bits`` bits.
 
     ``names`` overrides the layer selection (parameter names as in ``named_parameters``).
-    The original network is left untouched.
+    ``granularity`` is per ``'tensor'`` (the paper's) or per output ``'channel'`` (see :func:`quantize_tensor`).
+    The original network is left untouched. Raises ValueError for an unusable scheme, bit width or granularity and
+    KeyError for a name that is not a parameter of ``net``.
     """
     check_bits(bits, scheme)
+    check_granularity(granularity)
     quantized = copy.deepcopy(net)
     selected = list(names) if names is not None else quantized_weight_names(quantized, keep_full_resolution)
     params = dict(quantized.named_parameters())
@@ -111,5 +165,5 @@ def quantize_network(net: torch.nn.Module, bits: int, scheme: str = 'symmetric',
         raise KeyError(f'no such parameter(s) to quantize: {", ".join(missing[:5])}')
     with torch.no_grad():
         for name in selected:
-            params[name].copy_(quantize_tensor(params[name], bits, scheme))
+            params[name].copy_(quantize_tensor(params[name], bits, scheme, granularity))
     return quantized

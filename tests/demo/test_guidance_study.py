@@ -142,15 +142,18 @@ def synthetic_results() -> dict:
 def test_tables_and_charts(tmp_path):
     table = study.markdown_tables(synthetic_results())
     # W = 1 plain; the others with the difference to the classic-EMA network paired by seed range
-    assert '| CFG | 128 | 11.0 ± 0.5 | 11.5 ± 0.5 (Δ +1.5 ± 0.0) | 12.0 ± 0.5 (Δ +2.0 ± 0.0) |' in table
-    assert ('| autoguidance | ∞ | 21.0 ± 0.5 | 21.5 ± 0.5 (Δ -19.5 ± 0.7) | 22.0 ± 0.5 (Δ -19.0 ± 0.7) |'
-            in table)
-    assert '| ∞ | 35.0 ± 0.5 (Δ -6.0 ± 0.7) | 40.0 ± 0.5 (Δ -1.0 ± 0.7) | 41.0 ± 1.2 |' in table
+    assert ('| CFG | 128 | 11.0 ± 0.5 | 11.5 (Δ +1.5, 95% CI +1.5 to +1.5, worse) | '
+            '12.0 (Δ +2.0, 95% CI +2.0 to +2.0, worse) |') in table
+    assert ('| autoguidance | ∞ | 21.0 ± 0.5 | 21.5 (Δ −19.5, 95% CI −25.9 to −13.1, better) | '
+            '22.0 (Δ −19.0, 95% CI −25.4 to −12.6, better) |') in table
+    assert ('| ∞ | 35.0 (Δ −6.0, 95% CI −12.4 to +0.4, undecided) | 40.0 (Δ −1.0, 95% CI −7.4 to +5.4, undecided) | '
+            '41.0 ± 1.2 |') in table
     assert 'over 2 disjoint sets of 250 images' in table
     assert '| profile error | 0.00 | 0.00 | |' in table
     missing = synthetic_results()
     del missing['guidance']['inf']['cfg']['2']
-    assert '| CFG | ∞ | 11.0 ± 0.5 | 11.5 ± 0.5 (Δ -29.5 ± 0.7) | – |' in study.markdown_tables(missing)
+    assert ('| CFG | ∞ | 11.0 ± 0.5 | 11.5 (Δ −29.5, 95% CI −35.9 to −23.1, better) | – |'
+            in study.markdown_tables(missing))
     for path in study.charts(synthetic_results(), str(tmp_path)):
         with Image.open(path) as image:
             assert image.format == 'PNG' and image.width > 200

@@ -1,121 +1,106 @@
-"""python -m demo.robustness --quick: the robustness study's pipeline end to end, its records and its resume rules.
-
-One module-scoped run (two D values, tiny training, 2 sets of 16 images) is rerun three ways: unchanged (everything
-reused, no tool started), with another alpha list (only the new point is generated and scored) and with another
-training length for one D (that model is retrained and all its images remade).
-"""
+"""python -m demo.robustness: the paper's robustness claims tested on a (tiny) model set with paired comparisons,
+its verdict rules, its reuse of stored features and its one-line refusals."""
 
 from __future__ import annotations
 
 import json
-import math
-import os
-from pathlib import Path
+import shutil
 
+import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from tests.conftest import run_python
+from demo import robustness
+from demo.model_set import Scorer
+from tests.demo.conftest import run_study
 
-STUDY = ['-m', 'demo.robustness', '--quick', '--nproc=1']
-ENV = {'OMP_NUM_THREADS': '1'}
-
-
-def run_study(work: Path, results: Path, *extra: str) -> str:
-    return run_python([*STUDY, f'--outdir={work}', f'--results={results}', *extra], env=ENV, timeout=900).stdout
+VERDICTS = {'reproduced', 'reversed', 'mixed', 'undecided at this power'}
 
 
-def snapshot_record(work: Path, name: str) -> dict:
-    return json.loads((work / 'runs' / f'{name}.json').read_text())
+def _study(model_set, outdir, results, *flags: str, check: bool = True):
+    return run_study('demo.robustness', model_set, outdir, results, *flags, check=check)
 
 
-def mtimes(folder: Path) -> dict[str, int]:
-    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in sorted(folder.rglob('*')) if p.is_file()}
+def test_quick_study_end_to_end_and_reused(quick_model_set, tmp_path) -> None:
+    outdir, results = tmp_path / 'work', tmp_path / 'docs'
+    first = _study(quick_model_set, outdir, results).stdout
+    summary = json.loads((results / 'robustness.json').read_text())
+    tags = list(summary['points'])
+    assert tags == ['clean', 'alpha0.3', 'steps002', 'bits03-tensor', 'bits03-channel']
+    assert sorted(summary['table']) == ['D16', 'Dinf']
+    for tag in tags:
+        d16, dinf = summary['table']['D16'][tag], summary['table']['Dinf'][tag]
+        assert len(d16['fd_per_seed']) == 2 and np.isfinite(d16['fd']) and np.isfinite(dinf['fd'])
+        assert 'gap' not in dinf and 'contrast' not in dinf
+        gap = d16['gap']
+        assert gap['ci'][0] <= gap['ci'][1] and gap['sign'] in (-1, 0, 1)
+        assert gap['value'] == pytest.approx(d16['fd'] - dinf['fd'], rel=1e-9)
+        assert ('contrast' in d16) == (tag != 'clean')
+    # The clean setting is the model set's own scoring: same seeds, same sampler, same FD.
+    set_fds = {m['name']: m['stages'][-1]['fd']
+               for m in json.loads((quick_model_set / 'results' / 'model-set.json').read_text())['models']}
+    assert summary['table']['D16']['clean']['fd_per_seed'] == pytest.approx([set_fds['D16-seed0'],
+                                                                             set_fds['D16-seed1']])
+    for study in robustness.STUDIES:
+        assert summary['verdicts'][study]['by_D']['D16'] in VERDICTS
+    assert summary['verdicts']['sweet_spot']['verdict'] == 'undecided at this power'   # no intermediate D
+    assert summary['wall_s'] > 0 and summary['cpu_s'] > 0 and summary['machine']['cpus'] >= 1
+    assert '| clean |' in (results / 'robustness.md').read_text()
+    for study in robustness.STUDIES:
+        assert (results / f'fd-vs-{study}.png').stat().st_size > 0
+    assert first.count('Generating') == 2 * 2 * (len(tags) - 1)
+
+    # A rerun reuses every stored feature array; a new alpha adds only its own.
+    again = _study(quick_model_set, outdir, tmp_path / 'again').stdout
+    assert 'Generating' not in again
+    assert json.loads((tmp_path / 'again' / 'robustness.json').read_text())['table'] == summary['table']
+    more = _study(quick_model_set, outdir, tmp_path / 'more', '--alphas=0.3,0.6').stdout
+    assert more.count('Generating') == 2 * 2
 
 
-@pytest.fixture(scope='module')
-def first_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp('robustness')
-    work, results = root / 'work', root / 'results'
-    stdout = run_study(work, results, '--aug-dims=16,inf', '--alphas=0.3')
-    return work, results, stdout
+def test_refuses_a_model_set_without_diffusion_or_with_other_seeds(quick_model_set, tmp_path) -> None:
+    partial = tmp_path / 'partial'
+    shutil.copytree(quick_model_set / 'runs', partial / 'runs')
+    for path in (partial / 'runs').glob('D16-seed1*'):
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    result = _study(partial, tmp_path / 'w', tmp_path / 'r', check=False)
+    assert result.returncode != 0
+    assert 'D=16 has training seeds [0] but D = inf has [0, 1]' in result.stderr
+    for path in (partial / 'runs').glob('Dinf*'):
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    result = _study(partial, tmp_path / 'w', tmp_path / 'r', check=False)
+    assert 'needs D = inf and at least one finite D' in result.stderr
+    result = _study(tmp_path / 'nothing', tmp_path / 'w', tmp_path / 'r', check=False)
+    assert 'no trained model recorded; run python -m demo.model_set' in result.stderr
 
 
-def test_quick_study_writes_table_figures_and_settings(first_run):
-    work, results, stdout = first_run
-    for name in ('robustness.json', 'robustness.md', 'fd-vs-alpha.png', 'fd-vs-steps.png', 'fd-vs-bits.png'):
-        assert (results / name).stat().st_size > 0, name
-    table = json.loads((results / 'robustness.json').read_text())
-    settings = table['settings']
-    assert settings['aug_dims'] == [16.0, None] and settings['alphas'] == [0.3] and settings['num'] == 16
-    assert settings['sets'] == 2 and settings['clean_steps'] == 4 and settings['steps'] == [2]
-    studies = table['studies']
-    assert set(studies) == {'alpha', 'steps', 'bits'} and set(studies['alpha']) == {'D16', 'Dinf'}
-    for rows in studies.values():
-        for points in rows.values():
-            for point in points:
-                assert point['n'] == 2 and len(point['values']) == 2
-                assert all(math.isfinite(v) and v > 0 for v in point['values'])
-                assert math.isclose(point['mean'], sum(point['values']) / 2)
-    for name in ('D16', 'Dinf'):
-        # The clean setting is measured once and shared: alpha 0 = NFE 7 (4 Heun steps) = float32 weights.
-        clean = studies['alpha'][name][0]
-        assert clean['x'] == 0 and [p['x'] for p in studies['steps'][name]] == [3, 7]
-        assert studies['steps'][name][1]['values'] == clean['values'] == studies['bits'][name][-1]['values']
-        assert [p['x'] for p in studies['bits'][name]] == [4, 32]
-    # The tools ran as a user runs them, and each model's settings are recorded beside it.
-    assert 'train.py' in stdout and 'generate.py' in stdout and '--sweep-alpha=0,0.3' in stdout
-    record = snapshot_record(work, 'D16')
-    assert record['complete'] and '--aug_dim=16' in record['settings']['flags']
-    assert '--pfgmpp=0' in snapshot_record(work, 'Dinf')['settings']['flags']
-    manifest = json.loads((work / 'samples' / 'D16' / 'alpha' / 'alpha0.3' / 'manifest.json').read_text())
-    assert manifest['noise_injection_alpha'] == 0.3 and manifest['num_images'] == 32
-    assert table['real_floor']['n'] == 2 and table['timing']['training_s'] > 0
-    assert '| D=16 |' in (results / 'robustness.md').read_text()
+def test_verdict_rules() -> None:
+    assert robustness.claim_verdict([]) == 'undecided at this power'
+    assert robustness.claim_verdict([0, 0]) == 'undecided at this power'
+    assert robustness.claim_verdict([0, -1]) == 'reproduced'
+    assert robustness.claim_verdict([1, 0]) == 'reversed'
+    assert robustness.claim_verdict([1, -1]) == 'mixed'
+    points = robustness.settings_of(dict(alphas=[0.2], steps=[4, 18], bits=[3]), clean_steps=18)
+    assert list(points) == ['clean', 'alpha0.2', 'steps004', 'bits03-tensor', 'bits03-channel']
+    assert points['steps004']['x'] == 7 and points['bits03-channel']['granularity'] == 'channel'
 
 
-def test_quick_study_resumes_reusing_matching_work_and_redoing_changed_work(first_run, tmp_path):
-    work, _, _ = first_run
-    before = mtimes(work)
-    first_table = json.loads((first_run[1] / 'robustness.json').read_text())
-
-    # Unchanged: nothing is trained, generated or scored again, and the numbers are the same.
-    stdout = run_study(work, tmp_path / 'again', '--aug-dims=16,inf', '--alphas=0.3')
-    assert 'train.py' not in stdout and 'generate.py' not in stdout and 'fid.py' not in stdout
-    assert stdout.count('reusing the trained model') == 2
-    assert mtimes(work) == before
-    assert json.loads((tmp_path / 'again' / 'robustness.json').read_text())['studies'] == first_table['studies']
-
-    # Another alpha list: the alpha-0 images and their FD are kept, the new point is made and scored.
-    alpha_dir = work / 'samples' / 'Dinf' / 'alpha'
-    stdout = run_study(work, tmp_path / 'alpha', '--aug-dims=inf', '--alphas=0.2')
-    assert 'train.py' not in stdout and '--sweep-alpha=0,0.2' in stdout
-    pngs = {k: v for k, v in mtimes(alpha_dir / 'alpha0').items() if k.endswith('.png')}
-    assert len(pngs) == 32 and pngs == {k[len('samples/Dinf/alpha/alpha0/'):]: v for k, v in before.items()
-                                        if k.startswith('samples/Dinf/alpha/alpha0/') and k.endswith('.png')}
-    assert 'Dinf/alpha: FD-digits of 2 image set(s) computed, 2 reused' in stdout
-    assert (alpha_dir / 'alpha0.2' / '000031.png').is_file()
-    table = json.loads((tmp_path / 'alpha' / 'robustness.json').read_text())
-    assert [p['x'] for p in table['studies']['alpha']['Dinf']] == [0, 0.2]
-    assert table['studies']['alpha']['Dinf'][0] == first_table['studies']['alpha']['Dinf'][0]
-
-    # Another training length for D=16: that model is retrained and every one of its images is made again.
-    old = snapshot_record(work, 'D16')
-    old_png = (work / 'samples' / 'D16' / 'bits' / 'bits04' / '000000.png').stat().st_mtime_ns
-    stdout = run_study(work, tmp_path / 'kimg', '--aug-dims=16', '--alphas=0.3', '--kimg=0.3')
-    new = snapshot_record(work, 'D16')
-    assert 'train.py' in stdout and '--duration=0.0003' in new['settings']['flags']
-    assert new['snapshot_sha256'] != old['snapshot_sha256']
-    assert 'made with other settings; deleting it' in stdout
-    assert (work / 'samples' / 'D16' / 'bits' / 'bits04' / '000000.png').stat().st_mtime_ns != old_png
-    assert mtimes(work / 'runs' / 'Dinf') == {k[len('runs/Dinf/'):]: v for k, v in before.items()
-                                              if k.startswith('runs/Dinf/')}
+class _FixedScorer(Scorer):
+    def __init__(self, dim: int):   # the reference moments of a standard normal, no detector
+        self.mu_ref, self.sigma_ref = np.zeros(dim), np.eye(dim)
 
 
-@pytest.mark.parametrize('args, message', [(['--aug-dims=0,inf'], '--aug-dims'), (['--alphas=x'], '--alphas'),
-                                           (['--bits=1'], '--bits')])
-def test_bad_lists_are_one_line_errors(tmp_path, args, message):
-    from demo.robustness import main
-    result = CliRunner().invoke(main, ['--quick', f'--outdir={tmp_path}', *args])
-    assert result.exit_code == 2 and message in result.output
-    assert not os.listdir(tmp_path)
+def test_a_model_that_degrades_less_than_diffusion_is_found_more_robust() -> None:
+    # Synthetic features: the clean sets are the same for both D (so their gap is exactly 0); the perturbed setting
+    # shifts D = inf's features by 1.0 and D's by 0.2 along every axis, so D loses less FD, which the contrast must
+    # find at this size.
+    rng = np.random.default_rng(0)
+    dim, num = 4, 400
+    scorer = _FixedScorer(dim)
+
+    cleans = [rng.standard_normal((num, dim)) for _ in range(2)]   # one per training seed, shared by both D
+    feats = {16.0: [dict(clean=c, alpha0=c + 0.2) for c in cleans], None: [dict(clean=c, alpha0=c + 1.0)
+                                                                          for c in cleans]}
+    points = {'clean': dict(study='clean'), 'alpha0': dict(study='alpha')}
+    table = robustness.compare_all(feats, points, scorer, bootstrap=200)
+    assert table['D16']['alpha0']['contrast']['sign'] == -1
+    assert table['D16']['clean']['gap']['sign'] == 0

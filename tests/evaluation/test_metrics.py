@@ -57,6 +57,25 @@ def test_fd_of_identical_statistics_is_zero_to_round_off():
     assert abs(metrics.frechet_distance(mu, sigma, mu, sigma)) <= tolerance
 
 
+def test_fd_against_a_fixed_reference_equals_the_general_formula():
+    """FrechetReference (eigendecompositions, for bootstrap resamples) gives frechet_distance's value, for full-rank
+    and rank-deficient statistics; dimension mismatches and a non-finite reference are refused."""
+    rng = np.random.default_rng(4)
+    d = 16
+    ref_features = rng.normal(size=(400, d)) @ rng.normal(size=(d, d)) + 1
+    mu_ref, sigma_ref = metrics.feature_moments(ref_features)
+    reference = metrics.FrechetReference(mu_ref, sigma_ref)
+    for n in (300, 9):   # 9 images: a covariance of rank 8 < d
+        mu, sigma = metrics.feature_moments(rng.normal(size=(n, d)) * 2 + 0.5)
+        expected = metrics.frechet_distance(mu, sigma, mu_ref, sigma_ref)
+        scale = np.trace(sigma) + np.trace(sigma_ref)
+        assert reference.distance(mu, sigma) == pytest.approx(expected, abs=d * np.sqrt(EPS) * scale)
+    with pytest.raises(metrics.MetricError, match='same detector'):
+        reference.distance(np.zeros(3), np.eye(3))
+    with pytest.raises(metrics.MetricError, match='NaN or infinite'):
+        metrics.FrechetReference(np.full(2, np.nan), np.eye(2))
+
+
 def test_feature_moments_and_errors():
     rng = np.random.default_rng(3)
     features = rng.normal(size=(9, 4)).astype(np.float32)

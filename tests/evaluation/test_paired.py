@@ -88,7 +88,7 @@ def test_resampled_fd_matches_the_metrics_formula() -> None:
     index = rng.integers(0, 30, size=30)
     counts = np.bincount(index, minlength=30).astype(np.float64)
     expected = metrics.frechet_distance(*metrics.feature_moments(x[index]), *_reference())
-    got = paired._weighted_fd(x, counts, *_reference())
+    got = paired._weighted_fd(x, counts, metrics.FrechetReference(*_reference()))
     assert got == pytest.approx(expected, rel=100 * np.finfo(np.float64).eps * F, abs=1e-12)
 
 
@@ -181,6 +181,126 @@ def test_bad_input_is_one_line(case: str, message: str) -> None:
 
 
 # ----------------------------------------------------------------------------
+# Linear contrasts of several settings (paired_fd_contrast).
+
+
+def _difference_before_contrasts(a: np.ndarray, b: np.ndarray, generator: np.random.Generator,
+                                 num_resamples: int) -> paired.PairedResult:
+    """paired_fd_difference as it was written before it became a contrast ([M, N, F] inputs), kept here to pin
+    that the rewrite changed no bit of its results."""
+    mu_ref, sigma_ref = _reference(a.shape[2])
+    reference = metrics.FrechetReference(mu_ref, sigma_ref)
+    models, count = a.shape[0], a.shape[1]
+    fd_a = np.array([paired.frechet_of(a[m], mu_ref, sigma_ref) for m in range(models)])
+    fd_b = np.array([paired.frechet_of(b[m], mu_ref, sigma_ref) for m in range(models)])
+    diffs = np.empty(num_resamples)
+    for r in range(num_resamples):
+        chosen = generator.integers(0, models, size=models) if models > 1 else np.zeros(1, dtype=np.int64)
+        total = 0.0
+        for m in chosen:
+            counts = np.bincount(generator.integers(0, count, size=count), minlength=count).astype(np.float64)
+            total += paired._weighted_fd(a[m], counts, reference) - paired._weighted_fd(b[m], counts, reference)
+        diffs[r] = total / models
+    low, high = paired._percentile_interval(diffs, 0.95)
+    return paired.PairedResult(fd_a=float(fd_a.mean()), fd_b=float(fd_b.mean()), diff=float((fd_a - fd_b).mean()),
+                               diff_mean=float(diffs.mean()), diff_se=float(diffs.std(ddof=1)), ci_low=low,
+                               ci_high=high, confidence=0.95, num_resamples=num_resamples, num_images=count,
+                               num_models=models)
+
+
+@pytest.mark.parametrize('models', [1, 3])
+def test_difference_is_the_contrast_one_minus_one_to_the_bit(models: int) -> None:
+    rng = np.random.default_rng(11)
+    a = rng.standard_normal((models, 40, F)) + 0.2
+    b = rng.standard_normal((models, 40, F))
+    sides = (a[0], b[0]) if models == 1 else (list(a), list(b))
+    difference = paired.paired_fd_difference(*sides, *_reference(), np.random.default_rng(5), num_resamples=60)
+    assert difference == _difference_before_contrasts(a, b, np.random.default_rng(5), 60)
+    contrast = paired.paired_fd_contrast(list(sides), (1, -1), *_reference(), np.random.default_rng(5),
+                                         num_resamples=60)
+    assert contrast == difference
+    assert difference.num_models == models
+
+
+def test_known_difference_in_differences_is_found() -> None:
+    rng = np.random.default_rng(12)
+    base = rng.standard_normal((300, F))
+    clean_a = base + 0.05 * rng.standard_normal((300, F))
+    clean_b = base + 0.05 * rng.standard_normal((300, F))
+    # The perturbation moves A's features by 0.5 and B's by 0.1: it hurts A by about F (0.25 - 0.01) more.
+    sets = [clean_a + 0.5, clean_a, clean_b + 0.1, clean_b]
+    result = paired.paired_fd_contrast(sets, (1, -1, -1, 1), *_reference(), np.random.default_rng(0),
+                                       num_resamples=200)
+    fds = [paired.frechet_of(x, *_reference()) for x in sets]
+    assert result.fd_a == pytest.approx(fds[0] + fds[3], rel=1e-12)
+    assert result.fd_b == pytest.approx(fds[1] + fds[2], rel=1e-12)
+    assert result.diff == pytest.approx(fds[0] - fds[1] - fds[2] + fds[3], rel=1e-12)
+    assert result.diff == pytest.approx(result.fd_a - result.fd_b, rel=1e-12)
+    assert result.ci_low > 0 and result.excludes_zero
+    assert result.ci_low < result.diff < result.ci_high
+    assert abs(result.diff - 0.24 * F) < 0.12 * F
+
+
+def test_contrast_fields_carry_the_weights() -> None:
+    rng = np.random.default_rng(13)
+    x, y = rng.standard_normal((30, F)) + 0.3, rng.standard_normal((30, F))
+    fx, fy = (paired.frechet_of(v, *_reference()) for v in (x, y))
+    result = paired.paired_fd_contrast([x, y], (2.0, -0.5), *_reference(), np.random.default_rng(0),
+                                       num_resamples=20)
+    assert result.fd_a == pytest.approx(2 * fx, rel=1e-12) and result.fd_b == pytest.approx(0.5 * fy, rel=1e-12)
+    # One set alone bootstraps its own FD; a zero weight leaves its set out.
+    alone = paired.paired_fd_contrast([x], [1.0], *_reference(), np.random.default_rng(0), num_resamples=20)
+    assert alone.fd_a == pytest.approx(fx, rel=1e-12) and alone.fd_b == 0 and alone.diff == pytest.approx(fx)
+    skipped = paired.paired_fd_contrast([x, y], [1.0, 0.0], *_reference(), np.random.default_rng(0),
+                                        num_resamples=20)
+    assert skipped == alone
+
+
+def test_identical_degradation_is_mostly_not_found() -> None:
+    rng = np.random.default_rng(14)
+    shift = np.array([0.4, -0.3, 0.2])
+    # Exactly the same features on both sides: the contrast vanishes on every resample (up to rounding).
+    a = rng.standard_normal((60, F))
+    same = paired.paired_fd_contrast([a + shift, a, a + shift, a.copy()], (1, -1, -1, 1), *_reference(),
+                                     np.random.default_rng(0), num_resamples=30)
+    assert abs(same.diff) < 1e-12 and abs(same.ci_low) < 1e-12 and abs(same.ci_high) < 1e-12
+    # Two settings alike in distribution, degraded alike: a null difference-in-differences.
+    repetitions, found = 20, 0
+    for _ in range(repetitions):
+        base = rng.standard_normal((100, F))
+        clean_a = base + 0.3 * rng.standard_normal((100, F))
+        clean_b = base + 0.3 * rng.standard_normal((100, F))
+        found += paired.paired_fd_contrast([clean_a + shift, clean_a, clean_b + shift, clean_b], (1, -1, -1, 1),
+                                           *_reference(), rng, num_resamples=100).excludes_zero
+    # Nominal false-positive rate 5%: 1 in 20 on average; more than 5 has probability < 1e-3.
+    assert found <= 5
+
+
+@pytest.mark.parametrize('case, message', [
+    ('none', 'at least one'), ('count', 'one weight per set'), ('nan', 'NaN or infinite'),
+    ('inf', 'NaN or infinite'), ('shape', 'same seeds'), ('few', 'at least 2'),
+])
+def test_contrast_bad_input_is_one_line(case: str, message: str) -> None:
+    a = np.zeros((10, F)) + np.arange(10)[:, None]
+    sets, weights = [a, a.copy(), a.copy()], [1.0, -1.0, 0.5]
+    if case == 'none':
+        sets, weights = [], []
+    elif case == 'count':
+        weights = [1.0, -1.0]
+    elif case == 'nan':
+        weights[2] = float('nan')
+    elif case == 'inf':
+        weights[0] = float('inf')
+    elif case == 'shape':
+        sets[2] = a[:9]
+    else:
+        sets = [x[:1] for x in sets]
+    with pytest.raises(paired.PairedError, match=message) as info:
+        paired.paired_fd_contrast(sets, weights, *_reference(), np.random.default_rng(0))
+    assert '\n' not in str(info.value)
+
+
+# ----------------------------------------------------------------------------
 # fid.py compare on two tiny folders, with the digits classifier shipped with the demo as the detector.
 
 WEIGHTS = 'demo/digits-classifier.weights.pt'
@@ -257,3 +377,62 @@ def test_compare_cli_bad_input_is_one_line(folders, tmp_path, case: str, message
     assert proc.returncode == 1, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith('Error: ') and message in lines[0], proc.stderr
+
+
+# ----------------------------------------------------------------------------
+# paired_t_interval: Student's t interval from a handful of paired replicate values (e.g. one FD per seed range).
+
+def test_t_interval_matches_a_hand_computation() -> None:
+    # Differences 1, 2, 3: mean 2, sample sd 1, standard error 1 / sqrt(3); t_{0.975, 2} = 4.3027 (tables).
+    result = paired.paired_t_interval([11.0, 22.0, 33.0], [10.0, 20.0, 30.0])
+    se = 1 / math.sqrt(3)
+    assert result.diff == pytest.approx(2.0) and result.diff_mean == pytest.approx(2.0)
+    assert result.fd_a == pytest.approx(22.0) and result.fd_b == pytest.approx(20.0)
+    assert result.diff_se == pytest.approx(se)
+    assert result.ci_low == pytest.approx(2 - 4.3027 * se, abs=1e-3)
+    assert result.ci_high == pytest.approx(2 + 4.3027 * se, abs=1e-3)
+    assert not result.excludes_zero   # -0.484 .. 4.484
+    assert result.num_resamples == 0 and result.num_images == 3 and result.num_models == 1
+    assert result.confidence == 0.95
+
+
+def test_t_interval_hand_computation_excludes_zero_only_when_it_should() -> None:
+    # The interval above is -0.484 .. 4.484: it includes zero. Differences 4, 5, 6 give 5 -/+ 2.484: it excludes it.
+    assert not paired.paired_t_interval([11.0, 22.0, 33.0], [10.0, 20.0, 30.0]).excludes_zero
+    shifted = paired.paired_t_interval([14.0, 25.0, 36.0], [10.0, 20.0, 30.0])
+    assert shifted.excludes_zero and shifted.ci_low == pytest.approx(5 - 4.3027 / math.sqrt(3), abs=1e-3)
+    # 90%, K = 2: t_{0.95, 1} = 6.3138; differences 1 and 3: mean 2, sd sqrt(2), se 1.
+    two = paired.paired_t_interval([1.0, 3.0], [0.0, 0.0], confidence=0.9)
+    assert two.diff_se == pytest.approx(1.0)
+    assert (two.ci_low, two.ci_high) == pytest.approx((2 - 6.3138, 2 + 6.3138), abs=1e-3)
+    # Identical differences: zero spread, a zero-width interval at the difference.
+    flat = paired.paired_t_interval(np.array([5.0, 6.0, 7.0]), np.array([4.0, 5.0, 6.0]))
+    assert flat.diff_se == 0 and flat.ci_low == pytest.approx(1.0) and flat.ci_high == pytest.approx(1.0)
+
+
+def test_t_interval_coverage_is_near_nominal() -> None:
+    # Pairs sharing a large common term (the seed range) plus independent noise; true mean difference 0.7.
+    rng = np.random.default_rng(7)
+    repetitions, count, truth = 400, 5, 0.7
+    covered = 0
+    for _ in range(repetitions):
+        common = 10 * rng.standard_normal(count)
+        a = common + truth + rng.standard_normal(count)
+        b = common + rng.standard_normal(count)
+        result = paired.paired_t_interval(a, b)
+        covered += result.ci_low <= truth <= result.ci_high
+    assert 0.91 <= covered / repetitions <= 0.99
+
+
+@pytest.mark.parametrize('a, b, kwargs, message', [
+    ([1.0, 2.0, 3.0], [1.0, 2.0], {}, '3 value(s) for A but 2 for B'),
+    ([1.0], [2.0], {}, '1 replicate(s); need at least 2'),
+    ([1.0, float('nan')], [1.0, 2.0], {}, 'NaN or infinite'),
+    ([1.0, 2.0], [1.0, float('inf')], {}, 'NaN or infinite'),
+    ([1.0, 2.0], [1.0, 2.0], dict(confidence=1.0), 'confidence 1.0; expected a value between 0 and 1'),
+    ([[1.0, 2.0]], [[1.0, 2.0]], {}, 'expected [K], one per replicate'),
+])
+def test_t_interval_errors_are_one_line(a, b, kwargs, message: str) -> None:
+    with pytest.raises(paired.PairedError) as error:
+        paired.paired_t_interval(a, b, **kwargs)
+    assert message in str(error.value) and '\n' not in str(error.value)

@@ -212,7 +212,10 @@ def test_load_network_errors(tmp_path):
     torch.save({'net_weights': torch.zeros(2)}, no_ema)
     npz = tmp_path / 'stats.npz'
     np.savez(npz, mu=np.zeros(3))
-    for path, message in [(tmp_path / 'missing.pkl', 'no such file'), (empty, 'empty'), (text, 'not a pickle'),
+    folder = tmp_path / 'runs'
+    folder.mkdir()
+    for path, message in [(tmp_path / 'missing.pkl', 'no such file'), (folder, 'is a directory'), (empty, 'empty'),
+                          (text, 'not a pickle'),
                           (no_ema, 'without an "ema" network'), (npz, 'torch.load cannot read')]:
         with pytest.raises(NetworkLoadError, match=message) as info:
             load_network(path)
