@@ -37,6 +37,7 @@ import click
 import numpy as np
 import torch
 
+from cli import common as cli
 from dnnlib.util import file_sha256
 from demo.digits import launcher, make_digits_dataset, model_label, model_name, number_list, parse_aug_dims, run_tool
 from demo.model_set import (METRICS_SEED, FeatureStore, Scorer, machine_record, read_record, trained_models,
@@ -270,23 +271,25 @@ def write_results(results: str, measured: list[dict], cfg: dict, started: float,
               help='The trained model set (python -m demo.model_set --outdir)')
 @click.option('--outdir', metavar='DIR', default='fewstep-out', show_default=True, help='Working folder')
 @click.option('--results', metavar='DIR', default='docs/fewstep', show_default=True, help='Tables and figures')
-@click.option('--aug-dims', metavar='LIST', default=None, help=f'Teachers\' D  [default: {FULL["aug_dims"]}]')
+@click.option('--aug-dims', metavar='LIST', default=None,
+              help=f'Teachers\' D  [default: {FULL["aug_dims"]}; --quick {QUICK["aug_dims"]}]')
 @click.option('--train-seed', type=click.IntRange(min=0), default=None, help='Teachers\' training seed  [default: 0]')
 @click.option('--num', type=click.IntRange(min=2), default=None, help=f'Images per set  [default: {FULL["num"]}]')
 @click.option('--sets', type=click.IntRange(min=1), default=None, help=f'Disjoint seed sets  [default: {FULL["sets"]}]')
-@click.option('--nfe', metavar='LIST', default=None, help=f'NFE of the solvers  [default: {FULL["nfe"]}]')
-@click.option('--tune-kimg', type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option('--nfe', metavar='LIST', default=None,
+              help=f'NFE of the multistep solvers, each >= 3  [default: {FULL["nfe"]}]')
+@click.option('--tune-kimg', type=cli.float_range(min=0, min_open=True), default=None,
               help=f'Consistency tuning length  [default: {FULL["tune_kimg"]:g}]')
-@click.option('--lr', type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option('--lr', type=cli.float_range(min=0, min_open=True), default=None,
               help=f'Tuning learning rate  [default: {FULL["lr"]:g}]')
-@click.option('--ema', type=click.FloatRange(min=0), default=None,
+@click.option('--ema', type=cli.float_range(min=0), default=None,
               help=f'Tuning EMA half-life, Mimg  [default: {FULL["ema"]:g}]')
 @click.option('--nproc', type=click.IntRange(min=1), default=None, help='torchrun processes  [default: 2]')
 def main(quick: bool, model_set: str, outdir: str, results: str, **overrides: Any) -> None:
     """Measure consistency tuning and the training-free few-step solvers against each teacher's Heun-35."""
     started, load = time.time(), os.getloadavg()
     cfg = dict(QUICK if quick else FULL, **{k: v for k, v in overrides.items() if v is not None})
-    cfg['nfe'] = number_list(str(cfg['nfe']), '--nfe', kind=int, minimum=1, sort=True)
+    cfg['nfe'] = number_list(str(cfg['nfe']), '--nfe', kind=int, minimum=3, sort=True)   # multistep solvers need 3
     cfg['heun_steps'] = number_list(str(cfg['heun_steps']), '--heun-steps', kind=int, minimum=1, sort=True)
     cfg['solvers'] = [s for s in str(cfg['solvers']).split(',') if s]
     aug_dims = parse_aug_dims(cfg['aug_dims'])

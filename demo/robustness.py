@@ -142,7 +142,9 @@ def usable(table: dict, tag: str) -> bool:
 
 
 def claim_verdict(signs: list[int]) -> str:
-    if not signs or all(s == 0 for s in signs):
+    if not signs:
+        return 'not tested (no setting)'
+    if all(s == 0 for s in signs):
         return 'undecided at this power'
     if -1 in signs and 1 in signs:
         return 'mixed'
@@ -161,7 +163,7 @@ def verdicts(table: dict, points: dict[str, dict], aug_dims: list[Optional[float
             for D in finite})
     # Sweet spot at the clean setting: an intermediate D better than diffusion and than the smallest D.
     middle = finite[1:]
-    sweet: dict[str, Any] = dict(verdict='undecided at this power', best=None)
+    sweet: dict[str, Any] = dict(verdict='not applicable (needs two finite D)', best=None)
     if finite and middle:
         best = min(middle, key=lambda D: table[model_name(D)]['clean']['fd'])
         smallest = finite[0]

@@ -96,7 +96,8 @@ def plan_runs(outdir: str, steps: Optional[int], alpha: Optional[float], bits: O
     """One run for a plain command; the cartesian product of the sweep lists otherwise (``outdir/steps005-...``).
 
     Raises :class:`GenerationError` for a single value given with its sweep, a step count below 1, a bit width
-    ``quantize_scheme`` cannot use or a ``quantize_granularity`` not in ``quantize.GRANULARITIES``.
+    ``quantize_scheme`` cannot use, or a ``quantize_granularity`` not in ``quantize.GRANULARITIES`` or other than
+    'tensor' without a bit width.
     """
     for single, single_name, sweep, sweep_name in ((steps, '--steps', sweep_steps, '--sweep-steps'),
                                                    (alpha, '--alpha', sweep_alpha, '--sweep-alpha'),
@@ -109,6 +110,9 @@ def plan_runs(outdir: str, steps: Optional[int], alpha: Optional[float], bits: O
         quantize.check_granularity(quantize_granularity)
     except ValueError as err:
         raise GenerationError(str(err), flag='--quantize-granularity') from None
+    if quantize_granularity != 'tensor' and bits is None and not sweep_bits:
+        raise GenerationError('quantizes nothing without --quantize-bits or --sweep-bits',
+                              flag='--quantize-granularity')
     for width in ([bits] if bits is not None else []) + list(sweep_bits or []):
         try:
             quantize.check_bits(width, quantize_scheme)

@@ -48,9 +48,13 @@ def test_quick_study_end_to_end_and_reused(quick_model_set, tmp_path) -> None:
     assert json.loads((tmp_path / 'again' / 'fewstep.json').read_text())['models'] == summary['models']
 
 
-def test_refuses_a_teacher_the_set_does_not_hold(quick_model_set, tmp_path) -> None:
+def test_refuses_a_teacher_the_set_does_not_hold_and_bad_options(quick_model_set, tmp_path) -> None:
     result = _study(quick_model_set, tmp_path / 'w', tmp_path / 'r', '--aug-dims=128', check=False)
     assert result.returncode != 0 and 'no D=128 model with training seed 0' in result.stderr
+    for flag, name in (('--lr=nan', '--lr'), ('--ema=nan', '--ema'), ('--tune-kimg=inf', '--tune-kimg'),
+                       ('--nfe=2', '--nfe')):
+        result = _study(quick_model_set, tmp_path / 'w', tmp_path / 'r', flag, check=False)
+        assert result.returncode == 2 and name in result.stderr and 'Traceback' not in result.stderr, result.stderr
 
 
 class _FixedScorer(Scorer):

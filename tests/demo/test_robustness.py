@@ -42,7 +42,7 @@ def test_quick_study_end_to_end_and_reused(quick_model_set, tmp_path) -> None:
                                                                              set_fds['D16-seed1']])
     for study in robustness.STUDIES:
         assert summary['verdicts'][study]['by_D']['D16'] in VERDICTS
-    assert summary['verdicts']['sweet_spot']['verdict'] == 'undecided at this power'   # no intermediate D
+    assert summary['verdicts']['sweet_spot']['verdict'] == 'not applicable (needs two finite D)'   # one finite D
     assert summary['wall_s'] > 0 and summary['cpu_s'] > 0 and summary['machine']['cpus'] >= 1
     assert '| clean |' in (results / 'robustness.md').read_text()
     for study in robustness.STUDIES:
@@ -74,7 +74,7 @@ def test_refuses_a_model_set_without_diffusion_or_with_other_seeds(quick_model_s
 
 
 def test_verdict_rules() -> None:
-    assert robustness.claim_verdict([]) == 'undecided at this power'
+    assert robustness.claim_verdict([]) == 'not tested (no setting)'
     assert robustness.claim_verdict([0, 0]) == 'undecided at this power'
     assert robustness.claim_verdict([0, -1]) == 'reproduced'
     assert robustness.claim_verdict([1, 0]) == 'reversed'

@@ -162,3 +162,7 @@ def test_generate_quantize_granularity_flag(tmp_path):
     assert refused.exit_code != 0 and 'quantize_granularity' in refused.output, refused.output
     bad = cli('--outdir', tmp_path / 'bad', '--quantize-granularity=row')
     assert bad.exit_code != 0 and "'tensor', 'channel'" in bad.output, bad.output
+    unquantized = runner.invoke(generate.main, ['--network', str(network), '--seeds=0', '--steps=2', '--outdir',
+                                                str(tmp_path / 'none'), '--quantize-granularity=channel'])
+    assert unquantized.exit_code == 2 and 'without --quantize-bits or --sweep-bits' in unquantized.output
+    assert not (tmp_path / 'none').exists()
