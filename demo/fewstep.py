@@ -162,10 +162,9 @@ def measure_model(outdir: str, dataset: str, scorer: Scorer, teacher: dict, cfg:
     store = FeatureStore(os.path.join(outdir, 'features', label))
     seeds = list(range(cfg['num'] * cfg['sets']))
     teacher_net = network_io.load_network(teacher['snapshot'], scorer.device)
-    identity = dict(scorer.identity, seeds=len(seeds))
 
     def features_for(net: torch.nn.Module, snapshot_sha: str, key: str, kwargs: dict, count: int) -> np.ndarray:
-        settings = dict(identity, snapshot_sha256=snapshot_sha, sampler=kwargs, seeds=count)
+        settings = dict(scorer.identity, snapshot_sha256=snapshot_sha, sampler=kwargs, seeds=count)
         return store.get(key, settings, lambda: scorer.features(net, D, seeds[:count], **kwargs))
 
     teacher_sha = file_sha256(teacher['snapshot'])

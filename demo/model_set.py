@@ -87,7 +87,9 @@ class Scorer:
         self.device = torch.device('cpu')
         self.detector = features.load_detector(DIGITS_DETECTOR, device=self.device)
         real, _ = load_digits_dataset(dataset)
-        self.mu_ref, self.sigma_ref = metrics.feature_moments(features.extract_features(self.detector, real))
+        # float64 [1797, F] features of every real digit, kept for studies that score subsets of them.
+        self.real_features = features.extract_features(self.detector, real).numpy().astype(np.float64)
+        self.mu_ref, self.sigma_ref = metrics.feature_moments(self.real_features)
         self.seeds = list(range(cfg['num']))
         self.sampling = dict(num_steps=cfg['steps'])
         self.identity = dict(detector_sha256=file_sha256(DIGITS_DETECTOR), num=cfg['num'], steps=cfg['steps'],

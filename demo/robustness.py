@@ -42,7 +42,7 @@ import click
 import numpy as np
 
 from dnnlib.util import file_sha256
-from demo.digits import load_digits_dataset, make_digits_dataset, model_label, model_name, number_list
+from demo.digits import make_digits_dataset, model_label, model_name, number_list
 from demo.model_set import (METRICS_SEED, FeatureStore, Scorer, machine_record, trained_models, write_json)
 from demo.plots import line_chart
 from evaluation import paired
@@ -243,11 +243,9 @@ def write_results(results: str, table: dict, claims: dict, points: dict[str, dic
     print(f'Wrote {results}/robustness.json, robustness.md and the figures')
 
 
-def real_floor(dataset: str, scorer: Scorer, num: int) -> list[float]:
+def real_floor(scorer: Scorer, num: int) -> list[float]:
     """FD-digits of disjoint sets of ``num`` real digits: what this number of images allows at best."""
-    images, _ = load_digits_dataset(dataset)
-    from evaluation import features
-    feats = features.extract_features(scorer.detector, images).numpy().astype(np.float64)
+    feats = scorer.real_features
     order = np.random.default_rng(0).permutation(feats.shape[0])
     return [scorer.fd(feats[order[k * num:(k + 1) * num]]) for k in range(max(1, feats.shape[0] // num))]
 
@@ -296,7 +294,7 @@ def main(quick: bool, model_set: str, outdir: str, results: str, **overrides: An
              for D in aug_dims}
     table = compare_all(feats, points, scorer, cfg['bootstrap'])
     claims = verdicts(table, points, aug_dims, feats, scorer, cfg['bootstrap'])
-    write_results(results, table, claims, points, aug_dims, real_floor(dataset, scorer, cfg['num']), cfg, models,
+    write_results(results, table, claims, points, aug_dims, real_floor(scorer, cfg['num']), cfg, models,
                   started, load)
     for study in (*STUDIES, 'sweet_spot'):
         shown = claims[study].get('by_D') or {'': claims[study]['verdict']}

@@ -107,6 +107,12 @@ def feature_moments(features: Array) -> tuple[np.ndarray, np.ndarray]:
     return tuple(moment.to('cpu').numpy() for moment in (mu, sigma))
 
 
+def _check_same_detector(mu: np.ndarray, sigma: np.ndarray, mu_ref: np.ndarray, sigma_ref: np.ndarray) -> None:
+    if mu.shape != mu_ref.shape or sigma.shape != sigma_ref.shape:
+        raise MetricError(f'statistics have {mu.shape[0]} features but the reference has {mu_ref.shape[0]}; '
+                          f'the reference must come from the same detector')
+
+
 def frechet_distance(mu: np.ndarray, sigma: np.ndarray, mu_ref: np.ndarray, sigma_ref: np.ndarray) -> float:
     """Frechet distance between N(mu, sigma) and N(mu_ref, sigma_ref) (Heusel et al. 2017, eq. 6), float64.
 
@@ -114,9 +120,7 @@ def frechet_distance(mu: np.ndarray, sigma: np.ndarray, mu_ref: np.ndarray, sigm
     covariances can pick up imaginary round-off, reported by a RuntimeWarning when larger than round-off.
     Shapes [d] and [d, d]. Raises MetricError for mismatched dimensions or a non-finite sqrtm.
     """
-    if mu.shape != mu_ref.shape or sigma.shape != sigma_ref.shape:
-        raise MetricError(f'statistics have {mu.shape[0]} features but the reference has {mu_ref.shape[0]}; '
-                          f'the reference must come from the same detector')
+    _check_same_detector(mu, sigma, mu_ref, sigma_ref)
     mean_term = np.square(mu - mu_ref).sum()
     root = scipy.linalg.sqrtm(sigma @ sigma_ref)
     if isinstance(root, tuple):  # SciPy versions that still return (root, error estimate)
@@ -154,9 +158,7 @@ class FrechetReference:
 
     def distance(self, mu: np.ndarray, sigma: np.ndarray) -> float:
         """FD of N(mu, sigma) ([d], [d, d] symmetric) to the reference; MetricError for mismatched dimensions."""
-        if mu.shape != self.mu_ref.shape or sigma.shape != self.sigma_ref.shape:
-            raise MetricError(f'statistics have {mu.shape[0]} features but the reference has '
-                              f'{self.mu_ref.shape[0]}; the reference must come from the same detector')
+        _check_same_detector(mu, sigma, self.mu_ref, self.sigma_ref)
         inner = self.root @ sigma @ self.root
         eigen = np.linalg.eigvalsh((inner + inner.T) / 2)
         trace_root = float(np.sqrt(np.clip(eigen, 0, None)).sum())
