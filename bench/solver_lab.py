@@ -18,9 +18,10 @@ solver the script integrates the probability-flow ODE from the generation prior 
 
 Over EDM's full range (down to sigma = 0.002) the posterior of the small data set sharpens near the end, so the
 fitted orders reach the stated ones only at many steps (D = inf, 128 -> 256 steps: the error falls by 2^3.7 for
-iPNDM, 2^5.3 for UniPC, 2^3.1 for DPM-Solver++(3M)); ``--sigma-min=0.5 --spacing=logsnr`` measures the smooth part,
-as tests/sampling/test_fast_solvers.py does. The default spacings of iPNDM and UniPC were chosen at few steps with
-``--data=1024 --resolution=8 --seeds=0-63 --steps=4,5,6,8,10,12`` and each ``--spacing``.
+iPNDM, 2^3.1 for DPM-Solver++(3M)); ``--sigma-min=0.5 --spacing=logsnr`` measures the smooth part,
+as tests/sampling/test_fast_solvers.py does. iPNDM's default spacing was chosen at few steps with
+``--data=1024 --resolution=8 --seeds=0-63 --steps=4,5,6,8,10,12`` and each ``--spacing``; UniPC's order and spacing
+on trained networks (docs/sampling.md, "Which UniPC order").
 
 Prints figures; it never asserts.
 """

@@ -210,7 +210,11 @@ SAMPLER_OPTIONS = [
     # Fast solvers (--solver=dpmpp2m|dpmpp3m|ipndm|unipc|restart) and the spacing of the noise levels.
     click.option('--spacing', type=click.Choice(schedules.SPACINGS), default=None, metavar='|'.join(schedules.SPACINGS),
                  help='Noise levels of the EDM sampler and the fast solvers: edm (rho-spaced) or logsnr (uniform in '
-                      'log sigma, DPM-Solver\'s choice for few steps)  [default: logsnr for unipc, else edm]'),
+                      'log sigma, DPM-Solver\'s choice for few steps)  [default: edm]'),
+    click.option('--solver-order', 'solver_order', type=click.IntRange(min=1), default=None, metavar='INT',
+                 help=f'Order of --solver=ipndm (1-{fast_solvers.SOLVER_ORDERS["ipndm"][1]}) or unipc (predictor '
+                      f'order, 1-{fast_solvers.SOLVER_ORDERS["unipc"][1]})  [default: '
+                      f'{fast_solvers.DEFAULT_SOLVER_ORDER["ipndm"]} and {fast_solvers.DEFAULT_SOLVER_ORDER["unipc"]}]'),
     click.option('--restart-interval', 'restart_interval', type=FloatList(), default=None, metavar='LO,HI',
                  help=f'Restart: noise levels t_min,t_max between which it restarts  '
                       f'[default: {",".join(map(str, fast_solvers.RESTART_INTERVAL))}]'),
@@ -268,10 +272,12 @@ def check_solver_flags(sampler_kwargs: dict, step_counts: Sequence[int]) -> None
                 fast_solvers.check_fast_options(name, n, kwargs.get('restart_interval'), kwargs.get('restart_repeats'),
                                             kwargs.get('restart_steps'),
                                             kwargs.get('sigma_min', schedules.EDM_SIGMA_MIN),
-                                            kwargs.get('sigma_max', schedules.EDM_SIGMA_MAX))
+                                            kwargs.get('sigma_max', schedules.EDM_SIGMA_MAX),
+                                            kwargs.get('solver_order'))
     except ValueError as err:
         raise click.UsageError(sampler_error(err)) from None
-    hints = [fast_solvers.spacing_hint(name, n, kwargs.get('spacing')) for n in step_counts]
+    hints = [fast_solvers.spacing_hint(name, n, kwargs.get('spacing'), kwargs.get('solver_order'))
+             for n in step_counts]
     for hint in dict.fromkeys(h for h in hints if h):
         click.echo(hint, err=True)
 

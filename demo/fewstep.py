@@ -8,7 +8,8 @@ For each chosen model of the set (``python -m demo.model_set``; by default D = 1
    Every snapshot is sampled in 1 and 2 steps: the curve FD vs tuning kimg.
 2. **The table.** On ``--sets`` disjoint sets of ``--num`` seeds (seeds 0..sets*num-1): the teacher with Heun at
    ``--teacher-steps`` steps (35 NFE), Heun at fewer steps, each training-free solver of ``--solvers`` at every NFE of
-   ``--nfe`` (its default spacing), and the tuned model in 1, 2 and 4 steps. Each entry is compared with the teacher
+   ``--nfe`` (its default order and spacing unless the entry names them, e.g. ``unipc:3:logsnr``), and the tuned
+   model in 1, 2 and 4 steps. Each entry is compared with the teacher
    on the same seeds: the paired FD difference per set and over all sets, with its bootstrap interval
    (:func:`evaluation.paired.paired_fd_difference`).
 3. **The verdicts**, as paired contrasts FD(method) - margin * FD(teacher) over all seeds
@@ -46,6 +47,7 @@ from demo.plots import line_chart
 from evaluation import paired
 from formats import network_io
 from sampling import consistency as cm_sampling
+from sampling import fast_solvers, schedules
 
 CONSISTENCY_STEPS = tuple(sorted(cm_sampling.STEP_SIGMAS))     # 1, 2, 4
 #: Goal margins (FD ratio to the teacher) of the verdicts; the training-free NFE limit per kind of model.
@@ -59,7 +61,7 @@ TUNE_STAGES = 8       # halvings of the gap t - r over the tuning run (ECT's sta
 SNAPSHOTS = 8         # points of the FD vs tuning kimg curve, besides kimg 0
 
 FULL = dict(aug_dims='128,inf', train_seed=0, num=500, sets=3, teacher_steps=18, heun_steps='3,4,5,6',
-            solvers='dpmpp2m,ipndm,unipc', nfe='4,6,8,10,12', tune_kimg=40.0, lr=2e-4, ema=0.005, bootstrap=500,
+            solvers='dpmpp2m,ipndm,unipc,unipc:3:logsnr', nfe='4,6,8,10,12', tune_kimg=40.0, lr=2e-4, ema=0.005, bootstrap=500,
             nproc=2)
 QUICK = dict(aug_dims='16,inf', train_seed=0, num=16, sets=2, teacher_steps=3, heun_steps='2',
              solvers='dpmpp2m,ipndm,unipc', nfe='3', tune_kimg=0.128, lr=2e-4, ema=0.005, bootstrap=20, nproc=1)
@@ -94,19 +96,6 @@ def tune(outdir: str, dataset: str, teacher: dict, cfg: dict) -> str:
              env={'OMP_NUM_THREADS': '1'})
     write_json(record_path, dict(settings=settings, done=True, seconds=round(time.time() - started, 1)))
     return run_dir
-    if record is None or record['settings'] != settings:
-        if os.path.isdir(run_dir):
-            print(f'{name}: {run_dir} was made with other settings; starting it over')
-            import shutil
-            shutil.rmtree(run_dir)
-    write_json(record_path, dict(settings=settings, kimg=None))
-    started = time.time()
-    resume = ['--resume=auto'] if os.path.isdir(run_dir) else []
-    # One thread per rank: the ranks already fill the cores.
-    run_tool([*launcher(cfg['nproc']), 'train.py', f'--outdir={os.path.join(outdir, "runs")}', f'--name={name}',
-              f'--data={dataset}', *flags, f'--duration={kimg / 1000:g}', *resume], env={'OMP_NUM_THREADS': '1'})
-    write_json(record_path, dict(settings=settings, kimg=kimg, seconds=round(time.time() - started, 1)))
-    return run_dir
 
 
 def tuning_snapshots(run_dir: str) -> list[tuple[float, str]]:
@@ -123,10 +112,39 @@ def tuning_snapshots(run_dir: str) -> list[tuple[float, str]]:
 # The table.
 
 
+#: The solvers an entry of --solvers may name (those with one network evaluation per step).
+MULTISTEP_SOLVERS = tuple(fast_solvers.MULTISTEP_ORDER)
+
+
+def solver_options(entry: str) -> dict:
+    """An entry of --solvers, ``NAME[:ORDER[:SPACING]]`` (e.g. ``dpmpp2m``, ``unipc:3:logsnr``), as sampler keywords
+    with the spacing and order spelled out, so that stored features follow a change of a solver's defaults.
+    Raises click.BadParameter naming --solvers."""
+    name, *rest = entry.split(':')
+    if name not in MULTISTEP_SOLVERS or len(rest) > 2:
+        raise click.BadParameter(f'"{entry}": expected NAME[:ORDER[:SPACING]] with NAME one of '
+                                 f'{"|".join(MULTISTEP_SOLVERS)}', param_hint='--solvers')
+    order = fast_solvers.DEFAULT_SOLVER_ORDER.get(name)
+    spacing = fast_solvers.DEFAULT_SPACING[name]
+    try:
+        if rest and rest[0]:
+            if not rest[0].isdigit():
+                raise ValueError(f'order "{rest[0]}": expected an integer')
+            order = int(rest[0])
+            fast_solvers.check_solver_order(name, order)
+        if len(rest) == 2:
+            spacing = rest[1]
+            if spacing not in schedules.SPACINGS:
+                raise ValueError(f'spacing "{spacing}": expected one of {"|".join(schedules.SPACINGS)}')
+    except ValueError as err:
+        raise click.BadParameter(f'"{entry}": {err}', param_hint='--solvers') from None
+    return dict(solver=name, spacing=spacing, solver_order=order)
+
+
 def entries(cfg: dict) -> list[tuple[str, int, dict]]:
     """(method, NFE, sampler keywords) of every training-free entry; the teacher is ('heun', 2 * steps - 1)."""
     rows = [('heun', 2 * s - 1, dict(num_steps=s)) for s in [*cfg['heun_steps'], cfg['teacher_steps']]]
-    rows += [(solver, n, dict(solver=solver, num_steps=n)) for solver in cfg['solvers'] for n in cfg['nfe']]
+    rows += [(entry, n, dict(solver_options(entry), num_steps=n)) for entry in cfg['solvers'] for n in cfg['nfe']]
     return rows
 
 
@@ -171,7 +189,8 @@ def measure_model(outdir: str, dataset: str, scorer: Scorer, teacher: dict, cfg:
     rows = []
     feats_of = {}
     for method, nfe, kwargs in entries(cfg):
-        feats_of[(method, nfe)] = features_for(teacher_net, teacher_sha, f'{method}-{nfe:03d}', kwargs, len(seeds))
+        key = f'{method.replace(":", "-")}-{nfe:03d}'
+        feats_of[(method, nfe)] = features_for(teacher_net, teacher_sha, key, kwargs, len(seeds))
     teacher_key = ('heun', 2 * cfg['teacher_steps'] - 1)
     reference = feats_of[teacher_key]
 
@@ -275,6 +294,8 @@ def write_results(results: str, measured: list[dict], cfg: dict, started: float,
 @click.option('--train-seed', type=click.IntRange(min=0), default=None, help='Teachers\' training seed  [default: 0]')
 @click.option('--num', type=click.IntRange(min=2), default=None, help=f'Images per set  [default: {FULL["num"]}]')
 @click.option('--sets', type=click.IntRange(min=1), default=None, help=f'Disjoint seed sets  [default: {FULL["sets"]}]')
+@click.option('--solvers', metavar='LIST', default=None,
+              help=f'Training-free solvers, each NAME[:ORDER[:SPACING]]  [default: {FULL["solvers"]}]')
 @click.option('--nfe', metavar='LIST', default=None,
               help=f'NFE of the multistep solvers, each >= 3  [default: {FULL["nfe"]}]')
 @click.option('--tune-kimg', type=cli.float_range(min=0, min_open=True), default=None,
@@ -291,6 +312,8 @@ def main(quick: bool, model_set: str, outdir: str, results: str, **overrides: An
     cfg['nfe'] = number_list(str(cfg['nfe']), '--nfe', kind=int, minimum=3, sort=True)   # multistep solvers need 3
     cfg['heun_steps'] = number_list(str(cfg['heun_steps']), '--heun-steps', kind=int, minimum=1, sort=True)
     cfg['solvers'] = [s for s in str(cfg['solvers']).split(',') if s]
+    for entry in cfg['solvers']:
+        solver_options(entry)   # refuse a bad entry before any work
     aug_dims = parse_aug_dims(cfg['aug_dims'])
     models = trained_models(os.path.abspath(model_set))
     teachers = []

@@ -222,7 +222,11 @@ def trained_models(outdir: str) -> list[dict]:
     """The models of the set under ``outdir`` (``python -m demo.model_set --outdir``) at their last recorded stage:
     dicts with name, D (None = diffusion), seed, kimg, fd, stopped, snapshot (absolute path) and features (the
     float64 [num, F] array of that stage, seeds 0..num-1, Heun with the set's steps), sorted by D then seed.
-    Raises click.ClickException when the folder holds no recorded stage."""
+    Raises click.ClickException when ``outdir`` is not a folder, holds no recorded stage, or is unfinished: a model
+    that has not converged stands at fewer kimg than another model (an interrupted run), which would compare
+    models of different training lengths."""
+    if os.path.exists(outdir) and not os.path.isdir(outdir):
+        raise click.ClickException(f'{outdir}: is a file; expected the --outdir folder of python -m demo.model_set')
     runs = os.path.join(outdir, 'runs')
     models = []
     for name in sorted(os.listdir(runs)) if os.path.isdir(runs) else []:
@@ -238,6 +242,11 @@ def trained_models(outdir: str) -> list[dict]:
     if not models:
         raise click.ClickException(f'{outdir}: no trained model recorded; run python -m demo.model_set '
                                    f'--outdir={outdir} first')
+    longest = max(m['kimg'] for m in models)
+    behind = [m['name'] for m in models if m['stopped'] != 'converged' and m['kimg'] < longest]
+    if behind:
+        raise click.ClickException(f'{outdir}: {", ".join(behind)} not converged and short of {longest:g} kimg; '
+                                   f'finish the set first (rerun python -m demo.model_set with the flags that made it)')
     return sorted(models, key=lambda m: (math.inf if m['D'] is None else m['D'], m['seed']))
 
 

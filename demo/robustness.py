@@ -107,8 +107,17 @@ def model_features(store: FeatureStore, scorer: Scorer, model: dict, points: dic
 
 
 def interval(result: paired.PairedResult) -> dict:
+    """A comparison's record: value, bootstrap se, interval and its sign (0: the interval includes zero)."""
     return dict(value=result.diff, se=result.diff_se, ci=[result.ci_low, result.ci_high],
                 sign=int(result.ci_low > 0) - int(result.ci_high < 0))
+
+
+def powered(sets: list, weights: list[float], scorer: Scorer, rng: np.random.Generator, bootstrap: int) -> dict:
+    """The record of :func:`interval` for the contrast sum_k weights[k] FD(sets[k]) on all seeds, with ``images``
+    (the seeds per set) and ``images_needed`` (:func:`evaluation.paired.contrast_images_needed`; None: not even
+    all of them decide it)."""
+    power = paired.contrast_images_needed(sets, weights, scorer.mu_ref, scorer.sigma_ref, rng, bootstrap)
+    return dict(interval(power.full), images=power.full.num_images, images_needed=power.n_needed)
 
 
 def compare_all(feats: dict[Optional[float], list[dict[str, np.ndarray]]], points: dict[str, dict],
@@ -124,13 +133,10 @@ def compare_all(feats: dict[Optional[float], list[dict[str, np.ndarray]]], point
             row = dict(fd=float(np.mean(fds)), fd_per_seed=fds)
             if D is not None:
                 ours, theirs = [m[tag] for m in models], [m[tag] for m in base]
-                row['gap'] = interval(paired.paired_fd_difference(ours, theirs, scorer.mu_ref, scorer.sigma_ref,
-                                                                  rng, bootstrap))
+                row['gap'] = powered([ours, theirs], [1.0, -1.0], scorer, rng, bootstrap)
                 if tag != 'clean':
                     sets = [ours, [m['clean'] for m in models], theirs, [m['clean'] for m in base]]
-                    row['contrast'] = interval(paired.paired_fd_contrast(sets, [1.0, -1.0, -1.0, 1.0],
-                                                                         scorer.mu_ref, scorer.sigma_ref, rng,
-                                                                         bootstrap))
+                    row['contrast'] = powered(sets, [1.0, -1.0, -1.0, 1.0], scorer, rng, bootstrap)
             rows[tag] = row
         table[model_name(D)] = rows
     return table
@@ -167,13 +173,12 @@ def verdicts(table: dict, points: dict[str, dict], aug_dims: list[Optional[float
     if finite and middle:
         best = min(middle, key=lambda D: table[model_name(D)]['clean']['fd'])
         smallest = finite[0]
-        versus_small = paired.paired_fd_difference([m['clean'] for m in feats[best]],
-                                                   [m['clean'] for m in feats[smallest]], scorer.mu_ref,
-                                                   scorer.sigma_ref, np.random.default_rng(METRICS_SEED), bootstrap)
-        signs = [table[model_name(best)]['clean']['gap']['sign'], interval(versus_small)['sign']]
+        versus_small = powered([[m['clean'] for m in feats[best]], [m['clean'] for m in feats[smallest]]],
+                               [1.0, -1.0], scorer, np.random.default_rng(METRICS_SEED), bootstrap)
+        signs = [table[model_name(best)]['clean']['gap']['sign'], versus_small['sign']]
         all_worse = all(table[model_name(D)]['clean']['gap']['sign'] == 1 for D in finite)
         sweet = dict(best=model_name(best), versus_inf=table[model_name(best)]['clean']['gap'],
-                     versus_smallest=interval(versus_small), smallest=model_name(smallest),
+                     versus_smallest=versus_small, smallest=model_name(smallest),
                      verdict='reproduced' if signs == [-1, -1] else 'reversed' if all_worse or 1 in signs
                      else 'undecided at this power')
     result['sweet_spot'] = sweet
@@ -190,9 +195,14 @@ AXIS = dict(alpha=('alpha (noise injected at every step)', 'FD-digits vs injecte
 
 
 def cell(entry: Optional[dict]) -> str:
+    """``+d (low, high)``, then for a powered comparison ``n=K`` (the images that decided it) or ``n>N``."""
     if entry is None:
         return ''
-    return f'{entry["value"]:+.1f} ({entry["ci"][0]:+.1f}, {entry["ci"][1]:+.1f})'
+    text = f'{entry["value"]:+.1f} ({entry["ci"][0]:+.1f}, {entry["ci"][1]:+.1f})'
+    if 'images_needed' not in entry:
+        return text
+    needed = entry['images_needed']
+    return text + (f' n={needed}' if needed is not None else f' n>{entry["images"]}')
 
 
 def write_results(results: str, table: dict, claims: dict, points: dict[str, dict], aug_dims: list, floor: list,
@@ -205,7 +215,8 @@ def write_results(results: str, table: dict, claims: dict, points: dict[str, dic
     seeds = sorted({m['seed'] for m in models})
     lines = [f'FD-digits of {cfg["num"]} images per model (mean over training seeds {seeds}); gap = FD(D) - FD(inf) '
              f'and degradation contrast = [FD(D, s) - FD(D, clean)] - [FD(inf, s) - FD(inf, clean)], paired over '
-             f'seeds and training seeds, with 95% intervals. {cfg["num"]} real digits score '
+             f'seeds and training seeds, with 95% intervals; n = the images from which the interval excludes zero '
+             f'(doubling prefixes of the seeds; n>{cfg["num"]}: not even all). {cfg["num"]} real digits score '
              f'{np.mean(floor):.1f} against all of them.', '',
              '| setting | ' + ' | '.join(f'FD {model_label(D)}' for D in aug_dims) + ' | ' +
              ' | '.join(f'gap {model_name(D)} | contrast {model_name(D)}' for D in aug_dims if D is not None) + ' |',

@@ -16,8 +16,9 @@ difference-in-differences (FD(A') - FD(A)) - (FD(B') - FD(B)) with weights (1, -
 perturbation (quantization, noise injection) hurts A more than B. :func:`paired_fd_difference` is the contrast
 with weights (1, -1).
 
-:func:`images_needed` evaluates the interval on nested prefixes of the seed list (doubling sizes) and reports the
-smallest number of images whose interval excludes zero, or None.
+:func:`images_needed` (and :func:`contrast_images_needed` for a contrast) evaluates the interval on nested
+prefixes of the seed list (doubling sizes) and reports the smallest number of images whose interval excludes zero,
+or None.
 
 Everything works from feature arrays ([N, F] per setting, row i the image of seed i, any detector: Inception for
 FID, DINOv2, the digits classifier) against fixed reference moments, with the one Frechet formula of
@@ -151,6 +152,21 @@ def _as_weights(weights: Sequence[float], num_sets: int) -> np.ndarray:
     return array
 
 
+def _contrast_sets(feature_sets: Sequence[np.ndarray | Sequence[np.ndarray]], confidence: float,
+                   num_resamples: int) -> list[np.ndarray]:
+    """The sets of a contrast as [M, N, F] arrays, all of one shape, with the settings checked."""
+    if len(feature_sets) == 0:
+        raise PairedError('no feature sets; a contrast needs at least one')
+    sets = [_as_models(features, f'set {k}') for k, features in enumerate(feature_sets)]
+    for k, features in enumerate(sets[1:], start=1):
+        if features.shape != sets[0].shape:
+            raise PairedError(f'features set {k} have shape {list(features.shape)} but set 0 '
+                              f'{list(sets[0].shape)}; a paired contrast needs the same seeds (and training seeds) '
+                              f'in every set')
+    _check_settings(sets[0], confidence, num_resamples)
+    return sets
+
+
 def paired_fd_contrast(feature_sets: Sequence[np.ndarray | Sequence[np.ndarray]], weights: Sequence[float],
                        mu_ref: np.ndarray, sigma_ref: np.ndarray, generator: np.random.Generator,
                        num_resamples: int = DEFAULT_RESAMPLES,
@@ -174,16 +190,8 @@ def paired_fd_contrast(feature_sets: Sequence[np.ndarray | Sequence[np.ndarray]]
 
     Cost: M ``num_resamples`` Frechet distances per set of nonzero weight (see :func:`paired_fd_difference`).
     """
-    if len(feature_sets) == 0:
-        raise PairedError('no feature sets; a contrast needs at least one')
-    sets = [_as_models(features, f'set {k}') for k, features in enumerate(feature_sets)]
+    sets = _contrast_sets(feature_sets, confidence, num_resamples)
     w = _as_weights(weights, len(sets))
-    for k, features in enumerate(sets[1:], start=1):
-        if features.shape != sets[0].shape:
-            raise PairedError(f'features set {k} have shape {list(features.shape)} but set 0 '
-                              f'{list(sets[0].shape)}; a paired contrast needs the same seeds (and training seeds) '
-                              f'in every set')
-    _check_settings(sets[0], confidence, num_resamples)
     models, count = sets[0].shape[0], sets[0].shape[1]
     mu_ref, sigma_ref = np.asarray(mu_ref, dtype=np.float64), np.asarray(sigma_ref, dtype=np.float64)
     terms = [(float(w[k]), sets[k]) for k in range(len(sets)) if w[k] != 0]
@@ -344,13 +352,31 @@ def images_needed(features_a: np.ndarray | Sequence[np.ndarray], features_b: np.
     max(8, 2 F) capped at N, so the first covariances are not rank-deficient). ``n_needed`` is the smallest n from
     which the interval of every prefix excludes zero on the side of the full set's: a small prefix whose interval
     excludes zero by chance, or on the wrong side, does not count when a larger one then includes zero. The prefixes
-    are nested (seeds 0..n-1), as a study that adds images would see them. Arrays and errors as :func:`paired_fd_difference`."""
+    are nested (seeds 0..n-1), as a study that adds images would see them. Arrays and errors as
+    :func:`paired_fd_difference`; it is :func:`contrast_images_needed` with weights (1, -1)."""
     a, b = _as_models(features_a, 'A'), _as_models(features_b, 'B')
-    _check(a, b, confidence, num_resamples)
-    count, dim = a.shape[1], a.shape[2]
+    _check(a, b, confidence, num_resamples)   # the two-sided wording of the errors
+    return contrast_images_needed([a, b], (1.0, -1.0), mu_ref, sigma_ref, generator, num_resamples, confidence,
+                                  smallest)
+
+
+def contrast_images_needed(feature_sets: Sequence[np.ndarray | Sequence[np.ndarray]], weights: Sequence[float],
+                           mu_ref: np.ndarray, sigma_ref: np.ndarray, generator: np.random.Generator,
+                           num_resamples: int = DEFAULT_RESAMPLES, confidence: float = DEFAULT_CONFIDENCE,
+                           smallest: Optional[int] = None) -> PowerResult:
+    """:func:`images_needed` for a linear contrast: the interval of :func:`paired_fd_contrast` on the first n seeds
+    of every set (nested doubling prefixes, the same n for all sets and training seeds), and the smallest n from
+    which every prefix's interval excludes zero on the full set's side (None when not even all seeds do). Arrays,
+    weights and errors as :func:`paired_fd_contrast`; ``smallest`` as :func:`images_needed`. Cost: the contrast's
+    on every prefix, i.e. M ``num_resamples`` Frechet distances per set of nonzero weight and prefix; the O(N F^2)
+    moments of all prefixes together cost under twice the full set's, the F x F square roots once per prefix."""
+    sets = _contrast_sets(feature_sets, confidence, num_resamples)
+    _as_weights(weights, len(sets))
+    count, dim = sets[0].shape[1], sets[0].shape[2]
     if smallest is None:
         smallest = min(count, max(8, 2 * dim))
-    steps = [paired_fd_difference(a[:, :n], b[:, :n], mu_ref, sigma_ref, generator, num_resamples, confidence)
+    steps = [paired_fd_contrast([s[:, :n] for s in sets], weights, mu_ref, sigma_ref, generator, num_resamples,
+                                confidence)
              for n in doubling_sizes(count, smallest)]
     needed = None
     for step in reversed(steps):   # the smallest n from which every larger prefix decides the same way

@@ -32,7 +32,8 @@ OPTION_FLAGS = {'solver': '--solver', 'discretization': '--disc', 'schedule': '-
                 'spacing': '--spacing', 'S_churn': '--S_churn', 'S_min': '--S_min', 'S_max': '--S_max',
                 'S_noise': '--S_noise', 'sigma_min': '--sigma_min', 'rho': '--rho',
                 'noise_injection': '--alpha', 'restart_interval': '--restart-interval',
-                'restart_repeats': '--restart-repeats', 'restart_steps': '--restart-steps'}
+                'restart_repeats': '--restart-repeats', 'restart_steps': '--restart-steps',
+                'solver_order': '--solver-order'}
 
 
 def is_consistency_model(net: Any) -> bool:

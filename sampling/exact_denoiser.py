@@ -145,17 +145,17 @@ def lab_latents(seeds: list[int], net: ExactDenoiser) -> torch.Tensor:
 
 def lab_solution(net: ExactDenoiser, latents: torch.Tensor, seeds: list[int], solver: str, num_steps: int,
                  spacing: str = 'edm', rho: float = 7.0, restart_interval: Optional[tuple[float, float]] = None,
-                 restart_repeats: Optional[int] = None) -> torch.Tensor:
+                 restart_repeats: Optional[int] = None, solver_order: Optional[int] = None) -> torch.Tensor:
     """Solve from ``latents`` at sigma_max to sigma_min (no final denoising step) in ``num_steps`` steps.
 
     solver: one of :data:`LAB_SOLVERS` or 'rk4' (reference); 'restart' solves its ODE segments with Heun and
     uses ``num_steps // RESTART_STEP_FRACTION`` (at least 1) steps per restart; 'restart-rk4' is its reference,
     with RK4 segments. Restart noise comes from per-seed generators, so every step count sees the same draws.
-    Returns float64 x at sigma_min.
+    ``solver_order``: the order of 'ipndm' / 'unipc' (None: their default). Returns float64 x at sigma_min.
     """
     sigmas = schedules.noise_levels(num_steps + 1, net.sigma_min, net.sigma_max, rho, spacing, latents.device)
     if not solver.startswith('restart'):
-        return fast_solvers.solve_ode(net, latents, sigmas, solver=solver)
+        return fast_solvers.solve_ode(net, latents, sigmas, solver=solver, order=solver_order)
     rnd = schedules.PerSeedRandom(seeds, latents.device)
 
     def renoise(x: torch.Tensor, sigma: float) -> torch.Tensor:

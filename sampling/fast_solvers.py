@@ -36,19 +36,27 @@ DPMPP_ORDER = {'dpmpp2m': 2, 'dpmpp3m': 3}
 MULTISTEP_ORDER = {**DPMPP_ORDER, 'ipndm': IPNDM_ORDER, 'unipc': UNIPC_ORDER + 1}
 
 
+# The multistep solvers whose order is a choice (``solver_order``, like diffusers' ``solver_order``): the range of
+# orders each accepts (iPNDM: Adams-Bashforth slopes; UniPC: predictor order p, as in diffusers' 1-3) and its
+# default. DPM-Solver++ names its order (2M, 3M).
+SOLVER_ORDERS = {'ipndm': (1, IPNDM_ORDER), 'unipc': (1, 3)}
+DEFAULT_SOLVER_ORDER = {'ipndm': IPNDM_ORDER, 'unipc': UNIPC_ORDER}
+
+
 MIN_STEPS = {'dpmpp2m': 3, 'dpmpp3m': 4, 'ipndm': 3, 'unipc': 3, 'restart': 3}
 
 
 # The spacing each fast solver gets when --spacing is not given. The older solvers keep 'edm' so that their images
-# do not change (spacing_hint points to the better one where they overshoot). iPNDM and UniPC get the spacing with
-# the smaller error at 4-12 steps on the exact-denoiser laboratory (1024 images of 8x8, 64 seeds, D = 128 and inf,
-# against RK4 in 512 steps): rho-spaced for iPNDM, log-SNR for UniPC (on rho-spaced levels it overshoots).
-DEFAULT_SPACING = {'dpmpp2m': 'edm', 'dpmpp3m': 'edm', 'ipndm': 'edm', 'unipc': 'logsnr', 'restart': 'edm'}
+# do not change (spacing_hint points to the better one where they overshoot). iPNDM gets the spacing with the
+# smaller error at 4-12 steps on the exact-denoiser laboratory (1024 images of 8x8, 64 seeds, D = 128 and inf,
+# against RK4 in 512 steps): rho-spaced. UniPC (p = 2) gets the rho-spaced levels too: on the trained digits models
+# they beat the log-SNR ones at 6-10 NFE (docs/sampling.md), and on the laboratory p = 2 does not overshoot on them.
+DEFAULT_SPACING = {'dpmpp2m': 'edm', 'dpmpp3m': 'edm', 'ipndm': 'edm', 'unipc': 'edm', 'restart': 'edm'}
 
 
-# Step counts at which a solver on a spacing is known to overshoot on the laboratory: (solver, spacing) ->
-# (fewest, most) steps, and the spacing that does not.
-OVERSHOOT = {('dpmpp3m', 'edm'): ((4, 8), 'logsnr'), ('unipc', 'edm'): ((4, 8), 'logsnr')}
+# Step counts at which a solver of an order (None: its default) on a spacing is known to overshoot on the
+# laboratory: (solver, order, spacing) -> (fewest, most) steps, and the spacing that does not.
+OVERSHOOT = {('dpmpp3m', None, 'edm'): ((4, 8), 'logsnr'), ('unipc', 3, 'edm'): ((4, 8), 'logsnr')}
 
 
 # Restart sampling defaults: the restart interval [t_min, t_max], the number of restarts K and the Heun
@@ -139,19 +147,21 @@ ODE_SOLVERS = ('euler', 'heun', 'dpmpp2m', 'dpmpp3m', 'ipndm', 'unipc', 'rk4')
 
 
 def solve_ode(net: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, class_labels: Optional[torch.Tensor] = None,
-              solver: str = 'heun') -> torch.Tensor:
+              solver: str = 'heun', order: Optional[int] = None) -> torch.Tensor:
     """Integrate dx/dsigma = (x - D(x; sigma))/sigma along the noise levels ``sigmas``; returns x at sigmas[-1].
 
     x: float64 [B, ...] at sigmas[0]. sigmas: decreasing float64 levels > 0, optionally ending with one 0.
     solver: 'euler' (1 NFE per step), 'heun' (2, EDM's Algorithm 1), 'dpmpp2m' / 'dpmpp3m' (1,
     :func:`_dpmpp_step`, lower orders while the history fills), 'ipndm' / 'unipc' (1,
     :func:`sampling.multistep.ipndm_solve` / :func:`sampling.multistep.unipc_solve`) or 'rk4' (4, for reference
-    solutions).
+    solutions). ``order``: the predictor order of 'ipndm' / 'unipc' (:data:`SOLVER_ORDERS`; None: their default).
     A step to sigma = 0 is an Euler step, i.e. it returns D(x; sigma) (every solver: the ODE's slope has no
-    limit there). Raises ValueError for an unknown solver or a grid that is not decreasing.
+    limit there). Raises ValueError for an unknown solver, an order it does not take or a grid that is not
+    decreasing.
     """
     if solver not in ODE_SOLVERS:
         raise ValueError(f'solver must be one of {"|".join(ODE_SOLVERS)}, got {solver!r}')
+    check_solver_order(solver, order)
     sigmas = torch.as_tensor(sigmas, dtype=torch.float64, device=x.device)
     if sigmas.ndim != 1 or not bool((sigmas[1:] < sigmas[:-1]).all()) or float(sigmas.min()) < 0:
         raise ValueError('sigmas must be a decreasing 1-D sequence of noise levels >= 0')
@@ -159,7 +169,10 @@ def solve_ode(net: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, class_labels
     if solver in ('ipndm', 'unipc'):
         def denoise(point: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
             return net(point, sigma, class_labels).to(torch.float64)
-        return (ipndm_solve if solver == 'ipndm' else unipc_solve)(denoise, x, sigmas)
+        order = DEFAULT_SOLVER_ORDER[solver] if order is None else int(order)
+        if solver == 'ipndm':
+            return ipndm_solve(denoise, x, sigmas, max_order=order)
+        return unipc_solve(denoise, x, sigmas, order=order)
     history: list[tuple[torch.Tensor, torch.Tensor]] = []
     order = DPMPP_ORDER.get(solver, 1)
     for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
@@ -203,15 +216,31 @@ def restart_ode(net: Denoiser, x: torch.Tensor, t_steps: torch.Tensor, class_lab
     return solve_ode(net, x, placed[index:], class_labels, solver)
 
 
+def check_solver_order(solver: Optional[str], order: Optional[int]) -> None:
+    """Raise ValueError (one line) when ``order`` is given for a solver without a choosable order or lies outside
+    its :data:`SOLVER_ORDERS`."""
+    if order is None:
+        return
+    if solver not in SOLVER_ORDERS:
+        raise ValueError(f'solver_order applies to the {" and ".join(SOLVER_ORDERS)} solvers, not to '
+                         f'{solver or "the EDM sampler"} (dpmpp2m/dpmpp3m name their order)')
+    lo, hi = SOLVER_ORDERS[solver]
+    if int(order) != order or not lo <= order <= hi:
+        raise ValueError(f'solver_order {order!r} for {solver}: expected an integer from {lo} to {hi}')
+
+
 def check_fast_options(solver: str, num_steps: int = 18, restart_interval: Optional[Sequence[float]] = None,
                        restart_repeats: Optional[int] = None, restart_steps: Optional[int] = None,
-                       sigma_min: float = EDM_SIGMA_MIN, sigma_max: float = EDM_SIGMA_MAX) -> None:
+                       sigma_min: float = EDM_SIGMA_MIN, sigma_max: float = EDM_SIGMA_MAX,
+                       solver_order: Optional[int] = None) -> None:
     """Raise ValueError (one line) when ``solver`` and its options do not fit together.
 
     sigma_min / sigma_max: the range the main time steps really span (after clamping to the network's).
+    ``solver_order``: see :func:`check_solver_order`.
     """
     if solver not in FAST_SOLVERS:
         raise ValueError(f'solver must be one of {"|".join(ALL_SOLVERS)}, got {solver!r}')
+    check_solver_order(solver, solver_order)
     check_steps(num_steps)
     if num_steps < MIN_STEPS[solver]:
         if solver in DPMPP_ORDER:
@@ -248,18 +277,22 @@ def default_spacing(solver: Optional[str]) -> str:
     return DEFAULT_SPACING.get(solver or '', 'edm')
 
 
-def spacing_hint(solver: Optional[str], num_steps: int, spacing: Optional[str]) -> Optional[str]:
-    """A one-line hint when ``solver`` on ``spacing`` (None: its default) at ``num_steps`` steps is a combination
-    that overshoots on the exact-denoiser laboratory (:data:`OVERSHOOT`); None otherwise. It never changes the
-    sampler."""
+def spacing_hint(solver: Optional[str], num_steps: int, spacing: Optional[str],
+                 solver_order: Optional[int] = None) -> Optional[str]:
+    """A one-line hint when ``solver`` (of ``solver_order``, None: its default) on ``spacing`` (None: its default)
+    at ``num_steps`` steps is a combination that overshoots on the exact-denoiser laboratory (:data:`OVERSHOOT`);
+    None otherwise. It never changes the sampler."""
     spacing = spacing or default_spacing(solver)
-    known = OVERSHOOT.get((solver or '', spacing))
+    if solver_order is not None and solver_order == DEFAULT_SOLVER_ORDER.get(solver or ''):
+        solver_order = None
+    known = OVERSHOOT.get((solver or '', solver_order, spacing))
     if known is None:
         return None
     (fewest, most), better = known
     if not fewest <= num_steps <= most:
         return None
-    return (f'hint: {solver} on the {spacing} spacing overshoots at {fewest}-{most} steps (measured against the '
+    name = solver if solver_order is None else f'{solver} of order {solver_order}'
+    return (f'hint: {name} on the {spacing} spacing overshoots at {fewest}-{most} steps (measured against the '
             f'exact ODE solution, bench/solver_lab.py); --spacing={better} is more accurate there')
 
 
@@ -299,6 +332,7 @@ def fast_sampler(
     restart_interval: Optional[Sequence[float]] = None,
     restart_repeats: Optional[int] = None,
     restart_steps: Optional[int] = None,
+    solver_order: Optional[int] = None,
 ) -> torch.Tensor:
     """Multistep ('dpmpp2m', 'dpmpp3m', 'ipndm', 'unipc') or Restart ('restart') sampling; float64 samples.
 
@@ -309,10 +343,11 @@ def fast_sampler(
     (:func:`sampler_nfe`). Restart needs ``renoise(x, sigma)``: noise shaped like x at noise level sigma
     drawn from the network's perturbation kernel (:meth:`PerSeedRandom.perturbation`). Restart options left
     None take the paper's defaults (:data:`RESTART_INTERVAL`, :data:`RESTART_REPEATS`, :data:`RESTART_STEPS`).
+    ``solver_order``: the order of 'ipndm' / 'unipc' (:data:`SOLVER_ORDERS`; None: :data:`DEFAULT_SOLVER_ORDER`).
     Raises ValueError for options out of range (:func:`check_fast_options`).
     """
     lo, hi = max(sigma_min, net.sigma_min), min(sigma_max, net.sigma_max)
-    check_fast_options(solver, num_steps, restart_interval, restart_repeats, restart_steps, lo, hi)
+    check_fast_options(solver, num_steps, restart_interval, restart_repeats, restart_steps, lo, hi, solver_order)
     spacing = spacing or DEFAULT_SPACING[solver]
     t_steps = edm_time_steps(net, num_steps, sigma_min, sigma_max, rho, device=latents.device, spacing=spacing)
     check_distinct_levels(net, t_steps, num_steps, sigma_min, sigma_max, rho, spacing)
@@ -320,7 +355,7 @@ def fast_sampler(
     if pfgmpp_lib.is_diffusion(D):
         x = x * t_steps[0]
     if solver != 'restart':
-        return solve_ode(net, x, t_steps, class_labels, solver)
+        return solve_ode(net, x, t_steps, class_labels, solver, solver_order)
     if renoise is None:
         raise ValueError('the restart solver needs a renoise function')
     return restart_ode(net, x, t_steps, class_labels, renoise,

@@ -33,7 +33,7 @@ from formats import manifest as manifest_lib
 from formats import network_io
 from sampling import consistency as consistency_sampling
 from sampling import guidance as guidance_lib
-from sampling import pipeline, quantize, schedules
+from sampling import fast_solvers, pipeline, quantize, schedules
 from torch_utils import distributed as dist
 from torch_utils import host_memory
 from training import pfgmpp as pfgmpp_lib
@@ -62,7 +62,7 @@ SAMPLER_FLAGS = {'num_steps': '--steps', 'restart_interval': '--restart-interval
                  'restart_repeats': '--restart-repeats', 'restart_steps': '--restart-steps', 'S_churn': '--S_churn',
                  'noise_injection': '--alpha', 'discretization': '--disc', 'schedule': '--schedule',
                  'scaling': '--scaling', 'spacing': '--spacing', 'sigma_min': '--sigma_min',
-                 'sigma_max': '--sigma_max'}
+                 'sigma_max': '--sigma_max', 'solver_order': '--solver-order'}
 
 
 def sampler_message(err: Exception) -> str:
@@ -433,6 +433,11 @@ def _generate(request: Request, device: torch.device) -> None:
                        request.channels_last)
     guided = guide(net) is not net
     base_kwargs = {k: v for k, v in request.sampler_kwargs.items() if v is not None}
+    if base_kwargs.get('solver') == 'unipc':
+        # UniPC's order and spacing are recorded resolved: a folder names the predictor order and the levels that
+        # made its pixels even where they were defaults (folders of other defaults are then refused, not mixed).
+        base_kwargs.setdefault('spacing', fast_solvers.default_spacing('unipc'))
+        base_kwargs.setdefault('solver_order', fast_solvers.DEFAULT_SOLVER_ORDER['unipc'])
     is_consistency = consistency_sampling.is_consistency_model(net)
     for run in request.runs:
         try:

@@ -20,7 +20,7 @@ from sampling import consistency
 from sampling.schedules import Denoiser, EDM_SIGMA_MAX, PerSeedRandom
 from sampling.edm import ablation_sampler, edm_sampler
 from sampling.fast_solvers import (ALL_SOLVERS, FAST_SOLVERS, MULTISTEP_ORDER, RESTART_REPEATS, RESTART_STEPS,
-                                   fast_sampler)
+                                   check_solver_order, fast_sampler)
 
 
 ABLATION_OPTIONS = ('solver', 'discretization', 'schedule', 'scaling')
@@ -44,7 +44,8 @@ def sampler_name(sampler_kwargs: dict) -> str:
 
     Raises ValueError (one line) for combinations that do not fit: an unknown solver, ablation axes or churn
     with a fast solver, restart options without the restart solver, ``spacing`` with the ablation sampler
-    (which spaces its steps by ``discretization``), noise injection with a fast solver.
+    (which spaces its steps by ``discretization``), noise injection with a fast solver, ``solver_order`` with a
+    solver that has no choosable order (:func:`sampling.fast_solvers.check_solver_order`).
     """
     kwargs = {k: v for k, v in sampler_kwargs.items() if v is not None}
     solver = kwargs.get('solver')
@@ -54,6 +55,7 @@ def sampler_name(sampler_kwargs: dict) -> str:
         restart = [key for key in RESTART_OPTIONS if key in kwargs]
         if restart:
             raise ValueError(f'{restart[0]} only applies to the restart solver')
+        check_solver_order(solver, kwargs.get('solver_order'))
         if uses_ablation_sampler(kwargs):
             if 'spacing' in kwargs:
                 raise ValueError('spacing applies to the EDM sampler and the fast solvers; the ablation sampler '

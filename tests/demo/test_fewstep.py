@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import click
 import numpy as np
 import pytest
 
@@ -52,7 +53,7 @@ def test_refuses_a_teacher_the_set_does_not_hold_and_bad_options(quick_model_set
     result = _study(quick_model_set, tmp_path / 'w', tmp_path / 'r', '--aug-dims=128', check=False)
     assert result.returncode != 0 and 'no D=128 model with training seed 0' in result.stderr
     for flag, name in (('--lr=nan', '--lr'), ('--ema=nan', '--ema'), ('--tune-kimg=inf', '--tune-kimg'),
-                       ('--nfe=2', '--nfe')):
+                       ('--nfe=2', '--nfe'), ('--solvers=unipc:5', '--solvers')):
         result = _study(quick_model_set, tmp_path / 'w', tmp_path / 'r', flag, check=False)
         assert result.returncode == 2 and name in result.stderr and 'Traceback' not in result.stderr, result.stderr
 
@@ -79,4 +80,18 @@ def test_entries_cover_heun_and_every_solver() -> None:
     rows = fewstep.entries(cfg)
     assert [(m, n) for m, n, _ in rows] == [('heun', 5), ('heun', 7), ('heun', 35), ('ipndm', 4), ('ipndm', 8),
                                             ('unipc', 4), ('unipc', 8)]
-    assert rows[3][2] == dict(solver='ipndm', num_steps=4)
+    assert rows[3][2] == dict(solver='ipndm', num_steps=4, spacing='edm', solver_order=4)
+
+
+def test_solver_entries_spell_out_order_and_spacing() -> None:
+    assert fewstep.solver_options('dpmpp2m') == dict(solver='dpmpp2m', spacing='edm', solver_order=None)
+    assert fewstep.solver_options('unipc') == dict(solver='unipc', spacing='edm', solver_order=2)
+    assert fewstep.solver_options('unipc:3') == dict(solver='unipc', spacing='edm', solver_order=3)
+    assert fewstep.solver_options('unipc:3:logsnr') == dict(solver='unipc', spacing='logsnr', solver_order=3)
+    assert fewstep.solver_options('dpmpp3m::logsnr') == dict(solver='dpmpp3m', spacing='logsnr', solver_order=None)
+    for entry, message in (('heun', 'NAME one of'), ('unipc:4', 'from 1 to 3'), ('unipc:x', 'expected an integer'),
+                           ('dpmpp2m:2', 'name their order'), ('ipndm:2:log', 'spacing "log"'),
+                           ('unipc:2:edm:1', 'expected NAME')):
+        with pytest.raises(click.BadParameter, match=message) as info:
+            fewstep.solver_options(entry)
+        assert info.value.param_hint == '--solvers' and '\n' not in info.value.message

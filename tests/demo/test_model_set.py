@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 
+import click
 import numpy as np
 import pytest
 
@@ -92,3 +94,26 @@ def test_quick_model_set_picks_the_best_post_hoc_ema(tmp_path) -> None:
     # A rerun finds the reconstruction recorded for this stage and does not redo it.
     assert 'reconstruct_phema.py' not in _run(outdir, results, '--aug-dims=inf', '--train-seeds=0', '--max-stages=1',
                                               '--phema=0.05,0.15')
+
+
+def test_trained_models_refuses_a_file_and_an_unfinished_set(quick_model_set, tmp_path) -> None:
+    assert [m['name'] for m in model_set.trained_models(str(quick_model_set))] == [
+        'D16-seed0', 'D16-seed1', 'Dinf-seed0', 'Dinf-seed1']
+    not_a_folder = tmp_path / 'set.json'
+    not_a_folder.write_text('{}')
+    with pytest.raises(click.ClickException, match='is a file; expected the --outdir folder'):
+        model_set.trained_models(str(not_a_folder))
+    # An interrupted continuation: one model a stage behind the others and not converged.
+    unfinished = tmp_path / 'unfinished'
+    shutil.copytree(quick_model_set / 'runs', unfinished / 'runs')
+    path = unfinished / 'runs' / 'D16-seed1.json'
+    record = json.loads(path.read_text())
+    record['stages'][-1]['kimg'] /= 2
+    record['stopped'] = 'max_stages'
+    path.write_text(json.dumps(record))
+    with pytest.raises(click.ClickException, match='D16-seed1 not converged and short of') as info:
+        model_set.trained_models(str(unfinished))
+    assert '\n' not in info.value.message
+    record['stopped'] = 'converged'   # a model that converged earlier is where it should be
+    path.write_text(json.dumps(record))
+    assert len(model_set.trained_models(str(unfinished))) == 4

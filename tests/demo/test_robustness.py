@@ -35,6 +35,11 @@ def test_quick_study_end_to_end_and_reused(quick_model_set, tmp_path) -> None:
         assert gap['ci'][0] <= gap['ci'][1] and gap['sign'] in (-1, 0, 1)
         assert gap['value'] == pytest.approx(d16['fd'] - dinf['fd'], rel=1e-9)
         assert ('contrast' in d16) == (tag != 'clean')
+        for entry in (gap, d16.get('contrast')):   # powered: decided from n images (a prefix size), or not at all
+            if entry is not None:
+                assert entry['images'] == 24
+                assert (entry['images_needed'] is None) == (entry['sign'] == 0)
+                assert entry['images_needed'] in (None, 24)   # 24 images make a single prefix
     # The clean setting is the model set's own scoring: same seeds, same sampler, same FD.
     set_fds = {m['name']: m['stages'][-1]['fd']
                for m in json.loads((quick_model_set / 'results' / 'model-set.json').read_text())['models']}
@@ -71,6 +76,14 @@ def test_refuses_a_model_set_without_diffusion_or_with_other_seeds(quick_model_s
     assert 'needs D = inf and at least one finite D' in result.stderr
     result = _study(tmp_path / 'nothing', tmp_path / 'w', tmp_path / 'r', check=False)
     assert 'no trained model recorded; run python -m demo.model_set' in result.stderr
+
+
+def test_cells_say_how_many_images_decided() -> None:
+    entry = dict(value=-12.34, ci=[-20.0, -4.5], sign=-1, images=500, images_needed=256)
+    assert robustness.cell(entry) == '-12.3 (-20.0, -4.5) n=256'
+    assert robustness.cell(dict(entry, ci=[-20.0, 3.0], sign=0, images_needed=None)) == '-12.3 (-20.0, +3.0) n>500'
+    assert robustness.cell(dict(value=1.0, ci=[0.5, 1.5], sign=1)) == '+1.0 (+0.5, +1.5)'
+    assert robustness.cell(None) == ''
 
 
 def test_verdict_rules() -> None:

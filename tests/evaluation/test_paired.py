@@ -276,6 +276,34 @@ def test_identical_degradation_is_mostly_not_found() -> None:
     assert found <= 5
 
 
+def test_contrast_images_needed_finds_a_degradation_and_not_its_absence() -> None:
+    rng = np.random.default_rng(15)
+    base = rng.standard_normal((256, F))
+    base -= base.mean(axis=0)
+    clean_a, clean_b = base.copy(), base.copy()
+    # A is hurt by the perturbation (0.6 shift, F * 0.36 in FD), B not at all: decided, with A the worse one.
+    hurt = paired.contrast_images_needed([clean_a + 0.6, clean_a, clean_b, clean_b], (1, -1, -1, 1),
+                                         *_reference(), np.random.default_rng(0), num_resamples=100, smallest=16)
+    assert [s.num_images for s in hurt.steps] == [16, 32, 64, 128, 256]
+    assert hurt.n_needed is not None and hurt.full.ci_low > 0
+    assert all(s.ci_low > 0 for s in hurt.steps if s.num_images >= hurt.n_needed)
+    # Both hurt alike: the contrast is zero (up to rounding) on every prefix, so no number of images decides it.
+    alike = paired.contrast_images_needed([clean_a + 0.6, clean_a, clean_b + 0.6, clean_b], (1, -1, -1, 1),
+                                          *_reference(), np.random.default_rng(0), num_resamples=30, smallest=16)
+    assert alike.n_needed is None
+    # With weights (1, -1) it is images_needed, draw for draw.
+    two = paired.contrast_images_needed([clean_a + 0.3, clean_b], (1, -1), *_reference(), np.random.default_rng(3),
+                                        num_resamples=40, smallest=32)
+    one = paired.images_needed(clean_a + 0.3, clean_b, *_reference(), np.random.default_rng(3), num_resamples=40,
+                               smallest=32)
+    assert two == one
+    with pytest.raises(paired.PairedError, match='same seeds') as info:
+        paired.contrast_images_needed([clean_a, clean_b[:100]], (1, -1), *_reference(), np.random.default_rng(0))
+    assert '\n' not in str(info.value)
+    with pytest.raises(paired.PairedError, match='one weight per set'):
+        paired.contrast_images_needed([clean_a, clean_b], (1,), *_reference(), np.random.default_rng(0))
+
+
 @pytest.mark.parametrize('case, message', [
     ('none', 'at least one'), ('count', 'one weight per set'), ('nan', 'NaN or infinite'),
     ('inf', 'NaN or infinite'), ('shape', 'same seeds'), ('few', 'at least 2'),

@@ -3,6 +3,7 @@ laboratory."""
 
 from __future__ import annotations
 
+import json
 import math
 import pickle
 
@@ -224,10 +225,10 @@ LAB_STEPS = [16, 32, 64]
 LAB_SEEDS = [0, 1, 2, 3]
 LAB_RESTART_INTERVAL = (1.0, 2.0)
 ORDER_SLACK = 0.35
-# iPNDM (order 4) and UniPC-bh2 with p = 3 (order 4) start with lower orders, as published (no Runge-Kutta warm-up);
-# the first steps' larger errors fade slowly, so their fitted order approaches 4 from below: on this lab 3.4 (16-64
-# steps) to 3.9 (64-256) for iPNDM, 3.7-4.2 for UniPC at 16-64 (bench/solver_lab.py). They are fitted one step
-# count further, with a band of 0.5.
+# iPNDM (order 4) and UniPC-bh2 (order p + 1) start with lower orders, as published (no Runge-Kutta warm-up); the
+# first steps' larger errors fade slowly, so their fitted order approaches the stated one from below: on this lab
+# 3.4 (16-64 steps) to 3.9 (64-256) for iPNDM (bench/solver_lab.py). They are fitted with a band of 0.5, iPNDM one
+# step count further.
 LATE_ORDER = {'ipndm': ([32, 64, 128], 0.5), 'unipc': (LAB_STEPS, 0.5)}
 LAB_REFERENCE_STEPS = 512
 
@@ -335,31 +336,69 @@ def test_new_solvers_default_spacing_and_old_solvers_unchanged():
         assert torch.equal(run(solver=solver), run(solver=solver, spacing=spacing))
     # The older solvers keep the rho-spaced levels, so their images do not change with this release.
     assert all(fast_solvers.DEFAULT_SPACING[s] == 'edm' for s in ('dpmpp2m', 'dpmpp3m', 'restart'))
-    assert fast_solvers.DEFAULT_SPACING['unipc'] == 'logsnr'
-    assert not torch.equal(run(solver='unipc'), run(solver='unipc', spacing='edm'))
+    assert fast_solvers.DEFAULT_SPACING['unipc'] == 'edm'
+    levels = lambda **o: pipeline.evaluated_noise_levels(net, D=128, num_steps=6, **o)  # noqa: E731
+    assert levels(solver='unipc') == levels(solver='unipc', spacing='edm') != levels(solver='unipc', spacing='logsnr')
+
+
+def test_solver_order_is_the_multistep_order_and_refused_elsewhere():
+    net = lab.ExactDenoiser(_data(), 128)
+    # Ending at sigma 1, where the posterior mean is not yet a data point, so that every order shows.
+    run = lambda **o: pipeline.sample_batch(net, [0, 1], D=128, num_steps=6, sigma_min=1.0, **o)  # noqa: E731
+    for solver in fast_solvers.SOLVER_ORDERS:
+        default = run(solver=solver)
+        assert torch.equal(default, run(solver=solver, solver_order=fast_solvers.DEFAULT_SOLVER_ORDER[solver]))
+        lo, hi = fast_solvers.SOLVER_ORDERS[solver]
+        others = [run(solver=solver, solver_order=k) for k in range(lo, hi + 1)
+                  if k != fast_solvers.DEFAULT_SOLVER_ORDER[solver]]
+        assert others and all(not torch.equal(default, other) for other in others)
+        for bad in (lo - 1, hi + 1, 2.5):
+            with pytest.raises(ValueError, match=f'expected an integer from {lo} to {hi}'):
+                run(solver=solver, solver_order=bad)
+    # The order reaches solve_ode: UniPC of order 3 on the default levels is unipc_solve with order 3.
+    latents = pipeline.draw_latents(net, [0, 1], schedules.PerSeedRandom([0, 1]), D=128).to(torch.float64)
+    t_steps = schedules.edm_time_steps(net, 6, sigma_min=1.0, spacing=fast_solvers.DEFAULT_SPACING['unipc'])
+    third = run(solver='unipc', solver_order=3)
+    # Same rounding budget as test_new_multistep_solvers_serve_every_D_one_seed_one_image.
+    atol = tol.tolerance(32 * 6 * tol.sum_steps(len(net.data)), float(third.abs().max()), torch.float64)
+    torch.testing.assert_close(third, multistep.unipc_solve(lambda x, s: net(x, s, None).to(torch.float64), latents,
+                                                            t_steps, order=3), rtol=0, atol=atol)
+    for options in (dict(solver='dpmpp2m'), dict(solver='restart'), dict(solver='heun'), dict()):
+        with pytest.raises(ValueError, match='solver_order applies to the ipndm and unipc solvers') as info:
+            run(solver_order=2, **options)
+        assert '\n' not in str(info.value)
 
 
 def test_spacing_hint_names_the_overshooting_combinations():
     for n in (4, 6, 8):
         hint = fast_solvers.spacing_hint('dpmpp3m', n, None)
         assert hint is not None and 'dpmpp3m' in hint and '--spacing=logsnr' in hint and '\n' not in hint
-        assert fast_solvers.spacing_hint('unipc', n, 'edm') is not None
+        hint = fast_solvers.spacing_hint('unipc', n, 'edm', 3)
+        assert hint is not None and 'unipc of order 3' in hint and '--spacing=logsnr' in hint
+        assert fast_solvers.spacing_hint('unipc', n, 'logsnr', 3) is None
+        assert fast_solvers.spacing_hint('unipc', n, None, fast_solvers.DEFAULT_SOLVER_ORDER['unipc']) is None
     for solver, n, spacing in (('dpmpp3m', 9, None), ('dpmpp3m', 3, None), ('dpmpp3m', 6, 'logsnr'),
-                               ('unipc', 6, None), ('ipndm', 6, None), ('dpmpp2m', 6, None), (None, 6, None)):
+                               ('unipc', 6, None), ('unipc', 6, 'edm'), ('ipndm', 6, None), ('dpmpp2m', 6, None),
+                               (None, 6, None)):
         assert fast_solvers.spacing_hint(solver, n, spacing) is None, (solver, n, spacing)
 
 
-def test_dpmpp3m_and_unipc_overshoot_on_rho_levels_at_few_steps_on_the_lab():
+def test_third_order_solvers_overshoot_on_rho_levels_at_few_steps_on_the_lab():
     # The measurement behind OVERSHOOT: at 6 steps over EDM's full range the rho-spaced levels give a far larger
-    # error against the exact ODE solution than the log-SNR ones (small lab: 64 images of 4x4, 8 seeds).
+    # error against the exact ODE solution than the log-SNR ones for DPM-Solver++(3M) and UniPC with p = 3, not for
+    # UniPC's default p = 2 (small lab: 64 images of 4x4, 8 seeds).
     net = lab.ExactDenoiser(lab.gaussian_mixture_data(64, 1, 4, seed=0), 128)
     seeds = list(range(8))
     latents = lab.lab_latents(seeds, net)
     reference = lab.lab_solution(net, latents, seeds, 'rk4', 256, spacing='logsnr')
-    for solver in ('dpmpp3m', 'unipc'):
-        rho = lab.rms_error(lab.lab_solution(net, latents, seeds, solver, 6, spacing='edm'), reference)
-        log_snr = lab.rms_error(lab.lab_solution(net, latents, seeds, solver, 6, spacing='logsnr'), reference)
-        assert rho > 1.5 * log_snr, (solver, rho, log_snr)
+
+    def ratio(solver: str, order=None) -> float:
+        rho, log_snr = (lab.rms_error(lab.lab_solution(net, latents, seeds, solver, 6, spacing=spacing,
+                                                       solver_order=order), reference)
+                        for spacing in ('edm', 'logsnr'))
+        return rho / log_snr
+    assert ratio('dpmpp3m') > 1.5 and ratio('unipc', 3) > 1.5
+    assert ratio('unipc') < 1.5
 
 
 @pytest.mark.parametrize('D', [8.0, None], ids=lab.kernel_name)
@@ -422,6 +461,13 @@ def test_default_sampler_and_spacing_edm_are_the_edm_sampler():
     (['--solver=unipc', '--alpha=0.1'], '--alpha'),
     (['--solver=restart', '--alpha=0.1'], '--alpha'),
     (['--solver=heun', '--spacing=logsnr'], '--spacing'),
+    (['--solver=heun', '--solver-order=2'], '--solver-order applies to the ipndm and unipc solvers'),
+    (['--solver-order=2'], '--solver-order applies to the ipndm and unipc solvers, not to the EDM sampler'),
+    (['--solver=dpmpp2m', '--solver-order=3'], 'dpmpp2m/dpmpp3m name their order'),
+    (['--solver=restart', '--solver-order=2'], '--solver-order applies'),
+    (['--solver=unipc', '--solver-order=4'], 'expected an integer from 1 to 3'),
+    (['--solver=ipndm', '--solver-order=5'], 'expected an integer from 1 to 4'),
+    (['--solver=unipc', '--solver-order=0'], '--solver-order'),
 ])
 def test_bad_solver_options_give_one_clear_line(tmp_path, args, fragment):
     path = tmp_path / 'lab.pkl'
@@ -434,6 +480,22 @@ def test_bad_solver_options_give_one_clear_line(tmp_path, args, fragment):
     error_lines = [line for line in result.output.splitlines() if line.startswith('Error')]
     assert len(error_lines) == 1 and fragment in error_lines[0], result.output
     assert not (tmp_path / 'out').exists() or not any((tmp_path / 'out').iterdir())
+
+
+def test_unipc_folders_record_their_order_and_spacing(tmp_path):
+    path = tmp_path / 'lab.pkl'
+    lab.save_snapshot(lab.ExactDenoiser(_data(), 8), str(path))
+    out = tmp_path / 'out'
+    invoke = lambda *a: CliRunner().invoke(generate.main, [f'--network={path}', f'--outdir={out}', '--solver=unipc',  # noqa: E731
+                                                           '--steps=5', *a])
+    assert invoke('--seeds=0-1').exit_code == 0
+    recorded = json.loads((out / 'manifest.json').read_text())['settings']['sampler']
+    assert recorded['spacing'] == 'edm' and recorded['solver_order'] == fast_solvers.DEFAULT_SOLVER_ORDER['unipc']
+    # The defaults spelled out are the same settings: the folder continues.
+    assert invoke('--seeds=0-2', '--spacing=edm', f'--solver-order={recorded["solver_order"]}').exit_code == 0
+    assert len(list(out.glob('*.png'))) == 3
+    refused = invoke('--seeds=0-3', '--solver-order=3')
+    assert refused.exit_code != 0 and 'solver_order' in refused.output and len(list(out.glob('*.png'))) == 3
 
 
 def test_generate_runs_every_fast_solver_on_the_lab_network(tmp_path):
@@ -452,7 +514,9 @@ def test_generate_runs_every_fast_solver_on_the_lab_network(tmp_path):
 @pytest.mark.parametrize('args, hinted', [(['--solver=dpmpp3m', '--steps=6'], True),
                                           (['--solver=dpmpp3m', '--steps=6', '--spacing=logsnr'], False),
                                           (['--solver=dpmpp3m', '--steps=12'], False),
-                                          (['--solver=unipc', '--steps=5', '--spacing=edm'], True),
+                                          (['--solver=unipc', '--steps=5', '--solver-order=3'], True),
+                                          (['--solver=unipc', '--steps=5', '--solver-order=3', '--spacing=logsnr'],
+                                           False),
                                           (['--solver=unipc', '--steps=5'], False)])
 def test_generate_hints_at_overshooting_spacings_on_stderr(tmp_path, args, hinted):
     path = tmp_path / 'lab.pkl'
