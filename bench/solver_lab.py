@@ -53,8 +53,9 @@ def _int_list(text: str) -> list[int]:
 
 def measure_kernel(D: Optional[float], data: torch.Tensor, seeds: list[int], solvers: list[str], steps: list[int],
                    ref_steps: int, fit: int, spacing: str, rho: float, sigma_min: float, sigma_max: float,
-                   restart_interval: tuple[float, float]) -> dict[str, Any]:
-    """Errors, NFE and fitted orders of ``solvers`` for one D (see the module docstring)."""
+                   restart_interval: tuple[float, float], solver_order: Optional[int] = None) -> dict[str, Any]:
+    """Errors, NFE and fitted orders of ``solvers`` for one D (see the module docstring); ``solver_order`` applies
+    to the solvers with a choosable order (iPNDM, UniPC), the others keep theirs."""
     net = lab.ExactDenoiser(data, D, sigma_min=sigma_min, sigma_max=sigma_max)
     latents = lab.lab_latents(seeds, net)
     common = dict(spacing=spacing, rho=rho, restart_interval=restart_interval)
@@ -69,13 +70,15 @@ def measure_kernel(D: Optional[float], data: torch.Tensor, seeds: list[int], sol
     for solver in solvers:
         reference, self_error = references['restart' if solver == 'restart' else 'ode']
         errors, nfe = [], []
+        order = solver_order if solver in fast_solvers.SOLVER_ORDERS else None
+        stated = lab.STATED_ORDER[solver] if order is None else order + (solver == 'unipc')   # UniPC: p + 1
         for n in steps:
             before = net.evaluations
-            x = lab.lab_solution(net, latents, seeds, solver, n, **common)
+            x = lab.lab_solution(net, latents, seeds, solver, n, solver_order=order, **common)
             nfe.append(net.evaluations - before)
             errors.append(lab.rms_error(x, reference))
         rows[solver] = dict(steps=steps, nfe=nfe, error=errors, reference_self_error=self_error,
-                            order=lab.fitted_order(steps[-fit:], errors[-fit:]), stated_order=lab.STATED_ORDER[solver])
+                            order=lab.fitted_order(steps[-fit:], errors[-fit:]), stated_order=stated)
     return dict(D=lab.kernel_name(D), solvers=rows)
 
 
@@ -108,12 +111,15 @@ def markdown(results: list[dict[str, Any]], steps: list[int], fit: int) -> str:
 @click.option('--sigma-max', default=lab.DEFAULT_SIGMA_MAX, show_default=True, type=float)
 @click.option('--restart-interval', default=','.join(map(str, fast_solvers.RESTART_INTERVAL)), show_default=True,
               metavar='LO,HI')
+@click.option('--solver-order', 'solver_order', type=click.IntRange(min=1), default=None, metavar='INT',
+              help='Order of ipndm and unipc in --solvers (as generate.py --solver-order)  [default: theirs]')
 @click.option('--json', 'json_path', default=None, metavar='PATH', help='Also write the figures as JSON')
 @click.option('--save-network', 'network_path', default=None, metavar='PATH',
               help='Write the laboratory network (first D) as a snapshot generate.py can load, then stop')
 def main(D_list: str, solvers: str, steps_text: str, ref_steps: int, fit: int, num_data: int, resolution: int,
          channels: int, seeds_text: str, spacing: str, rho: float, sigma_min: float, sigma_max: float,
-         restart_interval: str, json_path: Optional[str], network_path: Optional[str]) -> None:
+         restart_interval: str, solver_order: Optional[int], json_path: Optional[str],
+         network_path: Optional[str]) -> None:
     """Convergence of every solver on the exact denoiser of a small data set, for every D."""
     try:
         kernels = [lab.parse_D(item) for item in D_list.split(',') if item.strip()]
@@ -127,6 +133,17 @@ def main(D_list: str, solvers: str, steps_text: str, ref_steps: int, fit: int, n
     if unknown:
         raise click.BadParameter(f'unknown solver {unknown[0]!r}; expected some of {",".join(lab.LAB_SOLVERS)}',
                                  param_hint='--solvers')
+    if solver_order is not None:
+        ordered = [s for s in solver_list if s in fast_solvers.SOLVER_ORDERS]
+        try:
+            if not ordered:
+                raise ValueError(f'--solver-order applies to {" and ".join(fast_solvers.SOLVER_ORDERS)}, which '
+                                 f'--solvers does not name')
+            for solver in ordered:
+                fast_solvers.check_solver_order(solver, solver_order)
+        except ValueError as err:
+            raise click.BadParameter(str(err).replace('solver_order', '--solver-order'),
+                                     param_hint='--solver-order') from None
     steps = _int_list(steps_text)
     seeds = dnnlib.util.parse_int_list(seeds_text)
     data = lab.gaussian_mixture_data(num_data, channels, resolution)
@@ -149,7 +166,7 @@ def main(D_list: str, solvers: str, steps_text: str, ref_steps: int, fit: int, n
     results = []
     for D in kernels:
         result = measure_kernel(D, data, seeds, solver_list, steps, ref_steps, fit, spacing, rho, sigma_min, sigma_max,
-                                interval)
+                                interval, solver_order)
         results.append(result)
         for solver, row in result['solvers'].items():
             errors = ' '.join(f'{e:.2e}' for e in row['error'])
@@ -160,6 +177,7 @@ def main(D_list: str, solvers: str, steps_text: str, ref_steps: int, fit: int, n
     print(f'\n{time.time() - started:.0f} s')
     if json_path:
         settings = dict(num_data=num_data, channels=channels, resolution=resolution, seeds=seeds_text, spacing=spacing,
+                        solver_order=solver_order,
                         rho=rho, sigma_min=sigma_min, sigma_max=sigma_max, ref_steps=ref_steps, fit=fit,
                         restart_interval=list(interval), restart_step_fraction=lab.RESTART_STEP_FRACTION,
                         error_norm='RMS over samples and pixels of x(sigma_min) - reference')

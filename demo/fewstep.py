@@ -128,7 +128,7 @@ def solver_options(entry: str) -> dict:
     spacing = fast_solvers.DEFAULT_SPACING[name]
     try:
         if rest and rest[0]:
-            if not rest[0].isdigit():
+            if not re.fullmatch(r'[+-]?[0-9]+', rest[0]):
                 raise ValueError(f'order "{rest[0]}": expected an integer')
             order = int(rest[0])
             fast_solvers.check_solver_order(name, order)
@@ -312,8 +312,11 @@ def main(quick: bool, model_set: str, outdir: str, results: str, **overrides: An
     cfg['nfe'] = number_list(str(cfg['nfe']), '--nfe', kind=int, minimum=3, sort=True)   # multistep solvers need 3
     cfg['heun_steps'] = number_list(str(cfg['heun_steps']), '--heun-steps', kind=int, minimum=1, sort=True)
     cfg['solvers'] = [s for s in str(cfg['solvers']).split(',') if s]
-    for entry in cfg['solvers']:
-        solver_options(entry)   # refuse a bad entry before any work
+    resolved = [solver_options(entry) for entry in cfg['solvers']]   # refuse a bad entry before any work
+    if not resolved:
+        raise click.BadParameter('no solver given; expected NAME[:ORDER[:SPACING]],...', param_hint='--solvers')
+    if len({tuple(sorted(o.items(), key=str)) for o in resolved}) != len(resolved):
+        raise click.BadParameter(f'"{",".join(cfg["solvers"])}" names one setting twice', param_hint='--solvers')
     aug_dims = parse_aug_dims(cfg['aug_dims'])
     models = trained_models(os.path.abspath(model_set))
     teachers = []

@@ -441,7 +441,7 @@ def evaluate_network(request: Request, ref: Optional[dict[str, np.ndarray]], net
                        device)
     keep = metrics.needs_features(request.metric_names, request.bootstrap)
 
-    sampler_kwargs = {name: setting for name, setting in sampler_kwargs.items() if setting is not None}
+    sampler_kwargs = pipeline.recorded_sampler_kwargs(sampler_kwargs)
     settings = dict(pfgmpp=D is not None, D=D, sampler_kwargs=dnnlib.util.json_safe(sampler_kwargs), guidance=guidance)
     runs = []
     for index, seeds in enumerate(seed_ranges):

@@ -33,7 +33,7 @@ from formats import manifest as manifest_lib
 from formats import network_io
 from sampling import consistency as consistency_sampling
 from sampling import guidance as guidance_lib
-from sampling import fast_solvers, pipeline, quantize, schedules
+from sampling import pipeline, quantize, schedules
 from torch_utils import distributed as dist
 from torch_utils import host_memory
 from training import pfgmpp as pfgmpp_lib
@@ -432,12 +432,7 @@ def _generate(request: Request, device: torch.device) -> None:
     guide = make_guide(net, request.gnet, request.guidance, request.guidance_interval, D, device, precision,
                        request.channels_last)
     guided = guide(net) is not net
-    base_kwargs = {k: v for k, v in request.sampler_kwargs.items() if v is not None}
-    if base_kwargs.get('solver') == 'unipc':
-        # UniPC's order and spacing are recorded resolved: a folder names the predictor order and the levels that
-        # made its pixels even where they were defaults (folders of other defaults are then refused, not mixed).
-        base_kwargs.setdefault('spacing', fast_solvers.default_spacing('unipc'))
-        base_kwargs.setdefault('solver_order', fast_solvers.DEFAULT_SOLVER_ORDER['unipc'])
+    base_kwargs = pipeline.recorded_sampler_kwargs(request.sampler_kwargs)
     is_consistency = consistency_sampling.is_consistency_model(net)
     for run in request.runs:
         try:

@@ -19,8 +19,8 @@ from training import pfgmpp as pfgmpp_lib
 from sampling import consistency
 from sampling.schedules import Denoiser, EDM_SIGMA_MAX, PerSeedRandom
 from sampling.edm import ablation_sampler, edm_sampler
-from sampling.fast_solvers import (ALL_SOLVERS, FAST_SOLVERS, MULTISTEP_ORDER, RESTART_REPEATS, RESTART_STEPS,
-                                   check_solver_order, fast_sampler)
+from sampling.fast_solvers import (ALL_SOLVERS, DEFAULT_SOLVER_ORDER, FAST_SOLVERS, MULTISTEP_ORDER, RESTART_REPEATS,
+                                   RESTART_STEPS, check_solver_order, default_spacing, fast_sampler)
 
 
 ABLATION_OPTIONS = ('solver', 'discretization', 'schedule', 'scaling')
@@ -71,6 +71,20 @@ def sampler_name(sampler_kwargs: dict) -> str:
     if kwargs.get('noise_injection', 0) > 0:
         raise ValueError(f'noise_injection is implemented for the EDM and ablation samplers, not for {solver}')
     return solver
+
+
+def recorded_sampler_kwargs(sampler_kwargs: dict) -> dict:
+    """The sampler keywords as a record of what made the pixels (manifests, JSON lines): None values dropped,
+    UniPC's predictor order and spacing spelled out even when they are defaults (so that a record names them),
+    and iPNDM's order dropped when it is the default (so that the same pixels have one record)."""
+    kwargs = {k: v for k, v in sampler_kwargs.items() if v is not None}
+    solver = kwargs.get('solver')
+    if solver == 'unipc':
+        kwargs.setdefault('spacing', default_spacing(solver))
+        kwargs.setdefault('solver_order', DEFAULT_SOLVER_ORDER[solver])
+    elif solver == 'ipndm' and kwargs.get('solver_order') == DEFAULT_SOLVER_ORDER[solver]:
+        del kwargs['solver_order']
+    return kwargs
 
 
 def sampler_nfe(num_steps: int, sampler_kwargs: dict) -> int:

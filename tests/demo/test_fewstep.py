@@ -53,7 +53,8 @@ def test_refuses_a_teacher_the_set_does_not_hold_and_bad_options(quick_model_set
     result = _study(quick_model_set, tmp_path / 'w', tmp_path / 'r', '--aug-dims=128', check=False)
     assert result.returncode != 0 and 'no D=128 model with training seed 0' in result.stderr
     for flag, name in (('--lr=nan', '--lr'), ('--ema=nan', '--ema'), ('--tune-kimg=inf', '--tune-kimg'),
-                       ('--nfe=2', '--nfe'), ('--solvers=unipc:5', '--solvers')):
+                       ('--nfe=2', '--nfe'), ('--solvers=unipc:5', '--solvers'), ('--solvers=,', '--solvers'),
+                       ('--solvers=unipc,unipc:2:edm', '--solvers')):
         result = _study(quick_model_set, tmp_path / 'w', tmp_path / 'r', flag, check=False)
         assert result.returncode == 2 and name in result.stderr and 'Traceback' not in result.stderr, result.stderr
 
@@ -90,6 +91,7 @@ def test_solver_entries_spell_out_order_and_spacing() -> None:
     assert fewstep.solver_options('unipc:3:logsnr') == dict(solver='unipc', spacing='logsnr', solver_order=3)
     assert fewstep.solver_options('dpmpp3m::logsnr') == dict(solver='dpmpp3m', spacing='logsnr', solver_order=None)
     for entry, message in (('heun', 'NAME one of'), ('unipc:4', 'from 1 to 3'), ('unipc:x', 'expected an integer'),
+                           ('unipc:-1', 'from 1 to 3'), ('unipc:\u00b2', 'expected an integer'),
                            ('dpmpp2m:2', 'name their order'), ('ipndm:2:log', 'spacing "log"'),
                            ('unipc:2:edm:1', 'expected NAME')):
         with pytest.raises(click.BadParameter, match=message) as info:

@@ -496,6 +496,27 @@ def test_unipc_folders_record_their_order_and_spacing(tmp_path):
     assert len(list(out.glob('*.png'))) == 3
     refused = invoke('--seeds=0-3', '--solver-order=3')
     assert refused.exit_code != 0 and 'solver_order' in refused.output and len(list(out.glob('*.png'))) == 3
+    # iPNDM keeps its record without an order; its default order spelled out is the same record.
+    ipndm = tmp_path / 'ipndm'
+    run = lambda *a: CliRunner().invoke(generate.main, [f'--network={path}', f'--outdir={ipndm}', '--solver=ipndm',  # noqa: E731
+                                                        '--steps=5', *a])
+    assert run('--seeds=0-1').exit_code == 0
+    assert 'solver_order' not in json.loads((ipndm / 'manifest.json').read_text())['settings']['sampler']
+    assert run('--seeds=0-2', f'--solver-order={fast_solvers.DEFAULT_SOLVER_ORDER["ipndm"]}').exit_code == 0
+    assert run('--seeds=0-3', '--solver-order=2').exit_code != 0 and len(list(ipndm.glob('*.png'))) == 3
+
+
+def test_recorded_sampler_kwargs_name_what_made_the_pixels():
+    record = pipeline.recorded_sampler_kwargs
+    assert record(dict(solver='unipc', num_steps=5, spacing=None)) == dict(
+        solver='unipc', num_steps=5, spacing=fast_solvers.DEFAULT_SPACING['unipc'],
+        solver_order=fast_solvers.DEFAULT_SOLVER_ORDER['unipc'])
+    assert record(dict(solver='unipc', solver_order=3, spacing='logsnr')) == dict(solver='unipc', solver_order=3,
+                                                                                  spacing='logsnr')
+    assert record(dict(solver='ipndm', solver_order=fast_solvers.DEFAULT_SOLVER_ORDER['ipndm'])) == dict(solver='ipndm')
+    assert record(dict(solver='ipndm', solver_order=2)) == dict(solver='ipndm', solver_order=2)
+    assert record(dict(solver='dpmpp2m', num_steps=None, spacing='logsnr')) == dict(solver='dpmpp2m', spacing='logsnr')
+    assert record(dict(num_steps=18)) == dict(num_steps=18)
 
 
 def test_generate_runs_every_fast_solver_on_the_lab_network(tmp_path):
@@ -537,6 +558,17 @@ def test_solver_lab_and_nfe_benchmarks_run(tmp_path):
     assert result.exit_code == 0, result.output
     assert '| 8 | dpmpp3m |' in result.output and '| inf | restart |' in result.output
     assert '| 8 | ipndm |' in result.output and '| inf | unipc |' in result.output
+    # --solver-order reaches iPNDM and UniPC (their stated orders follow it) and leaves the others alone.
+    result = CliRunner().invoke(solver_lab.main, ['--D=8', '--solvers=unipc,dpmpp2m', '--solver-order=3',
+                                                  '--steps=4,8', '--ref-steps=16', '--seeds=0-1',
+                                                  f'--json={tmp_path / "lab3.json"}'])
+    assert result.exit_code == 0, result.output
+    rows = json.loads((tmp_path / 'lab3.json').read_text())['results'][0]['solvers']
+    assert rows['unipc']['stated_order'] == 4 and rows['dpmpp2m']['stated_order'] == 2
+    for flags, message in ((['--solvers=dpmpp2m', '--solver-order=2'], 'which --solvers does not name'),
+                           (['--solvers=unipc', '--solver-order=4'], 'expected an integer from 1 to 3')):
+        result = CliRunner().invoke(solver_lab.main, ['--D=8', *flags])
+        assert result.exit_code == 2 and message in result.output and '--solver-order' in result.output
     network = tmp_path / 'lab.pkl'
     result = CliRunner().invoke(solver_lab.main, ['--D=8', f'--save-network={network}'])
     assert result.exit_code == 0 and network.is_file()
