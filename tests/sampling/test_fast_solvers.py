@@ -3,6 +3,7 @@ laboratory."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import pickle
@@ -486,8 +487,11 @@ def test_unipc_folders_record_their_order_and_spacing(tmp_path):
     path = tmp_path / 'lab.pkl'
     lab.save_snapshot(lab.ExactDenoiser(_data(), 8), str(path))
     out = tmp_path / 'out'
-    invoke = lambda *a: CliRunner().invoke(generate.main, [f'--network={path}', f'--outdir={out}', '--solver=unipc',  # noqa: E731
-                                                           '--steps=5', *a])
+
+    def generate_into(folder, solver: str, *args: str):
+        return CliRunner().invoke(generate.main, [f'--network={path}', f'--outdir={folder}', f'--solver={solver}',
+                                                  '--steps=5', *args])
+    invoke = functools.partial(generate_into, out, 'unipc')
     assert invoke('--seeds=0-1').exit_code == 0
     recorded = json.loads((out / 'manifest.json').read_text())['settings']['sampler']
     assert recorded['spacing'] == 'edm' and recorded['solver_order'] == fast_solvers.DEFAULT_SOLVER_ORDER['unipc']
@@ -498,8 +502,7 @@ def test_unipc_folders_record_their_order_and_spacing(tmp_path):
     assert refused.exit_code != 0 and 'solver_order' in refused.output and len(list(out.glob('*.png'))) == 3
     # iPNDM keeps its record without an order; its default order spelled out is the same record.
     ipndm = tmp_path / 'ipndm'
-    run = lambda *a: CliRunner().invoke(generate.main, [f'--network={path}', f'--outdir={ipndm}', '--solver=ipndm',  # noqa: E731
-                                                        '--steps=5', *a])
+    run = functools.partial(generate_into, ipndm, 'ipndm')
     assert run('--seeds=0-1').exit_code == 0
     assert 'solver_order' not in json.loads((ipndm / 'manifest.json').read_text())['settings']['sampler']
     assert run('--seeds=0-2', f'--solver-order={fast_solvers.DEFAULT_SOLVER_ORDER["ipndm"]}').exit_code == 0
