@@ -53,7 +53,7 @@ STUDIES = ('alpha', 'steps', 'bits')
 GRANULARITIES = ('tensor', 'channel')
 USABLE_RATIO = 2.0     # a step count is in the usable range when every model's FD is within this factor of clean
 
-FULL = dict(alphas='0.3,0.6', steps='3,4,6', bits='2,3', num=500, bootstrap=500)
+FULL = dict(alphas='0.3,0.6', steps='3,4,6,8,10,12', bits='2,3', num=500, bootstrap=500)
 QUICK = dict(alphas='0.3', steps='2', bits='3', num=24, bootstrap=20)   # num: the quick model set's
 
 
