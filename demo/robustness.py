@@ -18,9 +18,9 @@ bootstrap (:mod:`evaluation.paired`; training seeds, then image seeds):
 
 Verdicts, per claim and D, from the contrast's 95% intervals over the settings of the study: "reproduced" when some
 interval lies below 0 and none above, "reversed" when the other way round, "mixed" when both occur, "undecided at
-this power" when every interval contains 0. The steps study uses only the step counts at which every D (the mean over
-its training seeds) stays within 2x of its clean FD (the usable range). The sweet-spot claim (an intermediate D beats both D = inf and the
-smallest D at the clean setting) is judged from the clean gaps.
+this power" when every interval contains 0. The steps study uses only the step counts at which every D (the mean
+over its training seeds) stays within 2x of its clean FD (the usable range). The sweet-spot claim (an intermediate D
+beats both D = inf and the smallest D at the clean setting) is judged from the clean gaps.
 
 FD-digits throughout (the Frechet distance in the features of ``demo/digits-classifier.weights.pt`` against all
 1,797 real digits; not FID). Features are stored per model and setting with their settings beside them, so a rerun
@@ -51,7 +51,7 @@ from sampling import quantize
 
 STUDIES = ('alpha', 'steps', 'bits')
 GRANULARITIES = ('tensor', 'channel')
-USABLE_RATIO = 2.0     # a step count is usable when every D's FD (mean over training seeds) is within this factor of clean
+USABLE_RATIO = 2.0     # a step count is usable when every D's FD (mean over seeds) is within this factor of clean
 
 FULL = dict(alphas='0.3,0.6', steps='3,4,6,8,10,12', bits='2,3', num=500, bootstrap=500)
 QUICK = dict(alphas='0.3', steps='2', bits='3', num=24, bootstrap=20)   # num: the quick model set's
